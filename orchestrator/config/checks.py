@@ -1,0 +1,62 @@
+"""Checks that need the machine, run by the CLI after the schema's own checks and before any worker.
+
+Nothing here imports torch: a bad path or an impossible worker count is reported within a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+
+from orchestrator.config.schema import Config, Device
+from orchestrator.data.paths import check_data_paths
+from orchestrator.errors import UserError
+from orchestrator.train.manifest import resolve_checkpoint
+
+
+def check_environment(config: Config) -> None:
+    """Raises UserError for input this machine cannot serve: paths, checkpoints, workers, extras."""
+    check_data_paths(config.data)
+    if config.trainer.resume not in ("auto", "never"):
+        resolve_checkpoint(config.trainer.resume, key="trainer.resume")
+    if config.trainer.init_from:
+        resolve_checkpoint(config.trainer.init_from, key="trainer.init_from")
+    if config.model.name == "hf" and importlib.util.find_spec("transformers") is None:
+        raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'")
+    if config.launcher.name == "local":
+        _check_local_capacity(config)
+
+
+def visible_gpu_count() -> int:
+    """CUDA GPUs this process may use, from NVML and CUDA_VISIBLE_DEVICES (no CUDA context created)."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        try:
+            count = pynvml.nvmlDeviceGetCount()
+        finally:
+            pynvml.nvmlShutdown()
+    except Exception:  # no driver, no library: no GPUs
+        return 0
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"]))
+    return count
+
+
+def _check_local_capacity(config: Config) -> None:
+    workers = config.launcher.num_workers
+    device = config.trainer.device
+    gpus = visible_gpu_count() if device is not Device.cpu else 0
+    if device is Device.cuda and gpus == 0:
+        raise UserError("trainer.device=cuda but this machine has no visible CUDA GPU; use trainer.device=cpu")
+    if gpus > 0:
+        if workers > gpus:
+            raise UserError(f"launcher.num_workers={workers} needs {workers} GPUs; this machine has {gpus} "
+                            f"(one worker per GPU)")
+        return
+    cores = os.cpu_count() or 1
+    if workers > cores:
+        raise UserError(f"launcher.num_workers={workers} exceeds this machine's {cores} CPU cores "
+                        f"(one worker per core at least); use launcher.num_workers<={cores}")

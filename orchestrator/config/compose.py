@@ -1,0 +1,106 @@
+"""Composing a job's config with Hydra, and turning every way that can fail into one line.
+
+The CLI composes each run's config here first (Hydra's Compose API), converts it to the typed
+schema and checks it, before Hydra's own ``main`` creates a run directory: bad input never leaves
+a half-made run behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import (
+    ConfigAttributeError,
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
+
+from orchestrator.config.schema import Config
+from orchestrator.config.store import register
+from orchestrator.errors import UserError
+
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+
+
+def compose(overrides: list[str]) -> DictConfig:
+    """The composed (unresolved, hydra node removed) config for ``overrides``; UserError on bad input."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    register()
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
+            return hydra_compose(config_name="config", overrides=overrides)
+    except Exception as exc:  # Hydra raises several unrelated types; each becomes one line
+        raise UserError(describe_error(exc)) from None
+
+
+def to_config(cfg: DictConfig) -> Config:
+    """Converts a composed config to the typed schema, running every ``__post_init__`` check."""
+    _reject_unknown_keys(cfg, prefix="")
+    try:
+        config = OmegaConf.to_object(cfg)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+    except OmegaConfBaseException as exc:
+        raise UserError(describe_error(exc)) from None
+    assert isinstance(config, Config)
+    return config
+
+
+def describe_error(exc: BaseException) -> str:
+    """One line naming the key and what is allowed, from a Hydra or OmegaConf exception."""
+    cause = exc
+    while cause.__cause__ is not None and isinstance(cause.__cause__, Exception):
+        cause = cause.__cause__
+    options = getattr(exc, "options", None)
+    if options is not None and getattr(exc, "missing_cfg_file", None):
+        group, _, name = str(exc.missing_cfg_file).rpartition("/")
+        allowed = ", ".join(sorted(options)) or "(none)"
+        return f"{group}={name}: no such option; choose one of: {allowed}"
+    if isinstance(cause, OmegaConfBaseException):
+        return _describe_omegaconf(cause)
+    if isinstance(cause, ValueError) and cause is not exc:
+        return str(cause)
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Set the environment", "To append", "Config search"))]
+    return "; ".join(useful[:2]) if useful else type(exc).__name__
+
+
+def _describe_omegaconf(exc: OmegaConfBaseException) -> str:
+    key = getattr(exc, "full_key", None) or "config"
+    message = str(getattr(exc, "msg", None) or exc).strip().splitlines()[0]
+    if isinstance(exc, MissingMandatoryValue):
+        return f"{key}: missing required value (set {key}=...)"
+    if isinstance(exc, (ConfigKeyError, ConfigAttributeError)):
+        object_type = getattr(exc, "object_type", None)
+        allowed = _field_names(object_type)
+        hint = f"; allowed keys: {', '.join(allowed)}" if allowed else ""
+        return f"{key}: unknown key{hint}"
+    if isinstance(exc, ValidationError):
+        return f"{key}: {message}"
+    return f"{key}: {message}"
+
+
+def _reject_unknown_keys(node: DictConfig, *, prefix: str) -> None:
+    # Hydra's `+key=value` opens the struct flag, and OmegaConf.to_object then sets unknown keys as
+    # plain attributes on the dataclass. A schema that silently grows keys is no schema: refuse them.
+    object_type = OmegaConf.get_type(node)
+    allowed = set(_field_names(object_type)) if dataclasses.is_dataclass(object_type) else None
+    for key in node.keys():
+        full_key = f"{prefix}{key}"
+        if allowed is not None and key not in allowed:
+            raise UserError(f"{full_key}: unknown key; allowed keys: {', '.join(sorted(allowed))}")
+        child = node._get_node(key)
+        if isinstance(child, DictConfig) and not child._is_missing() and not child._is_none():
+            _reject_unknown_keys(child, prefix=f"{full_key}.")
+
+
+def _field_names(object_type: object) -> list[str]:
+    if not dataclasses.is_dataclass(object_type):
+        return []
+    return sorted(f.name for f in dataclasses.fields(object_type))

@@ -1,0 +1,543 @@
+"""The typed schema of a job: every YAML file under conf/ and jobs/ extends one of these dataclasses.
+
+store.py registers them in Hydra's ConfigStore, so a misspelled key or a value of the wrong type fails
+at composition with the key named. Rules that span several fields live in ``__post_init__`` and raise
+``ValueError`` with a message that names the key and what is allowed. Nothing here reads the
+environment or imports torch: checks that need the machine live in ``checks.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Any, ClassVar, Optional
+
+from omegaconf import MISSING
+
+
+class Precision(str, Enum):
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class OnNonFinite(str, Enum):
+    error = "error"
+    skip = "skip"
+
+
+class OptimName(str, Enum):
+    sgd = "sgd"
+    adam = "adam"
+    adamw = "adamw"
+
+
+class ScheduleName(str, Enum):
+    constant = "constant"
+    cosine = "cosine"
+    exponential = "exponential"
+    onecycle = "onecycle"
+
+
+class TokenizerKind(str, Enum):
+    bpe = "bpe"
+    bytes = "bytes"
+
+
+class SampleKind(str, Enum):
+    """What a dataset yields and a model consumes."""
+
+    tokens = "tokens"
+    images = "images"
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+def _positive(prefix: str, **values: float) -> None:
+    for key, value in values.items():
+        _require(value > 0, f"{prefix}.{key} must be > 0, got {value}")
+
+
+# ---------------------------------------------------------------------------------------------- models
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    name: str = MISSING
+    input_kind: ClassVar[SampleKind]
+
+
+@dataclass(kw_only=True)
+class GPTConfig(ModelConfig):
+    """Decoder-only transformer. ``vocab_size`` and ``block_size`` default to the data's."""
+
+    name: str = "gpt"
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 256
+    dropout: float = 0.0
+    bias: bool = False
+    vocab_size: Optional[int] = None
+    block_size: Optional[int] = None
+    input_kind: ClassVar[SampleKind] = SampleKind.tokens
+
+    def __post_init__(self) -> None:
+        _positive("model", n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+        _require(
+            self.n_embd % self.n_head == 0,
+            f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}",
+        )
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        if self.vocab_size is not None:
+            _positive("model", vocab_size=self.vocab_size)
+        if self.block_size is not None:
+            _positive("model", block_size=self.block_size)
+
+
+@dataclass(kw_only=True)
+class MLPConfig(ModelConfig):
+    """Fully connected classifier over flattened images or feature vectors."""
+
+    name: str = "mlp"
+    hidden_sizes: list[int] = field(default_factory=lambda: [256, 256])
+    dropout: float = 0.0
+    input_kind: ClassVar[SampleKind] = SampleKind.images
+
+    def __post_init__(self) -> None:
+        _require(len(self.hidden_sizes) > 0, "model.hidden_sizes must list at least one layer width")
+        for width in self.hidden_sizes:
+            _require(width > 0, f"model.hidden_sizes must be positive, got {self.hidden_sizes}")
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class CNNConfig(ModelConfig):
+    """Small ResNet: one stage of residual blocks per width, downsampling between stages."""
+
+    name: str = "cnn"
+    widths: list[int] = field(default_factory=lambda: [16, 32, 64])
+    blocks_per_stage: int = 1
+    input_kind: ClassVar[SampleKind] = SampleKind.images
+
+    def __post_init__(self) -> None:
+        _require(len(self.widths) > 0, "model.widths must list at least one stage width")
+        for width in self.widths:
+            _require(width > 0, f"model.widths must be positive, got {self.widths}")
+        _positive("model", blocks_per_stage=self.blocks_per_stage)
+
+
+@dataclass(kw_only=True)
+class LSTMConfig(ModelConfig):
+    """LSTM language model (next-token prediction)."""
+
+    name: str = "lstm"
+    n_embd: int = 128
+    hidden_size: int = 256
+    n_layer: int = 2
+    dropout: float = 0.0
+    vocab_size: Optional[int] = None
+    input_kind: ClassVar[SampleKind] = SampleKind.tokens
+
+    def __post_init__(self) -> None:
+        _positive("model", n_embd=self.n_embd, hidden_size=self.hidden_size, n_layer=self.n_layer)
+        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(kw_only=True)
+class HFConfig(ModelConfig):
+    """Any transformers causal LM, built from a config dict (never downloads weights).
+
+    ``config`` is what ``transformers.AutoConfig.for_model`` takes: ``model_type`` plus its fields.
+    ``vocab_size`` and ``max_position_embeddings`` default to the data's when the dict leaves them out.
+    """
+
+    name: str = "hf"
+    config: dict[str, Any] = field(default_factory=dict)
+    attn_implementation: str = "sdpa"
+    input_kind: ClassVar[SampleKind] = SampleKind.tokens
+
+    def __post_init__(self) -> None:
+        _require(
+            isinstance(self.config.get("model_type"), str),
+            "model.config.model_type is required (e.g. llama, gpt2, qwen2, mistral)",
+        )
+        _require(
+            self.attn_implementation in ("sdpa", "eager"),
+            f"model.attn_implementation must be sdpa or eager, got {self.attn_implementation!r}",
+        )
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+@dataclass(kw_only=True)
+class DataConfig:
+    name: str = MISSING
+    output_kind: ClassVar[SampleKind]
+
+    @property
+    def seq_len_or_none(self) -> Optional[int]:
+        return None
+
+
+@dataclass(kw_only=True)
+class TextDataConfig(DataConfig):
+    """A text corpus from local files or folders, tokenized once and cached as uint16 token files.
+
+    An empty ``paths`` means the Python standard library's own ``.py`` sources, found at run time.
+    """
+
+    name: str = "text"
+    output_kind: ClassVar[SampleKind] = SampleKind.tokens
+    paths: list[str] = field(default_factory=list)
+    suffixes: list[str] = field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
+    tokenizer: TokenizerKind = TokenizerKind.bpe
+    vocab_size: int = 4096
+    seq_len: int = 256
+    val_fraction: float = 0.05
+    max_bytes: int = 0
+    cache_dir: str = "~/.cache/orchestrator"
+
+    def __post_init__(self) -> None:
+        _positive("data", seq_len=self.seq_len)
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        _require(self.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {self.max_bytes}")
+        if self.tokenizer is TokenizerKind.bpe:
+            _require(
+                512 <= self.vocab_size <= 65535,
+                f"data.vocab_size must be in [512, 65535] for the bpe tokenizer (uint16 tokens), got {self.vocab_size}",
+            )
+
+    @property
+    def seq_len_or_none(self) -> Optional[int]:
+        return self.seq_len
+
+
+@dataclass(kw_only=True)
+class MemmapDataConfig(DataConfig):
+    """nanoGPT-style token files: ``train.bin`` and ``val.bin`` (uint16) and ``meta.json`` in ``path``."""
+
+    name: str = "memmap"
+    output_kind: ClassVar[SampleKind] = SampleKind.tokens
+    path: str = MISSING
+    seq_len: int = 256
+
+    def __post_init__(self) -> None:
+        _positive("data", seq_len=self.seq_len)
+
+    @property
+    def seq_len_or_none(self) -> Optional[int]:
+        return self.seq_len
+
+
+@dataclass(kw_only=True)
+class DigitsDataConfig(DataConfig):
+    """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
+
+    name: str = "digits"
+    output_kind: ClassVar[SampleKind] = SampleKind.images
+    val_fraction: float = 0.2
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass(kw_only=True)
+class NpzDataConfig(DataConfig):
+    """Arrays from a ``.npz`` file: inputs ``x`` (N, ...) and integer labels ``y`` (N,)."""
+
+    name: str = "npz"
+    output_kind: ClassVar[SampleKind] = SampleKind.images
+    path: str = MISSING
+    x_key: str = "x"
+    y_key: str = "y"
+    val_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass(kw_only=True)
+class SyntheticDataConfig(DataConfig):
+    """Generated data for benchmarks: random tokens or random images with random labels."""
+
+    name: str = "synthetic"
+    kind: SampleKind = SampleKind.tokens
+    num_samples: int = 4096
+    seq_len: int = 256
+    vocab_size: int = 50304
+    image_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
+    num_classes: int = 10
+
+    def __post_init__(self) -> None:
+        _positive("data", num_samples=self.num_samples, seq_len=self.seq_len,
+                  vocab_size=self.vocab_size, num_classes=self.num_classes)
+        _require(
+            len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
+            f"data.image_shape must be [channels, height, width], got {self.image_shape}",
+        )
+
+    @property
+    def output_kind(self) -> SampleKind:
+        return self.kind
+
+    @property
+    def seq_len_or_none(self) -> Optional[int]:
+        return self.seq_len if self.kind is SampleKind.tokens else None
+
+
+# ------------------------------------------------------------------------------------------ strategies
+
+
+@dataclass(kw_only=True)
+class StrategyConfig:
+    name: str = MISSING
+    max_world_size: ClassVar[Optional[int]] = None
+
+
+@dataclass(kw_only=True)
+class SingleStrategyConfig(StrategyConfig):
+    """One process, no data parallelism."""
+
+    name: str = "none"
+    max_world_size: ClassVar[Optional[int]] = 1
+
+
+@dataclass(kw_only=True)
+class DDPConfig(StrategyConfig):
+    """torch DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
+
+    name: str = "ddp"
+    bucket_cap_mb: int = 25
+    find_unused_parameters: bool = False
+    static_graph: bool = False
+    gradient_as_bucket_view: bool = True
+
+    def __post_init__(self) -> None:
+        _positive("strategy", bucket_cap_mb=self.bucket_cap_mb)
+
+
+# ------------------------------------------------------------------------------ optimizer and schedule
+
+
+@dataclass(kw_only=True)
+class OptimConfig:
+    """The optimizer. SGD with momentum is ``name=sgd`` with ``momentum > 0``."""
+
+    name: OptimName = OptimName.adamw
+    lr: float = 3e-4
+    weight_decay: float = 0.0
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    momentum: float = 0.0
+    nesterov: bool = False
+
+    def __post_init__(self) -> None:
+        _positive("optim", lr=self.lr, eps=self.eps)
+        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _require(
+            len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _require(0.0 <= self.momentum < 1.0, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        if self.name is not OptimName.sgd:
+            _require(
+                self.momentum == 0.0 and not self.nesterov,
+                f"optim.momentum and optim.nesterov apply to optim.name=sgd only, not {self.name.value}",
+            )
+        _require(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+
+
+@dataclass(kw_only=True)
+class SchedulerConfig:
+    """Learning-rate schedule as a pure function of the step (so resume needs no scheduler state).
+
+    constant: lr after ``warmup_steps`` of linear warmup. cosine: warmup, then cosine decay to
+    ``min_lr_ratio * lr`` at the last step. exponential: warmup, then ``lr * gamma**(step - warmup)``.
+    onecycle: cosine rise from ``lr / div_factor`` to ``lr`` over ``pct_start`` of the run, then cosine
+    fall to ``lr / div_factor / final_div_factor`` (torch's OneCycleLR, learning rate only).
+    """
+
+    name: ScheduleName = ScheduleName.cosine
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.1
+    gamma: float = 0.999
+    pct_start: float = 0.3
+    div_factor: float = 25.0
+    final_div_factor: float = 1e4
+
+    def __post_init__(self) -> None:
+        _require(self.warmup_steps >= 0, f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _require(0.0 <= self.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        _require(0.0 < self.gamma <= 1.0, f"scheduler.gamma must be in (0, 1], got {self.gamma}")
+        _require(0.0 < self.pct_start < 1.0, f"scheduler.pct_start must be in (0, 1), got {self.pct_start}")
+        _positive("scheduler", div_factor=self.div_factor, final_div_factor=self.final_div_factor)
+        if self.name is ScheduleName.onecycle:
+            _require(self.warmup_steps == 0,
+                     "scheduler.warmup_steps does not apply to onecycle: its rise is scheduler.pct_start")
+
+
+# --------------------------------------------------------------------------------------------- trainer
+
+
+@dataclass(kw_only=True)
+class CheckpointConfig:
+    every: int = 100
+    keep: int = 2
+
+    def __post_init__(self) -> None:
+        _require(self.every >= 0, f"trainer.checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
+        _require(
+            self.keep >= 2,
+            f"trainer.checkpoint.keep must be >= 2 (one to fall back on if the newest is damaged), got {self.keep}",
+        )
+
+
+@dataclass(kw_only=True)
+class EarlyStoppingConfig:
+    """Stop when eval loss has not improved by ``min_delta`` for ``patience`` evaluations (0 = off)."""
+
+    patience: int = 0
+    min_delta: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.patience >= 0, f"trainer.early_stopping.patience must be >= 0, got {self.patience}")
+        _require(self.min_delta >= 0, f"trainer.early_stopping.min_delta must be >= 0, got {self.min_delta}")
+
+
+@dataclass(kw_only=True)
+class TrainerConfig:
+    """The training loop. ``global_batch_size`` = ``micro_batch_size`` x accumulation x world size."""
+
+    max_steps: int = 200
+    global_batch_size: int = 32
+    micro_batch_size: int = 8
+    grad_clip: float = 1.0
+    precision: Precision = Precision.fp32
+    device: Device = Device.auto
+    eval_every: int = 50
+    eval_batches: int = 8
+    eval_at_start: bool = True
+    log_every: int = 1
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    resume: str = "auto"
+    init_from: Optional[str] = None
+    freeze: list[str] = field(default_factory=list)
+    on_nonfinite: OnNonFinite = OnNonFinite.error
+    max_restarts: int = 0
+    threads_per_worker: int = 0
+    peak_tflops: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _positive("trainer", max_steps=self.max_steps, global_batch_size=self.global_batch_size,
+                  micro_batch_size=self.micro_batch_size, log_every=self.log_every)
+        _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _require(self.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = never), got {self.eval_every}")
+        _positive("trainer", eval_batches=self.eval_batches)
+        _require(self.max_restarts >= 0, f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
+        _require(self.threads_per_worker >= 0,
+                 f"trainer.threads_per_worker must be >= 0 (0 = cores / workers), got {self.threads_per_worker}")
+        _require(self.resume.strip() != "", "trainer.resume must be auto, never, or a checkpoint or run dir path")
+        if self.peak_tflops is not None:
+            _positive("trainer", peak_tflops=self.peak_tflops)
+        if self.freeze:
+            _require(self.init_from is not None,
+                     "trainer.freeze needs trainer.init_from (freezing untrained modules is almost surely a mistake)")
+        if self.early_stopping.patience:
+            _require(self.eval_every > 0, "trainer.early_stopping.patience needs trainer.eval_every > 0")
+
+
+# ------------------------------------------------------------------------------------ launcher, logger
+
+
+@dataclass(kw_only=True)
+class LauncherConfig:
+    name: str = MISSING
+    num_workers: int = 1
+
+    def __post_init__(self) -> None:
+        _positive("launcher", num_workers=self.num_workers)
+
+
+@dataclass(kw_only=True)
+class LocalLauncherConfig(LauncherConfig):
+    """N worker processes on this machine through torch's elastic launch API."""
+
+    name: str = "local"
+    num_workers: int = 2
+
+
+@dataclass(kw_only=True)
+class LoggerConfig:
+    """What rank 0 records. ``metrics.jsonl``, ``resources.jsonl`` and ``summary.json`` are always written."""
+
+    name: str = "jsonl"
+    progress: bool = True
+    resources_every: int = 10
+
+    def __post_init__(self) -> None:
+        _positive("logger", resources_every=self.resources_every)
+
+
+# -------------------------------------------------------------------------------------------- the job
+
+
+@dataclass(kw_only=True)
+class Config:
+    model: ModelConfig = MISSING
+    data: DataConfig = MISSING
+    strategy: StrategyConfig = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    launcher: LauncherConfig = MISSING
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        model, data, trainer = self.model, self.data, self.trainer
+        world = self.launcher.num_workers
+        _require(
+            model.input_kind is data.output_kind,
+            f"model={model.name} trains on {model.input_kind.value} but data={data.name} yields "
+            f"{data.output_kind.value}",
+        )
+        seq_len = data.seq_len_or_none
+        block_size = getattr(model, "block_size", None)
+        if seq_len is not None and block_size is not None:
+            _require(block_size >= seq_len,
+                     f"model.block_size={block_size} is shorter than data.seq_len={seq_len}")
+        limit = self.strategy.max_world_size
+        if limit is not None:
+            _require(world <= limit,
+                     f"strategy={self.strategy.name} runs at most {limit} worker(s); launcher.num_workers={world} "
+                     f"needs strategy=ddp")
+        _require(
+            trainer.global_batch_size % world == 0,
+            f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
+            f"launcher.num_workers={world}",
+        )
+        per_micro_step = trainer.micro_batch_size * world
+        _require(
+            trainer.global_batch_size % per_micro_step == 0,
+            f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of "
+            f"trainer.micro_batch_size x launcher.num_workers = {trainer.micro_batch_size} x {world}",
+        )
+        _require(
+            self.scheduler.warmup_steps <= trainer.max_steps,
+            f"scheduler.warmup_steps={self.scheduler.warmup_steps} exceeds trainer.max_steps={trainer.max_steps}",
+        )
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.trainer.global_batch_size // (self.trainer.micro_batch_size * self.launcher.num_workers)

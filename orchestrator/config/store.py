@@ -1,0 +1,53 @@
+"""Registers the schema in Hydra's ConfigStore.
+
+Each YAML option extends its schema through its defaults list (``- /schema/model/gpt``), which is what
+makes a misspelled key or a value of the wrong type fail at composition, with the key named.
+"""
+
+from __future__ import annotations
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
+
+from orchestrator.config import schema
+
+SCHEMAS: dict[str, dict[str, type]] = {
+    "model": {
+        "gpt": schema.GPTConfig,
+        "mlp": schema.MLPConfig,
+        "cnn": schema.CNNConfig,
+        "lstm": schema.LSTMConfig,
+        "hf": schema.HFConfig,
+    },
+    "data": {
+        "text": schema.TextDataConfig,
+        "memmap": schema.MemmapDataConfig,
+        "digits": schema.DigitsDataConfig,
+        "npz": schema.NpzDataConfig,
+        "synthetic": schema.SyntheticDataConfig,
+    },
+    "strategy": {
+        "none": schema.SingleStrategyConfig,
+        "ddp": schema.DDPConfig,
+    },
+    "optim": {"optim": schema.OptimConfig},
+    "scheduler": {"scheduler": schema.SchedulerConfig},
+    "trainer": {"trainer": schema.TrainerConfig},
+    "launcher": {"local": schema.LocalLauncherConfig},
+    "logger": {"logger": schema.LoggerConfig},
+}
+
+
+def _or_default(value: object, default: str) -> object:
+    return default if value in (None, "None", "null") else value
+
+
+def register() -> None:
+    """Idempotent: stores the schema nodes and the resolvers the YAML files use."""
+    store = ConfigStore.instance()
+    store.store(name="schema", node=schema.Config)
+    for group, options in SCHEMAS.items():
+        for name, node in options.items():
+            store.store(group=f"schema/{group}", name=name, node=node, package=group)
+    if not OmegaConf.has_resolver("or_default"):
+        OmegaConf.register_new_resolver("or_default", _or_default)

@@ -1,0 +1,80 @@
+"""Data: what the workers train and evaluate on.
+
+``prepare_data`` runs once in the driver, before any worker starts, and builds whatever is expensive
+(a tokenizer, token files) into a cache. ``load_data`` runs in every worker and only opens what
+``prepare_data`` built. ``check_data_paths`` is the CLI's first, millisecond check of the paths.
+
+The modules behind each data config import torch, tokenizers or scikit-learn, so they are imported
+inside the functions: importing this package, or ``orchestrator.data.paths``, stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+from orchestrator.config.schema import (
+    DataConfig,
+    DigitsDataConfig,
+    MemmapDataConfig,
+    NpzDataConfig,
+    SyntheticDataConfig,
+    TextDataConfig,
+)
+from orchestrator.data.base import DataBundle, Dataset
+from orchestrator.data.paths import check_data_paths
+from orchestrator.data.spec import DataSpec
+from orchestrator.errors import UserError
+
+__all__ = ["DataBundle", "DataSpec", "Dataset", "check_data_paths", "load_data", "prepare_data"]
+
+# The module serving each data config; each has prepare(cfg) -> DataSpec and load(cfg) -> DataBundle.
+_SOURCES: dict[type[DataConfig], str] = {
+    TextDataConfig: "text",
+    MemmapDataConfig: "memmap",
+    DigitsDataConfig: "images",
+    NpzDataConfig: "images",
+    SyntheticDataConfig: "synthetic",
+}
+
+
+def _source(cfg: DataConfig) -> ModuleType:
+    for config_type, module in _SOURCES.items():
+        if isinstance(cfg, config_type):
+            return importlib.import_module(f"orchestrator.data.{module}")
+    raise UserError(f"data={cfg.name}: no data source for {type(cfg).__name__}; known: text, memmap, digits, npz, "
+                    f"synthetic")
+
+
+def prepare_data(cfg: DataConfig) -> DataSpec:
+    """Check the data and build its cache (tokenizer, token files) once, in the driver.
+
+    Idempotent: with a complete cache for the same config it returns in well under a second. Caches
+    are written under a temporary name and renamed into place, so a killed or concurrent prepare
+    never leaves a half-written cache that a later run trusts.
+
+    Args:
+        cfg: The job's data config.
+
+    Returns:
+        What one sample looks like, for building the model.
+
+    Raises:
+        UserError: Bad input, with the key named: a missing or unreadable path, a corpus folder with
+            no matching files, an npz without the configured arrays, data too small for one train and
+            one val sample, token ids that do not fit the vocabulary.
+    """
+    return _source(cfg).prepare(cfg)
+
+
+def load_data(cfg: DataConfig) -> DataBundle:
+    """Open the data ``prepare_data`` built, in a worker: cheap, never trains or encodes.
+
+    Args:
+        cfg: The job's data config, the same one ``prepare_data`` saw. Splits and synthetic samples come
+            from fixed seeds, not the run's, so eval sets are the same across runs; the sampler shuffles.
+
+    Returns:
+        The spec and the train and val datasets.
+    """
+    return _source(cfg).load(cfg)

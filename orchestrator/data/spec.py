@@ -1,0 +1,47 @@
+"""The contract between data and models: what one sample looks like.
+
+Each dataset describes its samples with a ``DataSpec``; the model registry builds the model for it (vocabulary
+size, sequence length, image shape, number of classes) and the throughput meter counts tokens with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.config.schema import SampleKind
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """What a dataset yields, which is what a model is built for."""
+
+    kind: SampleKind
+    vocab_size: int | None = None  # tokens: token ids are in [0, vocab_size)
+    seq_len: int | None = None  # tokens: inputs and targets are (B, seq_len) int64
+    input_shape: tuple[int, ...] | None = None  # images: one sample's shape, (C, H, W) or (D,)
+    num_classes: int | None = None  # images: targets are (B,) int64 in [0, num_classes)
+
+    def __post_init__(self) -> None:
+        # Checked here once, so that no model builder has to handle a half-described dataset.
+        if self.kind is SampleKind.tokens:
+            if not (self.vocab_size and self.vocab_size > 0 and self.seq_len and self.seq_len > 0):
+                raise ValueError(
+                    f"DataSpec(kind=tokens) needs vocab_size > 0 and seq_len > 0, "
+                    f"got vocab_size={self.vocab_size}, seq_len={self.seq_len}"
+                )
+        elif not (
+            isinstance(self.input_shape, tuple)
+            and self.input_shape
+            and all(size > 0 for size in self.input_shape)
+            and self.num_classes
+            and self.num_classes > 0
+        ):
+            raise ValueError(
+                f"DataSpec(kind=images) needs input_shape, a non-empty tuple of positive sizes, and num_classes > 0, "
+                f"got input_shape={self.input_shape}, num_classes={self.num_classes}"
+            )
+
+    @property
+    def tokens_per_sample(self) -> int:
+        """Targets per sample, the unit of throughput: ``seq_len`` for tokens, 1 for images."""
+        return self.seq_len if self.kind is SampleKind.tokens else 1

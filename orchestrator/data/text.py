@@ -1,0 +1,277 @@
+"""data=text: local text files, tokenized once into cached uint16 token files.
+
+``prepare`` runs once in the driver: it finds the corpus, trains the tokenizer (bpe) or uses raw bytes,
+encodes the corpus and publishes ``<cache_dir>/text/<key>/`` with ``train.bin``, ``val.bin``, ``meta.json``
+and, for bpe, ``tokenizer.json``. ``key`` hashes everything that decides those bytes (the file list
+with sizes and mtimes, the tokenizer, the split, the format version), so an edited corpus builds a new
+cache and an unchanged one is reused in milliseconds. The cache is built under a temporary name and
+renamed into place, so a killed or concurrent prepare never leaves a half-built cache under the key.
+
+``load`` runs in every worker: it recomputes the key (one stat per file) and opens the token files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+import socket
+import sysconfig
+from pathlib import Path
+
+import numpy as np
+
+from orchestrator.config.schema import SampleKind, TextDataConfig, TokenizerKind
+from orchestrator.data.base import DataBundle
+from orchestrator.data.paths import check_readable, expand_path
+from orchestrator.data.spec import DataSpec
+from orchestrator.data.tokens import TokenDataset, count_tokens, fsync_dir, require_windows, write_token_files
+from orchestrator.errors import UserError
+
+# Bump when the bytes written for the same inputs change, so old caches are not trusted.
+FORMAT_VERSION = 1
+END_OF_TEXT = "<|endoftext|>"
+# The bytes tokenizer has no room for a special token (its 256 ids are the bytes), so a blank line
+# marks where one file ends.
+BYTES_SEPARATOR = "\n\n"
+# BPE training takes ~7 s on the 31 MB default corpus (Python 3.11 stdlib, 2 CPU cores), so it sees
+# the whole default corpus. It grows with the corpus: above this many characters it trains on an
+# evenly spaced subset of the files instead, keeping it under ~15 s; the whole corpus is still encoded.
+TOKENIZER_TRAIN_MAX_CHARS = 64_000_000
+# Installed packages sit inside the stdlib dir on many installs (and inside user projects, in
+# virtualenvs); they are not the corpus anyone means.
+SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
+
+
+def find_corpus_files(cfg: TextDataConfig) -> list[Path]:
+    """The corpus files in sorted order, capped at ``data.max_bytes``.
+
+    Folders are walked recursively for files with a suffix in ``data.suffixes``, skipping hidden
+    folders and installed packages (site-packages, dist-packages); a file named directly is taken
+    whatever its suffix. Empty ``data.paths`` means the standard library's own ``.py`` sources.
+
+    Args:
+        cfg: The text data config.
+    """
+    if cfg.paths:
+        files: set[Path] = set()
+        for entry in cfg.paths:
+            path = expand_path(entry).absolute()
+            check_readable(path, key=f"data.paths entry {entry!r}")
+            files.update([path] if path.is_file() else _walk(path, suffixes=cfg.suffixes))
+        where = f"data.paths={list(cfg.paths)} with data.suffixes={list(cfg.suffixes)}"
+    else:
+        stdlib = Path(sysconfig.get_paths()["stdlib"])
+        files = set(_walk(stdlib, suffixes=[".py"]))
+        where = f"the standard library at {stdlib} (data.paths is empty)"
+    if not files:
+        raise UserError(f"no corpus files found in {where}: name files or folders that hold text")
+    return _cap(sorted(files), max_bytes=cfg.max_bytes)
+
+
+def _walk(root: Path, *, suffixes: list[str]) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")]
+        found.extend(Path(dirpath, name) for name in filenames if Path(name).suffix in suffixes)
+    return found
+
+
+def _cap(files: list[Path], *, max_bytes: int) -> list[Path]:
+    if not max_bytes:
+        return files
+    kept, total_bytes = [], 0
+    for path in files:
+        total_bytes += path.stat().st_size
+        if total_bytes > max_bytes:
+            break
+        kept.append(path)
+    if not kept:
+        raise UserError(
+            f"data.max_bytes={max_bytes} is smaller than the first corpus file {files[0]} "
+            f"({files[0].stat().st_size} bytes): raise it, or 0 for no limit"
+        )
+    return kept
+
+
+def cache_dir_for(cfg: TextDataConfig, files: list[Path]) -> Path:
+    """``<data.cache_dir>/text/<key>``, ``key`` a hash of everything that decides the token files.
+
+    Args:
+        cfg: The text data config.
+        files: ``find_corpus_files(cfg)``.
+    """
+    content = {
+        "format_version": FORMAT_VERSION,
+        "files": [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files],
+        "tokenizer": cfg.tokenizer.value,
+        "vocab_size": cfg.vocab_size if cfg.tokenizer is TokenizerKind.bpe else 256,
+        "max_bytes": cfg.max_bytes,
+        "val_fraction": cfg.val_fraction,
+    }
+    key = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:20]
+    return expand_path(cfg.cache_dir) / "text" / key
+
+
+def prepare(cfg: TextDataConfig) -> DataSpec:
+    """Build the token cache unless a complete one exists, and return the spec.
+
+    The last ``data.val_fraction`` of the token stream is the val split, the rest train (nanoGPT's
+    split: val is a contiguous tail, so no val window shares text with a train window).
+
+    Args:
+        cfg: The text data config.
+    """
+    files = find_corpus_files(cfg)
+    directory = cache_dir_for(cfg, files)
+    meta = _read_complete(directory)
+    if meta is None:
+        _build(cfg, files=files, directory=directory)
+        meta = _read_complete(directory)
+        assert meta is not None, f"the cache just built at {directory} is incomplete"
+    where = f"the corpus from data.paths ({meta['corpus']['num_files']} files, {meta['corpus']['num_bytes']} bytes)"
+    require_windows(meta["train_tokens"], seq_len=cfg.seq_len, where=f"the train split of {where}")
+    require_windows(meta["val_tokens"], seq_len=cfg.seq_len, where=f"the val split of {where}")
+    return DataSpec(kind=SampleKind.tokens, vocab_size=meta["vocab_size"], seq_len=cfg.seq_len)
+
+
+def load(cfg: TextDataConfig) -> DataBundle:
+    """Open the token cache that ``prepare`` built (never trains or encodes).
+
+    Args:
+        cfg: The text data config.
+    """
+    directory = cache_dir_for(cfg, find_corpus_files(cfg))
+    meta = _read_complete(directory)
+    if meta is None:
+        raise UserError(
+            f"data.cache_dir: no token cache at {directory}; either the corpus changed since prepare_data ran "
+            f"or data.cache_dir is not shared with this worker's machine"
+        )
+    return DataBundle(
+        spec=DataSpec(kind=SampleKind.tokens, vocab_size=meta["vocab_size"], seq_len=cfg.seq_len),
+        train=TokenDataset(directory / "train.bin", seq_len=cfg.seq_len),
+        val=TokenDataset(directory / "val.bin", seq_len=cfg.seq_len),
+    )
+
+
+def _read_complete(directory: Path) -> dict | None:
+    """The cache's meta.json if every file is there with the size it records, else None."""
+    try:
+        meta = json.loads((directory / "meta.json").read_text())
+        complete = all(count_tokens(directory / f"{s}.bin") == meta[f"{s}_tokens"] for s in ("train", "val"))
+        if meta["tokenizer"] == TokenizerKind.bpe.value:
+            complete = complete and (directory / "tokenizer.json").is_file()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return meta if complete else None
+
+
+def _build(cfg: TextDataConfig, *, files: list[Path], directory: Path) -> None:
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned(directory)
+    tmp = directory.with_name(f".tmp-{directory.name}-{socket.gethostname()}-{os.getpid()}")
+    tmp.mkdir()
+    try:
+        texts = [_read_text(path) for path in files]
+        if cfg.tokenizer is TokenizerKind.bpe:
+            stream = _bpe_tokens(texts, vocab_size=cfg.vocab_size, tokenizer_path=tmp / "tokenizer.json")
+            vocab_size, separator = cfg.vocab_size, END_OF_TEXT
+        else:
+            stream = _byte_tokens(texts)
+            vocab_size, separator = 256, BYTES_SEPARATOR
+        num_val = int(len(stream) * cfg.val_fraction)
+        corpus = {
+            "paths": list(cfg.paths) or [sysconfig.get_paths()["stdlib"]],
+            "num_files": len(files),
+            "num_bytes": sum(path.stat().st_size for path in files),
+            "separator": separator,
+        }
+        write_token_files(tmp, train=stream[: len(stream) - num_val], val=stream[len(stream) - num_val :],
+                          vocab_size=vocab_size, tokenizer=cfg.tokenizer.value, corpus=corpus,
+                          format_version=FORMAT_VERSION)
+        _publish(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        # Bytes, not read_text: newline translation would make the cache differ from the files.
+        return path.read_bytes().decode("utf-8", errors="replace")
+    except OSError as err:
+        raise UserError(f"data.paths: cannot read {path} ({err.strerror})") from None
+
+
+def _bpe_tokens(texts: list[str], *, vocab_size: int, tokenizer_path: Path) -> np.ndarray:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    stride = max(1, math.ceil(sum(len(text) for text in texts) / TOKENIZER_TRAIN_MAX_CHARS))
+    sample = texts[::stride]
+    tokenizer.train_from_iterator(sample, trainer=trainer, length=len(sample))
+    tokenizer.save(str(tokenizer_path))
+    end_of_text = np.array([tokenizer.token_to_id(END_OF_TEXT)], dtype=np.uint16)
+    # encode_batch_fast skips character offsets (we never use them) and encodes files in parallel.
+    pieces = []
+    for encoding in tokenizer.encode_batch_fast(texts):
+        pieces += [np.asarray(encoding.ids, dtype=np.uint16), end_of_text]
+    return np.concatenate(pieces)
+
+
+def _byte_tokens(texts: list[str]) -> np.ndarray:
+    data = "".join(text + BYTES_SEPARATOR for text in texts).encode("utf-8")
+    return np.frombuffer(data, dtype=np.uint8).astype(np.uint16)
+
+
+def _publish(tmp: Path, directory: Path) -> None:
+    """Rename the finished ``tmp`` to ``directory``; if another prepare got there first, keep theirs."""
+    for _ in range(3):
+        try:
+            os.rename(tmp, directory)
+            fsync_dir(directory.parent)
+            return
+        except OSError:
+            # The name is taken: a concurrent prepare's complete cache (keep it), or a damaged one
+            # (a disk fault, a hand edit), which is moved aside and replaced.
+            if _read_complete(directory) is not None:
+                return
+            aside = directory.with_name(f".tmp-{directory.name}-{socket.gethostname()}-{os.getpid()}-old")
+            try:
+                os.rename(directory, aside)
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(aside, ignore_errors=True)
+    raise OSError(f"could not publish the token cache at {directory}: it keeps being replaced")
+
+
+def _remove_abandoned(directory: Path) -> None:
+    """Delete temporary dirs of prepares on this machine that were killed before they finished."""
+    pattern = re.compile(rf"\.tmp-{directory.name}-{re.escape(socket.gethostname())}-(\d+)(-old)?")
+    for entry in directory.parent.iterdir():
+        match = pattern.fullmatch(entry.name)
+        if match and not _is_alive(int(match.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _is_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process builds one cache at a time, so its own leftovers are abandoned
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, under another user
+    return True

@@ -1,0 +1,66 @@
+"""Rank 0's record of a run: the console, ``metrics.jsonl`` and ``resources.jsonl``.
+
+Other ranks hold a Tracker too, with every method a no-op, so the loop never asks which rank it is on
+to decide whether to log.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from orchestrator.tracking.console import Progress
+from orchestrator.tracking.jsonl import JsonlWriter, truncate_after_step
+
+METRICS_FILE = "metrics.jsonl"
+RESOURCES_FILE = "resources.jsonl"
+
+
+class Tracker:
+    """Args:
+    run_dir: where the JSONL files live.
+    enabled: True on rank 0 only.
+    max_steps: the run's last step (for the progress bar).
+    start_step: 0, or the step a resumed run continues from (later records in the files are dropped).
+    progress: show the console progress.
+    """
+
+    def __init__(self, run_dir: Path, *, enabled: bool, max_steps: int, start_step: int, progress: bool) -> None:
+        self.enabled = enabled
+        if not enabled:
+            return
+        for name in (METRICS_FILE, RESOURCES_FILE):
+            truncate_after_step(run_dir / name, start_step)
+        self.metrics = JsonlWriter(run_dir / METRICS_FILE)
+        self.resources = JsonlWriter(run_dir / RESOURCES_FILE)
+        self.progress = Progress(total=max_steps, initial=start_step, enabled=progress)
+
+    def log_step(self, step: int, metrics: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write({"step": step, **metrics, "time": time.time()})
+        self.progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
+
+    def log_eval(self, step: int, eval_loss: float) -> None:
+        if not self.enabled:
+            return
+        self.metrics.write({"step": step, "eval_loss": eval_loss, "time": time.time()})
+        self.progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+
+    def log_resources(self, step: int, per_rank: list[dict[str, Any]]) -> None:
+        if not self.enabled:
+            return
+        now = time.time()
+        for rank, sample in enumerate(per_rank):
+            self.resources.write({"step": step, "rank": rank, **sample, "time": now})
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            self.progress.write(text)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.progress.close()
+            self.metrics.close()
+            self.resources.close()

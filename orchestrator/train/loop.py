@@ -1,0 +1,286 @@
+"""The training loop: one for every strategy and every launcher.
+
+``Trainer.fit`` reads top to bottom: step, log, evaluate, checkpoint, until ``trainer.max_steps`` or
+early stopping. Everything that depends on how the model is replicated or sharded sits behind the
+Strategy; everything that depends on how workers were started sits in the launcher. All ranks make
+every decision (skip a step, stop early, save) from values that are identical on all of them.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from orchestrator.config.schema import Config, OnNonFinite
+from orchestrator.data import load_data
+from orchestrator.data.sampler import StreamSampler, eval_indices
+from orchestrator.distributed import DistContext
+from orchestrator.errors import TrainingError
+from orchestrator.models import build_model, describe_model
+from orchestrator.strategies import MemoryReport, build_strategy
+from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
+from orchestrator.tracking.tracker import Tracker
+from orchestrator.train.checkpoint import Checkpointer
+from orchestrator.train.finetune import load_initial_weights
+from orchestrator.train.optim import build_optimizer, lr_at
+from orchestrator.train.throughput import mfu, peak_flops_per_device
+
+
+@dataclass(kw_only=True)
+class TrainState:
+    """What a checkpoint holds besides model, optimizer and RNG: enough to continue exactly."""
+
+    step: int = 0
+    tokens_seen: int = 0
+    sampler: dict[str, Any] = field(default_factory=dict)
+    first_eval_loss: float | None = None
+    last_eval_loss: float | None = None
+    best_eval_loss: float | None = None
+    evals_since_best: int = 0
+    nonfinite_skips: int = 0
+    overflow_skips: int = 0
+
+
+class Trainer:
+    """Builds a job's pieces in one worker process and trains.
+
+    Args:
+        config: the validated job config.
+        run_dir: the run directory (shared by all ranks).
+        dist: this worker's ranks and device (process group already initialized).
+        restarts: how many times the launcher restarted the workers; a restart always resumes.
+    """
+
+    def __init__(self, config: Config, *, run_dir: Path, dist: DistContext, restarts: int) -> None:
+        self.config, self.run_dir, self.dist, self.restarts = config, run_dir, dist, restarts
+        trainer = config.trainer
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.data = load_data(config.data)
+        model = build_model(config.model, self.data.spec)
+        self.model_info = describe_model(config.model, self.data.spec, model)
+        if trainer.init_from:
+            load_initial_weights(model, trainer.init_from, freeze=trainer.freeze)
+        torch.manual_seed(config.seed + 1 + dist.rank)  # but different dropout masks per rank
+
+        self.strategy = build_strategy(config.strategy, dist=dist, precision=trainer.precision,
+                                       accum_steps=config.grad_accum_steps)
+        self.strategy.setup(model, build_optimizer=partial(build_optimizer, config.optim))
+        self.sampler = StreamSampler(len(self.data.train), micro_batch_size=trainer.micro_batch_size,
+                                     rank=dist.rank, world_size=dist.world_size, seed=config.seed)
+        self.eval_batches = eval_indices(len(self.data.val), batches=trainer.eval_batches,
+                                         micro_batch_size=trainer.micro_batch_size,
+                                         rank=dist.rank, world_size=dist.world_size)
+        self.checkpointer = Checkpointer(run_dir / "checkpoints", dist=dist, strategy=self.strategy,
+                                         strategy_name=config.strategy.name, keep=trainer.checkpoint.keep)
+        self.state = TrainState()
+        self.resumed_from: int | None = None
+        self.tokens_per_step = trainer.global_batch_size * self.data.spec.tokens_per_sample
+        self.peak_flops = peak_flops_per_device(dist.device, trainer.precision, override_tflops=trainer.peak_tflops)
+        self.resources = ResourceSampler(dist.device)
+        self.step_times: list[float] = []
+        self.last_loss: float | None = None
+        self.memory: MemoryReport | None = None
+
+    # ------------------------------------------------------------------------------------ the loop
+
+    def fit(self) -> dict[str, Any]:
+        trainer = self.config.trainer
+        started = time.perf_counter()
+        self._resume()
+        tracker = Tracker(self.run_dir, enabled=self.dist.is_main, max_steps=trainer.max_steps,
+                          start_step=self.state.step, progress=self.config.logger.progress)
+        try:
+            if trainer.eval_every and trainer.eval_at_start and self.state.step == 0:
+                self._evaluate(tracker)
+            stop = False
+            last_saved = self.state.step if self.resumed_from is not None else None
+            while self.state.step < trainer.max_steps and not stop:
+                metrics = self._train_step()
+                step = self.state.step
+                if step % trainer.log_every == 0 or step == trainer.max_steps:
+                    tracker.log_step(step, metrics)
+                if step % self.config.logger.resources_every == 0 or step == 1:
+                    tracker.log_resources(step, self.dist.gather_objects(self.resources.sample()) or [])
+                if trainer.eval_every and step % trainer.eval_every == 0:
+                    stop = self._evaluate(tracker)
+                if trainer.checkpoint.every and step % trainer.checkpoint.every == 0:
+                    self.checkpointer.save(step, asdict(self.state))
+                    last_saved = step
+            if trainer.eval_every and self.state.step % trainer.eval_every != 0:
+                self._evaluate(tracker)
+            if last_saved != self.state.step:
+                self.checkpointer.save(self.state.step, asdict(self.state))
+        finally:
+            tracker.close()
+        return self._summary(wall_s=time.perf_counter() - started, stopped_early=stop)
+
+    def _train_step(self) -> dict[str, Any]:
+        trainer, strategy, state = self.config.trainer, self.strategy, self.state
+        started = time.perf_counter()
+        data_time = 0.0
+        accum = self.config.grad_accum_steps
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for micro_step in range(accum):
+            fetch_started = time.perf_counter()
+            inputs, targets = self._batch(self.data.train, self.sampler.next_indices())
+            data_time += time.perf_counter() - fetch_started
+            with strategy.accumulate(sync=micro_step == accum - 1):
+                with strategy.autocast():
+                    loss = _loss(strategy.model(inputs), targets)
+                strategy.backward(loss)
+            loss_sum += loss.detach()
+
+        grad_norm = strategy.clip_grad_norm(trainer.grad_clip)
+        loss_mean = self.dist.all_reduce_sum(loss_sum / accum) / self.dist.world_size
+        loss_value, grad_norm_value = loss_mean.item(), grad_norm.item()  # the step's one host sync
+        self.last_loss = loss_value
+        lr = lr_at(self.config.scheduler, base_lr=self.config.optim.lr, step=state.step,
+                   max_steps=trainer.max_steps)
+        problem = self._nonfinite(loss_value, grad_norm_value)
+        if problem is not None and trainer.on_nonfinite is OnNonFinite.error:
+            raise TrainingError(f"{problem} at step {state.step + 1}, before the optimizer step; set "
+                                f"trainer.on_nonfinite=skip to skip such steps, or lower optim.lr")
+        if problem is not None:
+            strategy.zero_grad()
+            state.nonfinite_skips += 1
+            stepped = False
+        else:
+            if self.memory is None and state.step > 0:
+                # Between backward and step, after a first step created the optimizer state: the peak.
+                self.memory = strategy.memory()
+            strategy.set_lr(lr)
+            stepped = strategy.step()
+            state.overflow_skips += not stepped
+
+        state.step += 1
+        state.tokens_seen += self.tokens_per_step
+        state.sampler = self.sampler.state_dict()
+        step_time = time.perf_counter() - started
+        self.step_times.append(step_time)
+        tokens_per_s = self.tokens_per_step / step_time
+        metrics: dict[str, Any] = {
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm_value,
+            "step_time_s": step_time,
+            "data_time_s": data_time,
+            "tokens_per_s": tokens_per_s,
+            "samples_per_s": self.config.trainer.global_batch_size / step_time,
+            "tokens": state.tokens_seen,
+            "epoch": self.sampler.epoch,
+            "mem_peak_bytes": peak_memory_bytes(self.dist.device),
+        }
+        utilization = mfu(flops_per_token=self.model_info.flops_per_token, tokens_per_s=tokens_per_s,
+                          peak_flops=self.peak_flops, num_devices=self.dist.world_size)
+        if utilization is not None:
+            metrics["mfu"] = utilization
+        if problem is not None:
+            metrics["skipped"] = problem
+        elif not stepped:
+            metrics["skipped"] = "fp16 gradient overflow (loss scale lowered)"
+        return metrics
+
+    def _nonfinite(self, loss: float, grad_norm: float) -> str | None:
+        if not math.isfinite(loss):
+            return f"non-finite loss ({loss})"
+        if not math.isfinite(grad_norm) and not self.strategy.handles_grad_overflow:
+            return f"non-finite gradient norm ({grad_norm})"
+        return None
+
+    @torch.no_grad()
+    def _evaluate(self, tracker: Tracker) -> bool:
+        """Mean loss over the fixed eval batches of all ranks; returns True when early stopping says stop."""
+        model = self.strategy.model
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        for indices in self.eval_batches:
+            inputs, targets = self._batch(self.data.val, indices)
+            with self.strategy.autocast():
+                logits = model(inputs)
+            totals[0] += _loss(logits, targets, reduction="sum").double()
+            totals[1] += targets.numel()
+        model.train()
+        eval_loss = (self.dist.all_reduce_sum(totals)[0] / totals[1]).item()
+        state, patience = self.state, self.config.trainer.early_stopping
+        tracker.log_eval(state.step, eval_loss)
+        state.last_eval_loss = eval_loss
+        if state.first_eval_loss is None:
+            state.first_eval_loss = eval_loss
+        if state.best_eval_loss is None or eval_loss < state.best_eval_loss - patience.min_delta:
+            state.best_eval_loss, state.evals_since_best = eval_loss, 0
+        else:
+            state.evals_since_best += 1
+        stop = bool(patience.patience) and state.evals_since_best >= patience.patience
+        if stop:
+            tracker.message(f"early stopping at step {state.step}: eval loss has not improved for "
+                            f"{patience.patience} evaluations (best {state.best_eval_loss:.4f})")
+        return stop
+
+    # ---------------------------------------------------------------------------------- plumbing
+
+    def _batch(self, dataset: Any, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = dataset.get_batch(indices)
+        if self.dist.device.type == "cuda":
+            inputs, targets = inputs.pin_memory(), targets.pin_memory()
+        return (inputs.to(self.dist.device, non_blocking=True), targets.to(self.dist.device, non_blocking=True))
+
+    def _resume(self) -> None:
+        self.checkpointer.remove_partial()
+        resume = "auto" if self.restarts else self.config.trainer.resume
+        directory = self.checkpointer.find_resume(resume)
+        if directory is None:
+            return
+        saved = self.checkpointer.restore(directory)
+        self.state = TrainState(**saved)
+        self.sampler.load_state_dict(self.state.sampler)
+        self.resumed_from = self.state.step
+        if self.dist.is_main:
+            print(f"resumed from {directory} (step {self.state.step})", flush=True)
+
+    def _summary(self, *, wall_s: float, stopped_early: bool) -> dict[str, Any]:
+        # The first step of a process pays for warm-up (allocator, kernel selection): leave it out.
+        steady = self.step_times[1:] or self.step_times
+        step_time = statistics.median(steady) if steady else None
+        tokens_per_s = self.tokens_per_step / step_time if step_time else None
+        memory = self.memory or self.strategy.memory()
+        return {
+            "status": "completed",
+            "steps": self.state.step,
+            "final_loss": self.last_loss,
+            "first_eval_loss": self.state.first_eval_loss,
+            "final_eval_loss": self.state.last_eval_loss,
+            "best_eval_loss": self.state.best_eval_loss,
+            "tokens_per_s": tokens_per_s,
+            "step_time_s_median": step_time,
+            "mfu": mfu(flops_per_token=self.model_info.flops_per_token, tokens_per_s=tokens_per_s or 0.0,
+                       peak_flops=self.peak_flops, num_devices=self.dist.world_size),
+            "tokens_seen": self.state.tokens_seen,
+            "world_size": self.dist.world_size,
+            "strategy": self.config.strategy.name,
+            "device": self.dist.device.type,
+            "restarts": self.restarts,
+            "resumed_from_step": self.resumed_from,
+            "stopped_early": stopped_early,
+            "nonfinite_skips": self.state.nonfinite_skips,
+            "overflow_skips": self.state.overflow_skips,
+            "num_params": self.model_info.num_params,
+            "flops_per_token": self.model_info.flops_per_token,
+            "param_bytes": memory.param_bytes,
+            "grad_bytes": memory.grad_bytes,
+            "optimizer_bytes": memory.optimizer_bytes,
+            "peak_mem_bytes": peak_memory_bytes(self.dist.device),
+            "train_wall_s": wall_s,
+        }
+
+
+def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    # Token models give (B, T, V) logits and (B, T) targets, classifiers (B, C) and (B,): flatten both alike.
+    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)

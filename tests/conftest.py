@@ -1,0 +1,42 @@
+"""Shared test fixtures: the installed console script, fast job overrides, a shared data cache, GPU skips."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One data cache for the whole session: tokenized corpora are built once."""
+    return tmp_path_factory.mktemp("data-cache")
+
+
+@pytest.fixture
+def tiny_overrides(cache_dir: Path) -> list[str]:
+    """A 2-worker DDP GPT job that trains in a few seconds on two CPU cores."""
+    return [
+        "job=gpt_tiny_cpu",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=32",
+        "trainer.max_steps=20",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        "trainer.eval_every=10",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint.every=10",
+        "logger.progress=false",
+    ]

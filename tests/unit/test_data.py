@@ -1,0 +1,347 @@
+"""Data sources: what prepare_data caches, what load_data serves, and the errors a user sees."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from orchestrator.config.schema import (
+    DigitsDataConfig,
+    MemmapDataConfig,
+    NpzDataConfig,
+    SampleKind,
+    SyntheticDataConfig,
+    TextDataConfig,
+    TokenizerKind,
+)
+from orchestrator.data import check_data_paths, load_data, prepare_data
+from orchestrator.data import text
+from orchestrator.data.text import END_OF_TEXT, cache_dir_for, find_corpus_files
+from orchestrator.data.tokens import write_token_files
+from orchestrator.errors import UserError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+# ------------------------------------------------------------------------------------------------ text
+
+
+def write_corpus(root: Path) -> dict[str, str]:
+    """A small corpus of made-up Python and prose; returns the files it should find, by relative path."""
+    files = {
+        "a.py": "".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n\n" for i in range(300)),
+        "notes/b.txt": "".join(f"line {i}: the quick brown fox jumps over {i % 13} lazy dogs\n" for i in range(300)),
+        "notes/deep/c.md": "# Title\n\nSome *markdown* with unicode: caf\u00e9, \u00fcber, \u2603.\n" * 20,
+    }
+    skipped = {"image.bin": "not text", ".git/d.py": "x = 1\n", "venv/lib/site-packages/e.py": "y = 2\n"}
+    for name, text in {**files, **skipped}.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    return files
+
+
+@pytest.fixture
+def corpus(tmp_path: Path) -> tuple[Path, dict[str, str]]:
+    root = tmp_path / "corpus"
+    return root, write_corpus(root)
+
+
+def text_config(tmp_path: Path, root: Path, **overrides) -> TextDataConfig:
+    values = dict(paths=[str(root)], cache_dir=str(tmp_path / "cache"), vocab_size=512, seq_len=32)
+    return TextDataConfig(**{**values, **overrides})
+
+
+def decode(cfg: TextDataConfig, tokens: np.ndarray, directory: Path) -> str:
+    if cfg.tokenizer is TokenizerKind.bytes:
+        return bytes(tokens.astype(np.uint8)).decode("utf-8")
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(directory / "tokenizer.json")).decode(tokens.tolist(), skip_special_tokens=False)
+
+
+def test_corpus_discovery_walks_folders_filters_suffixes_and_skips_packages(tmp_path, corpus, monkeypatch):
+    root, files = corpus
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = text_config(tmp_path, root, paths=["~/corpus", str(root / "image.bin")])
+    found = find_corpus_files(cfg)
+    # A file named directly is taken whatever its suffix; hidden folders and site-packages are not walked.
+    assert [p.relative_to(root).as_posix() for p in found] == sorted([*files, "image.bin"])
+
+
+def test_max_bytes_keeps_whole_files_in_sorted_order(tmp_path, corpus):
+    root, files = corpus
+    first_size = (root / "a.py").stat().st_size
+    found = find_corpus_files(text_config(tmp_path, root, max_bytes=first_size + 10))
+    assert [p.name for p in found] == ["a.py"]
+
+
+def test_stdlib_is_the_default_corpus():
+    found = find_corpus_files(TextDataConfig())
+    names = {p.name for p in found}
+    assert "os.py" in names and "functools.py" in names
+    assert all(p.suffix == ".py" for p in found)
+    assert not any({"site-packages", "dist-packages"} & set(p.parts) for p in found)
+    assert found == sorted(found)
+
+
+def test_stdlib_corpus_prepares_with_max_bytes(tmp_path):
+    cfg = TextDataConfig(cache_dir=str(tmp_path), tokenizer=TokenizerKind.bytes, max_bytes=200_000, seq_len=64)
+    spec = prepare_data(cfg)
+    assert (spec.vocab_size, spec.seq_len) == (256, 64)
+    meta = json.loads((cache_dir_for(cfg, find_corpus_files(cfg)) / "meta.json").read_text())
+    assert 0 < meta["corpus"]["num_bytes"] <= 200_000
+
+
+@pytest.mark.parametrize("tokenizer", [TokenizerKind.bytes, TokenizerKind.bpe])
+def test_text_prepare_caches_and_round_trips(tmp_path, corpus, tokenizer):
+    root, files = corpus
+    cfg = text_config(tmp_path, root, tokenizer=tokenizer)
+    spec = prepare_data(cfg)
+    assert spec.kind is SampleKind.tokens and spec.seq_len == 32
+    assert spec.vocab_size == (256 if tokenizer is TokenizerKind.bytes else 512)
+    (directory,) = (tmp_path / "cache" / "text").iterdir()
+    written = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+    start = time.perf_counter()
+    assert prepare_data(cfg) == spec
+    assert time.perf_counter() - start < 0.5, "a second prepare must reuse the cache"
+    assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == written
+
+    # The token stream decodes back to the corpus: files in sorted order, each followed by the separator.
+    separator = END_OF_TEXT if tokenizer is TokenizerKind.bpe else "\n\n"
+    text = "".join(files[name] + separator for name in sorted(files))
+    train = np.fromfile(directory / "train.bin", dtype=np.uint16)
+    val = np.fromfile(directory / "val.bin", dtype=np.uint16)
+    assert decode(cfg, np.concatenate([train, val]), directory) == text
+    val_text = decode(cfg, val, directory)
+    assert text.endswith(val_text) and len(val_text) > 0
+    assert len(val) == int((len(train) + len(val)) * cfg.val_fraction)
+
+    bundle = load_data(cfg)
+    assert bundle.spec == spec
+    assert len(bundle.train) == (len(train) - 1) // 32 and len(bundle.val) == (len(val) - 1) // 32
+    inputs, targets = bundle.val.get_batch(np.array([len(bundle.val) - 1]))
+    assert decode(cfg, inputs[0].numpy(), directory) in val_text
+    assert torch.equal(inputs[0, 1:], targets[0, :-1])
+
+
+def test_changed_corpus_builds_a_new_cache(tmp_path, corpus):
+    root, _ = corpus
+    cfg = text_config(tmp_path, root, tokenizer=TokenizerKind.bytes)
+    prepare_data(cfg)
+    (root / "new.txt").write_text("more text\n" * 10)
+    prepare_data(cfg)
+    assert len(list((tmp_path / "cache" / "text").iterdir())) == 2
+
+
+def test_killed_prepare_leftovers_are_not_trusted(tmp_path, corpus):
+    root, _ = corpus
+    cfg = text_config(tmp_path, root, tokenizer=TokenizerKind.bytes)
+    directory = cache_dir_for(cfg, find_corpus_files(cfg))
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    # A prepare killed mid-build leaves its temporary dir: half a train.bin, no meta.json.
+    stray = directory.with_name(f".tmp-{directory.name}-{socket.gethostname()}-{dead.pid}")
+    stray.mkdir(parents=True)
+    (stray / "train.bin").write_bytes(b"\0" * 100)
+    # And a cache dir under the key that is damaged (here: truncated) must be rebuilt, not served.
+    directory.mkdir()
+    (directory / "train.bin").write_bytes(b"\0" * 100)
+    (directory / "val.bin").write_bytes(b"\0" * 100)
+    (directory / "meta.json").write_text(json.dumps({"vocab_size": 256, "train_tokens": 9999, "val_tokens": 50}))
+
+    prepare_data(cfg)
+    assert not stray.exists()
+    meta = json.loads((directory / "meta.json").read_text())
+    assert (directory / "train.bin").stat().st_size == 2 * meta["train_tokens"] > 100
+    assert [p.name for p in directory.parent.iterdir()] == [directory.name]
+
+
+# Prepares the corpus at argv[1] into the cache at argv[2] with tokenizer argv[3], in a separate process.
+PREPARE_SCRIPT = (
+    "import sys; from orchestrator.config.schema import TextDataConfig, TokenizerKind; "
+    "from orchestrator.data import prepare_data; "
+    "print(prepare_data(TextDataConfig(paths=[sys.argv[1]], cache_dir=sys.argv[2], "
+    "tokenizer=TokenizerKind(sys.argv[3]), vocab_size=512, seq_len=32)))"
+)
+
+
+def run_prepare(cfg: TextDataConfig, **popen_args) -> subprocess.Popen:
+    command = [sys.executable, "-c", PREPARE_SCRIPT, cfg.paths[0], cfg.cache_dir, cfg.tokenizer.value]
+    return subprocess.Popen(command, env={**os.environ, "PYTHONPATH": str(REPO)}, **popen_args)
+
+
+def test_concurrent_prepares_publish_one_valid_cache(tmp_path, corpus):
+    root, _ = corpus
+    cfg = text_config(tmp_path, root)
+    procs = [run_prepare(cfg, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = [proc.communicate(timeout=120) for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs
+    assert outputs[0][0] == outputs[1][0]
+    (directory,) = (tmp_path / "cache" / "text").iterdir()  # no temporary dirs left behind
+    assert directory == cache_dir_for(cfg, find_corpus_files(cfg))
+    assert len(load_data(cfg).train) > 0
+
+
+def test_prepare_that_loses_the_race_keeps_the_published_cache(tmp_path, corpus, monkeypatch):
+    root, _ = corpus
+    cfg = text_config(tmp_path, root, tokenizer=TokenizerKind.bytes)
+    published = {}
+    encode = text._byte_tokens
+
+    def encode_while_another_prepare_publishes(texts):
+        assert run_prepare(cfg).wait(timeout=120) == 0
+        directory = cache_dir_for(cfg, find_corpus_files(cfg))
+        published.update({p.name: p.stat().st_ino for p in directory.iterdir()})
+        return encode(texts)
+
+    monkeypatch.setattr(text, "_byte_tokens", encode_while_another_prepare_publishes)
+    spec = prepare_data(cfg)
+    (directory,) = (tmp_path / "cache" / "text").iterdir()
+    assert {p.name: p.stat().st_ino for p in directory.iterdir()} == published
+    assert load_data(cfg).spec == spec
+
+
+def test_text_errors_name_the_key(tmp_path, corpus):
+    root, _ = corpus
+    with pytest.raises(UserError, match=r"data\.paths entry .*does not exist"):
+        prepare_data(text_config(tmp_path, tmp_path / "nowhere"))
+    with pytest.raises(UserError, match=r"data\.paths entry"):
+        check_data_paths(text_config(tmp_path, tmp_path / "nowhere"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=r"no corpus files found in data\.paths"):
+        prepare_data(text_config(tmp_path, tmp_path / "empty"))
+    with pytest.raises(UserError, match=r"data\.seq_len=100000 needs at least 100001 tokens"):
+        prepare_data(text_config(tmp_path, root, tokenizer=TokenizerKind.bytes, seq_len=100_000))
+    with pytest.raises(UserError, match=r"data\.max_bytes=10 is smaller than the first corpus file"):
+        prepare_data(text_config(tmp_path, root, max_bytes=10))
+
+
+def test_check_data_paths_is_light():
+    code = (
+        "import sys, orchestrator.data.paths; "
+        "heavy = {'torch', 'numpy', 'tokenizers', 'sklearn'} & set(sys.modules); assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+# ---------------------------------------------------------------------------------------------- memmap
+
+
+def test_memmap_windows_have_targets_shifted_by_one(tmp_path):
+    write_token_files(tmp_path, train=np.arange(100) % 50, val=np.arange(40), vocab_size=50, source="test")
+    cfg = MemmapDataConfig(path=str(tmp_path), seq_len=8)
+    check_data_paths(cfg)
+    spec = prepare_data(cfg)
+    assert (spec.vocab_size, spec.seq_len, spec.tokens_per_sample) == (50, 8, 8)
+    assert json.loads((tmp_path / "meta.json").read_text())["source"] == "test"
+    bundle = load_data(cfg)
+    assert len(bundle.train) == 99 // 8 and len(bundle.val) == 39 // 8
+    inputs, targets = bundle.train.get_batch(np.array([0, 2]))
+    assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (2, 8)
+    assert inputs.tolist() == [list(range(0, 8)), list(range(16, 24))]
+    assert targets.tolist() == [list(range(1, 9)), list(range(17, 25))]
+
+
+def test_memmap_errors_name_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"data\.path: .* does not exist"):
+        check_data_paths(MemmapDataConfig(path=str(tmp_path / "nowhere")))
+    write_token_files(tmp_path, train=np.arange(100), val=np.arange(10), vocab_size=100)
+    with pytest.raises(UserError, match=r"data\.seq_len=16 needs at least 17 tokens"):
+        prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=16))
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50}))
+    with pytest.raises(UserError, match=r"data\.path: .*train\.bin holds token id 99, not below vocab_size=50"):
+        prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 70_000}))
+    with pytest.raises(UserError, match=r"vocab_size in \[1, 65536\]"):
+        prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
+    with pytest.raises(ValueError, match="uint16"):
+        write_token_files(tmp_path, train=np.arange(10), val=np.arange(10), vocab_size=70_000)
+
+
+# ---------------------------------------------------------------------------------------------- images
+
+
+def test_digits_are_normalized_and_split_independently_of_the_seed():
+    cfg = DigitsDataConfig()
+    spec = prepare_data(cfg)
+    assert (spec.kind, spec.input_shape, spec.num_classes) == (SampleKind.images, (1, 8, 8), 10)
+    first, second = load_data(cfg), load_data(cfg)
+    assert len(first.train) + len(first.val) == 1797 and len(first.val) == round(1797 * 0.2)
+    train_inputs, _ = first.train.get_batch(np.arange(len(first.train)))
+    assert abs(train_inputs.mean().item()) < 1e-4 and abs(train_inputs.std().item() - 1) < 1e-2
+    inputs, labels = first.val.get_batch(np.array([0, 1, 2]))
+    assert inputs.shape == (3, 1, 8, 8) and inputs.dtype == torch.float32 and labels.dtype == torch.int64
+    all_ids = np.arange(len(first.val))
+    assert all(torch.equal(a, b) for a, b in zip(first.val.get_batch(all_ids), second.val.get_batch(all_ids)))
+
+
+def test_npz_round_trip(tmp_path):
+    num_samples = 50
+    inputs = np.random.default_rng(0).normal(size=(num_samples, 3))
+    inputs[:, 0] = np.arange(num_samples)  # a sample id, to match rows after the split
+    labels = np.arange(num_samples) % 4
+    np.savez(tmp_path / "d.npz", features=inputs, classes=labels)
+    cfg = NpzDataConfig(path=str(tmp_path / "d.npz"), x_key="features", y_key="classes")
+    spec = prepare_data(cfg)
+    assert (spec.input_shape, spec.num_classes) == ((3,), 4)
+    bundle = load_data(cfg)
+    assert len(bundle.val) == 5
+    rows, classes = [], []
+    for split in (bundle.train, bundle.val):
+        x, y = split.get_batch(np.arange(len(split)))
+        rows.append(x), classes.append(y)
+    x, y = torch.cat(rows), torch.cat(classes)
+    ids = x[:, 0].long()
+    assert sorted(ids.tolist()) == list(range(num_samples))
+    assert torch.allclose(x, torch.from_numpy(inputs[ids.numpy()]).float()) and torch.equal(y, ids % 4)
+
+
+def test_npz_errors_name_the_key(tmp_path):
+    with pytest.raises(UserError, match=r"data\.path: .* does not exist"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "nowhere.npz")))
+    np.savez(tmp_path / "d.npz", x=np.zeros((10, 2)), labels=np.zeros(10, dtype=int))
+    with pytest.raises(UserError, match=r"data\.y_key='y': .* has no such array; it holds \['labels', 'x'\]"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "d.npz")))
+    np.savez(tmp_path / "e.npz", x=np.zeros((10, 2)), y=np.zeros(9, dtype=int))
+    with pytest.raises(UserError, match=r"data\.y_key='y': .* shaped \(N,\) with N=10"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "e.npz")))
+
+
+# ------------------------------------------------------------------------------------------- synthetic
+
+
+def test_synthetic_tokens_are_deterministic_per_sample():
+    cfg = SyntheticDataConfig(num_samples=10**12, seq_len=16, vocab_size=100)  # lazy: no memory per sample
+    spec = prepare_data(cfg)
+    assert (spec.kind, spec.vocab_size, spec.seq_len) == (SampleKind.tokens, 100, 16)
+    bundle, again = load_data(cfg), load_data(cfg)
+    inputs, targets = bundle.train.get_batch(np.array([5, 10**12 - 1]))
+    assert inputs.shape == targets.shape == (2, 16) and inputs.dtype == torch.int64
+    assert torch.equal(inputs[:, 1:], targets[:, :-1]) and 0 <= inputs.min() and inputs.max() < 100
+    # The same sample whichever batch, rank or run asks for it.
+    assert torch.equal(again.train.get_batch(np.array([10**12 - 1]))[0][0], inputs[1])
+    assert not torch.equal(bundle.val.get_batch(np.array([5]))[0][0], inputs[0])
+    assert len(bundle.val) == 256
+
+
+def test_synthetic_images():
+    cfg = SyntheticDataConfig(kind=SampleKind.images, num_samples=100, image_shape=[3, 4, 5], num_classes=7)
+    spec = prepare_data(cfg)
+    assert (spec.kind, spec.input_shape, spec.num_classes) == (SampleKind.images, (3, 4, 5), 7)
+    bundle = load_data(cfg)
+    images, labels = bundle.train.get_batch(np.arange(100))
+    assert images.shape == (100, 3, 4, 5) and images.dtype == torch.float32
+    assert labels.dtype == torch.int64 and 0 <= labels.min() and labels.max() < 7 and len(labels.unique()) > 1
+    assert torch.equal(load_data(cfg).train.get_batch(np.arange(100))[0], images)
+    assert len(bundle.val) == 100

@@ -1,0 +1,97 @@
+"""The bad-input catalogue: one line on stderr naming the key and what is allowed, exit status 2,
+within 10 seconds, before any worker starts, and no run dir or partial file left behind."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.helpers import run_cli
+
+
+def _corrupt_checkpoint(tmp_path: Path) -> Path:
+    from tests.unit.test_manifest import make_checkpoint
+
+    directory = make_checkpoint(tmp_path / "old-run" / "checkpoints", 10)
+    (directory / "model.pt").write_bytes(b"not what the manifest says")
+    return directory
+
+
+def _npz_without_labels(tmp_path: Path) -> Path:
+    path = tmp_path / "arrays.npz"
+    np.savez(path, x=np.zeros((10, 4), dtype=np.float32))
+    return path
+
+
+def _tiny_corpus(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.txt"
+    path.write_text("too short to hold one sample\n")
+    return path
+
+
+CASES = {
+    "wrong type": (["trainer.max_steps=ten"], "trainer.max_steps"),
+    "unknown key": (["trainer.max_stpes=10"], "trainer.max_stpes: unknown key; allowed keys:"),
+    "unknown added key": (["+trainer.speed=fast"], "trainer.speed: unknown key"),
+    "missing required value": (["data=memmap"], "data.path: missing required value"),
+    "unknown model": (["model=transformer9000"], "model=transformer9000: no such option; choose one of:"),
+    "unknown strategy": (["strategy=zero9"], "strategy=zero9: no such option; choose one of: ddp, none"),
+    "unknown optimizer": (["optim.name=lion"], "optim.name: Invalid value 'lion', expected one of [sgd, adam, adamw]"),
+    "unknown job": (["job=nope"], "job=nope: no such option; choose one of:"),
+    "batch not divisible by world size": (["trainer.global_batch_size=15"],
+                                          "trainer.global_batch_size=15 is not divisible by launcher.num_workers=2"),
+    "more workers than the machine": (["launcher.num_workers=64", "trainer.global_batch_size=512"],
+                                      "launcher.num_workers=64 exceeds this machine's"),
+    "cuda without a gpu": (["trainer.device=cuda"], "trainer.device=cuda but this machine has no visible CUDA GPU"),
+    "unreadable data path": (["data=text", "data.paths=[/no/such/corpus]"], "data.paths entry '/no/such/corpus'"),
+    "resume path missing": (["trainer.resume=/no/such/run"], "trainer.resume=/no/such/run: no such file"),
+    "resume path corrupt": ([lambda tmp: f"trainer.resume={_corrupt_checkpoint(tmp)}"], "damaged checkpoint"),
+    "init_from missing": (["trainer.init_from=/no/such/run"], "trainer.init_from=/no/such/run: no such file"),
+    "model does not fit the data": (["model=cnn"], "model=cnn trains on images but data=text yields tokens"),
+    "negative learning rate": (["optim.lr=-0.1"], "optim.lr must be > 0"),
+    "warmup longer than the run": (["trainer.max_steps=10"], "scheduler.warmup_steps=20 exceeds trainer.max_steps=10"),
+    "too few checkpoints kept": (["trainer.checkpoint.keep=1"], "trainer.checkpoint.keep must be >= 2"),
+    "heads do not divide width": (["model.n_head=5"], "model.n_embd=128 must be divisible by model.n_head=5"),
+    "npz without labels": (["model=mlp", "data=npz", lambda tmp: f"data.path={_npz_without_labels(tmp)}"],
+                           "data.y_key"),
+    "corpus shorter than one sample": (["data=text", lambda tmp: f"data.paths=[{_tiny_corpus(tmp)}]",
+                                        "data.tokenizer=bytes", f"data.cache_dir=CACHE"], "data"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_bad_input_is_one_line_naming_the_key(case: str, tmp_path: Path, cache_dir: Path) -> None:
+    overrides, expected = CASES[case]
+    args = [o(tmp_path) if callable(o) else o.replace("CACHE", str(cache_dir)) for o in overrides]
+    run_dir = tmp_path / "run"
+    started = time.monotonic()
+    result = run_cli("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=60)
+    elapsed = time.monotonic() - started
+
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert expected in lines[0]
+    assert elapsed < 10
+    assert not run_dir.exists() and not (tmp_path / "outputs").exists()
+
+
+def test_freeze_names_are_checked_against_the_built_model(tmp_path: Path) -> None:
+    base = tmp_path / "base"
+    run_cli("train", "job=digits_mlp_cpu", "trainer.max_steps=2", "trainer.eval_every=0",
+            f"hydra.run.dir={base}", "logger.progress=false", cwd=tmp_path, check=True)
+    started = time.monotonic()
+    result = run_cli("train", "job=digits_mlp_cpu", f"trainer.init_from={base}", "trainer.freeze=[encoder]",
+                     f"hydra.run.dir={tmp_path / 'tuned'}", cwd=tmp_path)
+    assert result.returncode == 2 and time.monotonic() - started < 10
+    assert result.stderr.strip() == ("error: trainer.freeze: 'encoder' is not a module of this model; "
+                                     "top-level modules are: hidden, head")
+    assert not (tmp_path / "tuned").exists()
+
+
+def test_unknown_command(tmp_path: Path) -> None:
+    result = run_cli("trian", cwd=tmp_path)
+    assert result.returncode == 2 and result.stderr.strip() == "error: unknown command 'trian'; commands: train"

@@ -1,0 +1,152 @@
+"""Exact resume: SIGKILL a run at any step, or during a checkpoint save, or one worker; run again."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from tests.helpers import CLI, run_cli, train_losses
+from orchestrator.train import manifest
+
+MAX_STEPS = 40
+
+
+def job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A 2-rank DDP GPT with dropout (so RNG state matters), a checkpoint every 10 steps."""
+    return [
+        "train", "job=gpt_tiny_cpu", f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "data.seq_len=64",
+        "model.dropout=0.1", f"trainer.max_steps={MAX_STEPS}", "trainer.global_batch_size=16",
+        "trainer.micro_batch_size=4", "trainer.eval_every=20", "trainer.eval_batches=2",
+        "trainer.checkpoint.every=10", "scheduler.warmup_steps=5", "logger.progress=false",
+        f"hydra.run.dir={run_dir}", *extra,
+    ]
+
+
+def start(args: list[str], cwd: Path) -> subprocess.Popen:
+    log = open(cwd / f"log-{time.monotonic_ns()}.txt", "w")
+    return subprocess.Popen([str(CLI), *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_for(process: subprocess.Popen, predicate, *, what: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if process.poll() is not None:
+            raise AssertionError(f"the run exited ({process.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+def last_step(run_dir: Path) -> int:
+    losses = train_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
+    return max(losses, default=0)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[int, float]:
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(*job(cache_dir, root / "run"), cwd=root, check=True)
+    return train_losses(root / "run")
+
+
+def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(tmp_path: Path, cache_dir: Path,
+                                                                    uninterrupted: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    process = start(job(cache_dir, run_dir), tmp_path)
+    wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
+    kill_group(process)
+    killed_at = last_step(run_dir)
+    assert 15 <= killed_at < MAX_STEPS
+
+    result = run_cli(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS
+    assert summary["resumed_from_step"] == killed_at // 10 * 10 and "resumed from" in result.stdout
+    # Every step's loss, before and after the kill, equals the uninterrupted run's bit for bit,
+    # and metrics.jsonl holds each step once.
+    assert train_losses(run_dir) == uninterrupted
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(line)]
+    assert steps == sorted(set(steps))
+
+
+def test_sigkill_during_a_checkpoint_save_never_leaves_a_loadable_partial(tmp_path: Path, cache_dir: Path) -> None:
+    # A model big enough (~25M parameters, ~300 MB of checkpoint) that saving takes a while.
+    big = ["model.n_layer=4", "model.n_embd=512", "model.n_head=8", "trainer.max_steps=12",
+           "trainer.checkpoint.every=5", "trainer.eval_every=0"]
+    run_dir = tmp_path / "run"
+    process = start(job(cache_dir, run_dir, *big), tmp_path)
+    partial = run_dir / "checkpoints" / (manifest.step_dir_name(10) + ".tmp")
+    wait_for(process, partial.exists, what="the step-10 save to start")
+    kill_group(process)
+
+    # Whatever the kill interrupted, every finished-looking checkpoint verifies, and resume picks one.
+    for directory in manifest.checkpoint_dirs(run_dir / "checkpoints"):
+        manifest.verify(directory)
+    result = run_cli(*job(cache_dir, run_dir, *big), cwd=tmp_path, check=True)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 12
+    assert summary["resumed_from_step"] in (5, 10)
+    assert not any(p.name.endswith(".tmp") for p in (run_dir / "checkpoints").iterdir())
+    if summary["resumed_from_step"] == 5:
+        assert "removing an unfinished checkpoint save" in result.stderr
+
+
+def test_damaged_newest_checkpoint_is_skipped_on_auto_resume_and_refused_when_named(
+        tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_cli(*job(cache_dir, run_dir, "trainer.max_steps=20"), cwd=tmp_path, check=True)
+    newest = run_dir / "checkpoints" / "step-00000020"
+    with open(newest / "model.pt", "r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+
+    started = time.monotonic()
+    named = run_cli(*job(cache_dir, tmp_path / "other", f"trainer.resume={newest}"), cwd=tmp_path)
+    assert named.returncode == 2 and time.monotonic() - started < 10
+    assert named.stderr.strip().startswith("error: trainer.resume=") and "sha256" in named.stderr
+    assert len(named.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()
+
+    resumed = run_cli(*job(cache_dir, run_dir, "trainer.max_steps=30"), cwd=tmp_path, check=True)
+    assert "skipping a damaged checkpoint" in resumed.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from_step"] == 10 and summary["steps"] == 30
+
+
+def test_a_killed_worker_is_restarted_and_the_run_matches_an_uninterrupted_one(
+        tmp_path: Path, cache_dir: Path, uninterrupted: dict[int, float]) -> None:
+    run_dir = tmp_path / "run"
+    process = start(job(cache_dir, run_dir, "trainer.max_restarts=1"), tmp_path)
+    wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if any("spawn_main" in part for part in p.cmdline())]
+    assert len(workers) == 2
+    workers[-1].kill()
+    assert process.wait(timeout=180) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["restarts"] == 1 and summary["steps"] == MAX_STEPS
+    assert train_losses(run_dir) == uninterrupted
+
+
+def test_too_many_failures_fail_the_run_with_the_reason(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    process = start(job(cache_dir, run_dir), tmp_path)  # max_restarts=0
+    wait_for(process, lambda: last_step(run_dir) >= 5, what="step 5")
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if any("spawn_main" in part for part in p.cmdline())]
+    workers[0].kill()
+    assert process.wait(timeout=120) == 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "SIGKILL" in summary["error"]

@@ -26,7 +26,7 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-    logging.getLogger("torch.distributed.elastic").setLevel(logging.ERROR)
+    _condense_elastic_logs()
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,
@@ -45,12 +45,29 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
     return results[0]
 
 
+class _OneLineFormatter(logging.Formatter):
+    """torch elastic logs a worker's death with the agent's own traceback: keep the one line that matters."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        first_line = record.getMessage().strip().splitlines()[0]
+        return f"warning: {first_line}"
+
+
+def _condense_elastic_logs() -> None:
+    handler = logging.StreamHandler()
+    handler.setFormatter(_OneLineFormatter())
+    elastic = logging.getLogger("torch.distributed.elastic")
+    elastic.handlers[:] = [handler]
+    elastic.setLevel(logging.WARNING)
+    elastic.propagate = False
+
+
 def _first_failure(exc: Any, max_restarts: int) -> str:
     rank, failure = exc.get_first_failure()
-    message = failure.message
-    if isinstance(message, dict):  # an error file written by the worker: {"message": ..., "extraInfo": ...}
-        message = message.get("message", message)
-    if not message or "Signal" in str(message) or failure.signal_name() not in ("", "<N/A>"):
-        message = f"exit code {failure.exitcode}" + (f" ({failure.signal_name()})" if failure.exitcode < 0 else "")
-    return (f"worker rank {rank} failed after {max_restarts} restart(s): "
-            f"{str(message).strip().splitlines()[-1] if str(message).strip() else message}")
+    if failure.exitcode < 0:
+        reason = f"killed by {failure.signal_name()}"
+    elif isinstance(failure.message, dict):  # the worker raised: its error file holds "Type: message"
+        reason = str(failure.message.get("message", "")).strip().splitlines()[0]
+    else:
+        reason = f"exit code {failure.exitcode}"
+    return f"worker rank {rank} failed ({reason}) after {max_restarts} restart(s) (trainer.max_restarts)"

@@ -8,6 +8,7 @@ each restart resumes from the run's newest valid checkpoint.
 from __future__ import annotations
 
 import logging
+import os
 import uuid
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,10 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     _condense_elastic_logs()
+    # torch elastic shares one TCPStore across restart rounds by default, and the gloo addresses the
+    # killed round published stay in it: a restarted rank can read a dead peer's address before the new
+    # one overwrites it and fail to connect. A fresh store per round (rank 0 hosts it) has no stale keys.
+    os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
     launch_config = LaunchConfig(
         min_nodes=1,
         max_nodes=1,

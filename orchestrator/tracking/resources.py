@@ -35,9 +35,20 @@ class ResourceSampler:
 
 
 def peak_rss_bytes() -> int:
-    """This process's peak resident memory (Linux reports KiB, macOS bytes)."""
+    """This process's peak resident memory.
+
+    On Linux, VmHWM of /proc/self/status: ``ru_maxrss`` would count the parent's memory at fork
+    time, which for a spawned worker is the driver's, tokenizer and all.
+    """
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak if sys.platform == "darwin" else peak * 1024
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
 
 
 def peak_memory_bytes(device: torch.device) -> int:

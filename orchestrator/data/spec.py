@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.config.schema import SampleKind
+from orchestrator.errors import UserError
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -45,3 +46,16 @@ class DataSpec:
     def tokens_per_sample(self) -> int:
         """Targets per sample, the unit of throughput: ``seq_len`` for tokens, 1 for images."""
         return self.seq_len if self.kind is SampleKind.tokens else 1
+
+    def model_vocab_size(self, requested: int | None, *, key: str) -> int:
+        """The vocabulary a token model is built with: ``requested`` if set (never smaller than the data's).
+
+        Args:
+            requested: the model config's own vocabulary size, or None for the data's.
+            key: the config key ``requested`` came from, for the error.
+        """
+        assert self.vocab_size is not None, "only token data has a vocabulary"
+        vocab_size = requested or self.vocab_size
+        if vocab_size < self.vocab_size:
+            raise UserError(f"{key}={vocab_size} is smaller than the data's vocabulary ({self.vocab_size})")
+        return vocab_size

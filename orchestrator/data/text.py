@@ -28,7 +28,8 @@ from orchestrator.config.schema import SampleKind, TextDataConfig, TokenizerKind
 from orchestrator.data.base import DataBundle
 from orchestrator.data.paths import check_readable, expand_path
 from orchestrator.data.spec import DataSpec
-from orchestrator.data.tokens import TokenDataset, count_tokens, fsync_dir, require_windows, write_token_files
+from orchestrator.data.tokens import TokenDataset, count_tokens, require_windows, write_token_files
+from orchestrator.fsutil import fsync_path
 from orchestrator.errors import UserError
 
 # Bump when the bytes written for the same inputs change, so old caches are not trusted.
@@ -240,7 +241,7 @@ def _publish(tmp: Path, directory: Path) -> None:
     for _ in range(3):
         try:
             os.rename(tmp, directory)
-            fsync_dir(directory.parent)
+            fsync_path(directory.parent)
             return
         except OSError:
             # The name is taken: a concurrent prepare's complete cache (keep it), or a damaged one

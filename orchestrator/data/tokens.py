@@ -8,7 +8,6 @@ reads files a user made (with ``write_token_files`` or nanoGPT's prepare scripts
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -16,34 +15,10 @@ import numpy as np
 import torch
 
 from orchestrator.errors import UserError
+from orchestrator.fsutil import write_atomic
 
 TOKEN_DTYPE = np.uint16
 MAX_VOCAB_SIZE = int(np.iinfo(TOKEN_DTYPE).max) + 1
-
-
-def fsync_dir(directory: Path) -> None:
-    """Make the names in ``directory`` (new files, renames) survive a crash, not only their contents."""
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: Path, data: bytes | memoryview) -> None:
-    """Write ``data`` to ``path`` through a temporary name in the same dir, fsync, and rename.
-
-    A reader sees either the old file or the whole new one, never a prefix.
-    """
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_token_files(directory: str | Path, *, train: np.ndarray, val: np.ndarray, vocab_size: int,
@@ -71,11 +46,10 @@ def write_token_files(directory: str | Path, *, train: np.ndarray, val: np.ndarr
             raise ValueError(f"{split} tokens must be a 1-D array, got shape {tokens.shape}")
         if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
             raise ValueError(f"{split} tokens must be in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]")
-        atomic_write(directory / f"{split}.bin", memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)))
+        write_atomic(directory / f"{split}.bin", memoryview(np.ascontiguousarray(tokens, dtype=TOKEN_DTYPE)))
         counts[f"{split}_tokens"] = int(tokens.size)
     content = {"vocab_size": vocab_size, "dtype": "uint16", **counts, **meta}
-    atomic_write(directory / "meta.json", json.dumps(content, indent=2).encode())
-    fsync_dir(directory)
+    write_atomic(directory / "meta.json", json.dumps(content, indent=2).encode())
 
 
 def count_tokens(path: Path) -> int:

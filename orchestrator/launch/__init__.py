@@ -15,7 +15,7 @@ from orchestrator.config.schema import Config
 from orchestrator.data import prepare_data
 from orchestrator.errors import TrainingError
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
-from orchestrator.train.manifest import write_atomic
+from orchestrator.fsutil import write_atomic
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"

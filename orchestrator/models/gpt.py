@@ -128,9 +128,7 @@ def build_gpt(cfg: GPTConfig, data: DataSpec) -> GPT:
         cfg: the model settings.
         data: the token data it trains on.
     """
-    vocab_size = cfg.vocab_size or data.vocab_size
-    if vocab_size < data.vocab_size:
-        raise UserError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data.vocab_size})")
+    vocab_size = data.model_vocab_size(cfg.vocab_size, key="model.vocab_size")
     block_size = cfg.block_size or data.seq_len
     if data.seq_len > block_size:
         raise UserError(f"model.block_size={block_size} is shorter than data.seq_len={data.seq_len}")

@@ -68,10 +68,7 @@ def build_hf(cfg: HFConfig, data: DataSpec) -> HFCausalLM:
 
     if type(config) not in transformers.MODEL_FOR_CAUSAL_LM_MAPPING:
         raise UserError(f"model.config.model_type={model_type!r} has no causal language model in transformers")
-    if config.vocab_size < data.vocab_size:
-        raise UserError(
-            f"model.config.vocab_size={config.vocab_size} is smaller than the data's vocabulary ({data.vocab_size})"
-        )
+    data.model_vocab_size(config.vocab_size, key="model.config.vocab_size")
     max_positions = getattr(config, "max_position_embeddings", None)
     if max_positions is not None and max_positions < data.seq_len:
         raise UserError(

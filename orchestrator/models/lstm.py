@@ -14,7 +14,6 @@ from torch import nn
 
 from orchestrator.config.schema import LSTMConfig
 from orchestrator.data.spec import DataSpec
-from orchestrator.errors import UserError
 
 
 class LSTMLanguageModel(nn.Module):
@@ -51,9 +50,7 @@ def build_lstm(cfg: LSTMConfig, data: DataSpec) -> LSTMLanguageModel:
         cfg: the model settings.
         data: the token data it trains on.
     """
-    vocab_size = cfg.vocab_size or data.vocab_size
-    if vocab_size < data.vocab_size:
-        raise UserError(f"model.vocab_size={vocab_size} is smaller than the data's vocabulary ({data.vocab_size})")
+    vocab_size = data.model_vocab_size(cfg.vocab_size, key="model.vocab_size")
     return LSTMLanguageModel(cfg, vocab_size=vocab_size)
 
 

@@ -18,6 +18,7 @@ import torch
 
 from orchestrator.distributed import DistContext
 from orchestrator.strategies import Strategy
+from orchestrator.fsutil import fsync_path, write_atomic
 from orchestrator.train import manifest
 
 log = logging.getLogger(__name__)
@@ -86,15 +87,15 @@ class Checkpointer:
         if self.dist.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
         for path in manifest.data_files(tmp):
-            manifest.fsync_path(path)
+            fsync_path(path)
         self.dist.barrier()
 
         if self.dist.is_main:
             manifest.write_manifest(tmp, step=step, world_size=self.dist.world_size, strategy=self.strategy_name)
-            manifest.fsync_path(tmp)
+            fsync_path(tmp)
             tmp.rename(final)
-            manifest.fsync_path(self.root)
-            manifest.write_atomic(self.root / manifest.LATEST, final.name + "\n")
+            fsync_path(self.root)
+            write_atomic(self.root / manifest.LATEST, final.name + "\n")
             for old in manifest.checkpoint_dirs(self.root)[self.keep:]:
                 shutil.rmtree(old)
         self.dist.barrier()

@@ -58,7 +58,7 @@ CASES = {
     "npz without labels": (["model=mlp", "data=npz", lambda tmp: f"data.path={_npz_without_labels(tmp)}"],
                            "data.y_key"),
     "corpus shorter than one sample": (["data=text", lambda tmp: f"data.paths=[{_tiny_corpus(tmp)}]",
-                                        "data.tokenizer=bytes", f"data.cache_dir=CACHE"], "data"),
+                                        "data.tokenizer=bytes", "data.cache_dir=CACHE"], "data"),
 }
 
 

@@ -43,10 +43,10 @@ def write_corpus(root: Path) -> dict[str, str]:
         "notes/deep/c.md": "# Title\n\nSome *markdown* with unicode: caf\u00e9, \u00fcber, \u2603.\n" * 20,
     }
     skipped = {"image.bin": "not text", ".git/d.py": "x = 1\n", "venv/lib/site-packages/e.py": "y = 2\n"}
-    for name, text in {**files, **skipped}.items():
+    for name, content in {**files, **skipped}.items():
         path = root / name
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        path.write_text(content, encoding="utf-8")
     return files
 
 

@@ -114,16 +114,20 @@ def _train_task(cfg: Any) -> float | None:
 
     from orchestrator.config.compose import to_config
     from orchestrator.launch import run_job
-    from orchestrator.train.worker import configure_logging
+    from orchestrator.logs import configure_logging
 
     configure_logging()
     hydra_cfg = HydraConfig.get()
-    summary = run_job(
-        to_config(cfg),
-        run_dir=Path(hydra_cfg.runtime.output_dir),
-        resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-        job_name=hydra_cfg.runtime.choices.get("job"),
-    )
+    try:
+        summary = run_job(
+            to_config(cfg),
+            run_dir=Path(hydra_cfg.runtime.output_dir),
+            resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
+            job_name=hydra_cfg.runtime.choices.get("job"),
+        )
+    except UserError as exc:  # found only once Hydra named the run dir: still before any worker
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
     if summary["status"] != "completed":
         _failed_runs.append(summary["run_dir"])
     return summary.get("final_eval_loss")

@@ -84,11 +84,6 @@ class DistContext:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
-    def all_reduce_max(self, tensor: torch.Tensor) -> torch.Tensor:
-        if self.is_distributed:
-            dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-        return tensor
-
     def broadcast_object(self, obj: Any, *, src: int = 0) -> Any:
         """Rank ``src``'s ``obj`` on every rank."""
         if not self.is_distributed:
@@ -96,6 +91,14 @@ class DistContext:
         box = [obj]
         dist.broadcast_object_list(box, src=src)
         return box[0]
+
+    def all_gather_objects(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, as a list by rank, on every rank."""
+        if not self.is_distributed:
+            return [obj]
+        out: list[Any] = [None] * self.world_size
+        dist.all_gather_object(out, obj)
+        return out
 
     def gather_objects(self, obj: Any) -> list[Any] | None:
         """Every rank's ``obj`` as a list on rank 0, ``None`` elsewhere."""

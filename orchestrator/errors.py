@@ -13,3 +13,7 @@ class TrainingError(Exception):
 
     Raised on every rank at the same step, so all ranks stop together.
     """
+
+
+class LaunchError(Exception):
+    """The workers could not finish: they crashed more often than ``trainer.max_restarts`` allows."""

@@ -11,16 +11,17 @@ import os
 from orchestrator.config.schema import Config, Device
 from orchestrator.data.paths import check_data_paths
 from orchestrator.errors import UserError
-from orchestrator.train.manifest import resolve_checkpoint
+from orchestrator.train.manifest import candidates
 
 
 def check_environment(config: Config) -> None:
     """Raises UserError for input this machine cannot serve: paths, checkpoints, workers, extras."""
     check_data_paths(config.data)
+    # Existence only: verifying (hashing) a checkpoint and matching it to the model is the preflight's job.
     if config.trainer.resume not in ("auto", "never"):
-        resolve_checkpoint(config.trainer.resume, key="trainer.resume")
+        candidates(config.trainer.resume, key="trainer.resume")
     if config.trainer.init_from:
-        resolve_checkpoint(config.trainer.init_from, key="trainer.init_from")
+        candidates(config.trainer.init_from, key="trainer.init_from")
     if config.model.name == "hf" and importlib.util.find_spec("transformers") is None:
         raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'")
     if config.launcher.name == "local":

@@ -11,7 +11,13 @@ from orchestrator.config.schema import MemmapDataConfig, SampleKind
 from orchestrator.data.base import DataBundle
 from orchestrator.data.paths import check_data_paths, expand_path
 from orchestrator.data.spec import DataSpec
-from orchestrator.data.tokens import MAX_VOCAB_SIZE, TOKEN_DTYPE, TokenDataset, count_tokens, require_windows
+from orchestrator.data.tokens import (
+    MAX_VOCAB_SIZE,
+    TOKEN_DTYPE,
+    TokenDataset,
+    count_tokens,
+    require_windows,
+)
 from orchestrator.errors import UserError
 
 # Checking every id against vocab_size would read the whole file (tens of GB for real corpora);

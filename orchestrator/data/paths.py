@@ -10,7 +10,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.config.schema import DataConfig, MemmapDataConfig, NpzDataConfig, TextDataConfig
+from orchestrator.config.schema import (
+    DataConfig,
+    MemmapDataConfig,
+    NpzDataConfig,
+    TextDataConfig,
+)
 from orchestrator.errors import UserError
 
 TOKEN_FILES = ("train.bin", "val.bin", "meta.json")

@@ -28,9 +28,14 @@ from orchestrator.config.schema import SampleKind, TextDataConfig, TokenizerKind
 from orchestrator.data.base import DataBundle
 from orchestrator.data.paths import check_readable, expand_path
 from orchestrator.data.spec import DataSpec
-from orchestrator.data.tokens import TokenDataset, count_tokens, require_windows, write_token_files
-from orchestrator.fsutil import fsync_path
+from orchestrator.data.tokens import (
+    TokenDataset,
+    count_tokens,
+    require_windows,
+    write_token_files,
+)
 from orchestrator.errors import UserError
+from orchestrator.fsutil import fsync_path
 
 # Bump when the bytes written for the same inputs change, so old caches are not trusted.
 FORMAT_VERSION = 1

@@ -1,4 +1,4 @@
-"""Running a job: the run dir, data preparation, the launcher, and the summary.
+"""Running a job: the run dir, the launcher, and the summary.
 
 This is the driver side, in the process the user started; workers run ``train.worker.run_worker``.
 """
@@ -9,37 +9,57 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.config.schema import Config
-from orchestrator.data import prepare_data
-from orchestrator.errors import TrainingError
-from orchestrator.tracking.console import format_bytes, format_duration, format_summary
+from orchestrator.errors import LaunchError
 from orchestrator.fsutil import write_atomic
+from orchestrator.tracking.console import format_bytes, format_duration, format_summary
+from orchestrator.tracking.jsonl import read_jsonl
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+
+
+def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
+    from orchestrator.launch.local import launch_local
+
+    return launch_local(config, run_dir)
+
+
+# Each launcher runs the job's workers to completion and returns rank 0's summary.
+LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
+    "local": _launch_local,
+}
 
 
 def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None) -> dict[str, Any]:
     """Trains ``config`` with its launcher, writes ``summary.json`` and prints the summary.
 
     Args:
-        config: the validated job.
-        run_dir: the run directory (exists or is created; an existing one is resumed per trainer.resume).
+        config: the validated job (the CLI has run the preflight checks).
+        run_dir: the run directory; an existing one is continued per ``trainer.resume``.
         resolved_yaml: the resolved config, saved as ``config.yaml``.
         job_name: the ``job=`` choice, if any.
-    """
-    from orchestrator.launch.local import launch_local
 
+    Raises:
+        UserError: the run dir holds checkpoints this job must not overwrite or cannot continue.
+    """
+    from orchestrator.launch.preflight import check_run_dir
+
+    check_run_dir(config, run_dir)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / CONFIG_FILE, resolved_yaml)
-    prepare_data(config.data)  # a cache hit: the CLI prepared it before creating the run dir
     try:
-        summary = launch_local(config, run_dir)
-    except TrainingError as exc:
-        summary = {"status": "failed", "error": str(exc)}
+        summary = LAUNCHERS[config.launcher.name](config, run_dir)
+    except LaunchError as exc:
+        summary = _crash_summary(run_dir, error=str(exc), restarts=config.trainer.max_restarts)
+    if summary.get("already_complete") and (run_dir / SUMMARY_FILE).exists():
+        print(f"{run_dir} is already complete at step {summary['steps']}: nothing to train", flush=True)
+        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
+        _print_summary(summary)
+        return summary
     summary = {
         **summary,
         "job": job_name,
@@ -52,6 +72,18 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     _print_summary(summary)
     return summary
+
+
+def _crash_summary(run_dir: Path, *, error: str, restarts: int) -> dict[str, Any]:
+    """What is known of a run whose workers crashed: its last logged step, from metrics.jsonl."""
+    steps = [record for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record]
+    return {
+        "status": "failed",
+        "error": error,
+        "steps": steps[-1]["step"] if steps else 0,
+        "final_loss": steps[-1]["loss"] if steps else None,
+        "restarts": restarts,
+    }
 
 
 def _print_summary(summary: dict[str, Any]) -> None:

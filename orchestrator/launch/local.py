@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.schema import Config
-from orchestrator.errors import TrainingError
+from orchestrator.errors import LaunchError
 from orchestrator.train.worker import run_worker
 
 
@@ -22,7 +22,7 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
     """Runs the job's workers to completion; returns rank 0's summary.
 
     Raises:
-        TrainingError: the workers crashed more often than ``trainer.max_restarts`` allows.
+        LaunchError: the workers crashed more often than ``trainer.max_restarts`` allows.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
@@ -46,7 +46,7 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
     try:
         results = elastic_launch(launch_config, run_worker)(config, str(run_dir))
     except ChildFailedError as exc:
-        raise TrainingError(_first_failure(exc, config.trainer.max_restarts)) from None
+        raise LaunchError(_first_failure(exc, config.trainer.max_restarts)) from None
     return results[0]
 
 

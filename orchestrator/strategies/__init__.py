@@ -2,34 +2,39 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
-from orchestrator.config.schema import Precision, StrategyConfig
+from orchestrator.config.schema import Config
 from orchestrator.distributed import DistContext
-from orchestrator.strategies.base import MemoryReport, Strategy
-from orchestrator.strategies import ddp
-from orchestrator.strategies.ddp import DDPStrategy, SingleStrategy
+from orchestrator.strategies.base import MemoryReport, StepOutcome, Strategy
+from orchestrator.strategies.ddp import (
+    DDPStrategy,
+    SingleStrategy,
+    read_replicated_weights,
+)
 
 _STRATEGIES: dict[str, type[Strategy]] = {
     "none": SingleStrategy,
     "ddp": DDPStrategy,
 }
 
+# How to read the full model weights out of a checkpoint, by the strategy that wrote it.
+_WEIGHT_READERS = {
+    "none": read_replicated_weights,
+    "ddp": read_replicated_weights,
+}
 
-def build_strategy(cfg: StrategyConfig, *, dist: DistContext, precision: Precision, accum_steps: int) -> Strategy:
-    """The strategy named by ``cfg.name``, not yet set up."""
-    return _STRATEGIES[cfg.name](cfg, dist=dist, precision=precision, accum_steps=accum_steps)
+
+def build_strategy(config: Config, *, dist: DistContext) -> Strategy:
+    """The strategy ``config.strategy`` names, not yet set up."""
+    return _STRATEGIES[config.strategy.name](config, dist=dist)
 
 
-def load_model_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_model_weights(directory: Path, *, written_by: str) -> dict[str, torch.Tensor]:
     """The full model state dict of a verified checkpoint, whichever strategy wrote it."""
-    written_by = json.loads((directory / "manifest.json").read_text())["strategy"]
-    if written_by in ("none", "ddp"):
-        return ddp.load_model_weights(directory)
-    raise ValueError(f"{directory}: no reader for checkpoints written by strategy={written_by}")
+    return _WEIGHT_READERS[written_by](directory)
 
 
-__all__ = ["MemoryReport", "Strategy", "build_strategy", "load_model_weights"]
+__all__ = ["MemoryReport", "StepOutcome", "Strategy", "build_strategy", "read_model_weights"]

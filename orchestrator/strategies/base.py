@@ -1,23 +1,28 @@
-"""The Strategy protocol: how a model is replicated or sharded across ranks, and how it steps.
+"""The Strategy protocol: how a model is built, replicated or sharded across ranks, and how it steps.
 
 The training loop holds a ``Strategy`` and never asks which one. One optimizer step reads::
 
-    for i, batch in enumerate(micro_batches):
-        with strategy.accumulate(sync=(i == last)), strategy.autocast():
-            loss = loss_fn(strategy.model(inputs), targets)
+    for i, (inputs, targets) in enumerate(micro_batches):
+        with strategy.accumulate(sync=(i == last)):
+            with strategy.autocast():
+                loss = loss_fn(strategy.model(inputs), targets)
             strategy.backward(loss)
-    grad_norm = strategy.clip_grad_norm(max_norm)   # global norm, before clipping
-    strategy.set_lr(lr)
-    stepped = strategy.step()                       # optimizer step (False if fp16 overflow skipped it)
+    outcome = strategy.step(lr=lr, max_norm=clip, guard=guard)   # norm, clip, check, update
 
-``TorchStrategy`` implements everything for strategies that keep a plain ``torch.optim`` optimizer on
-the (possibly wrapped or sharded) parameters, which is every strategy but DeepSpeed's: a subclass only
-says how to wrap the model, how to defer gradient sync, and how to save and load its state.
+``step`` owns everything between the gradients and the update because strategies disagree on where
+the global gradient norm exists: torch strategies compute it from (sharded) gradients, DeepSpeed
+inside its engine. Each calls ``guard`` with the norm before applying the update, which is where the
+loop's non-finite policy runs.
+
+``TorchStrategy`` implements the protocol for every strategy that keeps a plain ``torch.optim``
+optimizer over the (possibly wrapped or sharded) parameters: a subclass says how to build and wrap
+the model, how to defer gradient sync, and how to save and load its state.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,12 +31,15 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
-from orchestrator.config.schema import Precision, StrategyConfig
+from orchestrator.config.schema import Config, Precision
 from orchestrator.distributed import DistContext
+from orchestrator.models.recipe import ModelRecipe
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+GradNormGuard = Callable[[float], bool]  # True: apply the update; False: skip it; may raise TrainingError
 
-_DTYPES = {Precision.fp32: torch.float32, Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+LOW_PRECISION = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
+FP16_OVERFLOW = "fp16 gradient overflow (loss scale lowered)"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +55,13 @@ class MemoryReport:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
 
 
+@dataclass(frozen=True, kw_only=True)
+class StepOutcome:
+    grad_norm: float  # global, before clipping (NaN when the step was rejected before it was computed)
+    applied: bool
+    skipped: str | None = None  # why the update was not applied
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The part of ``tensor`` this rank stores (a DTensor's local shard, else the tensor itself)."""
     to_local = getattr(tensor, "to_local", None)
@@ -54,12 +69,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Storage bytes of ``tensors``, each storage counted once (tied weights, grad bucket views)."""
+    """Storage bytes of ``tensors``, each storage counted once (tied weights, gradient bucket views)."""
     seen: set[int] = set()
     total = 0
     for tensor in tensors:
-        local = local_tensor(tensor)
-        storage = local.untyped_storage()
+        storage = local_tensor(tensor).untyped_storage()
         if storage.data_ptr() in seen:
             continue
         seen.add(storage.data_ptr())
@@ -68,33 +82,29 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
 
 
 class Strategy(ABC):
-    """Wraps a model for N ranks and owns everything between a loss and an optimizer step.
+    """Builds the model for N ranks and owns everything between a loss and an optimizer update.
 
     Args:
-        cfg: the strategy's own config node.
+        config: the job; a strategy reads its own node (``config.strategy``) and what it must agree
+            with (precision, micro-batch size, accumulation, clipping, the optimizer).
         dist: ranks and device.
-        precision: fp32 | bf16 | fp16, meaning the same under every strategy: fp32 master weights and
-            optimizer state, forward and backward in the low-precision dtype, fp16 with dynamic loss scaling.
-        accum_steps: micro-batches per optimizer step; ``backward`` scales each loss by its inverse.
+
+    ``precision`` means the same under every strategy: fp32 master weights and optimizer state,
+    forward and backward in the low-precision dtype, fp16 with dynamic loss scaling.
     """
 
-    model: nn.Module
-    optimizer: torch.optim.Optimizer
+    model: nn.Module  # what the loop calls forward on
 
-    def __init__(self, cfg: StrategyConfig, *, dist: DistContext, precision: Precision, accum_steps: int) -> None:
-        self.cfg = cfg
+    def __init__(self, config: Config, *, dist: DistContext) -> None:
+        self.config = config
+        self.cfg = config.strategy
         self.dist = dist
-        self.precision = precision
-        self.accum_steps = accum_steps
+        self.precision = config.trainer.precision
+        self.accum_steps = config.grad_accum_steps
 
     @abstractmethod
-    def setup(self, model: nn.Module, *, build_optimizer: OptimizerFactory) -> None:
-        """Moves, wraps or shards ``model`` (built on CPU, on every rank identically) and builds the optimizer."""
-
-    @property
-    def handles_grad_overflow(self) -> bool:
-        """True when a non-finite gradient is expected now and then and the strategy skips that step itself."""
-        return False
+    def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
+        """Builds the model from ``recipe`` (identically on every rank), wraps or shards it, builds the optimizer."""
 
     def accumulate(self, *, sync: bool) -> ContextManager:
         """Context for one micro-batch's forward and backward; gradients are synchronized only when ``sync``."""
@@ -108,76 +118,80 @@ class Strategy(ABC):
         """Backward of one micro-batch's mean loss, scaled for accumulation (and fp16 loss scaling)."""
 
     @abstractmethod
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
-        """The global gradient norm before clipping; clips to ``max_norm`` when it is > 0."""
+    def step(self, *, lr: float, max_norm: float, guard: GradNormGuard) -> StepOutcome:
+        """Computes the global gradient norm, asks ``guard``, clips to ``max_norm`` (> 0), updates at ``lr``.
+
+        Gradients are gone afterwards, whether the update was applied or not.
+        """
 
     @abstractmethod
-    def set_lr(self, lr: float) -> None: ...
+    def discard_gradients(self) -> None:
+        """Drops this step's gradients without an update (a step rejected before ``step``)."""
 
     @abstractmethod
-    def step(self) -> bool:
-        """Applies the optimizer step and zeroes gradients. Returns False if the step was skipped."""
-
-    @abstractmethod
-    def zero_grad(self) -> None:
-        """Drops this step's gradients without stepping (a skipped non-finite step)."""
-
-    @abstractmethod
-    def save(self, directory: Path) -> None:
-        """Writes this rank's share of model and optimizer state into ``directory`` (which exists)."""
+    def save(self, directory: Path) -> list[Path]:
+        """Writes this rank's share of model and optimizer state into ``directory``; returns the files written."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:
         """Restores what ``save`` wrote, on every rank."""
 
     @abstractmethod
-    def memory(self) -> MemoryReport: ...
+    def memory(self) -> MemoryReport:
+        """Model-state bytes on this rank at their peak (parameters, gradients and optimizer state all live)."""
 
 
 class TorchStrategy(Strategy):
     """A strategy whose optimizer is a plain ``torch.optim`` optimizer over the wrapped model's parameters."""
 
-    def __init__(self, cfg: StrategyConfig, *, dist: DistContext, precision: Precision, accum_steps: int) -> None:
-        super().__init__(cfg, dist=dist, precision=precision, accum_steps=accum_steps)
-        # Dynamic loss scaling keeps small fp16 gradients from flushing to zero; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=precision is Precision.fp16)
+    optimizer: torch.optim.Optimizer
 
-    @property
-    def handles_grad_overflow(self) -> bool:
-        return self.scaler.is_enabled()
+    def __init__(self, config: Config, *, dist: DistContext) -> None:
+        super().__init__(config, dist=dist)
+        # Dynamic loss scaling keeps small fp16 gradients from flushing to zero; bf16 has fp32's range.
+        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.precision is Precision.fp16)
+        self._peak_memory: MemoryReport | None = None
 
     def autocast(self) -> ContextManager:
         if self.precision is Precision.fp32:
             return contextlib.nullcontext()
-        return torch.autocast(self.dist.device.type, dtype=_DTYPES[self.precision])
+        return torch.autocast(self.dist.device.type, dtype=LOW_PRECISION[self.precision])
 
     def backward(self, loss: torch.Tensor) -> None:
         self.scaler.scale(loss / self.accum_steps).backward()
 
-    def clip_grad_norm(self, max_norm: float) -> torch.Tensor:
+    def step(self, *, lr: float, max_norm: float, guard: GradNormGuard) -> StepOutcome:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        limit = max_norm if max_norm > 0 else float("inf")
-        return torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
-
-    def set_lr(self, lr: float) -> None:
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
+        grad_norm = float(grad_norm)
+        if self.optimizer.state and self._peak_memory is None:
+            # Gradients and (after a first update) optimizer state are both live now: the model-state peak.
+            self._peak_memory = self._current_memory()
+        if not math.isfinite(grad_norm) and self.scaler.is_enabled():
+            self.scaler.step(self.optimizer)  # sees the inf gradients, skips the update, and lowers the scale
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+            return StepOutcome(grad_norm=grad_norm, applied=False, skipped=FP16_OVERFLOW)
+        if not guard(grad_norm):
+            if self.scaler.is_enabled():
+                self.scaler.update()  # closes this step's unscale_
+            self.discard_gradients()
+            return StepOutcome(grad_norm=grad_norm, applied=False, skipped=f"non-finite gradient norm ({grad_norm})")
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-
-    def step(self) -> bool:
-        scale_before = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
-        # GradScaler lowers its scale exactly when it skipped the step for inf/nan gradients.
-        return scale_before is None or self.scaler.get_scale() >= scale_before
+        return StepOutcome(grad_norm=grad_norm, applied=True)
 
-    def zero_grad(self) -> None:
-        if self.scaler.is_enabled():
-            self.scaler.update()  # closes the unscale_ that clip_grad_norm opened for this step
+    def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def memory(self) -> MemoryReport:
+        return self._peak_memory or self._current_memory()
+
+    def _current_memory(self) -> MemoryReport:
         params = list(self.model.parameters())
         optimizer_tensors = [
             value for state in self.optimizer.state.values() for value in state.values() if torch.is_tensor(value)

@@ -1,7 +1,7 @@
 """Replicated strategies: one process (``none``) and DistributedDataParallel (``ddp``).
 
-Every rank holds the whole model and optimizer, so rank 0 alone writes them, as plain state dicts of the
-unwrapped module: a checkpoint that any strategy and ``trainer.init_from`` can read.
+Every rank holds the whole model and optimizer, so rank 0 alone writes them, as plain state dicts of
+the unwrapped module: a checkpoint that any strategy and ``trainer.init_from`` can read.
 """
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ from pathlib import Path
 from typing import ContextManager
 
 import torch
-from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.config.schema import DDPConfig
+from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies.base import OptimizerFactory, TorchStrategy
 
 MODEL_FILE = "model.pt"
@@ -25,18 +25,23 @@ SCALER_FILE = "scaler.pt"
 class SingleStrategy(TorchStrategy):
     """One process: the model as it is, on the worker's device."""
 
-    def setup(self, model: nn.Module, *, build_optimizer: OptimizerFactory) -> None:
-        self.module = model.to(self.dist.device)
-        self.model = self.module
+    def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
+        self.module = recipe.build_complete().to(self.dist.device)
+        self.model = self._wrap(self.module)
         self.optimizer = build_optimizer(self.module)
 
-    def save(self, directory: Path) -> None:
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        return module
+
+    def save(self, directory: Path) -> list[Path]:
         if not self.dist.is_main:
-            return
-        torch.save(self.module.state_dict(), directory / MODEL_FILE)
-        torch.save(self.optimizer.state_dict(), directory / OPTIMIZER_FILE)
+            return []
+        states = {MODEL_FILE: self.module.state_dict(), OPTIMIZER_FILE: self.optimizer.state_dict()}
         if self.scaler.is_enabled():
-            torch.save(self.scaler.state_dict(), directory / SCALER_FILE)
+            states[SCALER_FILE] = self.scaler.state_dict()
+        for name, state in states.items():
+            torch.save(state, directory / name)
+        return [directory / name for name in states]
 
     def load(self, directory: Path) -> None:
         self.module.load_state_dict(_load(directory / MODEL_FILE))
@@ -50,18 +55,16 @@ class DDPStrategy(SingleStrategy):
 
     cfg: DDPConfig
 
-    def setup(self, model: nn.Module, *, build_optimizer: OptimizerFactory) -> None:
-        self.module = model.to(self.dist.device)
+    def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         on_gpu = self.dist.device.type == "cuda"
-        self.model = DistributedDataParallel(
-            self.module,
+        return DistributedDataParallel(
+            module,
             device_ids=[self.dist.device.index] if on_gpu else None,
             bucket_cap_mb=self.cfg.bucket_cap_mb,
             find_unused_parameters=self.cfg.find_unused_parameters,
             static_graph=self.cfg.static_graph,
             gradient_as_bucket_view=self.cfg.gradient_as_bucket_view,
         )
-        self.optimizer = build_optimizer(self.module)
 
     def accumulate(self, *, sync: bool) -> ContextManager:
         # Skipping the all-reduce on all but the last micro-batch is what makes accumulation cheap.
@@ -72,6 +75,6 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def load_model_weights(directory: Path) -> dict[str, torch.Tensor]:
-    """The plain model state dict of a checkpoint directory written by a replicated strategy."""
+def read_replicated_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The plain model state dict of a checkpoint written by a replicated strategy."""
     return _load(directory / MODEL_FILE)

@@ -65,7 +65,9 @@ def _nvml_handle(device: torch.device) -> Any:
         import pynvml
 
         pynvml.nvmlInit()
-        return pynvml.nvmlDeviceGetHandleByIndex(device.index or 0)
+        # By UUID: CUDA's device index counts only CUDA_VISIBLE_DEVICES, and NVML ignores that variable.
+        uuid = str(torch.cuda.get_device_properties(device).uuid)
+        return pynvml.nvmlDeviceGetHandleByUUID(uuid if uuid.startswith("GPU-") else f"GPU-{uuid}")
     except Exception:  # NVML missing or refusing: GPU utilization is optional, training is not
         return None
 

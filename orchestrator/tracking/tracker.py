@@ -22,19 +22,21 @@ class Tracker:
     run_dir: where the JSONL files live.
     enabled: True on rank 0 only.
     max_steps: the run's last step (for the progress bar).
-    start_step: 0, or the step a resumed run continues from (later records in the files are dropped).
+    resume_step: the step a resumed run continues from (later records in the files are dropped; they
+        are recomputed), or None for a fresh start (the files start empty).
     progress: show the console progress.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, max_steps: int, start_step: int, progress: bool) -> None:
+    def __init__(self, run_dir: Path, *, enabled: bool, max_steps: int, resume_step: int | None,
+                 progress: bool) -> None:
         self.enabled = enabled
         if not enabled:
             return
         for name in (METRICS_FILE, RESOURCES_FILE):
-            truncate_after_step(run_dir / name, start_step)
+            truncate_after_step(run_dir / name, -1 if resume_step is None else resume_step)
         self.metrics = JsonlWriter(run_dir / METRICS_FILE)
         self.resources = JsonlWriter(run_dir / RESOURCES_FILE)
-        self.progress = Progress(total=max_steps, initial=start_step, enabled=progress)
+        self.progress = Progress(total=max_steps, initial=resume_step or 0, enabled=progress)
 
     def log_step(self, step: int, metrics: dict[str, Any]) -> None:
         if not self.enabled:

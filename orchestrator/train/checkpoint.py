@@ -1,9 +1,10 @@
 """Atomic, exact checkpoints: the protocol of DESIGN.md decision 6 around whatever the strategy writes.
 
-Save: rank 0 makes ``step-N.tmp/``; every rank writes its share (strategy state, its RNG state) and
-fsyncs; barrier; rank 0 writes the manifest, renames the directory to ``step-N/``, replaces ``latest``
-and prunes to the newest ``keep``. A process killed at any point leaves either the previous checkpoints
-or a new complete one: ``.tmp`` directories are never loaded and are removed on the next start.
+Save: rank 0 makes ``step-N.tmp/``; every rank writes its share (strategy state, its RNG state),
+fsyncs and hashes the files it wrote; rank 0 gathers the hashes, writes the manifest, renames the
+directory to ``step-N/``, replaces ``latest`` and prunes to the newest ``keep``. A process killed at
+any point leaves the previous checkpoints and possibly a complete new one; ``.tmp`` directories are
+never loaded and are removed on the next start. Verification on resume is shared out across ranks.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ import json
 import logging
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from orchestrator.distributed import DistContext
-from orchestrator.strategies import Strategy
+from orchestrator.errors import UserError
 from orchestrator.fsutil import fsync_path, write_atomic
+from orchestrator.models.recipe import shape_mismatch
+from orchestrator.strategies import Strategy
 from orchestrator.train import manifest
 
 log = logging.getLogger(__name__)
@@ -36,83 +39,148 @@ class Checkpointer:
         strategy: writes and reads model and optimizer state.
         strategy_name: recorded in the manifest.
         keep: how many of the newest checkpoints to keep (>= 2).
+        model_shapes: the model's state-dict shapes, recorded in the manifest and checked on restore.
     """
 
-    def __init__(self, root: Path, *, dist: DistContext, strategy: Strategy, strategy_name: str, keep: int) -> None:
+    def __init__(self, root: Path, *, dist: DistContext, strategy: Strategy, strategy_name: str, keep: int,
+                 model_shapes: dict[str, list[int]]) -> None:
         self.root = root
         self.dist = dist
         self.strategy = strategy
         self.strategy_name = strategy_name
         self.keep = keep
+        self.model_shapes = model_shapes
 
-    def remove_partial(self) -> None:
-        """Deletes ``.tmp`` leftovers of saves that were killed (rank 0, before training)."""
+    # -------------------------------------------------------------------------------------- resume
+
+    def find_resume(self, resume: str, *, restarted: bool) -> Path | None:
+        """The checkpoint to resume from, the same on every rank.
+
+        Args:
+            resume: ``auto`` (this run's newest valid checkpoint, or none), ``never``, or a path (a
+                checkpoint, a ``checkpoints/`` dir or a run dir, which must hold a valid checkpoint).
+            restarted: the launcher restarted the workers: this run's own newest checkpoint comes
+                first, and ``resume`` only applies when the run has saved none yet.
+        """
+        if restarted:
+            own = first_valid(self._own_checkpoints, dist=self.dist)
+            if own is not None:
+                return own
+        if resume == "never":
+            return None
+        if resume == "auto":
+            return first_valid(self._own_checkpoints, dist=self.dist)
+        found = first_valid(lambda: manifest.candidates(resume, key="trainer.resume"), dist=self.dist)
+        if found is None:
+            raise UserError(f"trainer.resume={resume}: no valid checkpoint there")
+        return found
+
+    def _own_checkpoints(self) -> list[Path]:
+        return manifest.checkpoint_dirs(self.root)
+
+    def prepare(self, *, start_step: int) -> None:
+        """Removes leftovers before training resumes (or starts) at ``start_step``, on rank 0.
+
+        ``.tmp`` directories are unfinished saves. Checkpoints past ``start_step`` belong to a timeline
+        this run no longer follows (they were damaged, or the run resumed from an older checkpoint):
+        left in place, a later restart would resume from them.
+        """
         if self.dist.is_main and self.root.is_dir():
             for leftover in self.root.glob("*.tmp"):
                 log.warning("removing an unfinished checkpoint save: %s", leftover)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            for directory in manifest.checkpoint_dirs(self.root):
+                if manifest.step_of(directory) > start_step:
+                    log.warning("removing %s: training continues from step %d", directory, start_step)
+                    shutil.rmtree(directory)
         self.dist.barrier()
 
-    def find_resume(self, resume: str) -> Path | None:
-        """The checkpoint to resume from, decided by rank 0 and the same on every rank.
+    def restore(self, directory: Path) -> dict[str, Any]:
+        """Loads model, optimizer and this rank's RNG state from ``directory``; returns the trainer state."""
+        saved = manifest.read_manifest(directory)
+        if saved.model_shapes is not None:
+            problem = shape_mismatch(self.model_shapes, saved.model_shapes)
+            if problem is not None:
+                raise UserError(f"checkpoint {directory} was written for another model ({problem})")
+        self.strategy.load(directory)
+        rng_file = directory / RNG_DIR / f"rank-{self.dist.rank:05d}.pt"
+        if saved.world_size == self.dist.world_size and rng_file.exists():
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        elif self.dist.is_main:
+            log.warning("checkpoint was written by %d ranks, resuming on %d: random streams (dropout) restart "
+                        "from the seed, so losses will not match an uninterrupted run bit for bit",
+                        saved.world_size, self.dist.world_size)
+        return json.loads((directory / TRAINER_STATE).read_text())
 
-        Args:
-            resume: ``auto`` (the newest valid checkpoint of this run, or none), ``never``, or a path
-                (a checkpoint, a ``checkpoints/`` dir or a run dir; it must hold a valid checkpoint).
-        """
-        chosen: Path | None = None
-        if self.dist.is_main and resume != "never":
-            if resume == "auto":
-                chosen, skipped = manifest.latest_valid(self.root)
-                for reason in skipped:
-                    log.warning("skipping a damaged checkpoint: %s", reason)
-            else:
-                chosen = manifest.resolve_checkpoint(resume, key="trainer.resume")
-        chosen = self.dist.broadcast_object(str(chosen) if chosen else None)
-        return Path(chosen) if chosen else None
+    # ---------------------------------------------------------------------------------------- save
 
     def save(self, step: int, trainer_state: dict[str, Any]) -> Path:
         """Writes a complete checkpoint of ``step`` (collective: every rank calls it)."""
         final = self.root / manifest.step_dir_name(step)
         tmp = final.with_name(final.name + ".tmp")
         if self.dist.is_main:
-            for stale in (tmp, final):  # a re-save of the same step replaces the old one
-                if stale.exists():
-                    shutil.rmtree(stale)
+            if tmp.exists():
+                shutil.rmtree(tmp)
             (tmp / RNG_DIR).mkdir(parents=True)
         self.dist.barrier()
 
-        self.strategy.save(tmp)
-        torch.save(_rng_state(), tmp / RNG_DIR / f"rank-{self.dist.rank:05d}.pt")
+        written = self.strategy.save(tmp)
+        rng_file = tmp / RNG_DIR / f"rank-{self.dist.rank:05d}.pt"
+        torch.save(_rng_state(), rng_file)
+        written.append(rng_file)
         if self.dist.is_main:
             (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
-        for path in manifest.data_files(tmp):
+            written.append(tmp / TRAINER_STATE)
+        for path in written:
             fsync_path(path)
-        self.dist.barrier()
+        for directory in {path.parent for path in written}:
+            fsync_path(directory)
+        entries = {str(path.relative_to(tmp)): manifest.file_entry(path) for path in written}
+        per_rank = self.dist.gather_objects(entries)  # also: every rank has finished writing
 
         if self.dist.is_main:
-            manifest.write_manifest(tmp, step=step, world_size=self.dist.world_size, strategy=self.strategy_name)
-            fsync_path(tmp)
+            files = {name: entry for rank_entries in per_rank for name, entry in rank_entries.items()}
+            manifest.write_manifest(tmp, files=files, step=step, world_size=self.dist.world_size,
+                                    strategy=self.strategy_name, model_shapes=self.model_shapes)
+            if final.exists():  # a re-save of the same step (a resumed run that had nothing left to do)
+                shutil.rmtree(final)
             tmp.rename(final)
             fsync_path(self.root)
             write_atomic(self.root / manifest.LATEST, final.name + "\n")
-            for old in manifest.checkpoint_dirs(self.root)[self.keep:]:
+            older = [d for d in manifest.checkpoint_dirs(self.root) if manifest.step_of(d) < step]
+            for old in older[self.keep - 1:]:
                 shutil.rmtree(old)
         self.dist.barrier()
         return final
 
-    def restore(self, directory: Path) -> dict[str, Any]:
-        """Loads model, optimizer and this rank's RNG state from ``directory``; returns the trainer state."""
-        saved = json.loads((directory / manifest.MANIFEST).read_text())
-        self.strategy.load(directory)
-        rng_file = directory / RNG_DIR / f"rank-{self.dist.rank:05d}.pt"
-        if saved["world_size"] == self.dist.world_size and rng_file.exists():
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        elif self.dist.is_main:
-            log.warning("checkpoint was written by %d ranks, resuming on %d: random streams (dropout) restart "
-                        "from the seed, so losses will not match an uninterrupted run bit for bit",
-                        saved["world_size"], self.dist.world_size)
-        return json.loads((directory / TRAINER_STATE).read_text())
+
+def first_valid(list_candidates: Callable[[], list[Path]], *, dist: DistContext) -> Path | None:
+    """The first of rank 0's candidate checkpoints that verifies, the same on every rank.
+
+    Rank 0 lists the candidates and every rank gets the list or rank 0's error, so no rank is left
+    waiting in a collective; then each rank hashes its share of each candidate's files.
+    """
+    listing: tuple[list[str], str | None] = ([], None)
+    if dist.is_main:
+        try:
+            listing = ([str(p) for p in list_candidates()], None)
+        except UserError as exc:
+            listing = ([], str(exc))
+    paths, error = dist.broadcast_object(listing)
+    if error is not None:
+        raise UserError(error)
+    for directory in map(Path, paths):
+        problem = None
+        try:
+            manifest.verify(directory, hash_share=(dist.rank, dist.world_size))
+        except manifest.CheckpointError as exc:
+            problem = str(exc)
+        problems = [p for p in dist.all_gather_objects(problem) if p is not None]
+        if not problems:
+            return directory
+        if dist.is_main:
+            log.warning("skipping a damaged checkpoint: %s", problems[0])
+    return None
 
 
 def _rng_state() -> dict[str, Any]:

@@ -1,9 +1,9 @@
 """The training loop: one for every strategy and every launcher.
 
 ``Trainer.fit`` reads top to bottom: step, log, evaluate, checkpoint, until ``trainer.max_steps`` or
-early stopping. Everything that depends on how the model is replicated or sharded sits behind the
-Strategy; everything that depends on how workers were started sits in the launcher. All ranks make
-every decision (skip a step, stop early, save) from values that are identical on all of them.
+early stopping. Everything that depends on how the model is built, replicated or sharded sits behind
+the Strategy; everything that depends on how workers were started sits in the launcher. All ranks
+make every decision (skip a step, stop early, save) from values that are identical on all of them.
 """
 
 from __future__ import annotations
@@ -20,18 +20,24 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config.schema import Config, OnNonFinite
-from orchestrator.data import load_data
+from orchestrator.data import Dataset, load_data
 from orchestrator.data.sampler import StreamSampler, eval_indices
 from orchestrator.distributed import DistContext
-from orchestrator.errors import TrainingError
-from orchestrator.models import build_model, describe_model
-from orchestrator.strategies import MemoryReport, build_strategy
+from orchestrator.errors import TrainingError, UserError
+from orchestrator.models import build_model, describe_model, model_blocks
+from orchestrator.models.recipe import ModelRecipe, state_shapes
+from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
+from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
 from orchestrator.tracking.tracker import Tracker
-from orchestrator.train.checkpoint import Checkpointer
-from orchestrator.train.finetune import load_initial_weights
+from orchestrator.train import manifest
+from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.optim import build_optimizer, lr_at
 from orchestrator.train.throughput import mfu, peak_flops_per_device
+
+# fp16 loss scaling skips an overflowing step and halves the scale; this many in a row means the
+# gradients are not finite at any scale, which the non-finite policy then handles.
+MAX_OVERFLOWS_IN_A_ROW = 25
 
 
 @dataclass(kw_only=True)
@@ -45,8 +51,10 @@ class TrainState:
     last_eval_loss: float | None = None
     best_eval_loss: float | None = None
     evals_since_best: int = 0
+    stopped_early: bool = False
     nonfinite_skips: int = 0
     overflow_skips: int = 0
+    overflows_in_a_row: int = 0
 
 
 class Trainer:
@@ -56,53 +64,63 @@ class Trainer:
         config: the validated job config.
         run_dir: the run directory (shared by all ranks).
         dist: this worker's ranks and device (process group already initialized).
-        restarts: how many times the launcher restarted the workers; a restart always resumes.
+        restarts: how many times the launcher restarted the workers; a restart resumes this run.
     """
 
     def __init__(self, config: Config, *, run_dir: Path, dist: DistContext, restarts: int) -> None:
         self.config, self.run_dir, self.dist, self.restarts = config, run_dir, dist, restarts
         trainer = config.trainer
-        torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.data = load_data(config.data)
-        model = build_model(config.model, self.data.spec)
-        self.model_info = describe_model(config.model, self.data.spec, model)
-        if trainer.init_from:
-            load_initial_weights(model, trainer.init_from, freeze=trainer.freeze)
+        spec = self.data.spec
+        with torch.device("meta"):
+            reference = build_model(config.model, spec)  # sizes and shapes, nothing allocated
+        self.model_info = describe_model(config.model, spec, reference)
+        recipe = ModelRecipe(
+            build=partial(build_model, config.model, spec),
+            blocks=partial(model_blocks, config.model),
+            initial_state=self._initial_state(trainer.init_from),
+            freeze=tuple(trainer.freeze),
+        )
+        torch.manual_seed(config.seed)  # identical initial weights on every rank
+        self.strategy = build_strategy(config, dist=dist)
+        self.strategy.setup(recipe, build_optimizer=partial(build_optimizer, config.optim))
         torch.manual_seed(config.seed + 1 + dist.rank)  # but different dropout masks per rank
 
-        self.strategy = build_strategy(config.strategy, dist=dist, precision=trainer.precision,
-                                       accum_steps=config.grad_accum_steps)
-        self.strategy.setup(model, build_optimizer=partial(build_optimizer, config.optim))
         self.sampler = StreamSampler(len(self.data.train), micro_batch_size=trainer.micro_batch_size,
                                      rank=dist.rank, world_size=dist.world_size, seed=config.seed)
         self.eval_batches = eval_indices(len(self.data.val), batches=trainer.eval_batches,
                                          micro_batch_size=trainer.micro_batch_size,
                                          rank=dist.rank, world_size=dist.world_size)
         self.checkpointer = Checkpointer(run_dir / "checkpoints", dist=dist, strategy=self.strategy,
-                                         strategy_name=config.strategy.name, keep=trainer.checkpoint.keep)
+                                         strategy_name=config.strategy.name, keep=trainer.checkpoint.keep,
+                                         model_shapes=state_shapes(reference))
         self.state = TrainState()
         self.resumed_from: int | None = None
-        self.tokens_per_step = trainer.global_batch_size * self.data.spec.tokens_per_sample
+        self.tokens_per_step = trainer.global_batch_size * spec.tokens_per_sample
         self.peak_flops = peak_flops_per_device(dist.device, trainer.precision, override_tflops=trainer.peak_tflops)
         self.resources = ResourceSampler(dist.device)
         self.step_times: list[float] = []
         self.last_loss: float | None = None
-        self.memory: MemoryReport | None = None
 
     # ------------------------------------------------------------------------------------ the loop
 
     def fit(self) -> dict[str, Any]:
+        """Trains to the end; returns the run summary (``failed`` with the reason for a training error)."""
         trainer = self.config.trainer
         started = time.perf_counter()
-        self._resume()
+        try:
+            self._resume()
+        except UserError as exc:
+            return self._summary(wall_s=0.0, error=str(exc))
+        if self._finished():
+            return {"status": "completed", "already_complete": True, "steps": self.state.step}
         tracker = Tracker(self.run_dir, enabled=self.dist.is_main, max_steps=trainer.max_steps,
-                          start_step=self.state.step, progress=self.config.logger.progress)
+                          resume_step=self.resumed_from, progress=self.config.logger.progress)
         try:
             if trainer.eval_every and trainer.eval_at_start and self.state.step == 0:
                 self._evaluate(tracker)
-            stop = False
-            last_saved = self.state.step if self.resumed_from is not None else None
-            while self.state.step < trainer.max_steps and not stop:
+            last_saved = self.resumed_from
+            while not self._finished():
                 metrics = self._train_step()
                 step = self.state.step
                 if step % trainer.log_every == 0 or step == trainer.max_steps:
@@ -110,7 +128,7 @@ class Trainer:
                 if step % self.config.logger.resources_every == 0 or step == 1:
                     tracker.log_resources(step, self.dist.gather_objects(self.resources.sample()) or [])
                 if trainer.eval_every and step % trainer.eval_every == 0:
-                    stop = self._evaluate(tracker)
+                    self._evaluate(tracker)
                 if trainer.checkpoint.every and step % trainer.checkpoint.every == 0:
                     self.checkpointer.save(step, asdict(self.state))
                     last_saved = step
@@ -118,58 +136,33 @@ class Trainer:
                 self._evaluate(tracker)
             if last_saved != self.state.step:
                 self.checkpointer.save(self.state.step, asdict(self.state))
+        except TrainingError as exc:
+            return self._summary(wall_s=time.perf_counter() - started, error=str(exc))
         finally:
             tracker.close()
-        return self._summary(wall_s=time.perf_counter() - started, stopped_early=stop)
+        return self._summary(wall_s=time.perf_counter() - started)
+
+    def _finished(self) -> bool:
+        return self.state.step >= self.config.trainer.max_steps or self.state.stopped_early
 
     def _train_step(self) -> dict[str, Any]:
-        trainer, strategy, state = self.config.trainer, self.strategy, self.state
         started = time.perf_counter()
-        data_time = 0.0
-        accum = self.config.grad_accum_steps
-        loss_sum = torch.zeros((), device=self.dist.device)
-        for micro_step in range(accum):
-            fetch_started = time.perf_counter()
-            inputs, targets = self._batch(self.data.train, self.sampler.next_indices())
-            data_time += time.perf_counter() - fetch_started
-            with strategy.accumulate(sync=micro_step == accum - 1):
-                with strategy.autocast():
-                    loss = _loss(strategy.model(inputs), targets)
-                strategy.backward(loss)
-            loss_sum += loss.detach()
-
-        grad_norm = strategy.clip_grad_norm(trainer.grad_clip)
-        loss_mean = self.dist.all_reduce_sum(loss_sum / accum) / self.dist.world_size
-        loss_value, grad_norm_value = loss_mean.item(), grad_norm.item()  # the step's one host sync
-        self.last_loss = loss_value
-        lr = lr_at(self.config.scheduler, base_lr=self.config.optim.lr, step=state.step,
-                   max_steps=trainer.max_steps)
-        problem = self._nonfinite(loss_value, grad_norm_value)
-        if problem is not None and trainer.on_nonfinite is OnNonFinite.error:
-            raise TrainingError(f"{problem} at step {state.step + 1}, before the optimizer step; set "
-                                f"trainer.on_nonfinite=skip to skip such steps, or lower optim.lr")
-        if problem is not None:
-            strategy.zero_grad()
-            state.nonfinite_skips += 1
-            stepped = False
-        else:
-            if self.memory is None and state.step > 0:
-                # Between backward and step, after a first step created the optimizer state: the peak.
-                self.memory = strategy.memory()
-            strategy.set_lr(lr)
-            stepped = strategy.step()
-            state.overflow_skips += not stepped
-
+        loss, data_time = self._forward_backward()
+        lr = lr_at(self.config.scheduler, base_lr=self.config.optim.lr, step=self.state.step,
+                   max_steps=self.config.trainer.max_steps)
+        outcome = self._update(loss, lr=lr)
+        state = self.state
         state.step += 1
         state.tokens_seen += self.tokens_per_step
         state.sampler = self.sampler.state_dict()
         step_time = time.perf_counter() - started
         self.step_times.append(step_time)
+        self.last_loss = loss
         tokens_per_s = self.tokens_per_step / step_time
         metrics: dict[str, Any] = {
-            "loss": loss_value,
+            "loss": loss,
             "lr": lr,
-            "grad_norm": grad_norm_value,
+            "grad_norm": outcome.grad_norm,
             "step_time_s": step_time,
             "data_time_s": data_time,
             "tokens_per_s": tokens_per_s,
@@ -182,22 +175,61 @@ class Trainer:
                           peak_flops=self.peak_flops, num_devices=self.dist.world_size)
         if utilization is not None:
             metrics["mfu"] = utilization
-        if problem is not None:
-            metrics["skipped"] = problem
-        elif not stepped:
-            metrics["skipped"] = "fp16 gradient overflow (loss scale lowered)"
+        if outcome.skipped:
+            metrics["skipped"] = outcome.skipped
         return metrics
 
-    def _nonfinite(self, loss: float, grad_norm: float) -> str | None:
-        if not math.isfinite(loss):
-            return f"non-finite loss ({loss})"
-        if not math.isfinite(grad_norm) and not self.strategy.handles_grad_overflow:
-            return f"non-finite gradient norm ({grad_norm})"
-        return None
+    def _forward_backward(self) -> tuple[float, float]:
+        """Forward and backward over the step's micro-batches; the mean loss over all ranks, and data time."""
+        strategy, accum = self.strategy, self.config.grad_accum_steps
+        data_time = 0.0
+        loss_sum = torch.zeros((), device=self.dist.device)
+        for micro_step in range(accum):
+            fetch_started = time.perf_counter()
+            inputs, targets = self._batch(self.data.train, self.sampler.next_indices())
+            data_time += time.perf_counter() - fetch_started
+            with strategy.accumulate(sync=micro_step == accum - 1):
+                with strategy.autocast():
+                    loss = _loss(strategy.model(inputs), targets)
+                strategy.backward(loss)
+            loss_sum += loss.detach()
+        loss_mean = self.dist.all_reduce_sum(loss_sum / accum) / self.dist.world_size
+        return loss_mean.item(), data_time  # the step's host sync
+
+    def _update(self, loss: float, *, lr: float) -> StepOutcome:
+        """The optimizer update, unless the loss or the gradients are not finite."""
+        state = self.state
+        if math.isfinite(loss):
+            outcome = self.strategy.step(lr=lr, max_norm=self.config.trainer.grad_clip, guard=self._grad_norm_ok)
+        else:
+            self._reject(f"non-finite loss ({loss})")
+            self.strategy.discard_gradients()
+            outcome = StepOutcome(grad_norm=math.nan, applied=False, skipped=f"non-finite loss ({loss})")
+        if outcome.skipped == FP16_OVERFLOW:
+            state.overflow_skips += 1
+            state.overflows_in_a_row += 1
+            if state.overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
+                self._reject(f"fp16 gradients overflowed {state.overflows_in_a_row} steps in a row")
+        else:
+            state.overflows_in_a_row = 0
+            state.nonfinite_skips += outcome.skipped is not None
+        return outcome
+
+    def _grad_norm_ok(self, grad_norm: float) -> bool:
+        if math.isfinite(grad_norm):
+            return True
+        self._reject(f"non-finite gradient norm ({grad_norm})")
+        return False
+
+    def _reject(self, problem: str) -> None:
+        """Applies ``trainer.on_nonfinite`` to a step that must not be applied: raise, or let it be skipped."""
+        if self.config.trainer.on_nonfinite is OnNonFinite.error:
+            raise TrainingError(f"{problem} at step {self.state.step + 1}, before the optimizer step; set "
+                                f"trainer.on_nonfinite=skip to skip such steps, or lower optim.lr")
 
     @torch.no_grad()
-    def _evaluate(self, tracker: Tracker) -> bool:
-        """Mean loss over the fixed eval batches of all ranks; returns True when early stopping says stop."""
+    def _evaluate(self, tracker: Tracker) -> None:
+        """Mean loss over the fixed eval batches of all ranks; sets ``stopped_early`` when patience runs out."""
         model = self.strategy.model
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
@@ -218,41 +250,50 @@ class Trainer:
             state.best_eval_loss, state.evals_since_best = eval_loss, 0
         else:
             state.evals_since_best += 1
-        stop = bool(patience.patience) and state.evals_since_best >= patience.patience
-        if stop:
+        state.stopped_early = bool(patience.patience) and state.evals_since_best >= patience.patience
+        if state.stopped_early:
             tracker.message(f"early stopping at step {state.step}: eval loss has not improved for "
                             f"{patience.patience} evaluations (best {state.best_eval_loss:.4f})")
-        return stop
 
     # ---------------------------------------------------------------------------------- plumbing
 
-    def _batch(self, dataset: Any, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def _batch(self, dataset: Dataset, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
         inputs, targets = dataset.get_batch(indices)
         if self.dist.device.type == "cuda":
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
-        return (inputs.to(self.dist.device, non_blocking=True), targets.to(self.dist.device, non_blocking=True))
+        return inputs.to(self.dist.device, non_blocking=True), targets.to(self.dist.device, non_blocking=True)
+
+    def _initial_state(self, path: str | None) -> Any:
+        """A loader for ``trainer.init_from``'s weights (resolved and verified now, read when the strategy asks)."""
+        if not path:
+            return None
+        directory = first_valid(lambda: manifest.candidates(path, key="trainer.init_from"), dist=self.dist)
+        if directory is None:
+            raise UserError(f"trainer.init_from={path}: no valid checkpoint there")
+        written_by = manifest.read_manifest(directory).strategy
+        return partial(read_model_weights, directory, written_by=written_by)
 
     def _resume(self) -> None:
-        self.checkpointer.remove_partial()
-        resume = "auto" if self.restarts else self.config.trainer.resume
-        directory = self.checkpointer.find_resume(resume)
-        if directory is None:
-            return
-        saved = self.checkpointer.restore(directory)
-        self.state = TrainState(**saved)
-        self.sampler.load_state_dict(self.state.sampler)
-        self.resumed_from = self.state.step
-        if self.dist.is_main:
-            print(f"resumed from {directory} (step {self.state.step})", flush=True)
+        directory = self.checkpointer.find_resume(self.config.trainer.resume, restarted=self.restarts > 0)
+        if directory is not None:
+            self.state = TrainState(**self.checkpointer.restore(directory))
+            try:
+                self.sampler.load_state_dict(self.state.sampler)
+            except ValueError as exc:
+                raise UserError(f"checkpoint {directory} does not fit this data: {exc}") from None
+            self.resumed_from = self.state.step
+            if self.dist.is_main:
+                print(f"resumed from {directory} (step {self.state.step})", flush=True)
+        self.checkpointer.prepare(start_step=self.state.step)
 
-    def _summary(self, *, wall_s: float, stopped_early: bool) -> dict[str, Any]:
+    def _summary(self, *, wall_s: float, error: str | None = None) -> dict[str, Any]:
         # The first step of a process pays for warm-up (allocator, kernel selection): leave it out.
         steady = self.step_times[1:] or self.step_times
         step_time = statistics.median(steady) if steady else None
         tokens_per_s = self.tokens_per_step / step_time if step_time else None
-        memory = self.memory or self.strategy.memory()
-        return {
-            "status": "completed",
+        memory = self.strategy.memory()
+        summary = {
+            "status": "failed" if error else "completed",
             "steps": self.state.step,
             "final_loss": self.last_loss,
             "first_eval_loss": self.state.first_eval_loss,
@@ -268,7 +309,7 @@ class Trainer:
             "device": self.dist.device.type,
             "restarts": self.restarts,
             "resumed_from_step": self.resumed_from,
-            "stopped_early": stopped_early,
+            "stopped_early": self.state.stopped_early,
             "nonfinite_skips": self.state.nonfinite_skips,
             "overflow_skips": self.state.overflow_skips,
             "num_params": self.model_info.num_params,
@@ -279,6 +320,9 @@ class Trainer:
             "peak_mem_bytes": peak_memory_bytes(self.dist.device),
             "train_wall_s": wall_s,
         }
+        if error:
+            summary["error"] = error
+        return summary
 
 
 def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:

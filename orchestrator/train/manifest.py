@@ -1,12 +1,12 @@
 """Checkpoint directories on disk: naming, the manifest, verification, and choosing one to resume from.
 
 A checkpoint is ``checkpoints/step-XXXXXXXX/`` holding whatever the strategy wrote plus ``manifest.json``
-(every file's size and sha256, the step, the world size, the strategy). It is written under a
-``.tmp`` name and renamed only after every rank has written and fsynced its files and rank 0 has
-written the manifest, so a directory with a valid manifest is complete by construction, and anything
-else (a ``.tmp`` leftover, a missing or mismatching file) is never loaded.
+(every file's size and sha256, the step, the world size, the strategy, the model's state-dict shapes).
+It is written under a ``.tmp`` name and renamed only after every rank has written, fsynced and hashed
+its files and rank 0 has written the manifest, so a directory with a manifest that verifies is complete
+by construction, and anything else (a ``.tmp`` leftover, a missing or mismatching file) is never loaded.
 
-This module uses the standard library only: the CLI verifies a resume path before importing torch.
+This module uses the standard library only: the CLI checks a resume path before importing torch.
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 LATEST = "latest"
 FORMAT_VERSION = 1
+# Above this, the driver checks sizes only and leaves hashing to the workers, who share it out.
+DRIVER_HASH_LIMIT_BYTES = 2 << 30
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
 
 
@@ -39,6 +41,11 @@ class Manifest:
     world_size: int
     strategy: str
     files: dict[str, dict]
+    model_shapes: dict[str, list[int]] | None
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(entry["size"] for entry in self.files.values())
 
 
 def step_dir_name(step: int) -> str:
@@ -58,48 +65,60 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def data_files(directory: Path) -> list[Path]:
-    """Every regular file under ``directory`` except the manifest, sorted."""
-    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+def file_entry(path: Path) -> dict:
+    """What the manifest records of one file."""
+    return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
-def write_manifest(directory: Path, *, step: int, world_size: int, strategy: str) -> None:
-    files = {
-        str(path.relative_to(directory)): {"size": path.stat().st_size, "sha256": sha256_of(path)}
-        for path in data_files(directory)
-    }
+def write_manifest(directory: Path, *, files: dict[str, dict], step: int, world_size: int, strategy: str,
+                   model_shapes: dict[str, list[int]]) -> None:
+    """Writes ``manifest.json`` for the files (relative path -> ``file_entry``) every rank wrote."""
     manifest = {
         "format_version": FORMAT_VERSION,
         "step": step,
         "world_size": world_size,
         "strategy": strategy,
-        "files": files,
+        "files": dict(sorted(files.items())),
+        "model": {"shapes": model_shapes},
     }
-    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1) + "\n")
 
 
-def verify(directory: Path) -> Manifest:
-    """The manifest of a complete, intact checkpoint; ``CheckpointError`` saying what is wrong otherwise."""
+def read_manifest(directory: Path) -> Manifest:
+    """The manifest of ``directory``, unverified; CheckpointError if there is none or it is unreadable."""
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
         raise CheckpointError(f"{directory}: no {MANIFEST} (incomplete checkpoint)")
     try:
         raw = json.loads(manifest_path.read_text())
-        manifest = Manifest(step=int(raw["step"]), world_size=int(raw["world_size"]),
-                            strategy=str(raw["strategy"]), files=dict(raw["files"]))
         version = raw["format_version"]
-    except (ValueError, KeyError, TypeError) as exc:
+        manifest = Manifest(step=int(raw["step"]), world_size=int(raw["world_size"]), strategy=str(raw["strategy"]),
+                            files=dict(raw["files"]), model_shapes=raw.get("model", {}).get("shapes"))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
     if version != FORMAT_VERSION:
         raise CheckpointError(f"{manifest_path}: format version {version}, this orchestrator reads {FORMAT_VERSION}")
-    for name, entry in manifest.files.items():
+    return manifest
+
+
+def verify(directory: Path, *, hash_share: tuple[int, int] | None = (0, 1)) -> Manifest:
+    """The manifest of a complete, intact checkpoint; ``CheckpointError`` saying what is wrong otherwise.
+
+    Args:
+        directory: the checkpoint.
+        hash_share: ``(index, count)``: hash every ``count``-th file from ``index`` (ranks share the work);
+            None checks sizes only.
+    """
+    manifest = read_manifest(directory)
+    for position, (name, entry) in enumerate(sorted(manifest.files.items())):
         path = directory / name
         if not path.is_file():
             raise CheckpointError(f"{directory}: {name} is missing")
         if path.stat().st_size != entry["size"]:
             raise CheckpointError(f"{directory}: {name} has {path.stat().st_size} bytes, manifest says {entry['size']}")
-        if sha256_of(path) != entry["sha256"]:
-            raise CheckpointError(f"{directory}: {name} does not match its sha256 (corrupt)")
+        if hash_share is not None and position % hash_share[1] == hash_share[0]:
+            if sha256_of(path) != entry["sha256"]:
+                raise CheckpointError(f"{directory}: {name} does not match its sha256 (corrupt)")
     return manifest
 
 
@@ -124,26 +143,42 @@ def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
     return None, skipped
 
 
-def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
-    """An explicit checkpoint path (a ``step-N`` dir, a ``checkpoints/`` dir, or a run dir) to a verified dir.
+def candidates(path: str | Path, *, key: str) -> list[Path]:
+    """The checkpoints an explicit path offers, newest first: itself, or those of a run or ``checkpoints/`` dir.
 
-    Raises ``UserError`` naming ``key`` when the path is missing, holds no checkpoint, or the one it names
-    is damaged: a user who asked to resume from something must never silently start fresh.
+    Raises ``UserError`` naming ``key`` when the path is missing or holds no checkpoint at all.
     """
     directory = Path(path).expanduser()
     if not directory.exists():
         raise UserError(f"{key}={path}: no such file or directory")
     if (directory / MANIFEST).exists() or step_of(directory) is not None:
-        try:
-            verify(directory)
-        except CheckpointError as exc:
-            raise UserError(f"{key}={path}: damaged checkpoint: {exc}") from None
-        return directory
-    root = directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory
-    found, skipped = latest_valid(root)
-    if found is None:
-        reason = f" ({'; '.join(skipped)})" if skipped else ""
-        raise UserError(f"{key}={path}: no valid checkpoint there{reason}")
-    for reason in skipped:
-        log.warning("skipping a damaged checkpoint: %s", reason)
+        return [directory]
+    found = checkpoint_dirs(directory / "checkpoints" if (directory / "checkpoints").is_dir() else directory)
+    if not found:
+        raise UserError(f"{key}={path}: holds no checkpoint (expected step-XXXXXXXX/ with {MANIFEST})")
     return found
+
+
+def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
+    """An explicit checkpoint path resolved to a verified checkpoint directory, in one process.
+
+    A checkpoint named directly must verify; of a run dir's checkpoints the newest that verifies is
+    taken, with a warning for each newer one that does not. Large checkpoints get sizes checked only
+    here (hashing is left to the workers). ``UserError`` naming ``key`` otherwise: a user who asked to
+    resume from something must never silently start fresh.
+    """
+    found = candidates(path, key=key)
+    problems = []
+    for directory in found:
+        try:
+            size = read_manifest(directory).total_bytes
+            verify(directory, hash_share=(0, 1) if size <= DRIVER_HASH_LIMIT_BYTES else None)
+        except CheckpointError as exc:
+            problems.append(str(exc))
+            continue
+        for problem in problems:
+            log.warning("skipping a damaged checkpoint: %s", problem)
+        return directory
+    if len(found) == 1:
+        raise UserError(f"{key}={path}: damaged checkpoint: {problems[0]}")
+    raise UserError(f"{key}={path}: no valid checkpoint there ({'; '.join(problems)})")

@@ -11,7 +11,12 @@ import math
 import torch
 from torch import nn
 
-from orchestrator.config.schema import OptimConfig, OptimName, ScheduleName, SchedulerConfig
+from orchestrator.config.schema import (
+    OptimConfig,
+    OptimName,
+    ScheduleName,
+    SchedulerConfig,
+)
 
 
 def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer:
@@ -25,8 +30,8 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
         model: the (unwrapped or sharded) module whose parameters to optimize.
     """
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in trainable if p.dim() >= 2]
-    no_decay = [p for p in trainable if p.dim() < 2]
+    decay = [p for p in trainable if _logical_dim(p) >= 2]
+    no_decay = [p for p in trainable if _logical_dim(p) < 2]
     groups = [
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -38,6 +43,11 @@ def build_optimizer(cfg: OptimConfig, model: nn.Module) -> torch.optim.Optimizer
     optimizer_class = torch.optim.AdamW if cfg.name is OptimName.adamw else torch.optim.Adam
     # The fused CUDA kernel is the fastest Adam on GPUs; on CPU the default (foreach) is.
     return optimizer_class(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=on_gpu or None)
+
+
+def _logical_dim(param: torch.Tensor) -> int:
+    # A ZeRO-3 partitioned parameter is a flat 1-D shard; DeepSpeed keeps its real shape in ds_shape.
+    return len(getattr(param, "ds_shape", param.shape))
 
 
 def lr_at(cfg: SchedulerConfig, *, base_lr: float, step: int, max_steps: int) -> float:

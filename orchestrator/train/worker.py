@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 import os
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 from orchestrator.config.schema import Config
 from orchestrator.distributed import DistContext
 from orchestrator.errors import TrainingError, UserError
+from orchestrator.logs import configure_logging
 from orchestrator.train.loop import Trainer
 
 
@@ -45,18 +45,6 @@ def _setup_process(config: Config, dist: DistContext) -> None:
         sys.stdout = _LinePrefixer(sys.stdout, prefix)
         sys.stderr = _LinePrefixer(sys.stderr, prefix)
     configure_logging()
-
-
-def configure_logging() -> None:
-    """orchestrator's warnings as ``warning: ...`` lines; chatty libraries kept to warnings."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s"))
-    package = logging.getLogger("orchestrator")
-    package.handlers[:] = [handler]
-    package.setLevel(logging.INFO)
-    package.propagate = False
-    for noisy in ("torch.distributed", "torch.distributed.elastic", "DeepSpeed"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
 class _LinePrefixer(io.TextIOBase):

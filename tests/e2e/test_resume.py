@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.helpers import CLI, run_cli, train_losses
 from orchestrator.train import manifest
+from tests.helpers import CLI, run_cli, train_losses
 
 MAX_STEPS = 40
 
@@ -150,3 +150,50 @@ def test_too_many_failures_fail_the_run_with_the_reason(tmp_path: Path, cache_di
     assert process.wait(timeout=120) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "SIGKILL" in summary["error"]
+
+
+def test_a_finished_run_run_again_has_nothing_to_do(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_cli(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
+    before = (run_dir / "summary.json").read_text()
+    metrics_before = (run_dir / "metrics.jsonl").read_text()
+    again = run_cli(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
+    assert "already complete at step 10" in again.stdout
+    assert (run_dir / "summary.json").read_text() == before
+    assert (run_dir / "metrics.jsonl").read_text() == metrics_before
+
+
+def test_run_dir_checkpoints_are_never_overwritten_or_misused(tmp_path: Path, cache_dir: Path) -> None:
+    run_dir = tmp_path / "run"
+    run_cli(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
+
+    fresh = run_cli(*job(cache_dir, run_dir, "trainer.resume=never"), cwd=tmp_path)
+    assert fresh.returncode == 2
+    assert fresh.stderr.strip() == (f"error: trainer.resume=never but hydra.run.dir={run_dir} already holds "
+                                    f"checkpoints (newest step-00000010); continue it with trainer.resume=auto "
+                                    f"or use another hydra.run.dir")
+
+    other_model = run_cli(*job(cache_dir, run_dir, "model.n_embd=96"), cwd=tmp_path)
+    assert other_model.returncode == 2
+    assert "cannot use checkpoint step-00000010: it was written for another model" in other_model.stderr
+
+    tuned = run_cli(*job(cache_dir, tmp_path / "tuned", f"trainer.init_from={run_dir}", "model.n_layer=3"),
+                    cwd=tmp_path)
+    assert tuned.returncode == 2 and not (tmp_path / "tuned").exists()
+    assert tuned.stderr.strip().startswith(f"error: trainer.init_from={run_dir}: cannot use checkpoint step-00000010")
+
+
+def test_a_restart_before_the_first_save_resumes_from_the_named_checkpoint_again(
+        tmp_path: Path, cache_dir: Path) -> None:
+    source = tmp_path / "source"
+    run_cli(*job(cache_dir, source, "trainer.max_steps=20"), cwd=tmp_path, check=True)
+    run_dir = tmp_path / "run"
+    process = start(job(cache_dir, run_dir, f"trainer.resume={source}", "trainer.max_restarts=1",
+                        "trainer.checkpoint.every=1000"), tmp_path)
+    wait_for(process, lambda: last_step(run_dir) >= 25, what="step 25")
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if any("spawn_main" in part for part in p.cmdline())]
+    workers[0].kill()
+    assert process.wait(timeout=180) == 0
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["restarts"] == 1 and summary["resumed_from_step"] == 20 and summary["steps"] == MAX_STEPS

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.compose import compose, to_config
-from orchestrator.config.schema import Config, DDPConfig, GPTConfig, OptimName, Precision, TextDataConfig
+from orchestrator.config.schema import (
+    Config,
+    DDPConfig,
+    GPTConfig,
+    OptimName,
+    Precision,
+    TextDataConfig,
+)
 from orchestrator.errors import UserError
 
 JOBS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))

@@ -23,8 +23,7 @@ from orchestrator.config.schema import (
     TextDataConfig,
     TokenizerKind,
 )
-from orchestrator.data import check_data_paths, load_data, prepare_data
-from orchestrator.data import text
+from orchestrator.data import check_data_paths, load_data, prepare_data, text
 from orchestrator.data.text import END_OF_TEXT, cache_dir_for, find_corpus_files
 from orchestrator.data.tokens import write_token_files
 from orchestrator.errors import UserError

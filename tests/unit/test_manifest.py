@@ -15,7 +15,9 @@ def make_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:
     (directory / "rng").mkdir(parents=True)
     (directory / "model.pt").write_bytes(payload)
     (directory / "rng" / "rank-00000.pt").write_bytes(b"rng")
-    manifest.write_manifest(directory, step=step, world_size=2, strategy="ddp")
+    files = {name: manifest.file_entry(directory / name) for name in ("model.pt", "rng/rank-00000.pt")}
+    manifest.write_manifest(directory, files=files, step=step, world_size=2, strategy="ddp",
+                            model_shapes={"weight": [2, 2]})
     return directory
 
 
@@ -23,6 +25,17 @@ def test_written_checkpoint_verifies(tmp_path: Path) -> None:
     directory = make_checkpoint(tmp_path, 10)
     saved = manifest.verify(directory)
     assert saved.step == 10 and saved.world_size == 2 and set(saved.files) == {"model.pt", "rng/rank-00000.pt"}
+    assert saved.model_shapes == {"weight": [2, 2]}
+
+
+def test_ranks_share_the_hashing(tmp_path: Path) -> None:
+    directory = make_checkpoint(tmp_path, 10)
+    (directory / "model.pt").write_bytes(b"weightz")  # same size, other content: only a hash tells
+    # Files in sorted order: model.pt (0), rng/rank-00000.pt (1). Rank 1 of 2 hashes only the second.
+    manifest.verify(directory, hash_share=(1, 2))
+    with pytest.raises(manifest.CheckpointError, match="sha256"):
+        manifest.verify(directory, hash_share=(0, 2))
+    manifest.verify(directory, hash_share=None)  # sizes only
 
 
 @pytest.mark.parametrize(
@@ -60,8 +73,13 @@ def test_explicit_resume_path_errors(tmp_path: Path) -> None:
     (broken / "model.pt").write_bytes(b"x")
     with pytest.raises(UserError, match="damaged checkpoint"):
         manifest.resolve_checkpoint(broken, key="trainer.resume")
-    with pytest.raises(UserError, match="no valid checkpoint"):
+    also_broken = make_checkpoint(tmp_path / "run" / "checkpoints", 6)
+    (also_broken / "model.pt").unlink()
+    with pytest.raises(UserError, match="no valid checkpoint there .*missing"):
         manifest.resolve_checkpoint(tmp_path / "run", key="trainer.resume")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="holds no checkpoint"):
+        manifest.resolve_checkpoint(tmp_path / "empty", key="trainer.resume")
 
 
 def test_run_dir_resolves_to_its_newest_valid_checkpoint(tmp_path: Path) -> None:

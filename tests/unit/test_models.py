@@ -11,7 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from orchestrator.config.schema import CNNConfig, GPTConfig, HFConfig, LSTMConfig, MLPConfig, ModelConfig, SampleKind
+from orchestrator.config.schema import (
+    CNNConfig,
+    GPTConfig,
+    HFConfig,
+    LSTMConfig,
+    MLPConfig,
+    ModelConfig,
+    SampleKind,
+)
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
 from orchestrator.models import build_model, describe_model, model_blocks

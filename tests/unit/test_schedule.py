@@ -8,7 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from orchestrator.config.schema import OptimConfig, OptimName, ScheduleName, SchedulerConfig
+from orchestrator.config.schema import (
+    OptimConfig,
+    OptimName,
+    ScheduleName,
+    SchedulerConfig,
+)
 from orchestrator.train.optim import build_optimizer, lr_at
 
 

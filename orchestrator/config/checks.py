@@ -46,6 +46,11 @@ def visible_gpu_count() -> int:
     return count
 
 
+def uses_gpu(config: Config) -> bool:
+    """Whether the job's workers will run on CUDA devices."""
+    return config.trainer.device is Device.cuda or (config.trainer.device is Device.auto and visible_gpu_count() > 0)
+
+
 def _check_local_capacity(config: Config) -> None:
     workers = config.launcher.num_workers
     device = config.trainer.device

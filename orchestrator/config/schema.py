@@ -50,6 +50,16 @@ class TokenizerKind(str, Enum):
     bytes = "bytes"
 
 
+class Offload(str, Enum):
+    none = "none"
+    cpu = "cpu"
+
+
+class InitDevice(str, Enum):
+    cpu = "cpu"
+    meta = "meta"
+
+
 class SampleKind(str, Enum):
     """What a dataset yields and a model consumes."""
 
@@ -300,7 +310,12 @@ class SyntheticDataConfig(DataConfig):
 
 @dataclass(kw_only=True)
 class StrategyConfig:
+    """Options every strategy takes: activation checkpointing and ``torch.compile`` per repeated block,
+    applied in that order before the strategy wraps or shards the model."""
+
     name: str = MISSING
+    activation_checkpointing: bool = False
+    compile: bool = False
     max_world_size: ClassVar[Optional[int]] = None
 
 
@@ -324,6 +339,54 @@ class DDPConfig(StrategyConfig):
 
     def __post_init__(self) -> None:
         _positive("strategy", bucket_cap_mb=self.bucket_cap_mb)
+
+
+@dataclass(kw_only=True)
+class FSDP2Config(StrategyConfig):
+    """torch FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over ranks.
+
+    ``fully_shard`` is applied to each repeated block, then the root. ``init_device=cpu`` builds the
+    whole model on every rank and shards it (the same initial weights as every other strategy);
+    ``meta`` builds it on the meta device and initializes only the local shards (no full copy
+    anywhere, for models that do not fit in host memory). ``offload_params=cpu`` keeps parameters,
+    gradients and optimizer state in host memory (``CPUOffloadPolicy``), stepping on the CPU.
+    """
+
+    name: str = "fsdp2"
+    reshard_after_forward: bool = True
+    offload_params: Offload = Offload.none
+    init_device: InitDevice = InitDevice.cpu
+
+
+ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
+
+
+@dataclass(kw_only=True)
+class ZeroConfig(StrategyConfig):
+    """DeepSpeed ZeRO stage 0-3, named ``zero0`` ... ``zero3``.
+
+    The DeepSpeed JSON is generated from the job's own settings (batch sizes, accumulation, clipping,
+    precision); ``deepspeed_overrides`` is merged into it, and may set what the job does not (for
+    example ``zero_optimization.overlap_comm``) but not contradict it.
+    """
+
+    name: str = MISSING
+    offload_optimizer: Offload = Offload.none
+    offload_params: Offload = Offload.none
+    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _require(self.name in ZERO_STAGES,
+                 f"strategy.name={self.name!r} is not a ZeRO stage; choose one of: {', '.join(ZERO_STAGES)}")
+        if self.offload_optimizer is Offload.cpu:
+            _require(self.stage >= 1, "strategy.offload_optimizer=cpu needs ZeRO stage 1, 2 or 3 (strategy=zero1|2|3)")
+        if self.offload_params is Offload.cpu:
+            _require(self.stage == 3, "strategy.offload_params=cpu needs strategy=zero3 "
+                                      "(ZeRO-1 and ZeRO-2 keep the full parameters on every rank)")
+
+    @property
+    def stage(self) -> int:
+        return ZERO_STAGES[self.name]
 
 
 # ------------------------------------------------------------------------------ optimizer and schedule

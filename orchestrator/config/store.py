@@ -29,6 +29,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "strategy": {
         "none": schema.SingleStrategyConfig,
         "ddp": schema.DDPConfig,
+        "fsdp2": schema.FSDP2Config,
+        "zero": schema.ZeroConfig,
     },
     "optim": {"optim": schema.OptimConfig},
     "scheduler": {"scheduler": schema.SchedulerConfig},

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
 
-from orchestrator.config.schema import Config
+from orchestrator.config.checks import uses_gpu
+from orchestrator.config.schema import Config, Precision, ZeroConfig
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
 from orchestrator.models import build_model
@@ -22,13 +24,14 @@ def preflight(config: Config) -> None:
     fit the data, a ``trainer.freeze`` name that is not a module, a ``trainer.resume`` or
     ``trainer.init_from`` checkpoint that is damaged, of another model, or of an unreadable format.
     """
+    if isinstance(config.strategy, ZeroConfig):
+        _check_deepspeed(config)
     shapes = _model_shapes(config)
     trainer = config.trainer
     if trainer.resume not in ("auto", "never"):
         directory = manifest.resolve_checkpoint(trainer.resume, key="trainer.resume")
         _check_fits(directory, shapes, key=f"trainer.resume={trainer.resume}",
-                    problem=resume_problem(written_by=manifest.read_manifest(directory).strategy,
-                                           resuming_with=config.strategy.name))
+                    problem=_resume_problem(config, manifest.read_manifest(directory)))
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
         _check_fits(directory, shapes, key=f"trainer.init_from={trainer.init_from}",
@@ -47,12 +50,36 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
                         f"hydra.run.dir")
     for directory in existing:
         try:
-            written_by = manifest.read_manifest(directory).strategy
+            saved = manifest.read_manifest(directory)
         except manifest.CheckpointError:
             continue  # damaged: the workers skip it
         _check_fits(directory, _model_shapes(config), key=f"hydra.run.dir={run_dir}",
-                    problem=resume_problem(written_by=written_by, resuming_with=config.strategy.name))
+                    problem=_resume_problem(config, saved))
         return
+
+
+def _resume_problem(config: Config, saved: manifest.Manifest) -> str | None:
+    return resume_problem(written_by=saved.strategy, world_size=saved.world_size,
+                          resuming_with=config.strategy.name, num_workers=config.launcher.num_workers)
+
+
+def _check_deepspeed(config: Config) -> None:
+    """The generated DeepSpeed config with the overrides, as DeepSpeed itself parses it."""
+    on_gpu = uses_gpu(config)
+    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
+    from orchestrator.strategies.deepspeed_config import deepspeed_config, unknown_keys
+
+    unknown = unknown_keys(deepspeed_config(config, on_gpu=on_gpu))
+    if unknown:
+        raise UserError(f"strategy.deepspeed_overrides: {', '.join(unknown)} "
+                        f"{'is not a DeepSpeed setting' if len(unknown) == 1 else 'are not DeepSpeed settings'} "
+                        f"(https://www.deepspeed.ai/docs/config-json/)")
+    if config.trainer.precision is Precision.fp16 and not on_gpu:
+        from deepspeed.accelerator import get_accelerator
+
+        if not get_accelerator().is_fp16_supported():
+            raise UserError(f"trainer.precision=fp16: DeepSpeed does not support fp16 on this CPU with "
+                            f"strategy={config.strategy.name}; use trainer.precision=bf16 or fp32")
 
 
 def _model_shapes(config: Config) -> dict[str, list[int]]:

@@ -3,38 +3,56 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import torch
 
 from orchestrator.config.schema import Config
 from orchestrator.distributed import DistContext
 from orchestrator.strategies.base import MemoryReport, StepOutcome, Strategy
-from orchestrator.strategies.ddp import (
-    DDPStrategy,
-    SingleStrategy,
-    read_replicated_weights,
-)
+from orchestrator.strategies.formats import checkpoint_format
 
-_STRATEGIES: dict[str, type[Strategy]] = {
-    "none": SingleStrategy,
-    "ddp": DDPStrategy,
-}
 
-# How to read the full model weights out of a checkpoint, by the strategy that wrote it.
-_WEIGHT_READERS = {
-    "none": read_replicated_weights,
-    "ddp": read_replicated_weights,
-}
+def _strategy_class(name: str) -> type[Strategy]:
+    # Imported on demand: DeepSpeed takes seconds to import and FSDP pulls in torch.distributed's extras.
+    if name in ("none", "ddp"):
+        from orchestrator.strategies.ddp import DDPStrategy, SingleStrategy
+
+        return SingleStrategy if name == "none" else DDPStrategy
+    if name == "fsdp2":
+        from orchestrator.strategies.fsdp import FSDP2Strategy
+
+        return FSDP2Strategy
+    from orchestrator.strategies.deepspeed import ZeroStrategy
+
+    return ZeroStrategy
+
+
+def _weights_reader(format_: str) -> Callable[[Path], dict[str, torch.Tensor]]:
+    if format_ == "replicated":
+        from orchestrator.strategies.ddp import read_replicated_weights
+
+        return read_replicated_weights
+    if format_ == "dcp":
+        from orchestrator.strategies.fsdp import read_dcp_weights
+
+        return read_dcp_weights
+    from orchestrator.strategies.deepspeed import read_zero_weights
+
+    return read_zero_weights
 
 
 def build_strategy(config: Config, *, dist: DistContext) -> Strategy:
     """The strategy ``config.strategy`` names, not yet set up."""
-    return _STRATEGIES[config.strategy.name](config, dist=dist)
+    return _strategy_class(config.strategy.name)(config, dist=dist)
 
 
 def read_model_weights(directory: Path, *, written_by: str) -> dict[str, torch.Tensor]:
     """The full model state dict of a verified checkpoint, whichever strategy wrote it."""
-    return _WEIGHT_READERS[written_by](directory)
+    format_ = checkpoint_format(written_by)
+    if format_ is None:
+        raise ValueError(f"{directory}: no reader for checkpoints written by strategy={written_by}")
+    return _weights_reader(format_)(directory)
 
 
 __all__ = ["MemoryReport", "StepOutcome", "Strategy", "build_strategy", "read_model_weights"]

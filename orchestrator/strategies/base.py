@@ -44,15 +44,25 @@ FP16_OVERFLOW = "fp16 gradient overflow (loss scale lowered)"
 
 @dataclass(frozen=True, kw_only=True)
 class MemoryReport:
-    """Bytes this rank's tensors really hold (local shards only)."""
+    """Bytes this rank's tensors really hold (local shards only).
+
+    ``optimizer_bytes`` is the optimizer's state (Adam's moments). ``master_bytes`` is a separate
+    fp32 copy of the parameters that some strategies keep for the optimizer to update: DeepSpeed's
+    ZeRO keeps one of its partition even when the model itself is fp32.
+    """
 
     param_bytes: int
     grad_bytes: int
     optimizer_bytes: int
+    master_bytes: int = 0
 
     @property
     def model_state_bytes(self) -> int:
         return self.param_bytes + self.grad_bytes + self.optimizer_bytes
+
+    @property
+    def total_bytes(self) -> int:
+        return self.model_state_bytes + self.master_bytes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,8 +159,11 @@ class TorchStrategy(Strategy):
     def __init__(self, config: Config, *, dist: DistContext) -> None:
         super().__init__(config, dist=dist)
         # Dynamic loss scaling keeps small fp16 gradients from flushing to zero; bf16 has fp32's range.
-        self.scaler = torch.amp.GradScaler(dist.device.type, enabled=self.precision is Precision.fp16)
+        self.scaler = self._make_scaler(enabled=self.precision is Precision.fp16)
         self._peak_memory: MemoryReport | None = None
+
+    def _make_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.dist.device.type, enabled=enabled)
 
     def autocast(self) -> ContextManager:
         if self.precision is Precision.fp32:
@@ -163,8 +176,10 @@ class TorchStrategy(Strategy):
     def step(self, *, lr: float, max_norm: float, guard: GradNormGuard) -> StepOutcome:
         self.scaler.unscale_(self.optimizer)
         params = [p for p in self.model.parameters() if p.grad is not None]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf, foreach=True)
-        grad_norm = float(grad_norm)
+        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
+        if hasattr(total_norm, "full_tensor"):  # sharded gradients give a partial norm: reduce it over ranks
+            total_norm = total_norm.full_tensor()
+        grad_norm = float(total_norm)
         if self.optimizer.state and self._peak_memory is None:
             # Gradients and (after a first update) optimizer state are both live now: the model-state peak.
             self._peak_memory = self._current_memory()
@@ -178,6 +193,8 @@ class TorchStrategy(Strategy):
                 self.scaler.update()  # closes this step's unscale_
             self.discard_gradients()
             return StepOutcome(grad_norm=grad_norm, applied=False, skipped=f"non-finite gradient norm ({grad_norm})")
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach=True)
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.step(self.optimizer)

@@ -16,6 +16,7 @@ from torch.nn.parallel import DistributedDataParallel
 from orchestrator.config.schema import DDPConfig
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies.base import OptimizerFactory, TorchStrategy
+from orchestrator.strategies.blocks import prepare_blocks
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -26,7 +27,10 @@ class SingleStrategy(TorchStrategy):
     """One process: the model as it is, on the worker's device."""
 
     def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
-        self.module = recipe.build_complete().to(self.dist.device)
+        module = recipe.build_complete()
+        prepare_blocks(module, recipe.blocks(module), activation_checkpointing=self.cfg.activation_checkpointing,
+                       compile=self.cfg.compile)
+        self.module = module.to(self.dist.device)
         self.model = self._wrap(self.module)
         self.optimizer = build_optimizer(self.module)
 

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
-# Strategies that write the same files: replicated strategies write plain state dicts from rank 0.
-_FORMAT = {"none": "replicated", "ddp": "replicated"}
+# The files each strategy writes. Replicated strategies write plain state dicts from rank 0; FSDP2
+# writes torch.distributed.checkpoint shards; each ZeRO stage partitions its state its own way.
+_FORMAT = {
+    "none": "replicated",
+    "ddp": "replicated",
+    "fsdp2": "dcp",
+    "zero0": "deepspeed-zero0",
+    "zero1": "deepspeed-zero1",
+    "zero2": "deepspeed-zero2",
+    "zero3": "deepspeed-zero3",
+}
+# Formats whose optimizer state reshards when the number of ranks changes.
+_RESHARDABLE = {"replicated", "dcp"}
 
 
 def checkpoint_format(strategy: str) -> str | None:
@@ -11,11 +22,15 @@ def checkpoint_format(strategy: str) -> str | None:
     return _FORMAT.get(strategy)
 
 
-def resume_problem(*, written_by: str, resuming_with: str) -> str | None:
-    """Why a checkpoint written by one strategy cannot resume under another, or None when it can."""
-    if checkpoint_format(written_by) is not None and checkpoint_format(written_by) == checkpoint_format(resuming_with):
-        return None
-    return f"it was written by strategy={written_by}, which strategy={resuming_with} cannot resume from"
+def resume_problem(*, written_by: str, world_size: int, resuming_with: str, num_workers: int) -> str | None:
+    """Why a checkpoint cannot resume this job, or None when it can."""
+    format_ = checkpoint_format(written_by)
+    if format_ is None or format_ != checkpoint_format(resuming_with):
+        return f"it was written by strategy={written_by}, which strategy={resuming_with} cannot resume from"
+    if format_ not in _RESHARDABLE and world_size != num_workers:
+        return (f"strategy={written_by} checkpoints resume at the world size they were written at "
+                f"({world_size}), not launcher.num_workers={num_workers}")
+    return None
 
 
 def weights_problem(*, written_by: str) -> str | None:

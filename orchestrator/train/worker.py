@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -37,6 +38,10 @@ def run_worker(config: Config, run_dir: str) -> dict[str, Any]:
 
 
 def _setup_process(config: Config, dist: DistContext) -> None:
+    # DeepSpeed picks its accelerator when first imported: make it the worker's device, not a guess.
+    os.environ["DS_ACCELERATOR"] = "cuda" if dist.device.type == "cuda" else "cpu"
+    # torch.distributed warns about deprecated collectives DeepSpeed calls, once per call.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     threads = config.trainer.threads_per_worker or max(1, (os.cpu_count() or 1) // dist.local_world_size)
     torch.set_num_threads(threads)
     if not dist.is_main:

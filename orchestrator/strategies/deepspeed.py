@@ -1,0 +1,185 @@
+"""DeepSpeed ZeRO stages 0-3 (``strategy=zero0|zero1|zero2|zero3``), with CPU offload.
+
+``deepspeed.initialize`` gets the model, the same torch optimizer every strategy builds, and a
+config generated from the job (``deepspeed_config.py``). Gradient accumulation is the loop's: the
+strategy marks the last micro-batch as DeepSpeed's accumulation boundary and steps the engine once.
+Checkpoints are DeepSpeed's own files, written with ``save_latest=False`` inside orchestrator's
+atomic protocol (DeepSpeed's ``latest`` file is never written or read).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from orchestrator.config.schema import Offload, OptimName, Precision, ZeroConfig
+from orchestrator.models.recipe import ModelRecipe
+from orchestrator.strategies.base import (
+    FP16_OVERFLOW,
+    LOW_PRECISION,
+    GradNormGuard,
+    MemoryReport,
+    OptimizerFactory,
+    StepOutcome,
+    Strategy,
+    tensor_bytes,
+)
+from orchestrator.strategies.blocks import prepare_blocks
+from orchestrator.strategies.deepspeed_config import deepspeed_config
+
+TAG = "ds"
+
+
+class ZeroStrategy(Strategy):
+    cfg: ZeroConfig
+
+    def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
+        import deepspeed
+
+        model = recipe.build_complete()
+        prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
+                       compile=self.cfg.compile)
+        on_gpu = self.dist.device.type == "cuda"
+        self.engine, *_ = deepspeed.initialize(
+            model=model,
+            optimizer=self._client_optimizer(model, build_optimizer, on_gpu=on_gpu),
+            config=deepspeed_config(self.config, on_gpu=on_gpu),
+        )
+        self.model = _CastInputs(self.engine, LOW_PRECISION.get(self.precision))
+        self._peak = MemoryReport(param_bytes=0, grad_bytes=0, optimizer_bytes=0, master_bytes=0)
+
+    def _client_optimizer(self, model: nn.Module, build_optimizer: OptimizerFactory, *,
+                          on_gpu: bool) -> torch.optim.Optimizer:
+        optimizer = build_optimizer(model)
+        optim = self.config.optim
+        if on_gpu and self.cfg.offload_optimizer is Offload.cpu and optim.name is not OptimName.sgd:
+            # Offloaded Adam steps on the host, where DeepSpeed's vectorized CPU Adam is several times
+            # faster than torch's; same update, same parameter groups.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+            return DeepSpeedCPUAdam(optimizer.param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
+                                    adamw_mode=optim.name is OptimName.adamw)
+        return optimizer
+
+    def accumulate(self, *, sync: bool) -> Any:
+        # DeepSpeed reduces (and, under ZeRO, partitions) gradients at its accumulation boundary.
+        self.engine.set_gradient_accumulation_boundary(sync)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        self.engine.backward(loss)  # scales by 1 / gradient_accumulation_steps (and the fp16 loss scale)
+        self._record_memory()
+
+    def step(self, *, lr: float, max_norm: float, guard: GradNormGuard) -> StepOutcome:
+        for group in self.engine.optimizer.param_groups:
+            group["lr"] = lr
+        self._record_memory()
+        if self.cfg.stage == 0:
+            # Without ZeRO, DeepSpeed neither computes the norm nor skips a non-finite step: do both first.
+            grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
+            grad_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
+            if not guard(grad_norm):
+                self.discard_gradients()
+                return StepOutcome(grad_norm=grad_norm, applied=False,
+                                   skipped=f"non-finite gradient norm ({grad_norm})")
+            self.engine.step()
+            return StepOutcome(grad_norm=grad_norm, applied=True)
+        # ZeRO computes the global norm inside step, clips with it, and skips the update when it is
+        # not finite (and, under fp16, lowers the loss scale): the guard learns of it afterwards.
+        self.engine.step()
+        grad_norm = float(self.engine.get_global_grad_norm())
+        if math.isfinite(grad_norm):
+            return StepOutcome(grad_norm=grad_norm, applied=True)
+        if self.precision is Precision.fp16:
+            return StepOutcome(grad_norm=grad_norm, applied=False, skipped=FP16_OVERFLOW)
+        guard(grad_norm)
+        return StepOutcome(grad_norm=grad_norm, applied=False, skipped=f"non-finite gradient norm ({grad_norm})")
+
+    def discard_gradients(self) -> None:
+        self.engine.zero_grad()
+
+    def save(self, directory: Path) -> list[Path]:
+        self.engine.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+        # DeepSpeed names per-rank files zero_pp_rank_<rank>_...; the rest (model states under
+        # ZeRO-0/1/2, its conversion scripts) rank 0 writes.
+        mine = f"zero_pp_rank_{self.dist.rank}_"
+        written = []
+        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+            if mine in path.name or (self.dist.is_main and "zero_pp_rank_" not in path.name):
+                written.append(path)
+        return written
+
+    def load(self, directory: Path) -> None:
+        loaded, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
+                                                load_lr_scheduler_states=False, load_module_strict=True)
+        if loaded is None:
+            raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
+
+    def memory(self) -> MemoryReport:
+        return self._peak
+
+    def _record_memory(self) -> None:
+        """Keeps the largest model-state footprint seen (sampled after each backward and before each step)."""
+        now = _zero_memory(self.engine, stage=self.cfg.stage)
+        if now.total_bytes > self._peak.total_bytes:
+            self._peak = now
+
+
+def _zero_memory(engine: Any, *, stage: int) -> MemoryReport:
+    """The bytes DeepSpeed's own tensors hold on this rank, by kind.
+
+    Reads DeepSpeed's internal buffers (checked against deepspeed 0.17-0.19): parameters are the
+    module's (ZeRO-0/1/2) or their partitions ``ds_tensor`` (ZeRO-3); gradients are the module's
+    ``.grad`` plus ZeRO's reduced partitions; the fp32 master copy ZeRO keeps of its partition (even
+    when training in fp32) is reported apart from the optimizer's moments.
+    """
+    params = list(engine.module.parameters())
+    optimizer = engine.optimizer
+    inner = getattr(optimizer, "optimizer", optimizer)
+    moments = [t for state in inner.state.values() for t in state.values() if torch.is_tensor(t) and t.dim() > 0]
+    grads = [p.grad for p in params if p.grad is not None]
+    if stage == 3:
+        param_tensors = [p.ds_tensor for p in params]
+        grads += [getattr(optimizer, "grad_partitions_flat_buffer", None)]
+        master = getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    else:
+        param_tensors = [p.data for p in params]
+        averaged = getattr(optimizer, "averaged_gradients", {}) or {}
+        grads += [t for group in (averaged.values() if isinstance(averaged, dict) else averaged) for t in group or []]
+        master = getattr(optimizer, "single_partition_of_fp32_groups", [])
+    return MemoryReport(
+        param_bytes=tensor_bytes(param_tensors),
+        grad_bytes=tensor_bytes(t for t in grads if t is not None),
+        optimizer_bytes=tensor_bytes(moments),
+        master_bytes=tensor_bytes(master),
+    )
+
+
+class _CastInputs(nn.Module):
+    """The engine, called with floating-point inputs cast to its compute dtype (DeepSpeed casts the
+    model to bf16/fp16 but not what is fed to it)."""
+
+    def __init__(self, engine: nn.Module, dtype: torch.dtype | None) -> None:
+        super().__init__()
+        self.engine = engine
+        self.dtype = dtype
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.dtype is not None and inputs.is_floating_point():
+            inputs = inputs.to(self.dtype)
+        return self.engine(inputs)
+
+    def parameters(self, recurse: bool = True) -> Iterator[nn.Parameter]:
+        return self.engine.module.parameters(recurse)
+
+
+def read_zero_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full fp32 model state dict of a DeepSpeed checkpoint, consolidated in one process."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)

@@ -1,0 +1,127 @@
+"""FSDP2: ``fully_shard`` on each repeated block, then the root, over a 1-D device mesh.
+
+Parameters, gradients and optimizer state are sharded over the ranks (ZeRO-3's layout): each rank
+all-gathers a block's parameters just before using it and reduce-scatters its gradients right after.
+Checkpoints go through ``torch.distributed.checkpoint``: every rank writes its own shards, and they
+load at any world size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import ContextManager
+
+import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import (
+    CPUOffloadPolicy,
+    MixedPrecisionPolicy,
+    OffloadPolicy,
+    fully_shard,
+)
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+
+from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
+from orchestrator.models.recipe import ModelRecipe, freeze_modules
+from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
+from orchestrator.strategies.blocks import prepare_blocks
+
+DCP_DIR = "dcp"
+SCALER_FILE = "scaler.pt"
+
+
+class FSDP2Strategy(TorchStrategy):
+    cfg: FSDP2Config
+
+    def _make_scaler(self, *, enabled: bool) -> torch.amp.GradScaler:
+        # Each rank sees only its gradient shards: the scaler must agree on "inf found" across ranks.
+        return ShardedGradScaler(self.dist.device.type, enabled=enabled)
+
+    def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
+        on_meta = self.cfg.init_device is InitDevice.meta
+        offload = self.cfg.offload_params is Offload.cpu
+        if on_meta:
+            with torch.device("meta"):
+                model = recipe.build()
+        else:
+            model = recipe.build_complete()  # every rank builds the same full model, then keeps its shards
+        blocks = prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
+                                compile=self.cfg.compile)
+        shard = dict(
+            mesh=init_device_mesh(self.dist.device.type, (self.dist.world_size,)),
+            reshard_after_forward=self.cfg.reshard_after_forward,
+            mp_policy=self._mixed_precision(),
+            offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
+        )
+        for block in blocks:
+            fully_shard(block, **shard)
+        fully_shard(model, **shard)
+        home = torch.device("cpu") if offload else self.dist.device
+        if on_meta:
+            model.to_empty(device=home)
+            model.init_weights()
+            if recipe.initial_state is not None:
+                # Rank 0 reads the full weights and broadcasts; every rank keeps its shards.
+                state = recipe.initial_state() if self.dist.is_main else {}
+                set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
+                                                                             broadcast_from_rank0=True))
+            freeze_modules(model, recipe.freeze)
+        else:
+            model.to(home)
+        self.module = self.model = model
+        self.optimizer = build_optimizer(model)
+
+    def _mixed_precision(self) -> MixedPrecisionPolicy:
+        if self.precision is Precision.fp32:
+            return MixedPrecisionPolicy()
+        # Compute in the low-precision dtype, keep fp32 sharded master weights, reduce gradients in fp32.
+        return MixedPrecisionPolicy(param_dtype=LOW_PRECISION[self.precision], reduce_dtype=torch.float32)
+
+    def autocast(self) -> ContextManager:
+        return contextlib.nullcontext()  # the mixed-precision policy casts parameters and inputs itself
+
+    def save(self, directory: Path) -> list[Path]:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=directory / DCP_DIR)
+        # DCP's file system writer names each rank's data file __<rank>_<n>.distcp; rank 0 also
+        # writes the .metadata index.
+        written = sorted((directory / DCP_DIR).glob(f"__{self.dist.rank}_*.distcp"))
+        if self.dist.is_main:
+            written.append(directory / DCP_DIR / ".metadata")
+            if self.scaler.is_enabled():
+                torch.save(self.scaler.state_dict(), directory / SCALER_FILE)
+                written.append(directory / SCALER_FILE)
+        return written
+
+    def load(self, directory: Path) -> None:
+        model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_state, "optim": optimizer_state}
+        dcp.load(state, checkpoint_id=directory / DCP_DIR)  # reshards when the world size differs
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optim"])
+        if self.scaler.is_enabled() and (directory / SCALER_FILE).exists():
+            self.scaler.load_state_dict(torch.load(directory / SCALER_FILE, weights_only=True))
+
+
+def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
+    """The full model state dict of an FSDP2 checkpoint, read in one process (no process group)."""
+    reader = FileSystemReader(directory / DCP_DIR)
+    metadata = reader.read_metadata()
+    prefix = "model."
+    state = {
+        key[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and hasattr(entry, "size")
+    }
+    wrapped = {"model": state}
+    dcp.load(wrapped, storage_reader=reader, no_dist=True)
+    return wrapped["model"]

@@ -24,6 +24,8 @@ commands:
                                           orchestrator train --help      (config groups and options)
                                           orchestrator train --cfg job   (print the composed config)
                                           orchestrator train -m optim.lr=1e-3,3e-4   (one run per point)
+  verify   the job under several strategies, losses and gradient norms side by side
+                                          orchestrator verify verify.strategies=[ddp,fsdp2,zero1,zero2,zero3]
 """
 
 _HYDRA_INFO_FLAGS = ("help", "hydra_help", "info", "shell_completion")
@@ -133,6 +135,19 @@ def _train_task(cfg: Any) -> float | None:
     return summary.get("final_eval_loss")
 
 
+def verify_command(args: list[str]) -> int:
+    """``orchestrator verify``: the job under several strategies, step by step."""
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE)
+        return 0
+    from orchestrator.experiments.verify import verify_command as run_verify
+    from orchestrator.logs import configure_logging
+
+    configure_logging()
+    return run_verify(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
+    "verify": verify_command,
 }

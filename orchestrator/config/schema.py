@@ -456,6 +456,7 @@ class SchedulerConfig:
 class CheckpointConfig:
     every: int = 100
     keep: int = 2
+    at_end: bool = True
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"trainer.checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
@@ -552,6 +553,38 @@ class LoggerConfig:
         _positive("logger", resources_every=self.resources_every)
 
 
+# ---------------------------------------------------------------------------------------- experiments
+
+
+@dataclass(kw_only=True)
+class VerifyConfig:
+    """``orchestrator verify``: the same job under several strategies, step by step side by side."""
+
+    strategies: list[str] = field(default_factory=lambda: ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
+    steps: int = 20
+    tolerance: float = 1e-5
+    output_dir: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        _require(len(self.strategies) >= 2, f"verify.strategies needs at least two strategies, got {self.strategies}")
+        _require(len(set(self.strategies)) == len(self.strategies),
+                 f"verify.strategies lists a strategy twice: {self.strategies}")
+        _positive("verify", steps=self.steps, tolerance=self.tolerance)
+
+
+@dataclass(kw_only=True)
+class EstimateConfig:
+    """``orchestrator estimate``: per-rank memory of the job under every strategy, before launch."""
+
+    world_sizes: list[int] = field(default_factory=lambda: [1, 8, 64])
+    device_memory_gb: float = 80.0
+
+    def __post_init__(self) -> None:
+        _require(len(self.world_sizes) > 0 and all(n > 0 for n in self.world_sizes),
+                 f"estimate.world_sizes must be positive numbers of ranks, got {self.world_sizes}")
+        _positive("estimate", device_memory_gb=self.device_memory_gb)
+
+
 # -------------------------------------------------------------------------------------------- the job
 
 
@@ -565,6 +598,8 @@ class Config:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     launcher: LauncherConfig = MISSING
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    verify: VerifyConfig = field(default_factory=VerifyConfig)
+    estimate: EstimateConfig = field(default_factory=EstimateConfig)
     seed: int = 1337
 
     def __post_init__(self) -> None:

@@ -33,7 +33,8 @@ LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
 }
 
 
-def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None) -> dict[str, Any]:
+def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
+            print_summary: bool = True) -> dict[str, Any]:
     """Trains ``config`` with its launcher, writes ``summary.json`` and prints the summary.
 
     Args:
@@ -41,6 +42,7 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
         run_dir: the run directory; an existing one is continued per ``trainer.resume``.
         resolved_yaml: the resolved config, saved as ``config.yaml``.
         job_name: the ``job=`` choice, if any.
+        print_summary: print the summary table (or the error) at the end.
 
     Raises:
         UserError: the run dir holds checkpoints this job must not overwrite or cannot continue.
@@ -70,7 +72,8 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
         "run_dir": str(run_dir),
     }
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
-    _print_summary(summary)
+    if print_summary:
+        _print_summary(summary)
     return summary
 
 

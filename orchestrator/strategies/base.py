@@ -91,6 +91,19 @@ def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return total
 
 
+def squared_norm(tensors: Iterable[torch.Tensor], *, device: torch.device) -> torch.Tensor:
+    """The sum of squares of this rank's (local) elements, accumulated in float64.
+
+    In float32 the norm of a million-element gradient depends on the summation order at the 1e-5
+    level, which differs between replicated and sharded layouts; the clipping coefficient would then
+    differ too and strategies would drift apart. In float64 they agree to rounding.
+    """
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for tensor in tensors:
+        total += torch.linalg.vector_norm(local_tensor(tensor), dtype=torch.float64).square()
+    return total
+
+
 class Strategy(ABC):
     """Builds the model for N ranks and owns everything between a loss and an optimizer update.
 
@@ -175,11 +188,8 @@ class TorchStrategy(Strategy):
 
     def step(self, *, lr: float, max_norm: float, guard: GradNormGuard) -> StepOutcome:
         self.scaler.unscale_(self.optimizer)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        total_norm = torch.nn.utils.get_total_norm([p.grad for p in params], foreach=True)
-        if hasattr(total_norm, "full_tensor"):  # sharded gradients give a partial norm: reduce it over ranks
-            total_norm = total_norm.full_tensor()
-        grad_norm = float(total_norm)
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = self._grad_norm(grads)
         if self.optimizer.state and self._peak_memory is None:
             # Gradients and (after a first update) optimizer state are both live now: the model-state peak.
             self._peak_memory = self._current_memory()
@@ -193,14 +203,22 @@ class TorchStrategy(Strategy):
                 self.scaler.update()  # closes this step's unscale_
             self.discard_gradients()
             return StepOutcome(grad_norm=grad_norm, applied=False, skipped=f"non-finite gradient norm ({grad_norm})")
-        if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total_norm, foreach=True)
+        if 0 < max_norm < grad_norm:
+            # torch's and DeepSpeed's clipping coefficient, so that every strategy clips alike.
+            torch._foreach_mul_(grads, max_norm / (grad_norm + 1e-6))
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.optimizer.zero_grad(set_to_none=True)
         return StepOutcome(grad_norm=grad_norm, applied=True)
+
+    def _grad_norm(self, grads: list[torch.Tensor]) -> float:
+        return math.sqrt(float(self._sum_over_shards(squared_norm(grads, device=self.dist.device))))
+
+    def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        """Sums a per-rank partial result when gradients are sharded; replicated gradients need nothing."""
+        return value
 
     def discard_gradients(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

@@ -27,6 +27,7 @@ from orchestrator.strategies.base import (
     OptimizerFactory,
     StepOutcome,
     Strategy,
+    squared_norm,
     tensor_bytes,
 )
 from orchestrator.strategies.blocks import prepare_blocks
@@ -82,7 +83,7 @@ class ZeroStrategy(Strategy):
         if self.cfg.stage == 0:
             # Without ZeRO, DeepSpeed neither computes the norm nor skips a non-finite step: do both first.
             grads = [p.grad for p in self.engine.module.parameters() if p.grad is not None]
-            grad_norm = float(torch.nn.utils.get_total_norm(grads, foreach=True))
+            grad_norm = math.sqrt(float(squared_norm(grads, device=self.dist.device)))
             if not guard(grad_norm):
                 self.discard_gradients()
                 return StepOutcome(grad_norm=grad_norm, applied=False,

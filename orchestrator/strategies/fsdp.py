@@ -80,6 +80,9 @@ class FSDP2Strategy(TorchStrategy):
         self.module = self.model = model
         self.optimizer = build_optimizer(model)
 
+    def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
+        return self.dist.all_reduce_sum(value)
+
     def _mixed_precision(self) -> MixedPrecisionPolicy:
         if self.precision is Precision.fp32:
             return MixedPrecisionPolicy()

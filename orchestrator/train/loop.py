@@ -134,7 +134,7 @@ class Trainer:
                     last_saved = step
             if trainer.eval_every and self.state.step % trainer.eval_every != 0:
                 self._evaluate(tracker)
-            if last_saved != self.state.step:
+            if trainer.checkpoint.at_end and last_saved != self.state.step:
                 self.checkpointer.save(self.state.step, asdict(self.state))
         except TrainingError as exc:
             return self._summary(wall_s=time.perf_counter() - started, error=str(exc))
@@ -317,6 +317,7 @@ class Trainer:
             "param_bytes": memory.param_bytes,
             "grad_bytes": memory.grad_bytes,
             "optimizer_bytes": memory.optimizer_bytes,
+            "master_bytes": memory.master_bytes,
             "peak_mem_bytes": peak_memory_bytes(self.dist.device),
             "train_wall_s": wall_s,
         }

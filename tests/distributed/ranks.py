@@ -18,12 +18,15 @@ def _free_port() -> int:
 def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    import warnings
+
     import torch
 
     from orchestrator.config.schema import Device
     from orchestrator.distributed import DistContext
 
     torch.set_num_threads(1)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     dist = DistContext.from_env(Device.cpu)
     dist.init_process_group(timeout_s=120)
     try:

@@ -38,7 +38,7 @@ CASES = {
     "unknown added key": (["+trainer.speed=fast"], "trainer.speed: unknown key"),
     "missing required value": (["data=memmap"], "data.path: missing required value"),
     "unknown model": (["model=transformer9000"], "model=transformer9000: no such option; choose one of:"),
-    "unknown strategy": (["strategy=zero9"], "strategy=zero9: no such option; choose one of: ddp, none"),
+    "unknown strategy": (["strategy=zero9"], "strategy=zero9: no such option; choose one of: ddp, fsdp2, none, zero0, zero1"),
     "unknown optimizer": (["optim.name=lion"], "optim.name: Invalid value 'lion', expected one of [sgd, adam, adamw]"),
     "unknown job": (["job=nope"], "job=nope: no such option; choose one of:"),
     "batch not divisible by world size": (["trainer.global_batch_size=15"],

@@ -26,6 +26,8 @@ commands:
                                           orchestrator train -m optim.lr=1e-3,3e-4   (one run per point)
   verify   the job under several strategies, losses and gradient norms side by side
                                           orchestrator verify verify.strategies=[ddp,fsdp2,zero1,zero2,zero3]
+  estimate per-rank memory of the job under every strategy, and the world size it needs
+                                          orchestrator estimate job=llama3_70b_zero3 estimate.world_sizes=[8,64] [--json]
 """
 
 _HYDRA_INFO_FLAGS = ("help", "hydra_help", "info", "shell_completion")
@@ -147,7 +149,18 @@ def verify_command(args: list[str]) -> int:
     return run_verify(args)
 
 
+def estimate_command(args: list[str]) -> int:
+    """``orchestrator estimate``: per-rank memory under every strategy, before launch."""
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE)
+        return 0
+    from orchestrator.experiments.estimate import estimate_command as run_estimate
+
+    return run_estimate(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
     "verify": verify_command,
+    "estimate": estimate_command,
 }

@@ -26,7 +26,7 @@ from orchestrator.data.paths import check_data_paths
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
 
-__all__ = ["DataBundle", "DataSpec", "Dataset", "check_data_paths", "load_data", "prepare_data"]
+__all__ = ["DataBundle", "DataSpec", "Dataset", "check_data_paths", "describe_data", "load_data", "prepare_data"]
 
 # The module serving each data config; each has prepare(cfg) -> DataSpec and load(cfg) -> DataBundle.
 _SOURCES: dict[type[DataConfig], str] = {
@@ -65,6 +65,21 @@ def prepare_data(cfg: DataConfig) -> DataSpec:
             one val sample, token ids that do not fit the vocabulary.
     """
     return _source(cfg).prepare(cfg)
+
+
+def describe_data(cfg: DataConfig) -> DataSpec:
+    """What one sample will look like, without building anything that ``prepare_data`` would cache.
+
+    For a text corpus the vocabulary is the configured one (a BPE tokenizer trained on a small corpus
+    may end up with fewer tokens); every other source is cheap to prepare and is asked directly.
+    Used by ``orchestrator estimate``, which must answer in seconds for any job.
+    """
+    if isinstance(cfg, TextDataConfig):
+        from orchestrator.config.schema import SampleKind, TokenizerKind
+
+        vocab_size = cfg.vocab_size if cfg.tokenizer is TokenizerKind.bpe else 256
+        return DataSpec(kind=SampleKind.tokens, vocab_size=vocab_size, seq_len=cfg.seq_len)
+    return prepare_data(cfg)
 
 
 def load_data(cfg: DataConfig) -> DataBundle:

@@ -94,4 +94,5 @@ def test_freeze_names_are_checked_against_the_built_model(tmp_path: Path) -> Non
 
 def test_unknown_command(tmp_path: Path) -> None:
     result = run_cli("trian", cwd=tmp_path)
-    assert result.returncode == 2 and result.stderr.strip() == "error: unknown command 'trian'; commands: train"
+    assert result.returncode == 2
+    assert result.stderr.strip() == "error: unknown command 'trian'; commands: train, verify, estimate"

@@ -1,0 +1,233 @@
+"""``orchestrator estimate``: will the job fit, under which strategy, on how many devices.
+
+The model is built on the meta device (a 70B config in seconds, nothing allocated) to count its
+parameters Ψ and its largest layer. Per-rank memory is then DESIGN.md's model-state model, with the
+terms DeepSpeed's implementation adds where it adds them (measured, and the same as DeepSpeed's own
+estimators):
+
+| strategy (offload) | mixed precision (bf16/fp16) | fp32 |
+|---|---|---|
+| ddp | 16Ψ | 16Ψ |
+| fsdp2 | 16Ψ/N + working | 16Ψ/N + working |
+| zero1 | 4Ψ + 16Ψ/N | 8Ψ + 12Ψ/N |
+| zero2 | 2Ψ + 18Ψ/N | 4Ψ + 16Ψ/N |
+| zero3 | 18Ψ/N + 4·largest layer | 20Ψ/N + 4·largest layer |
+
+DESIGN.md's ZeRO-1/2/3 figures (4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed precision) leave out two
+tensors DeepSpeed keeps on the device: an fp32 partition of the gradients (+4Ψ/N, mixed precision)
+and an fp32 master copy of the parameter partition even in fp32 training (+4Ψ/N). Offloading moves
+the sharded terms to host memory. Transformers add activations per micro-batch (Korthikanti et al.
+2022: s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit, twice that in fp32; with activation
+checkpointing each layer keeps only its 16-bit input, 2·s·b·h, and one layer is recomputed at a time)
+plus the fp32 logits and their gradient (8·s·b·V).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from orchestrator.config.schema import Config, GPTConfig, HFConfig, Precision
+
+GIB = 2**30
+SEARCH_WORLD_SIZES = [2**k for k in range(17)]  # up to 65,536 ranks
+
+# Bytes per parameter: (on every rank, sharded over N ranks, on the host sharded over N ranks).
+_MIXED = {
+    ("ddp", "none"): (16, 0, 0),
+    ("fsdp2", "none"): (0, 16, 0),
+    ("fsdp2", "params"): (0, 0, 16),
+    ("zero1", "none"): (4, 16, 0),
+    ("zero1", "optimizer"): (4, 0, 16),
+    ("zero2", "none"): (2, 18, 0),
+    ("zero2", "optimizer"): (2, 0, 16),
+    ("zero3", "none"): (0, 18, 0),
+    ("zero3", "optimizer"): (0, 2, 16),
+    ("zero3", "params+optimizer"): (0, 0, 18),
+}
+_FP32 = {
+    ("ddp", "none"): (16, 0, 0),
+    ("fsdp2", "none"): (0, 16, 0),
+    ("fsdp2", "params"): (0, 0, 16),
+    ("zero1", "none"): (8, 12, 0),
+    ("zero1", "optimizer"): (8, 0, 12),
+    ("zero2", "none"): (4, 16, 0),
+    ("zero2", "optimizer"): (4, 0, 16),
+    ("zero3", "none"): (0, 20, 0),
+    ("zero3", "optimizer"): (0, 4, 16),
+    ("zero3", "params+optimizer"): (0, 0, 20),
+}
+PLANS = list(_MIXED)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelShape:
+    num_params: int
+    largest_layer_params: int  # the module with the most parameters of its own (ZeRO-3's gather buffer)
+    largest_block_params: int  # the largest repeated block (an FSDP2 unit)
+    root_params: int  # everything outside the blocks (FSDP2's root unit: embeddings, head, final norm)
+    layers: int | None = None  # transformer shape, for activations
+    hidden: int | None = None
+    heads: int | None = None
+    vocab: int | None = None
+
+
+def model_state_bytes(strategy: str, offload: str, precision: Precision, shape: ModelShape,
+                      world_size: int) -> tuple[int, int]:
+    """(device, host) bytes of parameters, gradients and optimizer state per rank, with working buffers."""
+    mixed = precision is not Precision.fp32
+    replicated, sharded, host = (_MIXED if mixed else _FP32)[(strategy, offload)]
+    psi = shape.num_params
+    device = replicated * psi + sharded * psi / world_size
+    if strategy == "zero3":
+        device += 4 * shape.largest_layer_params
+    elif strategy == "fsdp2":
+        # Unsharded parameters and gradients in the compute dtype: the root unit (kept between forward
+        # and backward), the block being computed and the one prefetched.
+        unsharded = shape.root_params + 2 * shape.largest_block_params
+        device += 2 * (2 if mixed else 4) * unsharded
+    return int(device), int(host * psi / world_size)
+
+
+def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
+                     checkpointing: bool) -> int | None:
+    """Activation memory of one micro-batch on one rank (transformers only; None for other models)."""
+    if shape.layers is None:
+        return None
+    s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
+    width = 1 if precision is not Precision.fp32 else 2  # the formula counts 16-bit tensors
+    one_layer = s * b * h * (34 + 5 * a * s / h) * width
+    logits = 8 * s * b * shape.vocab
+    if checkpointing:
+        return int(shape.layers * 2 * s * b * h * width + one_layer + logits)
+    return int(shape.layers * one_layer + logits)
+
+
+def describe(config: Config) -> ModelShape:
+    """Builds the job's model on the meta device and measures what memory depends on."""
+    import torch
+
+    from orchestrator.data import describe_data
+    from orchestrator.models import build_model, describe_model, model_blocks
+
+    spec = describe_data(config.data)
+    with torch.device("meta"):
+        model = build_model(config.model, spec)
+    info = describe_model(config.model, spec, model)
+    blocks = model_blocks(config.model, model)
+    in_blocks = {id(p) for block in blocks for p in block.parameters()}
+    outside = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
+    largest_block = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
+    largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    transformer: dict[str, int | None] = {}
+    if isinstance(config.model, GPTConfig):
+        transformer = dict(layers=config.model.n_layer, hidden=config.model.n_embd, heads=config.model.n_head,
+                           vocab=spec.vocab_size)
+    elif isinstance(config.model, HFConfig):
+        hf = model.model.config
+        transformer = dict(layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=hf.num_attention_heads,
+                           vocab=hf.vocab_size)
+    return ModelShape(num_params=info.num_params, largest_layer_params=largest_layer,
+                      largest_block_params=largest_block, root_params=outside, **transformer)
+
+
+def estimate(config: Config) -> dict[str, Any]:
+    """Every strategy x offload x precision: per-rank bytes at each world size, and the smallest that fits."""
+    shape = describe(config)
+    settings = config.estimate
+    limit = settings.device_memory_gb * GIB
+    checkpointing = config.strategy.activation_checkpointing
+    seq_len = config.data.seq_len_or_none or 1
+    rows = []
+    for precision in (Precision.fp32, Precision.bf16):
+        activations = {ac: activation_bytes(shape, micro_batch=config.trainer.micro_batch_size, seq_len=seq_len,
+                                            precision=precision, checkpointing=ac) or 0 for ac in (False, True)}
+        for strategy, offload in PLANS:
+            def per_rank(n: int, ac: bool = checkpointing) -> tuple[int, int]:
+                device, host = model_state_bytes(strategy, offload, precision, shape, n)  # noqa: B023
+                return device + activations[ac], host  # noqa: B023
+
+            def smallest(ac: bool) -> int | None:
+                return next((n for n in SEARCH_WORLD_SIZES if per_rank(n, ac)[0] <= limit), None)
+
+            rows.append({
+                "strategy": strategy,
+                "offload": offload,
+                "precision": precision.value,
+                "world_sizes": {n: {"device_bytes": per_rank(n)[0], "host_bytes": per_rank(n)[1],
+                                    "fits": per_rank(n)[0] <= limit} for n in settings.world_sizes},
+                "smallest_world_size": smallest(checkpointing),
+                "smallest_world_size_with_checkpointing": smallest(True),
+            })
+    return {
+        "model": config.model.name,
+        "shape": asdict(shape),
+        "micro_batch_size": config.trainer.micro_batch_size,
+        "seq_len": config.data.seq_len_or_none,
+        "device_memory_gib": settings.device_memory_gb,
+        "activation_checkpointing": checkpointing,
+        "activation_bytes": {p.value: {"without_checkpointing": activation_bytes(
+            shape, micro_batch=config.trainer.micro_batch_size, seq_len=seq_len, precision=p, checkpointing=False),
+            "with_checkpointing": activation_bytes(shape, micro_batch=config.trainer.micro_batch_size,
+                                                   seq_len=seq_len, precision=p, checkpointing=True)}
+            for p in (Precision.fp32, Precision.bf16)},
+        "rows": rows,
+    }
+
+
+def format_table(result: dict[str, Any], *, job: str) -> str:
+    shape = result["shape"]
+    world_sizes = list(result["rows"][0]["world_sizes"])
+    lines = [
+        f"estimate: job={job}, model={result['model']}, {_count(shape['num_params'])} parameters "
+        f"(largest layer {_count(shape['largest_layer_params'])}), micro-batch {result['micro_batch_size']}"
+        + (f" x {result['seq_len']} tokens" if result["seq_len"] else "")
+        + f", {result['device_memory_gib']:g} GiB per device",
+    ]
+    for precision, acts in result["activation_bytes"].items():
+        if acts["without_checkpointing"] is not None:
+            lines.append(f"activations per rank ({precision}): {acts['without_checkpointing'] / GIB:.2f} GiB, "
+                         f"{acts['with_checkpointing'] / GIB:.2f} GiB with activation checkpointing")
+    ac = "on" if result["activation_checkpointing"] else "off"
+    lines += ["", f"per rank: device GiB (host GiB when offloaded); activation checkpointing {ac} as in the job",
+              "",
+              "| strategy | offload | precision | " + " | ".join(f"N={n}" for n in world_sizes)
+              + " | smallest N | with checkpointing |",
+              "|---|---|---|" + "---:|" * len(world_sizes) + "---:|---:|"]
+    for row in result["rows"]:
+        cells = []
+        for n in world_sizes:
+            cell = row["world_sizes"][n]
+            host = f" ({cell['host_bytes'] / GIB:.1f})" if cell["host_bytes"] else ""
+            cells.append(f"{cell['device_bytes'] / GIB:.1f}{host} {'fits' if cell['fits'] else 'no'}")
+        smallest = row["smallest_world_size"] or "-"
+        with_ac = row["smallest_world_size_with_checkpointing"] or "-"
+        lines.append(f"| {row['strategy']} | {row['offload']} | {row['precision']} | " + " | ".join(cells)
+                     + f" | {smallest} | {with_ac} |")
+    return "\n".join(lines)
+
+
+def _count(n: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def estimate_command(args: list[str]) -> int:
+    """``orchestrator estimate [--json] [overrides]``."""
+    from orchestrator.config.compose import compose, to_config
+
+    as_json = "--json" in args
+    overrides = [a for a in args if a != "--json"]
+    config = to_config(compose(overrides))
+    result = estimate(config)
+    job = next((o.split("=", 1)[1] for o in overrides if o.startswith("job=")), "default")
+    if as_json:
+        json.dump({"job": job, **result}, sys.stdout, indent=1)
+        print()
+    else:
+        print(format_table(result, job=job))
+    return 0

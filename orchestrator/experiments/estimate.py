@@ -9,13 +9,15 @@ estimators):
 |---|---|---|
 | ddp | 16Ψ | 16Ψ |
 | fsdp2 | 16Ψ/N + working | 16Ψ/N + working |
-| zero1 | 4Ψ + 16Ψ/N | 8Ψ + 12Ψ/N |
+| zero1 | 4Ψ + 16Ψ/N (bf16: 8Ψ + 12Ψ/N) | 8Ψ + 12Ψ/N |
 | zero2 | 2Ψ + 18Ψ/N | 4Ψ + 16Ψ/N |
 | zero3 | 18Ψ/N + 4·largest layer | 20Ψ/N + 4·largest layer |
 
 DESIGN.md's ZeRO-1/2/3 figures (4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed precision) leave out two
 tensors DeepSpeed keeps on the device: an fp32 partition of the gradients (+4Ψ/N, mixed precision)
-and an fp32 master copy of the parameter partition even in fp32 training (+4Ψ/N). Offloading moves
+and an fp32 master copy of the parameter partition even in fp32 training (+4Ψ/N); ZeRO-1 in bf16
+runs DeepSpeed's BF16_Optimizer, which accumulates gradients in an unpartitioned fp32 buffer
+(+4Ψ, beside the bf16 gradients, +2Ψ). Offloading moves
 the sharded terms to host memory. Transformers add activations per micro-batch (Korthikanti et al.
 2022: s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit, twice that in fp32; with activation
 checkpointing each layer keeps only its 16-bit input, 2·s·b·h, and one layer is recomputed at a time)
@@ -59,6 +61,9 @@ _FP32 = {
     ("zero3", "optimizer"): (0, 4, 16),
     ("zero3", "params+optimizer"): (0, 0, 20),
 }
+# ZeRO-1 in bf16 (without offload) is DeepSpeed's BF16_Optimizer: bf16 parameters and gradients,
+# and an unpartitioned fp32 gradient accumulation buffer.
+_BF16 = {("zero1", "none"): (8, 12, 0)}
 PLANS = list(_MIXED)
 
 
@@ -74,21 +79,34 @@ class ModelShape:
     vocab: int | None = None
 
 
-def model_state_bytes(strategy: str, offload: str, precision: Precision, shape: ModelShape,
-                      world_size: int) -> tuple[int, int]:
-    """(device, host) bytes of parameters, gradients and optimizer state per rank, with working buffers."""
+@dataclass(frozen=True, kw_only=True)
+class ModelStates:
+    """Per-rank bytes of parameters, gradients and optimizer state under one plan."""
+
+    sharded: int  # on the device: what each rank keeps between steps (the part memory reports measure)
+    working: int  # on the device: buffers gathered for the computation (ZeRO-3's, FSDP2's unsharded units)
+    host: int  # offloaded to host memory
+
+    @property
+    def device(self) -> int:
+        return self.sharded + self.working
+
+
+def model_states(strategy: str, offload: str, precision: Precision, shape: ModelShape,
+                 world_size: int) -> ModelStates:
     mixed = precision is not Precision.fp32
-    replicated, sharded, host = (_MIXED if mixed else _FP32)[(strategy, offload)]
+    table = _BF16 if precision is Precision.bf16 else _MIXED if mixed else _FP32
+    replicated, sharded, host = table.get((strategy, offload)) or _MIXED[(strategy, offload)]
     psi = shape.num_params
-    device = replicated * psi + sharded * psi / world_size
+    working = 0
     if strategy == "zero3":
-        device += 4 * shape.largest_layer_params
+        working = 4 * shape.largest_layer_params
     elif strategy == "fsdp2":
         # Unsharded parameters and gradients in the compute dtype: the root unit (kept between forward
         # and backward), the block being computed and the one prefetched.
-        unsharded = shape.root_params + 2 * shape.largest_block_params
-        device += 2 * (2 if mixed else 4) * unsharded
-    return int(device), int(host * psi / world_size)
+        working = 2 * (2 if mixed else 4) * (shape.root_params + 2 * shape.largest_block_params)
+    return ModelStates(sharded=int(replicated * psi + sharded * psi / world_size), working=working,
+                       host=int(host * psi / world_size))
 
 
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
@@ -141,13 +159,14 @@ def estimate(config: Config) -> dict[str, Any]:
     checkpointing = config.strategy.activation_checkpointing
     seq_len = config.data.seq_len_or_none or 1
     rows = []
-    for precision in (Precision.fp32, Precision.bf16):
+    precisions = [Precision.fp32, Precision.bf16] + ([Precision.fp16] if config.trainer.precision is Precision.fp16 else [])
+    for precision in precisions:
         activations = {ac: activation_bytes(shape, micro_batch=config.trainer.micro_batch_size, seq_len=seq_len,
                                             precision=precision, checkpointing=ac) or 0 for ac in (False, True)}
         for strategy, offload in PLANS:
             def per_rank(n: int, ac: bool = checkpointing) -> tuple[int, int]:
-                device, host = model_state_bytes(strategy, offload, precision, shape, n)  # noqa: B023
-                return device + activations[ac], host  # noqa: B023
+                states = model_states(strategy, offload, precision, shape, n)  # noqa: B023
+                return states.device + activations[ac], states.host  # noqa: B023
 
             def smallest(ac: bool) -> int | None:
                 return next((n for n in SEARCH_WORLD_SIZES if per_rank(n, ac)[0] <= limit), None)

@@ -148,6 +148,11 @@ def _zero_memory(engine: Any, *, stage: int) -> MemoryReport:
         param_tensors = [p.ds_tensor for p in params]
         grads += [getattr(optimizer, "grad_partitions_flat_buffer", None)]
         master = getattr(optimizer, "fp32_partitioned_groups_flat", [])
+    elif hasattr(optimizer, "fp32_groups_gradients_flat"):
+        # ZeRO-1 in bf16 runs DeepSpeed's BF16_Optimizer: an unpartitioned fp32 gradient buffer.
+        param_tensors = [p.data for p in params]
+        grads += list(optimizer.fp32_groups_gradients_flat)
+        master = optimizer.fp32_groups_flat_partition
     else:
         param_tensors = [p.data for p in params]
         averaged = getattr(optimizer, "averaged_gradients", {}) or {}

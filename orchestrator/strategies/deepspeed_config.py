@@ -78,8 +78,9 @@ def merge_overrides(generated: dict[str, Any], overrides: dict[str, Any]) -> dic
         owner = next((key for key in _OWNED if path == key or path.startswith(key + ".")), None)
         current = _get(generated, path)
         if owner is not None and current != value:
-            raise UserError(f"strategy.deepspeed_overrides.{path}={value!r} contradicts the job "
-                            f"(it is {current!r}); set {_OWNED[owner]} instead")
+            job = "leaves it unset" if current is None else f"sets {current!r}"
+            raise UserError(f"strategy.deepspeed_overrides.{path}={value!r} contradicts the job (which {job}); "
+                            f"set {_OWNED[owner]} instead")
         _set(merged, path, value)
     return merged
 
@@ -98,8 +99,7 @@ def unknown_keys(config: dict[str, Any]) -> list[str]:
     try:
         DeepSpeedConfig(recorder)
     except Exception as exc:  # pydantic's ValidationError and DeepSpeed's own asserts
-        first = " ".join(str(exc).split())[:300]
-        raise UserError(f"strategy.deepspeed_overrides: DeepSpeed rejects the config: {first}") from None
+        raise UserError(_refusal(exc, config)) from None
     return sorted(key for key in probe if key not in recorder.read)
 
 
@@ -170,3 +170,14 @@ def _set(tree: dict[str, Any], path: str, value: Any) -> None:
 
 def _deep_copy(tree: dict[str, Any]) -> dict[str, Any]:
     return {k: _deep_copy(v) if isinstance(v, dict) else v for k, v in tree.items()}
+
+
+def _refusal(exc: Exception, config: dict[str, Any]) -> str:
+    """One line from DeepSpeed's refusal, naming the key: pydantic's first error, located in ``config``."""
+    errors = getattr(exc, "errors", None)
+    if not callable(errors):  # one of DeepSpeed's own asserts
+        return f"strategy.deepspeed_overrides: DeepSpeed rejects the config: {' '.join(str(exc).split())[:300]}"
+    first = errors()[0]
+    where = ".".join(str(part) for part in first.get("loc", ()))
+    path = next((p for p, _ in _leaves(config) if p == where or p.endswith("." + where)), where)
+    return f"strategy.deepspeed_overrides.{path}: DeepSpeed says: {first.get('msg', exc)}"

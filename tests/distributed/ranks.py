@@ -15,7 +15,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple) -> None:
+def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple,
+           kwargs: dict[str, Any]) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     import warnings
@@ -30,14 +31,14 @@ def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, result
     dist = DistContext.from_env(Device.cpu)
     dist.init_process_group(timeout_s=120)
     try:
-        results[rank] = fn(dist, *args)
+        results[rank] = fn(dist, *args, **kwargs)
     finally:
         dist.destroy_process_group()
 
 
-def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2) -> list[Any]:
-    """``fn(dist, *args)`` on every rank; returns each rank's (picklable) return value, by rank."""
+def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, **kwargs: Any) -> list[Any]:
+    """``fn(dist, *args, **kwargs)`` on every rank; returns each rank's (picklable) return value, by rank."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_entry, args=(fn, world_size, _free_port(), results, args), nprocs=world_size, join=True)
+        mp.spawn(_entry, args=(fn, world_size, _free_port(), results, args, kwargs), nprocs=world_size, join=True)
         return [results[rank] for rank in range(world_size)]

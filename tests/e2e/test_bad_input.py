@@ -13,11 +13,15 @@ from tests.helpers import run_cli
 
 
 def _corrupt_checkpoint(tmp_path: Path) -> Path:
-    from tests.unit.test_manifest import make_checkpoint
-
-    directory = make_checkpoint(tmp_path / "old-run" / "checkpoints", 10)
+    directory = _checkpoint(tmp_path, strategy="ddp")
     (directory / "model.pt").write_bytes(b"not what the manifest says")
     return directory
+
+
+def _checkpoint(tmp_path: Path, *, strategy: str, world_size: int = 2) -> Path:
+    from tests.unit.test_manifest import make_checkpoint
+
+    return make_checkpoint(tmp_path / "old-run" / "checkpoints", 10, strategy=strategy, world_size=world_size)
 
 
 def _npz_without_labels(tmp_path: Path) -> Path:
@@ -59,6 +63,32 @@ CASES = {
                            "data.y_key"),
     "corpus shorter than one sample": (["data=text", lambda tmp: f"data.paths=[{_tiny_corpus(tmp)}]",
                                         "data.tokenizer=bytes", "data.cache_dir=CACHE"], "data"),
+    # Sharding (strategy=fsdp2 and zero0-3)
+    "offload under ddp": (["strategy.offload_optimizer=cpu"], "strategy.offload_optimizer: unknown key"),
+    "optimizer offload without zero": (["strategy=zero0", "strategy.offload_optimizer=cpu"],
+                                       "strategy.offload_optimizer=cpu needs ZeRO stage 1, 2 or 3"),
+    "parameter offload below zero3": (["strategy=zero2", "strategy.offload_params=cpu"],
+                                      "strategy.offload_params=cpu needs strategy=zero3"),
+    "offload to nvme": (["strategy=zero3", "strategy.offload_params=nvme"],
+                        "strategy.offload_params: Invalid value 'nvme', expected one of [none, cpu]"),
+    "deepspeed fp16 on a cpu": (["strategy=zero1", "trainer.precision=fp16"],
+                                "trainer.precision=fp16: DeepSpeed does not support fp16 on this CPU"),
+    "unknown deepspeed setting": (["strategy=zero3", "+strategy.deepspeed_overrides.bogus=1"],
+                                  "strategy.deepspeed_overrides: bogus is not a DeepSpeed setting"),
+    "unknown nested deepspeed setting": (["strategy=zero2", "+strategy.deepspeed_overrides.zero_optimization.knob=1"],
+                                         ("strategy.deepspeed_overrides.zero_optimization.knob: DeepSpeed says: "
+                                          "Extra inputs are not permitted")),
+    "invalid deepspeed value": (["strategy=zero2", "+strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size=-5"],
+                                ("strategy.deepspeed_overrides.zero_optimization.reduce_bucket_size: DeepSpeed says: "
+                                 "Input should be greater than 0")),
+    "deepspeed override against the job": (["strategy=zero2", "+strategy.deepspeed_overrides.gradient_clipping=2.0"],
+                                           ("strategy.deepspeed_overrides.gradient_clipping=2.0 contradicts the job "
+                                            "(which sets 1.0); set trainer.grad_clip instead")),
+    "resume from another strategy": (["strategy=zero3", lambda tmp: f"trainer.resume={_checkpoint(tmp, strategy='ddp')}"],
+                                     "written by strategy=ddp, which strategy=zero3 cannot resume from"),
+    "zero resume at another world size": (["strategy=zero2",
+                                           lambda tmp: f"trainer.resume={_checkpoint(tmp, strategy='zero2', world_size=4)}"],
+                                          "checkpoints resume at the world size they were written at (4)"),
 }
 
 

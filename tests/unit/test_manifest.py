@@ -10,13 +10,14 @@ from orchestrator.errors import UserError
 from orchestrator.train import manifest
 
 
-def make_checkpoint(root: Path, step: int, payload: bytes = b"weights") -> Path:
+def make_checkpoint(root: Path, step: int, payload: bytes = b"weights", *, strategy: str = "ddp",
+                    world_size: int = 2) -> Path:
     directory = root / manifest.step_dir_name(step)
     (directory / "rng").mkdir(parents=True)
     (directory / "model.pt").write_bytes(payload)
     (directory / "rng" / "rank-00000.pt").write_bytes(b"rng")
     files = {name: manifest.file_entry(directory / name) for name in ("model.pt", "rng/rank-00000.pt")}
-    manifest.write_manifest(directory, files=files, step=step, world_size=2, strategy="ddp",
+    manifest.write_manifest(directory, files=files, step=step, world_size=world_size, strategy=strategy,
                             model_shapes={"weight": [2, 2]})
     return directory
 

@@ -578,11 +578,14 @@ class EstimateConfig:
 
     world_sizes: list[int] = field(default_factory=lambda: [1, 8, 64])
     device_memory_gb: float = 80.0
+    host_memory_gb: Optional[float] = None  # host memory per rank for offloaded states; None: not checked
 
     def __post_init__(self) -> None:
         _require(len(self.world_sizes) > 0 and all(n > 0 for n in self.world_sizes),
                  f"estimate.world_sizes must be positive numbers of ranks, got {self.world_sizes}")
         _positive("estimate", device_memory_gb=self.device_memory_gb)
+        if self.host_memory_gb is not None:
+            _positive("estimate", host_memory_gb=self.host_memory_gb)
 
 
 # -------------------------------------------------------------------------------------------- the job

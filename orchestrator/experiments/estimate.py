@@ -19,9 +19,10 @@ and an fp32 master copy of the parameter partition even in fp32 training (+4Ψ/N
 runs DeepSpeed's BF16_Optimizer, which accumulates gradients in an unpartitioned fp32 buffer
 (+4Ψ, beside the bf16 gradients, +2Ψ). Offloading moves
 the sharded terms to host memory. Transformers add activations per micro-batch (Korthikanti et al.
-2022: s·b·h·(34 + 5·a·s/h) bytes per layer in 16-bit, twice that in fp32; with activation
-checkpointing each layer keeps only its 16-bit input, 2·s·b·h, and one layer is recomputed at a time)
-plus the fp32 logits and their gradient (8·s·b·V).
+2022: 34·s·b·h bytes per layer in 16-bit, twice that in fp32; their 5·a·s²·b term for the attention
+scores drops because the models use fused SDPA attention, which never stores the s×s matrix; with
+activation checkpointing each layer keeps only its input, 2·s·b·h, and one layer is recomputed at
+a time) plus the fp32 logits and their gradient (8·s·b·V).
 """
 
 from __future__ import annotations
@@ -114,9 +115,9 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, preci
     """Activation memory of one micro-batch on one rank (transformers only; None for other models)."""
     if shape.layers is None:
         return None
-    s, b, h, a = seq_len, micro_batch, shape.hidden, shape.heads
+    s, b, h = seq_len, micro_batch, shape.hidden
     width = 1 if precision is not Precision.fp32 else 2  # the formula counts 16-bit tensors
-    one_layer = s * b * h * (34 + 5 * a * s / h) * width
+    one_layer = s * b * h * 34 * width
     logits = 8 * s * b * shape.vocab
     if checkpointing:
         return int(shape.layers * 2 * s * b * h * width + one_layer + logits)
@@ -156,6 +157,7 @@ def estimate(config: Config) -> dict[str, Any]:
     shape = describe(config)
     settings = config.estimate
     limit = settings.device_memory_gb * GIB
+    host_limit = float("inf") if settings.host_memory_gb is None else settings.host_memory_gb * GIB
     checkpointing = config.strategy.activation_checkpointing
     seq_len = config.data.seq_len_or_none or 1
     rows = []
@@ -168,15 +170,19 @@ def estimate(config: Config) -> dict[str, Any]:
                 states = model_states(strategy, offload, precision, shape, n)  # noqa: B023
                 return states.device + activations[ac], states.host  # noqa: B023
 
+            def fits(n: int, ac: bool = checkpointing) -> bool:
+                device, host = per_rank(n, ac)
+                return device <= limit and host <= host_limit
+
             def smallest(ac: bool) -> int | None:
-                return next((n for n in SEARCH_WORLD_SIZES if per_rank(n, ac)[0] <= limit), None)
+                return next((n for n in SEARCH_WORLD_SIZES if fits(n, ac)), None)
 
             rows.append({
                 "strategy": strategy,
                 "offload": offload,
                 "precision": precision.value,
                 "world_sizes": {n: {"device_bytes": per_rank(n)[0], "host_bytes": per_rank(n)[1],
-                                    "fits": per_rank(n)[0] <= limit} for n in settings.world_sizes},
+                                    "fits": fits(n)} for n in settings.world_sizes},
                 "smallest_world_size": smallest(checkpointing),
                 "smallest_world_size_with_checkpointing": smallest(True),
             })
@@ -186,6 +192,7 @@ def estimate(config: Config) -> dict[str, Any]:
         "micro_batch_size": config.trainer.micro_batch_size,
         "seq_len": config.data.seq_len_or_none,
         "device_memory_gib": settings.device_memory_gb,
+        "host_memory_gib": settings.host_memory_gb,
         "activation_checkpointing": checkpointing,
         "activation_bytes": {p.value: {"without_checkpointing": activation_bytes(
             shape, micro_batch=config.trainer.micro_batch_size, seq_len=seq_len, precision=p, checkpointing=False),
@@ -203,7 +210,9 @@ def format_table(result: dict[str, Any], *, job: str) -> str:
         f"estimate: job={job}, model={result['model']}, {_count(shape['num_params'])} parameters "
         f"(largest layer {_count(shape['largest_layer_params'])}), micro-batch {result['micro_batch_size']}"
         + (f" x {result['seq_len']} tokens" if result["seq_len"] else "")
-        + f", {result['device_memory_gib']:g} GiB per device",
+        + f", {result['device_memory_gib']:g} GiB per device"
+        + (f", {result['host_memory_gib']:g} GiB host memory per rank" if result["host_memory_gib"] else
+           " (host memory not checked: estimate.host_memory_gb)"),
     ]
     for precision, acts in result["activation_bytes"].items():
         if acts["without_checkpointing"] is not None:

@@ -84,6 +84,9 @@ CASES = {
     "deepspeed override against the job": (["strategy=zero2", "+strategy.deepspeed_overrides.gradient_clipping=2.0"],
                                            ("strategy.deepspeed_overrides.gradient_clipping=2.0 contradicts the job "
                                             "(which sets 1.0); set trainer.grad_clip instead")),
+    "deepspeed batch size against the job": (["strategy=zero1", "+strategy.deepspeed_overrides.train_micro_batch_size_per_gpu=3"],
+                                             ("strategy.deepspeed_overrides.train_micro_batch_size_per_gpu=3 contradicts "
+                                              "the job (which sets 8); set trainer.micro_batch_size instead")),
     "resume from another strategy": (["strategy=zero3", lambda tmp: f"trainer.resume={_checkpoint(tmp, strategy='ddp')}"],
                                      "written by strategy=ddp, which strategy=zero3 cannot resume from"),
     "zero resume at another world size": (["strategy=zero2",

@@ -60,7 +60,8 @@ class FSDP2Strategy(TorchStrategy):
             mesh=init_device_mesh(self.dist.device.type, (self.dist.world_size,)),
             reshard_after_forward=self.cfg.reshard_after_forward,
             mp_policy=self._mixed_precision(),
-            offload_policy=CPUOffloadPolicy() if offload else OffloadPolicy(),
+            # Pinned host memory speeds host-device copies; there is nothing to pin for without a GPU.
+            offload_policy=CPUOffloadPolicy(pin_memory=self.dist.device.type == "cuda") if offload else OffloadPolicy(),
         )
         for block in blocks:
             fully_shard(block, **shard)

@@ -172,3 +172,27 @@ def test_activation_checkpointing_then_compile_per_block_trains_the_same_model(t
     match eager execution's up to the compiled kernels' float reordering."""
     for name, (eager, compiled) in run_ranks(_eager_and_compiled, str(tmp_path))[0].items():
         assert compiled == pytest.approx(eager, rel=1e-5), name
+
+
+FSDP2_OPTIONS = {
+    "offload": ("strategy.offload_params=cpu",),
+    "keep gathered": ("strategy.reshard_after_forward=false",),
+    "meta init": ("strategy.init_device=meta",),
+}
+
+
+def _fsdp2_options(dist: DistContext, root: str) -> dict[str, list[float]]:
+    runs = {"ddp": _train(dist, "ddp", f"{root}/ddp", steps=3, save_at=None, restore=False)}
+    for label, extra in FSDP2_OPTIONS.items():
+        runs[label] = _train(dist, "fsdp2", f"{root}/{label}", steps=3, save_at=None, restore=False, extra=extra)
+    return runs
+
+
+def test_fsdp2_options_train_the_same_model_as_ddp(tmp_path: Path) -> None:
+    """CPU offload (CPUOffloadPolicy) and keeping parameters gathered between forward and backward
+    change where tensors live, not the arithmetic. Meta-device init draws each shard's weights
+    itself, so it trains a differently initialized model: it must learn, not match."""
+    runs = run_ranks(_fsdp2_options, str(tmp_path))[0]
+    for label in ("offload", "keep gathered"):
+        assert runs[label] == pytest.approx(runs["ddp"], rel=1e-5), label
+    assert runs["meta init"][-1] < runs["meta init"][0]

@@ -541,6 +541,35 @@ class LocalLauncherConfig(LauncherConfig):
     num_workers: int = 2
 
 
+class Placement(str, Enum):
+    """How Ray places the workers' bundles on nodes (a placement group strategy)."""
+
+    PACK = "PACK"
+    SPREAD = "SPREAD"
+    STRICT_PACK = "STRICT_PACK"
+    STRICT_SPREAD = "STRICT_SPREAD"
+
+
+@dataclass(kw_only=True)
+class RayLauncherConfig(LauncherConfig):
+    """Ray Train's ``TorchTrainer`` running the same worker function as ``launcher=local``.
+
+    ``address`` null starts an embedded Ray sized to this machine for the run; ``auto`` or
+    ``host:port`` joins a running cluster. Each worker asks Ray for ``cpus_per_worker`` CPUs (and one
+    GPU when the job trains on CUDA), placed by ``placement``.
+    """
+
+    name: str = "ray"
+    num_workers: int = 2
+    address: Optional[str] = None
+    cpus_per_worker: float = 1.0
+    placement: Placement = Placement.PACK
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _positive("launcher", cpus_per_worker=self.cpus_per_worker)
+
+
 @dataclass(kw_only=True)
 class LoggerConfig:
     """What rank 0 records. ``metrics.jsonl``, ``resources.jsonl`` and ``summary.json`` are always written."""

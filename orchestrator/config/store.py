@@ -35,7 +35,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "optim": {"optim": schema.OptimConfig},
     "scheduler": {"scheduler": schema.SchedulerConfig},
     "trainer": {"trainer": schema.TrainerConfig},
-    "launcher": {"local": schema.LocalLauncherConfig},
+    "launcher": {"local": schema.LocalLauncherConfig, "ray": schema.RayLauncherConfig},
     "logger": {"logger": schema.LoggerConfig},
 }
 

@@ -27,9 +27,16 @@ def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
     return launch_local(config, run_dir)
 
 
+def _launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
+    from orchestrator.launch.ray import launch_ray
+
+    return launch_ray(config, run_dir)
+
+
 # Each launcher runs the job's workers to completion and returns rank 0's summary.
 LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
     "local": _launch_local,
+    "ray": _launch_ray,
 }
 
 

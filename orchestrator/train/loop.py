@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -65,10 +65,14 @@ class Trainer:
         run_dir: the run directory (shared by all ranks).
         dist: this worker's ranks and device (process group already initialized).
         restarts: how many times the launcher restarted the workers; a restart resumes this run.
+        on_checkpoint: called on every rank after each complete checkpoint, with its directory and
+            step (Ray Train registers it, so a restart knows where the run stands).
     """
 
-    def __init__(self, config: Config, *, run_dir: Path, dist: DistContext, restarts: int) -> None:
+    def __init__(self, config: Config, *, run_dir: Path, dist: DistContext, restarts: int,
+                 on_checkpoint: Callable[[Path, int], None] | None = None) -> None:
         self.config, self.run_dir, self.dist, self.restarts = config, run_dir, dist, restarts
+        self.on_checkpoint = on_checkpoint
         trainer = config.trainer
         self.data = load_data(config.data)
         spec = self.data.spec
@@ -104,6 +108,11 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------ the loop
 
+    def _save(self) -> None:
+        directory = self.checkpointer.save(self.state.step, asdict(self.state))
+        if self.on_checkpoint is not None:
+            self.on_checkpoint(directory, self.state.step)
+
     def fit(self) -> dict[str, Any]:
         """Trains to the end; returns the run summary (``failed`` with the reason for a training error)."""
         trainer = self.config.trainer
@@ -130,12 +139,12 @@ class Trainer:
                 if trainer.eval_every and step % trainer.eval_every == 0:
                     self._evaluate(tracker)
                 if trainer.checkpoint.every and step % trainer.checkpoint.every == 0:
-                    self.checkpointer.save(step, asdict(self.state))
+                    self._save()
                     last_saved = step
             if trainer.eval_every and self.state.step % trainer.eval_every != 0:
                 self._evaluate(tracker)
             if trainer.checkpoint.at_end and last_saved != self.state.step:
-                self.checkpointer.save(self.state.step, asdict(self.state))
+                self._save()
         except TrainingError as exc:
             return self._summary(wall_s=time.perf_counter() - started, error=str(exc))
         finally:

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import torch
 
@@ -18,19 +18,28 @@ from orchestrator.logs import configure_logging
 from orchestrator.train.loop import Trainer
 
 
-def run_worker(config: Config, run_dir: str) -> dict[str, Any]:
+def run_worker(config: Config, run_dir: str, *, restarts: int | None = None,
+               on_checkpoint: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
     """Trains ``config`` as one rank of the job; returns the run summary (the same on every rank).
 
     Errors that a restart cannot fix (a non-finite loss, weights that do not fit) come back as a
     ``failed`` summary instead of an exception, so the launcher does not burn restarts on them; a
     crash (a killed process, an out-of-memory) raises, and the launcher restarts or fails the job.
+
+    Args:
+        config: the job.
+        run_dir: the run directory, shared by all ranks.
+        restarts: how many times the workers were restarted (torch elastic's count when None).
+        on_checkpoint: see ``Trainer``.
     """
     dist = DistContext.from_env(config.trainer.device)
     _setup_process(config, dist)
     dist.init_process_group()
-    restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
+    if restarts is None:
+        restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     try:
-        return Trainer(config, run_dir=Path(run_dir), dist=dist, restarts=restarts).fit()
+        return Trainer(config, run_dir=Path(run_dir), dist=dist, restarts=restarts,
+                       on_checkpoint=on_checkpoint).fit()
     except (TrainingError, UserError) as exc:
         return {"status": "failed", "error": str(exc), "restarts": restarts}
     finally:

@@ -7,8 +7,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+from pathlib import Path
 
-from orchestrator.config.schema import Config, Device
+from orchestrator.config.schema import Config, Device, RayLauncherConfig
 from orchestrator.data.paths import check_data_paths
 from orchestrator.errors import UserError
 from orchestrator.train.manifest import candidates
@@ -24,7 +26,10 @@ def check_environment(config: Config) -> None:
         candidates(config.trainer.init_from, key="trainer.init_from")
     if config.model.name == "hf" and importlib.util.find_spec("transformers") is None:
         raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'")
-    if config.launcher.name == "local":
+    launcher = config.launcher
+    if isinstance(launcher, RayLauncherConfig) and launcher.address is not None:
+        _check_ray_address(launcher.address)
+    else:  # workers on this machine: torch elastic, or an embedded Ray sized to it
         _check_local_capacity(config)
 
 
@@ -66,3 +71,32 @@ def _check_local_capacity(config: Config) -> None:
     if workers > cores:
         raise UserError(f"launcher.num_workers={workers} exceeds this machine's {cores} CPU cores "
                         f"(one worker per core at least); use launcher.num_workers<={cores}")
+    launcher = config.launcher
+    if isinstance(launcher, RayLauncherConfig) and workers * launcher.cpus_per_worker > cores:
+        # Ray would wait forever for CPUs an embedded cluster on this machine never has.
+        raise UserError(f"launcher.num_workers={workers} x launcher.cpus_per_worker={launcher.cpus_per_worker:g} "
+                        f"needs {workers * launcher.cpus_per_worker:g} CPUs; this machine has {cores}")
+
+
+# Where `ray start` records the running cluster's address on this machine.
+RAY_CURRENT_CLUSTER = Path("/tmp/ray/ray_current_cluster")
+PROBE_TIMEOUT_S = 5.0
+
+
+def _check_ray_address(address: str) -> None:
+    """A cluster must answer at ``address`` (host:port of its GCS, or ``auto``) within seconds."""
+    key = f"launcher.address={address}"
+    if address == "auto":
+        found = os.environ.get("RAY_ADDRESS") or (
+            RAY_CURRENT_CLUSTER.read_text().strip() if RAY_CURRENT_CLUSTER.exists() else "")
+        if not found:
+            raise UserError(f"{key}: no Ray cluster is running on this machine (no RAY_ADDRESS, no "
+                            f"{RAY_CURRENT_CLUSTER}); start one with `ray start --head` or give host:port")
+        address = found
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise UserError(f"{key}: expected host:port of a Ray cluster's head (GCS), or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
+    except OSError as exc:
+        raise UserError(f"{key}: no Ray cluster answers there ({exc.strerror or exc})") from None

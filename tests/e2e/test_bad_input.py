@@ -87,6 +87,13 @@ CASES = {
     "deepspeed batch size against the job": (["strategy=zero1", "+strategy.deepspeed_overrides.train_micro_batch_size_per_gpu=3"],
                                              ("strategy.deepspeed_overrides.train_micro_batch_size_per_gpu=3 contradicts "
                                               "the job (which sets 8); set trainer.micro_batch_size instead")),
+    # Ray
+    "ray cluster unreachable": (["launcher=ray", "launcher.address=127.0.0.1:1"],
+                                "launcher.address=127.0.0.1:1: no Ray cluster answers there"),
+    "ray address without a port": (["launcher=ray", "launcher.address=headnode"],
+                                   "launcher.address=headnode: expected host:port"),
+    "ray workers beyond the machine": (["launcher=ray", "launcher.cpus_per_worker=2"],
+                                       "launcher.num_workers=2 x launcher.cpus_per_worker=2 needs 4 CPUs"),
     "resume from another strategy": (["strategy=zero3", lambda tmp: f"trainer.resume={_checkpoint(tmp, strategy='ddp')}"],
                                      "written by strategy=ddp, which strategy=zero3 cannot resume from"),
     "zero resume at another world size": (["strategy=zero2",

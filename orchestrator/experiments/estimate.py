@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import sys
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.config.schema import Config, GPTConfig, HFConfig, Precision
 
@@ -156,35 +156,32 @@ def estimate(config: Config) -> dict[str, Any]:
     """Every strategy x offload x precision: per-rank bytes at each world size, and the smallest that fits."""
     shape = describe(config)
     settings = config.estimate
-    limit = settings.device_memory_gb * GIB
-    host_limit = float("inf") if settings.host_memory_gb is None else settings.host_memory_gb * GIB
     checkpointing = config.strategy.activation_checkpointing
-    seq_len = config.data.seq_len_or_none or 1
-    rows = []
     precisions = [Precision.fp32, Precision.bf16] + ([Precision.fp16] if config.trainer.precision is Precision.fp16 else [])
+    activations = {
+        precision: {ac: activation_bytes(shape, micro_batch=config.trainer.micro_batch_size,
+                                         seq_len=config.data.seq_len_or_none or 1, precision=precision,
+                                         checkpointing=ac) for ac in (False, True)}
+        for precision in precisions
+    }
+    budget = _Budget(device=settings.device_memory_gb * GIB,
+                     host=float("inf") if settings.host_memory_gb is None else settings.host_memory_gb * GIB)
+    rows = []
     for precision in precisions:
-        activations = {ac: activation_bytes(shape, micro_batch=config.trainer.micro_batch_size, seq_len=seq_len,
-                                            precision=precision, checkpointing=ac) or 0 for ac in (False, True)}
         for strategy, offload in PLANS:
-            def per_rank(n: int, ac: bool = checkpointing) -> tuple[int, int]:
-                states = model_states(strategy, offload, precision, shape, n)  # noqa: B023
-                return states.device + activations[ac], states.host  # noqa: B023
+            def per_rank(n: int, ac: bool, plan=(strategy, offload, precision)) -> tuple[int, int]:
+                states = model_states(*plan, shape, n)
+                return states.device + (activations[plan[2]][ac] or 0), states.host
 
-            def fits(n: int, ac: bool = checkpointing) -> bool:
-                device, host = per_rank(n, ac)
-                return device <= limit and host <= host_limit
-
-            def smallest(ac: bool) -> int | None:
-                return next((n for n in SEARCH_WORLD_SIZES if fits(n, ac)), None)
-
+            at = {n: per_rank(n, checkpointing) for n in settings.world_sizes}
             rows.append({
                 "strategy": strategy,
                 "offload": offload,
                 "precision": precision.value,
-                "world_sizes": {n: {"device_bytes": per_rank(n)[0], "host_bytes": per_rank(n)[1],
-                                    "fits": fits(n)} for n in settings.world_sizes},
-                "smallest_world_size": smallest(checkpointing),
-                "smallest_world_size_with_checkpointing": smallest(True),
+                "world_sizes": {n: {"device_bytes": device, "host_bytes": host, "fits": budget.fits(device, host)}
+                                for n, (device, host) in at.items()},
+                "smallest_world_size": budget.smallest(lambda n: per_rank(n, checkpointing)),
+                "smallest_world_size_with_checkpointing": budget.smallest(lambda n: per_rank(n, True)),
             })
     return {
         "model": config.model.name,
@@ -194,13 +191,25 @@ def estimate(config: Config) -> dict[str, Any]:
         "device_memory_gib": settings.device_memory_gb,
         "host_memory_gib": settings.host_memory_gb,
         "activation_checkpointing": checkpointing,
-        "activation_bytes": {p.value: {"without_checkpointing": activation_bytes(
-            shape, micro_batch=config.trainer.micro_batch_size, seq_len=seq_len, precision=p, checkpointing=False),
-            "with_checkpointing": activation_bytes(shape, micro_batch=config.trainer.micro_batch_size,
-                                                   seq_len=seq_len, precision=p, checkpointing=True)}
-            for p in (Precision.fp32, Precision.bf16)},
+        "activation_bytes": {precision.value: {"without_checkpointing": by_ac[False], "with_checkpointing": by_ac[True]}
+                             for precision, by_ac in activations.items()},
         "rows": rows,
     }
+
+
+@dataclass(frozen=True)
+class _Budget:
+    """Per-rank memory limits, device and host, in bytes."""
+
+    device: float
+    host: float
+
+    def fits(self, device: int, host: int) -> bool:
+        return device <= self.device and host <= self.host
+
+    def smallest(self, per_rank: Callable[[int], tuple[int, int]]) -> int | None:
+        """The smallest power-of-two world size at which ``per_rank(n)`` fits."""
+        return next((n for n in SEARCH_WORLD_SIZES if self.fits(*per_rank(n))), None)
 
 
 def format_table(result: dict[str, Any], *, job: str) -> str:

@@ -71,7 +71,7 @@ def _connect(launcher: RayLauncherConfig) -> bool:
     os.environ.update({key: value for key, value in _QUIET.items() if key not in os.environ})
     if ray.is_initialized():
         return False
-    env_vars = {key: value for key, value in _QUIET.items()}
+    env_vars = dict(_QUIET)
     if launcher.address is None:
         # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls;
         # it listens on loopback only.

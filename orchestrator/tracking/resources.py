@@ -45,7 +45,7 @@ def peak_rss_bytes() -> int:
             for line in status:
                 if line.startswith("VmHWM:"):
                     return int(line.split()[1]) * 1024
-    except OSError:
+    except OSError:  # no /proc (macOS): fall back to getrusage
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak if sys.platform == "darwin" else peak * 1024  # macOS reports bytes, Linux KiB
@@ -82,6 +82,6 @@ def _nvml_sample(handle: Any) -> dict[str, Any]:
         record["gpu_util_pct"] = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
         record["gpu_mem_used_bytes"] = pynvml.nvmlDeviceGetMemoryInfo(handle).used
         record["gpu_power_w"] = pynvml.nvmlDeviceGetPowerUsage(handle) / 1000.0
-    except pynvml.NVMLError:
+    except pynvml.NVMLError:  # a GPU that stops answering: keep what was read
         pass
     return record

@@ -49,6 +49,13 @@ def last_step(run_dir: Path) -> int:
     return max(losses, default=0)
 
 
+def kill_one_worker(process: subprocess.Popen) -> None:
+    """SIGKILLs one of the run's worker processes (the launcher's spawned children), not the launcher."""
+    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
+               if any("spawn_main" in part for part in p.cmdline())]
+    workers[0].kill()
+
+
 def kill_group(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
@@ -144,9 +151,7 @@ def test_too_many_failures_fail_the_run_with_the_reason(tmp_path: Path, cache_di
     run_dir = tmp_path / "run"
     process = start(job(cache_dir, run_dir), tmp_path)  # max_restarts=0
     wait_for(process, lambda: last_step(run_dir) >= 5, what="step 5")
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if any("spawn_main" in part for part in p.cmdline())]
-    workers[0].kill()
+    kill_one_worker(process)
     assert process.wait(timeout=120) == 1
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "SIGKILL" in summary["error"]
@@ -191,9 +196,7 @@ def test_a_restart_before_the_first_save_resumes_from_the_named_checkpoint_again
     process = start(job(cache_dir, run_dir, f"trainer.resume={source}", "trainer.max_restarts=1",
                         "trainer.checkpoint.every=1000"), tmp_path)
     wait_for(process, lambda: last_step(run_dir) >= 25, what="step 25")
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if any("spawn_main" in part for part in p.cmdline())]
-    workers[0].kill()
+    kill_one_worker(process)
     assert process.wait(timeout=180) == 0
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["restarts"] == 1 and summary["resumed_from_step"] == 20 and summary["steps"] == MAX_STEPS

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from orchestrator import __version__
 from orchestrator.errors import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.config.schema import Config
 
 USAGE = f"""orchestrator {__version__}: distributed PyTorch training from one Hydra config
 
@@ -28,6 +31,11 @@ commands:
                                           orchestrator verify verify.strategies=[ddp,fsdp2,zero1,zero2,zero3]
   estimate per-rank memory of the job under every strategy, and the world size it needs
                                           orchestrator estimate job=llama3_70b_zero3 estimate.world_sizes=[8,64] [--json]
+  cluster  a token-authenticated Ray cluster of several nodes on this machine
+                                          orchestrator cluster up --nodes 3 | status | down
+  submit   the job to a Ray cluster (Job Submission API); -m submits one job per point
+                                          orchestrator submit cluster=local job=gpt_tiny_cpu [--follow]
+  jobs     the cluster's jobs              orchestrator jobs list | status ID | logs ID [--follow] | stop ID
 """
 
 _HYDRA_INFO_FLAGS = ("help", "hydra_help", "info", "shell_completion")
@@ -43,7 +51,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     command = COMMANDS.get(args[0])
     if command is None:
-        print(f"error: unknown command {args[0]!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+        public = [name for name in COMMANDS if name != "run-submitted"]
+        print(f"error: unknown command {args[0]!r}; commands: {', '.join(public)}", file=sys.stderr)
         return 2
     try:
         return command(args[1:])
@@ -57,13 +66,18 @@ def train_command(args: list[str]) -> int:
     from hydra._internal.utils import get_args_parser
 
     parsed = get_args_parser().parse_args(args)
+    sweeper = _search_sweeper(parsed.overrides) if parsed.multirun else None
     if not any(getattr(parsed, flag) for flag in _HYDRA_INFO_FLAGS):
-        for overrides in _sweep_points(parsed.overrides, multirun=parsed.multirun):
-            _precheck(overrides, prepare=parsed.cfg is None)
-    return _run_hydra(args)
+        points = (_search_points(parsed.overrides) if sweeper
+                  else _sweep_points(parsed.overrides, multirun=parsed.multirun))
+        for overrides in points:
+            config = _precheck(overrides, prepare=parsed.cfg is None)
+            if sweeper and not config.trainer.eval_every:
+                raise UserError(f"hydra/sweeper={sweeper} minimizes the final eval loss: set trainer.eval_every > 0")
+    return _run_hydra(args, search=sweeper is not None)
 
 
-def _precheck(overrides: list[str], *, prepare: bool) -> None:
+def _precheck(overrides: list[str], *, prepare: bool) -> Config:
     from orchestrator.config.checks import check_environment
     from orchestrator.config.compose import compose, to_config
 
@@ -73,6 +87,7 @@ def _precheck(overrides: list[str], *, prepare: bool) -> None:
         from orchestrator.launch.preflight import preflight
 
         preflight(config)
+    return config
 
 
 def _sweep_points(overrides: list[str], *, multirun: bool) -> list[list[str]]:
@@ -80,21 +95,80 @@ def _sweep_points(overrides: list[str], *, multirun: bool) -> list[list[str]]:
     if not multirun:
         return [overrides]
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.core.override_parser.overrides_parser import OverridesParser
     from hydra.errors import HydraException
 
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-        batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+        batches = BasicSweeper.split_arguments(_parse_overrides(overrides), max_batch_size=None)
     except HydraException as exc:
         raise UserError(str(exc).strip().splitlines()[0]) from None
     return [list(point) for batch in batches for point in batch]
 
 
+def _search_sweeper(overrides: list[str]) -> str | None:
+    """The sweeper the command line picks (``hydra/sweeper=optuna``), unless it is Hydra's basic one."""
+    for override in _parse_overrides(overrides):
+        if override.key_or_group == "hydra/sweeper" and override.value() != "basic":
+            return str(override.value())
+    return None
+
+
+def _search_points(overrides: list[str]) -> list[list[str]]:
+    """What to check before a search whose points are sampled as it goes: every dimension at its first
+    value, then each other choice and each end the sampler can reach, one dimension at a time."""
+    import warnings
+
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
+    from optuna.distributions import LogUniformDistribution, UniformDistribution
+
+    dimensions: list[list[str]] = []
+    for override in _parse_overrides(overrides):
+        if override.key_or_group == "hydra.sweeper.storage" and override.value() is not None:
+            _check_study_storage()
+        if not override.is_sweep_override():
+            dimensions.append([override.input_line])
+            continue
+        try:
+            with warnings.catch_warnings():  # Optuna warns about an uneven step; the search warns again
+                warnings.simplefilter("ignore")
+                space = create_optuna_distribution_from_override(override)
+        except Exception as exc:  # the plugin asserts on glob(); Optuna raises ValueError on reversed ends
+            raise UserError(f"{override.input_line}: not a search space ({exc or 'use choice, range or interval'})")
+        if hasattr(space, "choices"):
+            values = list(space.choices)
+        elif isinstance(space, (UniformDistribution, LogUniformDistribution)):
+            values = [space.low]  # a float interval is sampled from [low, high): high itself never runs
+        else:
+            values = [space.low, space.high]
+        dimensions.append([f"{override.get_key_element()}={value}" for value in values])
+    base = [values[0] for values in dimensions]
+    return [base] + [base[:i] + [value] + base[i + 1:]
+                     for i, values in enumerate(dimensions) for value in values[1:]]
+
+
+def _check_study_storage() -> None:
+    from importlib.metadata import version
+
+    # The sweeper plugin takes optuna < 3, whose database storage fails an assertion under SQLAlchemy 2.
+    installed = version("sqlalchemy")
+    if int(installed.split(".")[0]) >= 2:
+        raise UserError(f"hydra.sweeper.storage: Optuna {version('optuna')} keeps studies in a database only with "
+                        f"SQLAlchemy < 2 (installed: {installed}); leave it unset for an in-memory study")
+
+
+def _parse_overrides(overrides: list[str]) -> list[Any]:
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    try:
+        return OverridesParser.create().parse_overrides(overrides)
+    except HydraException as exc:
+        raise UserError(str(exc).strip().splitlines()[0]) from None
+
+
 _failed_runs: list[str] = []
 
 
-def _run_hydra(args: list[str]) -> int:
+def _run_hydra(args: list[str], *, search: bool = False) -> int:
     import hydra
 
     from orchestrator.config.compose import CONF_DIR
@@ -108,33 +182,53 @@ def _run_hydra(args: list[str]) -> int:
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_train_task)()
     finally:
         sys.argv = saved_argv
-    return 1 if _failed_runs else 0
+    # A search that returns has found a best point: its failed trials are results (Optuna state FAIL,
+    # summary.json status failed), not errors. With no trial completed the sweeper itself exits 1.
+    return 1 if _failed_runs and not search else 0
 
 
 def _train_task(cfg: Any) -> float | None:
-    """Hydra's task function: one run, in the run dir Hydra made. Returns the final eval loss (for sweepers)."""
+    """Hydra's task function: one run, in the run dir Hydra made.
+
+    Returns the final eval loss, the objective of a search sweeper; None where there is none, which the
+    Optuna sweeper records as a failed trial (state FAIL) before it samples the next point.
+    """
+    import json
+    import math
+
     from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from orchestrator.config.compose import to_config
-    from orchestrator.launch import run_job
+    from orchestrator.fsutil import write_atomic
+    from orchestrator.launch import SUMMARY_FILE, run_job
     from orchestrator.logs import configure_logging
 
     configure_logging()
     hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         summary = run_job(
             to_config(cfg),
-            run_dir=Path(hydra_cfg.runtime.output_dir),
+            run_dir=run_dir,
             resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
             job_name=hydra_cfg.runtime.choices.get("job"),
         )
     except UserError as exc:  # found only once Hydra named the run dir: still before any worker
         print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
+        if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.runtime.choices.get("hydra/sweeper") == "basic":
+            sys.exit(2)
+        # A sampled point the schema rejects (the checks saw only the ends) is a failed trial.
+        summary = {"status": "failed", "error": str(exc), "run_dir": str(run_dir)}
+        if not (run_dir / SUMMARY_FILE).exists():
+            write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
     if summary["status"] != "completed":
         _failed_runs.append(summary["run_dir"])
-    return summary.get("final_eval_loss")
+        return None  # a failed run's summary still holds the eval loss of its last eval: not an objective
+    loss = summary.get("final_eval_loss")
+    # Optuna's tell() rejects NaN and the sweeper would stop; None is a failed trial.
+    return loss if loss is not None and math.isfinite(loss) else None
 
 
 def verify_command(args: list[str]) -> int:
@@ -159,8 +253,37 @@ def estimate_command(args: list[str]) -> int:
     return run_estimate(args)
 
 
+def cluster_command(args: list[str]) -> int:
+    from orchestrator.cluster.commands import cluster_command as run
+
+    return run(args)
+
+
+def submit_command(args: list[str]) -> int:
+    from orchestrator.cluster.commands import submit_command as run
+
+    return run(args)
+
+
+def jobs_command(args: list[str]) -> int:
+    from orchestrator.cluster.commands import jobs_command as run
+
+    return run(args)
+
+
+def run_submitted_command(args: list[str]) -> int:
+    """The entrypoint of a job ``submit`` sent to a cluster (not for direct use)."""
+    from orchestrator.cluster.commands import run_submitted_command as run
+
+    return run(args)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
     "verify": verify_command,
     "estimate": estimate_command,
+    "cluster": cluster_command,
+    "submit": submit_command,
+    "jobs": jobs_command,
+    "run-submitted": run_submitted_command,
 }

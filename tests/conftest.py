@@ -26,9 +26,10 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture
 def tiny_overrides(cache_dir: Path) -> list[str]:
-    """A 2-worker DDP GPT job that trains in a few seconds on two CPU cores."""
+    """A 2-worker DDP GPT job that trains in a few seconds on two CPU cores (torch elastic: no Ray start-up)."""
     return [
         "job=gpt_tiny_cpu",
+        "launcher=local",
         f"data.cache_dir={cache_dir}",
         "data.max_bytes=400000",
         "data.seq_len=32",
@@ -40,3 +41,13 @@ def tiny_overrides(cache_dir: Path) -> list[str]:
         "trainer.checkpoint.every=10",
         "logger.progress=false",
     ]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[int, float]:
+    """step -> loss of the resume tests' job run start to end without interruption (launcher=local)."""
+    from tests.helpers import resume_job, run_cli, train_losses
+
+    root = tmp_path_factory.mktemp("uninterrupted")
+    run_cli(*resume_job(cache_dir, root / "run"), cwd=root, check=True)
+    return train_losses(root / "run")

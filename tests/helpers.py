@@ -30,3 +30,17 @@ def read_jsonl(path: Path) -> list[dict]:
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from a run's metrics.jsonl."""
     return {r["step"]: r["loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+
+
+MAX_STEPS = 40
+
+
+def resume_job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
+    """A 2-rank DDP GPT with dropout (so RNG state matters), a checkpoint every 10 steps: the resume tests' job."""
+    return [
+        "train", "job=gpt_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
+        "data.seq_len=64", "model.dropout=0.1", f"trainer.max_steps={MAX_STEPS}", "trainer.global_batch_size=16",
+        "trainer.micro_batch_size=4", "trainer.eval_every=20", "trainer.eval_batches=2",
+        "trainer.checkpoint.every=10", "scheduler.warmup_steps=5", "logger.progress=false",
+        f"hydra.run.dir={run_dir}", *extra,
+    ]

@@ -10,7 +10,7 @@ import os
 import socket
 from pathlib import Path
 
-from orchestrator.config.schema import Config, Device, RayLauncherConfig
+from orchestrator.config.schema import Config, Device, JobConfig, JobKind, RayLauncherConfig
 from orchestrator.data.paths import check_data_paths
 from orchestrator.errors import UserError
 from orchestrator.train.manifest import candidates
@@ -18,6 +18,27 @@ from orchestrator.train.manifest import candidates
 
 def check_environment(config: Config) -> None:
     """Raises UserError for input this machine cannot serve: paths, checkpoints, workers, extras."""
+    if config.job.kind is JobKind.script:
+        _check_script(config.job)
+    else:
+        _check_training_inputs(config)
+    launcher = config.launcher
+    if isinstance(launcher, RayLauncherConfig) and launcher.address is not None:
+        _check_ray_address(launcher.address)
+    else:  # workers on this machine: torch elastic, or an embedded Ray sized to it
+        _check_local_capacity(config)
+
+
+def _check_script(job: JobConfig) -> None:
+    assert job.script is not None  # the schema requires it for script jobs
+    path = Path(job.script).expanduser()
+    if not path.is_file():
+        reason = "a directory, not a file" if path.is_dir() else "no such file"
+        where = "" if path.is_absolute() else f" (relative to the current directory, {Path.cwd()})"
+        raise UserError(f"job.script={job.script}: {reason}{where}")
+
+
+def _check_training_inputs(config: Config) -> None:
     check_data_paths(config.data)
     # Existence only: verifying (hashing) a checkpoint and matching it to the model is the preflight's job.
     if config.trainer.resume not in ("auto", "never"):
@@ -26,11 +47,6 @@ def check_environment(config: Config) -> None:
         candidates(config.trainer.init_from, key="trainer.init_from")
     if config.model.name == "hf" and importlib.util.find_spec("transformers") is None:
         raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'")
-    launcher = config.launcher
-    if isinstance(launcher, RayLauncherConfig) and launcher.address is not None:
-        _check_ray_address(launcher.address)
-    else:  # workers on this machine: torch elastic, or an embedded Ray sized to it
-        _check_local_capacity(config)
 
 
 def visible_gpu_count() -> int:
@@ -100,3 +116,26 @@ def _check_ray_address(address: str) -> None:
         socket.create_connection((host, int(port)), timeout=PROBE_TIMEOUT_S).close()
     except OSError as exc:
         raise UserError(f"{key}: no Ray cluster answers there ({exc.strerror or exc})") from None
+    # Something listens; a Ray GCS answers its cluster id at once, anything else fails the same call
+    # (ray.init itself would retry for a minute).
+    error = _gcs_error(f"{host}:{port}")
+    if error:
+        raise UserError(f"{key}: no Ray cluster answers there ({error})")
+
+
+def _gcs_error(address: str) -> str | None:
+    """Why the Ray GCS at ``address`` does not answer, or None when it does. Ray's C++ log line is muted."""
+    import ray._raylet
+
+    stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        ray._raylet.GcsClient(address=address)
+    except Exception as exc:  # RpcError, AuthenticationError: whatever it is, it is not a usable GCS
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+    return None

@@ -52,6 +52,22 @@ def to_config(cfg: DictConfig) -> Config:
     return config
 
 
+def load_resolved(text: str) -> Config:
+    """A resolved config (a run's config.yaml, a submitted job's) back to the typed schema, checked again."""
+    from orchestrator.config.store import SCHEMAS, schema_for
+
+    raw = OmegaConf.create(text)
+    cfg = OmegaConf.structured(Config)
+    for group in SCHEMAS:
+        if group in raw:
+            cfg[group] = OmegaConf.structured(schema_for(group, raw[group].get("name")))
+    try:
+        cfg = OmegaConf.merge(cfg, raw)
+    except OmegaConfBaseException as exc:
+        raise UserError(describe_error(exc)) from None
+    return to_config(cfg)
+
+
 def describe_error(exc: BaseException) -> str:
     """One line naming the key and what is allowed, from a Hydra or OmegaConf exception."""
     cause = exc

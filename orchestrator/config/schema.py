@@ -556,7 +556,9 @@ class RayLauncherConfig(LauncherConfig):
 
     ``address`` null starts an embedded Ray sized to this machine for the run; ``auto`` or
     ``host:port`` joins a running cluster. Each worker asks Ray for ``cpus_per_worker`` CPUs (and one
-    GPU when the job trains on CUDA), placed by ``placement``.
+    GPU when the job trains on CUDA), placed by ``placement``. When the cluster cannot place the
+    workers (at the start, or after a node is lost) the run waits ``capacity_timeout_s`` for capacity
+    to come back, then fails naming what is missing.
     """
 
     name: str = "ray"
@@ -564,10 +566,11 @@ class RayLauncherConfig(LauncherConfig):
     address: Optional[str] = None
     cpus_per_worker: float = 1.0
     placement: Placement = Placement.PACK
+    capacity_timeout_s: float = 120.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("launcher", cpus_per_worker=self.cpus_per_worker)
+        _positive("launcher", cpus_per_worker=self.cpus_per_worker, capacity_timeout_s=self.capacity_timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -577,6 +580,7 @@ class LoggerConfig:
     name: str = "jsonl"
     progress: bool = True
     resources_every: int = 10
+    group: Optional[str] = None  # runs of one sweep or experiment share it (set by `orchestrator submit -m`)
 
     def __post_init__(self) -> None:
         _positive("logger", resources_every=self.resources_every)
@@ -617,6 +621,46 @@ class EstimateConfig:
             _positive("estimate", host_memory_gb=self.host_memory_gb)
 
 
+# -------------------------------------------------------------------------------------- what runs
+
+
+class JobKind(str, Enum):
+    """What the workers run: the built-in training loop, or the user's own script."""
+
+    train = "train"
+    script = "script"
+
+
+# What every script worker gets from its launcher (torchrun's contract), plus the run dir.
+SCRIPT_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
+                   "ORCHESTRATOR_RUN_DIR")
+
+
+@dataclass(kw_only=True)
+class JobConfig:
+    """``kind=script`` runs ``python script args...`` on every worker instead of the training loop,
+    with the torchrun variables set, so a torchrun or Accelerate script runs unchanged. ``env`` adds
+    variables to the script's environment; it is saved in ``config.yaml``, so it is no place for secrets.
+    """
+
+    kind: JobKind = JobKind.train
+    script: Optional[str] = None
+    args: list[str] = field(default_factory=list)
+    env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.kind is JobKind.train:
+            _require(self.script is None and not self.args and not self.env,
+                     "job.script, job.args and job.env apply to script jobs only: add job.kind=script")
+            return
+        _require(bool(self.script and self.script.strip()),
+                 "job.kind=script needs job.script=PATH, the Python file every worker runs")
+        _require(self.script.endswith(".py"), f"job.script={self.script} is not a Python file (.py)")
+        for key in self.env:
+            _require(key not in SCRIPT_ENV_VARS, f"job.env.{key}: set by the launcher for each worker; "
+                                                 f"it cannot be overridden")
+
+
 # -------------------------------------------------------------------------------------------- the job
 
 
@@ -632,9 +676,12 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    job: JobConfig = field(default_factory=JobConfig)
     seed: int = 1337
 
     def __post_init__(self) -> None:
+        if self.job.kind is JobKind.script:
+            return  # the script brings its own model, data and batches: the rules below are the loop's
         model, data, trainer = self.model, self.data, self.trainer
         world = self.launcher.num_workers
         _require(

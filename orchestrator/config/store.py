@@ -10,6 +10,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
 from orchestrator.config import schema
+from orchestrator.errors import UserError
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {
@@ -38,6 +39,18 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "launcher": {"local": schema.LocalLauncherConfig, "ray": schema.RayLauncherConfig},
     "logger": {"logger": schema.LoggerConfig},
 }
+
+
+def schema_for(group: str, name: str | None) -> type:
+    """The schema dataclass of a group's option named ``name`` (``zero1`` is a ``zero`` strategy)."""
+    options = SCHEMAS[group]
+    if len(options) == 1:
+        return next(iter(options.values()))
+    if group == "strategy" and name and name.startswith("zero"):
+        name = "zero"
+    if name not in options:
+        raise UserError(f"{group}.name={name}: no such {group}; choose one of: {', '.join(options)}")
+    return options[name]
 
 
 def _or_default(value: object, default: str) -> object:

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import Config, JobKind
 from orchestrator.errors import LaunchError
 from orchestrator.fsutil import write_atomic
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
@@ -44,6 +44,8 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
             print_summary: bool = True) -> dict[str, Any]:
     """Trains ``config`` with its launcher, writes ``summary.json`` and prints the summary.
 
+    A script job (``job.kind=script``) runs the user's script instead: see ``launch/script.py``.
+
     Args:
         config: the validated job (the CLI has run the preflight checks).
         run_dir: the run directory; an existing one is continued per ``trainer.resume``.
@@ -56,6 +58,11 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
     """
     from orchestrator.launch.preflight import check_run_dir
 
+    if config.job.kind is JobKind.script:
+        from orchestrator.launch.script import run_script_job
+
+        return run_script_job(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
+                              print_summary=print_summary)
     check_run_dir(config, run_dir)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -11,11 +11,14 @@ import logging
 import os
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError
 from orchestrator.train.worker import run_worker
+
+if TYPE_CHECKING:
+    from torch.distributed.launcher.api import LaunchConfig
 
 
 def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
@@ -25,14 +28,25 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
         LaunchError: the workers crashed more often than ``trainer.max_restarts`` allows.
     """
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+    from torch.distributed.launcher.api import elastic_launch
+
+    try:
+        results = elastic_launch(launch_config(config), run_worker)(config, str(run_dir))
+    except ChildFailedError as exc:
+        raise LaunchError(first_failure(exc, config.trainer.max_restarts)) from None
+    return results[0]
+
+
+def launch_config(config: Config) -> LaunchConfig:
+    """torchrun ``--standalone``'s settings for the job's workers on this machine."""
+    from torch.distributed.launcher.api import LaunchConfig
 
     _condense_elastic_logs()
     # torch elastic shares one TCPStore across restart rounds by default, and the gloo addresses the
     # killed round published stay in it: a restarted rank can read a dead peer's address before the new
     # one overwrites it and fail to connect. A fresh store per round (rank 0 hosts it) has no stale keys.
     os.environ["TORCH_DISABLE_SHARE_RDZV_TCP_STORE"] = "1"
-    launch_config = LaunchConfig(
+    return LaunchConfig(
         min_nodes=1,
         max_nodes=1,
         nproc_per_node=config.launcher.num_workers,
@@ -43,11 +57,6 @@ def launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
         monitor_interval=0.1,
         start_method="spawn",
     )
-    try:
-        results = elastic_launch(launch_config, run_worker)(config, str(run_dir))
-    except ChildFailedError as exc:
-        raise LaunchError(_first_failure(exc, config.trainer.max_restarts)) from None
-    return results[0]
 
 
 class _OneLineFormatter(logging.Formatter):
@@ -67,7 +76,8 @@ def _condense_elastic_logs() -> None:
     elastic.propagate = False
 
 
-def _first_failure(exc: Any, max_restarts: int) -> str:
+def first_failure(exc: Any, max_restarts: int) -> str:
+    """One line for torch elastic's ``ChildFailedError``: the first rank that failed, and how."""
     rank, failure = exc.get_first_failure()
     if failure.exitcode < 0:
         reason = f"killed by {failure.signal_name()}"

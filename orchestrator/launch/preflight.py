@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.config.checks import uses_gpu
-from orchestrator.config.schema import Config, Precision, ZeroConfig
+from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
 from orchestrator.models import build_model
@@ -23,7 +23,10 @@ def preflight(config: Config) -> None:
     Catches, in the driver and in seconds, what only the built model can tell: a model that does not
     fit the data, a ``trainer.freeze`` name that is not a module, a ``trainer.resume`` or
     ``trainer.init_from`` checkpoint that is damaged, of another model, or of an unreadable format.
+    A script job brings its own model and data: nothing here applies to it.
     """
+    if config.job.kind is JobKind.script:
+        return
     if isinstance(config.strategy, ZeroConfig):
         _check_deepspeed(config)
     shapes = _model_shapes(config)

@@ -16,12 +16,20 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, RayLauncherConfig
 from orchestrator.errors import LaunchError, UserError
+from orchestrator.fsutil import write_atomic
+
+# Ray Train reads it in its controller: how long a worker group may wait to be placed.
+WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Where Ray's State API clients (in actors too) find the dashboard.
+API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"
 
 # Ray Train's own console chatter (worker group started, results reported) and Ray's usage stats.
 _QUIET = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
@@ -29,7 +37,20 @@ _QUIET = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENAB
 
 
 def launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
-    """Runs the job's workers to completion through Ray Train; returns rank 0's summary.
+    """Trains the job on Ray Train workers; returns rank 0's summary (see ``run_on_ray``)."""
+    return run_on_ray(config, run_dir, worker=_train_worker,
+                      loop_config={"config": config, "run_dir": str(run_dir), "launch": uuid.uuid4().hex})
+
+
+def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any]], Any],
+               loop_config: dict[str, Any]) -> Any:
+    """Runs ``worker(loop_config)`` in each of the job's Ray Train workers; returns rank 0's return value.
+
+    Args:
+        config: the job: its launcher settings, device and ``trainer.max_restarts``.
+        run_dir: the run directory, also Ray Train's experiment directory.
+        worker: the function every worker runs, inside the process group Ray Train has set up.
+        loop_config: its argument (pickled to the workers).
 
     Raises:
         LaunchError: the workers failed more often than ``trainer.max_restarts`` allows.
@@ -44,24 +65,53 @@ def launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
     on_gpu = uses_gpu(config)
     started_here = _connect(launcher)
     resources = {"CPU": launcher.cpus_per_worker, **({"GPU": 1} if on_gpu else {})}
+    # A worker group that cannot be placed within the timeout fails the run (controller_failure_limit=0)
+    # instead of Ray Train's default of retrying forever.
+    failure_config = FailureConfig(max_failures=config.trainer.max_restarts, controller_failure_limit=0)
     trainer = TorchTrainer(
-        _train_worker,
-        train_loop_config={"config": config, "run_dir": str(run_dir)},
+        worker,
+        train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=launcher.num_workers, use_gpu=on_gpu,
                                      resources_per_worker=resources, placement_strategy=launcher.placement.value),
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
         run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.resolve().parent),
-                             failure_config=FailureConfig(max_failures=config.trainer.max_restarts)),
+                             failure_config=failure_config),
     )
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # worker errors past max_failures, or the controller's own
+        if _is_capacity_timeout(exc):
+            raise LaunchError(f"the Ray cluster had no room for {launcher.num_workers} worker(s) x "
+                              f"{_format_resources(resources)} within launcher.capacity_timeout_s="
+                              f"{launcher.capacity_timeout_s:g}; {_capacity_report(resources)}") from None
         raise LaunchError(f"the Ray workers failed after {config.trainer.max_restarts} restart(s) "
-                          f"(trainer.max_restarts): {_first_line(exc)}") from None
+                          f"(trainer.max_restarts): {_describe_failure(exc)}") from None
     finally:
         if started_here:
             ray.shutdown()
     return result.return_value
+
+
+def _is_capacity_timeout(error: BaseException) -> bool:
+    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
+    from ray.train.v2.api.exceptions import ControllerError
+
+    return isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError)
+
+
+def _format_resources(resources: dict[str, float]) -> str:
+    return "{" + ", ".join(f"{name}: {amount:g}" for name, amount in resources.items()) + "}"
+
+
+def _capacity_report(resources: dict[str, float]) -> str:
+    """What the cluster has now, for each resource a worker asks for."""
+    import ray
+
+    alive = [node for node in ray.nodes() if node["Alive"]]
+    free = ray.available_resources()
+    total = ray.cluster_resources()
+    have = ", ".join(f"{name}: {free.get(name, 0):g} free of {total.get(name, 0):g}" for name in resources)
+    return f"the cluster has {len(alive)} node(s), {have}"
 
 
 def _connect(launcher: RayLauncherConfig) -> bool:
@@ -69,14 +119,25 @@ def _connect(launcher: RayLauncherConfig) -> bool:
     import ray
 
     os.environ.update({key: value for key, value in _QUIET.items() if key not in os.environ})
+    # Ray Train passes it from the driver's environment to its controller.
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(launcher.capacity_timeout_s)
     if ray.is_initialized():
         return False
     env_vars = dict(_QUIET)
     if launcher.address is None:
-        # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls;
-        # it listens on loopback only.
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 logging_level=logging.WARNING, log_to_driver=True, runtime_env={"env_vars": env_vars})
+        # "local": a new Ray even where `ray start` left a cluster running. The dashboard serves Ray's
+        # State API, which Ray Train's placement-group cleaner polls, on loopback only; the cleaner is
+        # told where it is (it would otherwise ask whatever cluster /tmp/ray/ray_current_cluster names,
+        # and take a training run's actors for dead there). Ray turns token auth on for it and says so
+        # each time: a warning for Ray's users, not ours.
+        dashboard_port = _free_port()
+        env_vars[API_SERVER_ENV_VAR] = f"http://127.0.0.1:{dashboard_port}"
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        # Nothing preempts this machine's own Ray: no watcher (Ray Train passes the driver's setting on).
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
+                 dashboard_port=dashboard_port, logging_level=logging.WARNING, log_to_driver=True,
+                 runtime_env={"env_vars": env_vars})
         return True
     try:
         ray.init(address=launcher.address, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
@@ -86,10 +147,17 @@ def _connect(launcher: RayLauncherConfig) -> bool:
     return False
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     """Runs in every Ray Train worker: the shared worker function, checkpoints registered with Ray."""
     import ray.train
     from ray.train import Checkpoint
+    from ray.train.collective import broadcast_from_rank_zero
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
     from orchestrator.train.worker import run_worker
@@ -101,9 +169,32 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         checkpoint = Checkpoint.from_directory(str(directory)) if rank == 0 else None
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    # Ray Train hands a restarted worker group the last registered checkpoint: a restart.
-    restarted = ray.train.get_checkpoint() is not None
-    return run_worker(loop_config["config"], loop_config["run_dir"], restarts=int(restarted), on_checkpoint=register)
+    restarts = broadcast_from_rank_zero(_count_start(Path(loop_config["run_dir"]), loop_config["launch"])
+                                        if rank == 0 else None)
+    return run_worker(loop_config["config"], loop_config["run_dir"], restarts=restarts, on_checkpoint=register)
+
+
+def _count_start(run_dir: Path, launch: str) -> int:
+    """How often this launch's worker group started before (its restarts), counted in the run dir.
+
+    Ray Train's ``get_checkpoint()`` cannot tell: its controller learns of a reported checkpoint
+    only when it next polls the workers, so a group restarted right after a save starts without it.
+    """
+    counter = run_dir / ".ray-starts" / launch
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    before = int(counter.read_text()) if counter.exists() else 0
+    write_atomic(counter, str(before + 1))
+    return before
+
+
+def _describe_failure(exc: BaseException) -> str:
+    """The lowest failed rank's error: Ray's own message starts with a header line that names nothing."""
+    from ray.train import WorkerGroupError
+
+    if isinstance(exc, WorkerGroupError) and exc.worker_failures:
+        rank = min(exc.worker_failures)
+        return f"worker rank {rank}: {_first_line(exc.worker_failures[rank])}"
+    return _first_line(exc)
 
 
 def _first_line(exc: BaseException) -> str:

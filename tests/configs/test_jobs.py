@@ -31,7 +31,7 @@ def tiny_overrides(job: str, cache_dir: Path) -> list[str]:
     config = to_config(compose([f"job={job}"]))
     workers = min(config.launcher.num_workers, 2)
     return [
-        f"job={job}", *TINY_MODEL[config.model.name], *TINY_DATA[config.data.name],
+        f"job={job}", "launcher=local", *TINY_MODEL[config.model.name], *TINY_DATA[config.data.name],
         f"data.cache_dir={cache_dir}" if config.data.name == "text" else "seed=0",
         "trainer.device=cpu", "trainer.max_steps=2", "scheduler.warmup_steps=0",
         f"launcher.num_workers={workers}", f"trainer.global_batch_size={4 * workers}",

@@ -121,10 +121,10 @@ def test_bad_input_is_one_line_naming_the_key(case: str, tmp_path: Path, cache_d
 
 def test_freeze_names_are_checked_against_the_built_model(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    run_cli("train", "job=digits_mlp_cpu", "trainer.max_steps=2", "trainer.eval_every=0",
+    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=2", "trainer.eval_every=0",
             f"hydra.run.dir={base}", "logger.progress=false", cwd=tmp_path, check=True)
     started = time.monotonic()
-    result = run_cli("train", "job=digits_mlp_cpu", f"trainer.init_from={base}", "trainer.freeze=[encoder]",
+    result = run_cli("train", "job=digits_mlp_cpu", "launcher=local", f"trainer.init_from={base}", "trainer.freeze=[encoder]",
                      f"hydra.run.dir={tmp_path / 'tuned'}", cwd=tmp_path)
     assert result.returncode == 2 and time.monotonic() - started < 10
     assert result.stderr.strip() == ("error: trainer.freeze: 'encoder' is not a module of this model; "
@@ -135,4 +135,5 @@ def test_freeze_names_are_checked_against_the_built_model(tmp_path: Path) -> Non
 def test_unknown_command(tmp_path: Path) -> None:
     result = run_cli("trian", cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == "error: unknown command 'trian'; commands: train, verify, estimate"
+    assert result.stderr.strip() == ("error: unknown command 'trian'; commands: "
+                                    "train, verify, estimate, cluster, submit, jobs")

@@ -10,23 +10,10 @@ import time
 from pathlib import Path
 
 import psutil
-import pytest
 
 from orchestrator.train import manifest
-from tests.helpers import CLI, run_cli, train_losses
-
-MAX_STEPS = 40
-
-
-def job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
-    """A 2-rank DDP GPT with dropout (so RNG state matters), a checkpoint every 10 steps."""
-    return [
-        "train", "job=gpt_tiny_cpu", f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "data.seq_len=64",
-        "model.dropout=0.1", f"trainer.max_steps={MAX_STEPS}", "trainer.global_batch_size=16",
-        "trainer.micro_batch_size=4", "trainer.eval_every=20", "trainer.eval_batches=2",
-        "trainer.checkpoint.every=10", "scheduler.warmup_steps=5", "logger.progress=false",
-        f"hydra.run.dir={run_dir}", *extra,
-    ]
+from tests.helpers import CLI, MAX_STEPS, run_cli, train_losses
+from tests.helpers import resume_job as job
 
 
 def start(args: list[str], cwd: Path) -> subprocess.Popen:
@@ -59,13 +46,6 @@ def kill_one_worker(process: subprocess.Popen) -> None:
 def kill_group(process: subprocess.Popen) -> None:
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
-
-
-@pytest.fixture(scope="module")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[int, float]:
-    root = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(*job(cache_dir, root / "run"), cwd=root, check=True)
-    return train_losses(root / "run")
 
 
 def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(tmp_path: Path, cache_dir: Path,

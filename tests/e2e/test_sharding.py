@@ -30,7 +30,7 @@ DESIGN_FP32 = {
 @pytest.fixture(scope="module")
 def verified(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[object, dict]:
     root = tmp_path_factory.mktemp("verify")
-    result = run_cli("verify", f"verify.strategies=[{','.join(STRATEGIES)}]", "verify.steps=20",
+    result = run_cli("verify", "launcher=local", f"verify.strategies=[{','.join(STRATEGIES)}]", "verify.steps=20",
                      f"verify.output_dir={root / 'out'}", f"data.cache_dir={cache_dir}", cwd=root, timeout=600)
     return result, json.loads((root / "out" / "verify.json").read_text())
 
@@ -88,7 +88,7 @@ def test_a_deviation_above_the_tolerance_fails_and_a_missing_step_counts_as_infi
 
 def test_verify_exits_non_zero_when_strategies_disagree(tmp_path: Path, cache_dir: Path) -> None:
     """In bf16, DDP (autocast over fp32 weights) and FSDP2 (bf16 parameter copies) round differently."""
-    result = run_cli("verify", "job=gpt_tiny_cpu", "trainer.precision=bf16", "verify.strategies=[ddp,fsdp2]",
+    result = run_cli("verify", "job=gpt_tiny_cpu", "launcher=local", "trainer.precision=bf16", "verify.strategies=[ddp,fsdp2]",
                      "verify.steps=3", "verify.tolerance=1e-7", "data.max_bytes=200000", "data.seq_len=32", f"data.cache_dir={cache_dir}",
                      "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
                      f"verify.output_dir={tmp_path / 'out'}", cwd=tmp_path, timeout=300)

@@ -63,7 +63,7 @@ def test_help_lists_groups_and_jobs_and_cfg_prints_the_composed_job(tmp_path: Pa
 
 def test_multirun_sweep_makes_one_run_per_point(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    run_cli("train", "-m", "job=digits_mlp_cpu", "optim.lr=1e-3,3e-3", "trainer.max_steps=10",
+    run_cli("train", "-m", "job=digits_mlp_cpu", "launcher=local", "optim.lr=1e-3,3e-3", "trainer.max_steps=10",
             "trainer.eval_every=5", f"hydra.sweep.dir={sweep_dir}", "logger.progress=false",
             cwd=tmp_path, check=True, timeout=300)
     lrs = []
@@ -76,7 +76,7 @@ def test_multirun_sweep_makes_one_run_per_point(tmp_path: Path) -> None:
 
 def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli("train", "job=digits_mlp_cpu", "trainer.max_steps=100", "trainer.eval_every=10",
+    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=100", "trainer.eval_every=10",
             "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=100",
             f"hydra.run.dir={run_dir}", "logger.progress=false", cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -86,10 +86,10 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> 
 
 def test_fine_tuning_starts_from_another_runs_weights_with_frozen_modules(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    run_cli("train", "job=digits_mlp_cpu", "trainer.max_steps=30", "trainer.eval_every=30",
+    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=30", "trainer.eval_every=30",
             f"hydra.run.dir={base}", "logger.progress=false", cwd=tmp_path, check=True)
     tuned = tmp_path / "tuned"
-    run_cli("train", "job=digits_mlp_cpu", "trainer.max_steps=10", "trainer.eval_every=10",
+    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=10", "trainer.eval_every=10",
             f"trainer.init_from={base}", "trainer.freeze=[hidden.0]", f"hydra.run.dir={tuned}",
             "logger.progress=false", cwd=tmp_path, check=True)
     base_summary = json.loads((base / "summary.json").read_text())
@@ -114,8 +114,8 @@ def _npz_with_an_exploding_sample(path: Path) -> Path:
 
 def _nan_job(tmp_path: Path, *extra: str) -> list[str]:
     data = _npz_with_an_exploding_sample(tmp_path / "exploding.npz")
-    return ["train", "model=mlp", "data=npz", f"data.path={data}", "strategy=none", "launcher.num_workers=1",
-            "trainer.device=cpu", "trainer.max_steps=30", "trainer.global_batch_size=32",
+    return ["train", "model=mlp", "data=npz", f"data.path={data}", "strategy=none", "launcher=local",
+            "launcher.num_workers=1", "trainer.device=cpu", "trainer.max_steps=30", "trainer.global_batch_size=32",
             "trainer.micro_batch_size=32", "trainer.eval_every=0", "scheduler=constant",
             "logger.progress=false", *extra]
 

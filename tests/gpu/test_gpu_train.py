@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 
 
 def _job(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return ["train", "job=gpt_tiny_cpu", "trainer.device=cuda", "trainer.precision=bf16", "trainer.max_steps=20",
+    return ["train", "job=gpt_tiny_cpu", "launcher=local", "trainer.device=cuda", "trainer.precision=bf16", "trainer.max_steps=20",
             "trainer.eval_every=10", "scheduler.warmup_steps=0", f"data.cache_dir={cache_dir}",
             "data.max_bytes=400000", f"hydra.run.dir={run_dir}", "logger.progress=false", *extra]
 

@@ -15,7 +15,7 @@ from tests.helpers import run_cli, train_losses
 def test_an_embedded_ray_run_trains_exactly_as_the_local_launcher(tmp_path: Path, tiny_overrides) -> None:
     local, ray = tmp_path / "local", tmp_path / "ray"
     run_cli("train", *tiny_overrides, f"hydra.run.dir={local}", cwd=tmp_path, check=True)
-    run_cli("train", *tiny_overrides, "launcher=ray", f"hydra.run.dir={ray}", cwd=tmp_path, check=True, timeout=300)
+    run_cli("train", *_on_ray(tiny_overrides), f"hydra.run.dir={ray}", cwd=tmp_path, check=True, timeout=300)
 
     summary = json.loads((ray / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 20 and summary["world_size"] == 2
@@ -24,3 +24,7 @@ def test_an_embedded_ray_run_trains_exactly_as_the_local_launcher(tmp_path: Path
     snapshot = (ray / "checkpoint_manager_snapshot.json").read_text()
     assert "step-00000010" in snapshot and "step-00000020" in snapshot
     assert sorted(p.name for p in (ray / "checkpoints").iterdir()) == ["latest", "step-00000010", "step-00000020"]
+
+
+def _on_ray(overrides: list[str]) -> list[str]:
+    return [("launcher=ray" if override == "launcher=local" else override) for override in overrides]

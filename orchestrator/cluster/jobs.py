@@ -1,0 +1,266 @@
+"""``orchestrator submit`` and ``orchestrator jobs``: training jobs on a Ray cluster's Job Submission API.
+
+A submission carries the project as its ``working_dir`` (what .gitignore names, outputs, caches and
+``.venv`` left out) and the job's resolved config (in the runtime_env, as ``ORCHESTRATOR_JOB_CONFIG``).
+On the cluster the entrypoint ``python -m orchestrator run-submitted`` checks that config, prepares
+the data and trains it with ``launcher.address=auto``, in a run dir under the cluster's storage.
+The token goes in the ``Authorization`` header and nowhere else; no environment variable of the
+submitting machine is forwarded, so a W&B key never reaches the job's metadata or runtime_env.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from orchestrator.cluster.named import DEFAULT_CLUSTER, Cluster, load_cluster, read_token
+from orchestrator.config.compose import CONF_DIR
+from orchestrator.errors import UserError
+
+PROJECT_DIR = CONF_DIR.parent
+CONFIG_ENV = "ORCHESTRATOR_JOB_CONFIG"
+# Never uploaded, whatever .gitignore says.
+EXCLUDES = [".venv", ".git", "outputs", "multirun", "wandb", ".cache", "**/__pycache__", ".pytest_cache",
+            ".ruff_cache", "*.egg-info", ".whl"]
+META_PREFIX = "orchestrator."
+CONNECT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True)
+class Submission:
+    job_id: str
+    run_dir: str
+    overrides: list[str]
+
+
+def resolve_cluster(name: str) -> Cluster:
+    """A cluster started on this machine by ``cluster up --name NAME`` as started, else conf/cluster/NAME.yaml."""
+    from orchestrator.cluster.local import load_state
+
+    state = load_state(name)
+    return state.as_cluster() if state is not None else load_cluster(name)
+
+
+def client(cluster: Cluster) -> Any:
+    """A JobSubmissionClient for ``cluster``, authenticated with its token.
+
+    Raises:
+        UserError: nothing answers at the address, or the cluster refuses the token.
+    """
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    headers = {"Authorization": f"Bearer {read_token(cluster)}"} if cluster.token_file else {}
+    _probe(cluster)
+    # Ray's client narrates each file it packages, warns of its own default excludes and each closed
+    # log stream: keep its errors only.
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        return JobSubmissionClient(cluster.address, headers=headers)
+    except AuthenticationError as exc:
+        raise UserError(_refused(cluster, exc)) from None
+    except (ConnectionError, RuntimeError) as exc:
+        raise UserError(f"cluster={cluster.name}: no Ray job API at {cluster.address} ({_first_line(exc)})") from None
+
+
+def _probe(cluster: Cluster) -> None:
+    """Fails within seconds where requests (which has no timeout here) would hang."""
+    url = urlparse(cluster.address)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError as exc:
+        local = url.hostname in ("127.0.0.1", "localhost")
+        hint = f"; is it up? `orchestrator cluster up --name {cluster.name}`" if local else ""
+        raise UserError(f"cluster={cluster.name}: nothing answers at {cluster.address} "
+                        f"({exc.strerror or exc}){hint}") from None
+
+
+def _refused(cluster: Cluster, exc: BaseException) -> str:
+    return (f"cluster={cluster.name}: {cluster.address} refused the request ({_first_line(exc)}; "
+            f"token file {cluster.token_file})")
+
+
+def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> list[Submission]:
+    """Submits one Ray job per point (each a list of overrides); all are checked before the first is sent.
+
+    Raises:
+        UserError: a point's config is invalid, or the cluster cannot take jobs.
+    """
+    from omegaconf import OmegaConf
+
+    from orchestrator.config.compose import compose, to_config
+
+    storage = _storage(cluster)
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    prepared = []
+    for index, overrides in enumerate(points):
+        point = [*overrides, *_cluster_overrides(overrides, group)]
+        cfg = compose(point)
+        config = to_config(cfg)
+        job = _choice(overrides, "job") or "default"
+        suffix = uuid.uuid4().hex[:6]
+        job_id = f"orchestrator-{job}-{stamp}-{suffix}".replace("_", "-")
+        run_dir = f"{storage}/{job}/{stamp}" + (f"/{index}" if len(points) > 1 else f"-{suffix}")
+        prepared.append((job_id, run_dir, point, job, OmegaConf.to_yaml(cfg, resolve=True), config))
+    jobs = client(cluster)
+    submitted = []
+    for job_id, run_dir, point, job, resolved, config in prepared:
+        metadata = {f"{META_PREFIX}job": job, f"{META_PREFIX}run_dir": run_dir, f"{META_PREFIX}strategy": config.strategy.name,
+                    f"{META_PREFIX}workers": str(config.launcher.num_workers)}
+        if group:
+            metadata[f"{META_PREFIX}group"] = group
+        entrypoint = f"python -m orchestrator run-submitted --run-dir {run_dir} --job {job}"
+        runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": {CONFIG_ENV: resolved}}
+        try:
+            jobs.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
+        except RuntimeError as exc:
+            raise UserError(f"cluster={cluster.name}: the job API refused the submission "
+                            f"({_first_line(exc)})") from None
+        submitted.append(Submission(job_id=job_id, run_dir=run_dir, overrides=point))
+    return submitted
+
+
+def _cluster_overrides(overrides: list[str], group: str | None) -> list[str]:
+    """On a cluster the Ray launcher joins it (``auto``); a sweep's points share ``logger.group``."""
+    extra = []
+    joins = _choice(overrides, "launcher") in (None, "ray")
+    if joins and not any(o.startswith("launcher.address=") for o in overrides):
+        extra.append("launcher.address=auto")
+    if group and not any(o.startswith("logger.group=") for o in overrides):
+        extra.append(f"logger.group={group}")
+    return extra
+
+
+def _choice(overrides: list[str], group: str) -> str | None:
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == group:
+            return value
+    return None
+
+
+def _storage(cluster: Cluster) -> str:
+    """Where the cluster's runs write: the cluster's ``storage``, or this checkout's outputs/ for one started here."""
+    from orchestrator.cluster.local import load_state
+
+    if cluster.storage:
+        return cluster.storage.rstrip("/")
+    if load_state(cluster.name) is not None:
+        return str((PROJECT_DIR / "outputs").resolve())
+    raise UserError(f"cluster={cluster.name}: set storage (a path every node shares) in "
+                    f"conf/cluster/{cluster.name}.yaml; runs on a remote cluster cannot write to this machine")
+
+
+def run_submitted(args: list[str]) -> int:
+    """The entrypoint of a submitted job, on the cluster: the resolved config from the runtime_env, trained."""
+    import argparse
+
+    from orchestrator.config.checks import check_environment
+    from orchestrator.config.compose import load_resolved
+    from orchestrator.launch import run_job
+    from orchestrator.launch.preflight import preflight
+    from orchestrator.logs import configure_logging
+
+    parser = argparse.ArgumentParser(prog="orchestrator run-submitted")
+    parser.add_argument("--run-dir", required=True)
+    parser.add_argument("--job", default=None)
+    parsed = parser.parse_args(args)
+    resolved = os.environ.get(CONFIG_ENV)
+    if not resolved:
+        raise UserError(f"run-submitted runs jobs sent by `orchestrator submit`: {CONFIG_ENV} is not set")
+    configure_logging()
+    config = load_resolved(resolved)
+    check_environment(config)
+    preflight(config)
+    summary = run_job(config, run_dir=Path(parsed.run_dir), resolved_yaml=resolved, job_name=parsed.job)
+    return 0 if summary["status"] == "completed" else 1
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+def list_jobs(cluster: Cluster) -> list[dict[str, Any]]:
+    rows = []
+    for info in client(cluster).list_jobs():
+        metadata = info.metadata or {}
+        rows.append({
+            "id": info.submission_id or info.job_id,
+            "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+            "job": metadata.get(f"{META_PREFIX}job", "-"),
+            "started": format_time(info.start_time),
+            "run_dir": metadata.get(f"{META_PREFIX}run_dir", "-"),
+            "start_time": info.start_time or 0,
+        })
+    return sorted(rows, key=lambda row: row["start_time"])
+
+
+def job_info(cluster: Cluster, job_id: str) -> Any:
+    """Raises UserError for an id the cluster does not know."""
+    jobs = client(cluster)
+    try:
+        return jobs.get_job_info(job_id)
+    except RuntimeError as exc:
+        if "404" in str(exc) or "does not exist" in str(exc):
+            raise UserError(f"no job {job_id!r} on cluster={cluster.name}; "
+                            "`orchestrator jobs list` shows its jobs") from None
+        raise UserError(f"cluster={cluster.name}: {_first_line(exc)}") from None
+
+
+def job_logs(cluster: Cluster, job_id: str, *, follow: bool) -> None:
+    """Prints the job's driver output; with ``follow``, until the job ends."""
+    job_info(cluster, job_id)
+    jobs = client(cluster)
+    if not follow:
+        sys.stdout.write(jobs.get_job_logs(job_id))
+        sys.stdout.flush()
+        return
+
+    async def tail() -> None:
+        async for lines in jobs.tail_job_logs(job_id):
+            sys.stdout.write(lines)
+            sys.stdout.flush()
+
+    asyncio.run(tail())
+
+
+def stop_job(cluster: Cluster, job_id: str) -> bool:
+    job_info(cluster, job_id)
+    return client(cluster).stop_job(job_id)
+
+
+def wait(cluster: Cluster, job_id: str, *, timeout_s: float | None = None) -> str:
+    """Waits for the job to end; returns its final status (SUCCEEDED, FAILED, STOPPED)."""
+    jobs = client(cluster)
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    while True:
+        status = str(jobs.get_job_status(job_id).value)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            return status
+        time.sleep(1.0)
+
+
+def format_time(ms: int | None) -> str:
+    return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def default_cluster() -> str:
+    return os.environ.get("ORCHESTRATOR_CLUSTER", DEFAULT_CLUSTER)

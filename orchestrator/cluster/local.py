@@ -1,0 +1,311 @@
+"""``orchestrator cluster up | status | down``: a multi-node Ray cluster on this machine.
+
+Each node is its own ``ray start --block`` process in its own process group (so one node can be
+killed like a lost machine, and ``down`` stops exactly this cluster's processes and no other Ray).
+Token authentication is on: a fresh token is written with mode 0600 to the cluster's state dir and
+every node reads it from there (``RAY_AUTH_TOKEN_PATH``); the dashboard and job API listen on
+127.0.0.1 only. Nodes bind ``--host``; anything but loopback requires token auth.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from orchestrator.cluster.named import Cluster, default_token_file, state_dir, write_token
+from orchestrator.errors import UserError
+from orchestrator.fsutil import write_atomic
+
+STATE_FILE = "cluster.json"
+START_TIMEOUT_S = 120.0
+STOP_GRACE_S = 5.0
+
+
+@dataclass(kw_only=True)
+class Node:
+    pid: int
+    role: str  # head | worker
+    log: str
+
+
+@dataclass(kw_only=True)
+class ClusterState:
+    name: str
+    gcs_address: str
+    dashboard_url: str
+    token_file: str
+    cpus_per_node: int
+    host: str
+    storage: str | None = None
+    nodes: list[Node] = field(default_factory=list)
+
+    def save(self) -> None:
+        write_atomic(state_dir(self.name) / STATE_FILE, json.dumps(asdict(self), indent=1) + "\n")
+
+    def as_cluster(self) -> Cluster:
+        return Cluster(name=self.name, address=self.dashboard_url, storage=self.storage,
+                       token_file=Path(self.token_file) if self.token_file else None)
+
+
+def load_state(name: str) -> ClusterState | None:
+    path = state_dir(name) / STATE_FILE
+    if not path.is_file():
+        return None
+    fields = json.loads(path.read_text())
+    return ClusterState(**{**fields, "nodes": [Node(**node) for node in fields["nodes"]]})
+
+
+def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int, dashboard_port: int,
+       auth: bool, storage: str | None = None) -> ClusterState:
+    """Starts a head and ``nodes - 1`` worker nodes and waits until all have joined.
+
+    Raises:
+        UserError: a cluster of that name is up, a port is taken, or a non-loopback bind without auth.
+    """
+    if nodes < 1:
+        raise UserError(f"--nodes must be >= 1, got {nodes}")
+    if not auth and not _is_loopback(host):
+        raise UserError(f"--host {host} is not a loopback address: refusing to start a cluster others can reach "
+                        f"without token authentication (drop --no-auth)")
+    existing = load_state(name)
+    if existing and any(_alive(node.pid) for node in existing.nodes):
+        raise UserError(f"cluster {name!r} is already up ({existing.dashboard_url}); "
+                        f"`orchestrator cluster down --name {name}` first")
+    for key, number in (("--port", port), ("--dashboard-port", dashboard_port)):
+        if not _port_free(host if key == "--port" else "127.0.0.1", number):
+            raise UserError(f"{key} {number} is in use on this machine; pick another with {key}")
+    cpus = cpus_per_node or max(1, (os.cpu_count() or 1) // nodes)
+    directory = state_dir(name)
+    (directory / "logs").mkdir(parents=True, exist_ok=True)
+    token_file = default_token_file(name)
+    if auth:
+        write_token(token_file, secrets.token_hex(32))
+    state = ClusterState(name=name, gcs_address=f"{host}:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+                         token_file=str(token_file) if auth else "", cpus_per_node=cpus, host=host,
+                         storage=str(Path(storage).resolve()) if storage else None)
+    try:
+        for count in range(1, nodes + 1):  # one at a time: a node joining a busy head can time out
+            node = _start_node(state, head=count == 1, port=port, dashboard_port=dashboard_port)
+            state.nodes.append(node)
+            state.save()
+            _wait_for_nodes(state, count, starting=node)
+    except BaseException:
+        down(name)
+        raise
+    return state
+
+
+def add_node(name: str) -> Node:
+    """Starts one more worker node in cluster ``name`` (capacity coming back after a node was lost)."""
+    state = _require_state(name)
+    node = _start_node(state, head=False)
+    state.nodes.append(node)
+    state.save()
+    _wait_for_nodes(state, sum(_alive(n.pid) for n in state.nodes), starting=node)
+    return node
+
+
+def down(name: str) -> int:
+    """Stops every node process of cluster ``name`` (TERM, then KILL after a grace period); returns how many."""
+    state = load_state(name)
+    if state is None:
+        return 0
+    stopped = [node for node in state.nodes if _alive(node.pid)]
+    for node in stopped:
+        _signal_group(node.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    while any(_group_alive(node.pid) for node in stopped) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for node in stopped:
+        _signal_group(node.pid, signal.SIGKILL)
+    (state_dir(name) / STATE_FILE).unlink(missing_ok=True)
+    default_token_file(name).unlink(missing_ok=True)
+    return len(stopped)
+
+
+def status(name: str) -> dict[str, Any]:
+    """The cluster's nodes as its processes and Ray's State API see them."""
+    state = _require_state(name)
+    processes = {node.pid: _alive(node.pid) for node in state.nodes}
+    nodes = _list_nodes(state)
+    return {
+        "name": name,
+        "dashboard": state.dashboard_url,
+        "gcs_address": state.gcs_address,
+        "token_file": state.token_file or None,
+        "processes_alive": sum(processes.values()),
+        "processes": len(processes),
+        "nodes_alive": sum(node["state"] == "ALIVE" for node in nodes),
+        "cpus": sum(node.get("resources_total", {}).get("CPU", 0) for node in nodes if node["state"] == "ALIVE"),
+        "gpus": sum(node.get("resources_total", {}).get("GPU", 0) for node in nodes if node["state"] == "ALIVE"),
+    }
+
+
+def node_pids(name: str) -> list[int]:
+    """Pids of all the cluster's node processes still alive (each leads its node's process group)."""
+    return [node.pid for node in _require_state(name).nodes if _alive(node.pid)]
+
+
+def worker_pids(name: str) -> list[int]:
+    """Pids of the cluster's worker-node processes still alive (each leads its own process group)."""
+    return [node.pid for node in _require_state(name).nodes if node.role == "worker" and _alive(node.pid)]
+
+
+def kill_node(pid: int) -> None:
+    """SIGKILLs one node's whole process group: what losing that machine looks like to Ray."""
+    _signal_group(pid, signal.SIGKILL)
+
+
+def _require_state(name: str) -> ClusterState:
+    state = load_state(name)
+    if state is None:
+        raise UserError(f"no cluster named {name!r} was started on this machine; "
+                        f"`orchestrator cluster up --name {name}` starts one")
+    return state
+
+
+def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_port: int = 0) -> Node:
+    ray = Path(sys.executable).with_name("ray")
+    # Ray's per-node agents listen on fixed default ports: several nodes on one machine need their own.
+    agent_listen, agent_grpc, metrics = _free_ports(3)
+    args = [str(ray), "start", "--block", f"--num-cpus={state.cpus_per_node}", f"--node-ip-address={state.host}",
+            f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--metrics-export-port={metrics}", "--disable-usage-stats"]
+    if head:
+        args += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+    else:
+        # Nodes on one machine share the session's log dir: one log monitor (the head's) forwards it all.
+        args += [f"--address={state.gcs_address}", "--include-log-monitor=False"]
+    index = len(state.nodes)
+    log = state_dir(state.name) / "logs" / f"node-{index}.log"
+    with open(log, "w") as out:
+        process = subprocess.Popen(args, env=_node_env(state), stdout=out, stderr=subprocess.STDOUT,
+                                   stdin=subprocess.DEVNULL, start_new_session=True)
+    return Node(pid=process.pid, role="head" if head else "worker", log=str(log))
+
+
+def _node_env(state: ClusterState) -> dict[str, str]:
+    """Nodes run this Python (jobs' ``python`` is this environment's) with the cluster's token."""
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("RAY_ADDRESS", "RAY_AUTH"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if state.token_file:
+        env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=state.token_file)
+    else:
+        env["RAY_AUTH_MODE"] = "disabled"
+    return env
+
+
+def _wait_for_nodes(state: ClusterState, count: int, *, starting: Node) -> None:
+    """Waits until Ray counts ``count`` live nodes; fails if the node ``starting`` exits first."""
+    deadline = time.monotonic() + START_TIMEOUT_S
+    alive = 0
+    while time.monotonic() < deadline:
+        if not _alive(starting.pid):
+            raise UserError(f"cluster {state.name!r}: a {starting.role} node exited while starting; "
+                            f"its log: {starting.log}\n{_tail(Path(starting.log))}")
+        try:
+            alive = sum(node["state"] == "ALIVE" for node in _list_nodes(state))
+        except (OSError, urllib.error.URLError, ValueError):
+            alive = 0  # the dashboard is still starting
+        if alive >= count:
+            return
+        time.sleep(0.5)
+    raise UserError(f"cluster {state.name!r}: {alive} of {count} nodes joined within {START_TIMEOUT_S:g} s; "
+                    f"logs under {state_dir(state.name) / 'logs'}")
+
+
+def _list_nodes(state: ClusterState) -> list[dict[str, Any]]:
+    """Ray's State API (``/api/v0/nodes``) through the dashboard, with the token."""
+    request = urllib.request.Request(f"{state.dashboard_url}/api/v0/nodes?limit=1000", headers=_auth(state))
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return json.load(response)["data"]["result"]["result"]
+
+
+def _auth(state: ClusterState) -> dict[str, str]:
+    return {"Authorization": f"Bearer {Path(state.token_file).read_text().strip()}"} if state.token_file else {}
+
+
+def _tail(path: Path, lines: int = 5) -> str:
+    return "\n".join(path.read_text(errors="replace").splitlines()[-lines:]) if path.exists() else ""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _free_ports(count: int) -> list[int]:
+    """Ports free on this machine now (held open together, so they differ from each other)."""
+    probes = [socket.socket() for _ in range(count)]
+    try:
+        for probe in probes:
+            probe.bind(("", 0))
+        return [probe.getsockname()[1] for probe in probes]
+    finally:
+        for probe in probes:
+            probe.close()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        finished, _ = os.waitpid(pid, os.WNOHANG)  # reaps it when it is our own child
+        if finished:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return not _is_zombie(pid)
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass

@@ -1,0 +1,226 @@
+"""A 3-node token-authenticated Ray cluster on this machine (``orchestrator cluster up``), jobs submitted
+to it (``orchestrator submit``), and training that survives a killed worker or a lost node."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+
+from orchestrator.cluster import jobs, local
+from orchestrator.cluster.named import Cluster
+from orchestrator.errors import UserError
+from tests.helpers import MAX_STEPS, resume_job, run_cli, train_losses
+
+pytestmark = pytest.mark.slow
+NAME = "test"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):
+    root = tmp_path_factory.mktemp("cluster")
+    env = {"ORCHESTRATOR_CONFIG_DIR": str(root / "config")}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # this process's clients find the cluster's state and token there too
+    port, dashboard = _free_port(), _free_port()
+    up = run_cli("cluster", "up", "--name", NAME, "--nodes", "3", "--cpus-per-node", "1", "--port", str(port),
+                 "--dashboard-port", str(dashboard), "--storage", str(root / "runs"), cwd=root, timeout=240)
+    try:
+        assert up.returncode == 0, up.stdout + up.stderr
+        yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "storage": root / "runs"}
+    finally:
+        down = run_cli("cluster", "down", "--name", NAME, cwd=root, timeout=60)
+        for key, value in saved.items():
+            os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
+        assert down.returncode == 0 and "node(s) stopped" in down.stdout, down.stdout + down.stderr
+
+
+def _submit(cluster: dict, *overrides: str, env: dict | None = None) -> tuple[str, Path]:
+    result = run_cli("submit", f"cluster={NAME}", *overrides, cwd=cluster["root"], env={**cluster["env"], **(env or {})},
+                     timeout=120, check=True)
+    line = next(line for line in result.stdout.splitlines() if line.startswith("submitted "))
+    _, job_id, _, _, run_dir = line.split()
+    return job_id, Path(run_dir)
+
+
+def _on_cluster(cache_dir: Path, *extra: str) -> list[str]:
+    """The resume tests' job (checkpoint every 10 steps), as overrides for `submit` on Ray."""
+    args = resume_job(cache_dir, Path("unused"), *extra)[1:]
+    return [arg.replace("launcher=local", "launcher=ray") for arg in args if not arg.startswith("hydra.run.dir=")]
+
+
+def _train_workers() -> list[psutil.Process]:
+    """Ray Train's worker processes on this cluster's nodes (their parent, a raylet, is in a node's group)."""
+    groups = set(local.node_pids(NAME))
+    found = []
+    for process in psutil.process_iter(["cmdline", "ppid"]):
+        try:
+            if " ".join(process.info["cmdline"] or []).startswith("ray::RayTrainWorker") and \
+                    os.getpgid(process.info["ppid"]) in groups:
+                found.append(process)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return found
+
+
+def _freeze_at_step(run_dir: Path, step: int, workers: int = 2) -> list[psutil.Process]:
+    """SIGSTOPs the run's train workers once ``step`` is logged (a tiny job's steps take milliseconds)."""
+    deadline = time.monotonic() + 180
+    while len(found := _train_workers()) < workers:
+        assert time.monotonic() < deadline, "the train workers did not start"
+        time.sleep(0.2)
+    while not (run_dir / "metrics.jsonl").exists() or max(train_losses(run_dir), default=0) < step:
+        assert time.monotonic() < deadline, f"no step {step} in {run_dir}"
+        time.sleep(0.002)
+    for process in found:
+        process.suspend()
+    assert max(train_losses(run_dir)) < MAX_STEPS
+    return found
+
+
+def _status(job_id: str) -> str:
+    return jobs.wait(jobs.resolve_cluster(NAME), job_id, timeout_s=240)
+
+
+def _get(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+
+
+def test_the_job_api_refuses_requests_without_the_token(cluster: dict, tmp_path: Path) -> None:
+    token_file = cluster["root"] / "config" / "clusters" / NAME / "token"
+    assert token_file.stat().st_mode & 0o777 == 0o600
+    url = f"{cluster['dashboard']}/api/jobs/"
+    assert _get(url, None) == 401
+    assert _get(url, "not-the-token") == 403
+    assert _get(url, token_file.read_text().strip()) == 200
+
+    wrong = tmp_path / "wrong"
+    wrong.write_text("not-the-token")
+    wrong.chmod(0o600)
+    with pytest.raises(UserError, match=r"refused the request \(.*Invalid authentication token"):
+        jobs.client(Cluster(name=NAME, address=cluster["dashboard"], token_file=wrong))
+    with pytest.raises(UserError, match="no token at"):
+        jobs.client(Cluster(name=NAME, address=cluster["dashboard"], token_file=tmp_path / "missing"))
+
+
+def test_a_submitted_job_survives_a_killed_worker(cluster: dict, cache_dir: Path, uninterrupted: dict) -> None:
+    sentinel = "wandb-sentinel-0123456789abcdef"
+    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1"),
+                              env={"WANDB_API_KEY": sentinel})
+    assert run_dir.is_relative_to(cluster["storage"])
+    killed, *others = _freeze_at_step(run_dir, 12)
+    killed.kill()
+    for process in others:
+        process.resume()
+
+    assert _status(job_id) == "SUCCEEDED", run_cli("jobs", "logs", job_id, "--cluster", NAME, cwd=cluster["root"]).stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS and summary["restarts"] == 1
+    # Resumed from the step-10 or step-20 checkpoint (at most one interval recomputed), and every step's
+    # loss equals the uninterrupted run's: metrics.jsonl keeps each step once.
+    assert summary["resumed_from_step"] in (10, 20)
+    assert train_losses(run_dir) == uninterrupted
+
+    # Ray's own CLI sees the job (with the token); the W&B key of the submitting shell went nowhere.
+    ray = Path(os.sys.executable).with_name("ray")
+    token_file = cluster["root"] / "config" / "clusters" / NAME / "token"
+    listed = subprocess.run([str(ray), "job", "list", "--address", cluster["dashboard"]], capture_output=True,
+                            text=True, timeout=60, env={**os.environ, "RAY_AUTH_MODE": "token",
+                                                        "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    assert job_id in listed.stdout, listed.stderr
+    status = run_cli("jobs", "status", job_id, "--cluster", NAME, "--json", cwd=cluster["root"], check=True).stdout
+    assert json.loads(status)["status"] == "SUCCEEDED"
+    info = jobs.job_info(jobs.resolve_cluster(NAME), job_id)
+    assert sentinel not in json.dumps(info.runtime_env) + json.dumps(info.metadata) + info.entrypoint
+    assert not any(sentinel in path.read_text(errors="ignore") for path in run_dir.rglob("*") if path.is_file())
+
+
+def test_training_waits_for_a_lost_node_to_come_back(cluster: dict, cache_dir: Path, uninterrupted: dict) -> None:
+    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1",
+                                                    "launcher.capacity_timeout_s=120"))
+    frozen = _freeze_at_step(run_dir, 12)
+    # Both worker nodes lost: the head's one CPU cannot hold two workers, so the run waits ...
+    for pid in local.worker_pids(NAME):
+        local.kill_node(pid)
+    for process in frozen:
+        if process.is_running():
+            process.resume()
+    time.sleep(5)
+    assert jobs.wait(jobs.resolve_cluster(NAME), job_id, timeout_s=0) == "RUNNING"
+    # ... until capacity returns.
+    local.add_node(NAME)
+    local.add_node(NAME)
+
+    assert _status(job_id) == "SUCCEEDED"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["steps"] == MAX_STEPS and summary["restarts"] == 1
+    assert train_losses(run_dir) == uninterrupted
+
+
+def test_more_failures_than_allowed_fail_the_run_and_leave_nothing_behind(cluster: dict, cache_dir: Path) -> None:
+    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "trainer.max_restarts=0"))
+    killed, *others = _freeze_at_step(run_dir, 5)
+    killed.kill()
+    for process in others:
+        process.resume()
+
+    assert _status(job_id) == "FAILED"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and "trainer.max_restarts" in summary["error"]
+    _assert_no_train_actors_or_placement_groups(cluster)
+
+
+def test_more_workers_than_the_cluster_has_fail_within_the_timeout(cluster: dict, cache_dir: Path) -> None:
+    started = time.monotonic()
+    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "launcher.cpus_per_worker=2",
+                                                    "launcher.capacity_timeout_s=5"))
+    assert _status(job_id) == "FAILED" and time.monotonic() - started < 60
+    error = json.loads((run_dir / "summary.json").read_text())["error"]
+    assert "no room for 2 worker(s) x {CPU: 2} within launcher.capacity_timeout_s=5" in error
+    assert "CPU: " in error.split(";")[1]  # what the cluster has
+    _assert_no_train_actors_or_placement_groups(cluster)
+
+
+def test_unknown_job_id(cluster: dict) -> None:
+    result = run_cli("jobs", "status", "no-such-job", "--cluster", NAME, cwd=cluster["root"], env=cluster["env"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == f"error: no job 'no-such-job' on cluster={NAME}; `orchestrator jobs list` shows its jobs"
+
+
+def _assert_no_train_actors_or_placement_groups(cluster: dict) -> None:
+    """Ray's State API (with the token): no live Ray Train actor and no placement group remains."""
+    token = (cluster["root"] / "config" / "clusters" / NAME / "token").read_text().strip()
+
+    def listed(kind: str) -> list[dict]:
+        request = urllib.request.Request(f"{cluster['dashboard']}/api/v0/{kind}?limit=1000",
+                                         headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)["data"]["result"]["result"]
+
+    deadline = time.monotonic() + 30
+    while True:
+        actors = [a for a in listed("actors") if a["state"] != "DEAD" and "Train" in a["class_name"]]
+        groups = [g for g in listed("placement_groups") if g["state"] != "REMOVED"]
+        if not actors and not groups:
+            return
+        assert time.monotonic() < deadline, f"left behind: {actors} {groups}"
+        time.sleep(1)

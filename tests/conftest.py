@@ -44,10 +44,18 @@ def tiny_overrides(cache_dir: Path) -> list[str]:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[int, float]:
-    """step -> loss of the resume tests' job run start to end without interruption (launcher=local)."""
-    from tests.helpers import resume_job, run_cli, train_losses
+def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
+    """The run dir of the resume tests' job run start to end without interruption (launcher=local); read only."""
+    from tests.helpers import resume_job, run_cli
 
     root = tmp_path_factory.mktemp("uninterrupted")
     run_cli(*resume_job(cache_dir, root / "run"), cwd=root, check=True)
-    return train_losses(root / "run")
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted(uninterrupted_run: Path) -> dict[int, float]:
+    """step -> loss of that uninterrupted run."""
+    from tests.helpers import train_losses
+
+    return train_losses(uninterrupted_run)

@@ -44,3 +44,18 @@ def resume_job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
         "trainer.checkpoint.every=10", "scheduler.warmup_steps=5", "logger.progress=false",
         f"hydra.run.dir={run_dir}", *extra,
     ]
+
+
+def train_in_process(args: list[str], cwd: Path, capfd) -> tuple[int, str]:
+    """``orchestrator train ARGS`` through the CLI's own ``main`` in this process: (exit status, stderr)."""
+    from orchestrator.cli import main
+
+    saved = os.getcwd()
+    os.chdir(cwd)
+    try:
+        code = main(["train", *args])
+    except SystemExit as exc:
+        code = exc.code
+    finally:
+        os.chdir(saved)
+    return code, capfd.readouterr().err

@@ -84,7 +84,7 @@ def submit_command(args: list[str]) -> int:
     for submission in submitted:
         print(f"submitted {submission.job_id}  run dir {submission.run_dir}", flush=True)
     if group:
-        print(f"group {group}: {len(submitted)} jobs", flush=True)
+        print(f"group {group} ({len(submitted)} jobs)", flush=True)
     if not follow:
         print(f"follow: orchestrator jobs logs {submitted[-1].job_id} --follow --cluster {name}")
         return 0

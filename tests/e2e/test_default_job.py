@@ -1,4 +1,4 @@
-"""The default job (`make run`): a small GPT on the standard library, 2 workers, DDP, from a cold cache."""
+"""The default job (`make run`): a small GPT on the standard library, 2 Ray workers, DDP, from a cold cache."""
 
 from __future__ import annotations
 
@@ -21,5 +21,10 @@ def test_default_job_learns_in_under_three_minutes(tmp_path: Path) -> None:
     wall_s = time.monotonic() - started
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["strategy"] == "ddp"
+    assert summary["launcher"] == "ray"  # an embedded Ray, started and stopped for the run
     assert summary["final_eval_loss"] <= 0.7 * summary["first_eval_loss"]
     assert wall_s < 180
+    # Our checkpoints are Ray Train's: each registered in place (no copy) as it completed.
+    kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
+    snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
+    assert kept and all(f"checkpoints/{name}" in snapshot for name in kept)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -137,13 +138,13 @@ def test_too_many_failures_fail_the_run_with_the_reason(tmp_path: Path, cache_di
     assert summary["status"] == "failed" and "SIGKILL" in summary["error"]
 
 
-def test_a_finished_run_run_again_has_nothing_to_do(tmp_path: Path, cache_dir: Path) -> None:
+def test_a_finished_run_run_again_has_nothing_to_do(tmp_path: Path, cache_dir: Path, uninterrupted_run: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
+    shutil.copytree(uninterrupted_run, run_dir)
     before = (run_dir / "summary.json").read_text()
     metrics_before = (run_dir / "metrics.jsonl").read_text()
-    again = run_cli(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
-    assert "already complete at step 10" in again.stdout
+    again = run_cli(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
+    assert f"already complete at step {MAX_STEPS}" in again.stdout
     assert (run_dir / "summary.json").read_text() == before
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before
 

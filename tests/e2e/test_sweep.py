@@ -9,7 +9,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.helpers import run_cli
+from tests.helpers import run_cli, train_in_process
 
 # TPE with this seed samples every lr of the choice below once, the diverging one first.
 SEARCH = ["-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=3", "hydra.sweeper.sampler.seed=2"]
@@ -41,7 +41,7 @@ def test_optuna_search_minimizes_eval_loss_and_records_a_diverging_trial_as_fail
     assert "Failed experiment" in result.stdout  # the sweeper's own record of the FAIL trial
 
 
-def test_bad_search_space_fails_in_one_line_before_any_run(tmp_path: Path, tiny_overrides) -> None:
+def test_bad_search_space_fails_in_one_line_before_any_run(tmp_path: Path, tiny_overrides, capfd) -> None:
     sweep_dir = tmp_path / "sweep"
     bad_spaces = {
         "optim.lr=interval(a,b)": "optim.lr=interval(a,b)",
@@ -50,11 +50,11 @@ def test_bad_search_space_fails_in_one_line_before_any_run(tmp_path: Path, tiny_
         "optim.lr=interval(-1.0,1.0)": "optim.lr",
         "optim=choice(adamw,adamw9)": "optim=adamw9",
     }
-    for space, named in bad_spaces.items():
-        result = run_cli("train", *SEARCH, space, *tiny_overrides, *ONE_PROCESS, f"hydra.sweep.dir={sweep_dir}",
-                         cwd=tmp_path, timeout=120)
-        assert result.returncode == 2, (space, result.stderr)
-        lines = result.stderr.strip().splitlines()
+    for space, named in bad_spaces.items():  # in this process: the CLI's own main, without its start-up
+        code, stderr = train_in_process([*SEARCH, space, *tiny_overrides, *ONE_PROCESS,
+                                         f"hydra.sweep.dir={sweep_dir}"], tmp_path, capfd)
+        assert code == 2, (space, stderr)
+        lines = stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and named in lines[0], (space, lines)
     no_eval = run_cli("train", *SEARCH, "optim.lr=interval(1e-4,1e-2)", *tiny_overrides, *ONE_PROCESS,
                       "trainer.eval_every=0", f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=120)

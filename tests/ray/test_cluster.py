@@ -200,6 +200,37 @@ def test_more_workers_than_the_cluster_has_fail_within_the_timeout(cluster: dict
     _assert_no_train_actors_or_placement_groups(cluster)
 
 
+def test_a_sweep_is_one_job_per_point_in_one_group(cluster: dict, cache_dir: Path) -> None:
+    tiny = ["job=gpt_tiny_cpu", "strategy=none", "launcher.num_workers=1", "trainer.max_steps=4",
+            "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0",
+            "scheduler.warmup_steps=0", f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "logger.progress=false"]
+    result = run_cli("submit", f"cluster={NAME}", "-m", *tiny, "optim.lr=1e-3,3e-4", cwd=cluster["root"],
+                     env=cluster["env"], timeout=120, check=True)
+    submitted = [line.split() for line in result.stdout.splitlines() if line.startswith("submitted ")]
+    assert len(submitted) == 2
+    group = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("group "))
+    for _, job_id, _, _, run_dir in submitted:
+        status = _status(job_id)
+        info = jobs.job_info(jobs.resolve_cluster(NAME), job_id)
+        assert status == "SUCCEEDED", (info.message, jobs.client(jobs.resolve_cluster(NAME)).get_job_logs(job_id)[-3000:])
+        assert info.metadata["orchestrator.group"] == group
+        assert f"group: {group}" in (Path(run_dir) / "config.yaml").read_text()
+    lrs = {float(_config_value(Path(run_dir), "lr")) for *_, run_dir in submitted}
+    assert lrs == {1e-3, 3e-4}
+
+
+def _config_value(run_dir: Path, key: str) -> str:
+    line = next(line for line in (run_dir / "config.yaml").read_text().splitlines() if line.strip().startswith(f"{key}:"))
+    return line.split(":", 1)[1].strip()
+
+
+def test_a_cluster_that_does_not_answer_fails_fast() -> None:
+    started = time.monotonic()
+    with pytest.raises(UserError, match=r"cluster=gone: nothing answers at http://127.0.0.1:1 \(Connection refused\)"):
+        jobs.client(Cluster(name="gone", address="http://127.0.0.1:1", token_file=None))
+    assert time.monotonic() - started < 15
+
+
 def test_unknown_job_id(cluster: dict) -> None:
     result = run_cli("jobs", "status", "no-such-job", "--cluster", NAME, cwd=cluster["root"], env=cluster["env"])
     assert result.returncode == 2

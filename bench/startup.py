@@ -92,9 +92,9 @@ def first_step_time(run_dir: Path) -> float:
 
 def run(variant: str, tmp: Path, workers: int, cache_dir: str) -> float:
     """Seconds from spawning the variant's process to the end of its first step."""
-    out = tmp / f"{variant}-{time.monotonic_ns()}"
+    out = tmp / f"{variant.replace(' ', '-').replace('=', '-')}-{time.monotonic_ns()}"
     if variant.startswith("orchestrator"):
-        launcher = variant.split()[-1]
+        launcher = variant.split("=")[-1]
         command = [sys.executable, "-m", "orchestrator", "train", f"launcher={launcher}",
                    f"launcher.num_workers={workers}", "trainer.device=cpu", "trainer.max_steps=2",
                    "trainer.eval_every=0", "trainer.checkpoint.every=0", "trainer.checkpoint.at_end=false",
@@ -109,7 +109,7 @@ def run(variant: str, tmp: Path, workers: int, cache_dir: str) -> float:
     started = time.time()
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
     if result.returncode != 0:
-        raise SystemExit(f"{variant} failed ({result.returncode}):\n{result.stderr[-3000:]}")
+        raise SystemExit(f"{variant} failed ({result.returncode}): {command}\n{result.stderr[-3000:]}")
     finished = first_step_time(out) if variant.startswith("orchestrator") else float(out.read_text())
     return finished - started
 

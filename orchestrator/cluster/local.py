@@ -38,6 +38,7 @@ class Node:
     pid: int
     role: str  # head | worker
     log: str
+    marker: str = ""  # a custom resource only this node offers: how Ray's node list names it
 
 
 @dataclass(kw_only=True)
@@ -100,7 +101,7 @@ def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int
             node = _start_node(state, head=count == 1, port=port, dashboard_port=dashboard_port)
             state.nodes.append(node)
             state.save()
-            _wait_for_nodes(state, count, starting=node)
+            _wait_for_node(state, node)
     except BaseException:
         down(name)
         raise
@@ -113,7 +114,7 @@ def add_node(name: str) -> Node:
     node = _start_node(state, head=False)
     state.nodes.append(node)
     state.save()
-    _wait_for_nodes(state, sum(_alive(n.pid) for n in state.nodes), starting=node)
+    _wait_for_node(state, node)
     return node
 
 
@@ -189,11 +190,13 @@ def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_por
         # Nodes on one machine share the session's log dir: one log monitor (the head's) forwards it all.
         args += [f"--address={state.gcs_address}", "--include-log-monitor=False"]
     index = len(state.nodes)
+    marker = f"orchestrator_node_{index}"
+    args.append(f"--resources={json.dumps({marker: 1})}")
     log = state_dir(state.name) / "logs" / f"node-{index}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(args, env=_node_env(state), stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    return Node(pid=process.pid, role="head" if head else "worker", log=str(log))
+    return Node(pid=process.pid, role="head" if head else "worker", log=str(log), marker=marker)
 
 
 def _node_env(state: ClusterState) -> dict[str, str]:
@@ -208,23 +211,26 @@ def _node_env(state: ClusterState) -> dict[str, str]:
     return env
 
 
-def _wait_for_nodes(state: ClusterState, count: int, *, starting: Node) -> None:
-    """Waits until Ray counts ``count`` live nodes; fails if the node ``starting`` exits first."""
+def _wait_for_node(state: ClusterState, starting: Node) -> None:
+    """Waits until Ray lists the node ``starting`` alive (by its marker resource); fails if it exits first.
+
+    A count of live nodes would not do: a node killed a moment ago stays ALIVE in Ray's list until
+    its health checks fail, and a node started while another is still joining can time out.
+    """
     deadline = time.monotonic() + START_TIMEOUT_S
-    alive = 0
     while time.monotonic() < deadline:
         if not _alive(starting.pid):
             raise UserError(f"cluster {state.name!r}: a {starting.role} node exited while starting; "
                             f"its log: {starting.log}\n{_tail(Path(starting.log))}")
         try:
-            alive = sum(node["state"] == "ALIVE" for node in _list_nodes(state))
+            if any(node["state"] == "ALIVE" and starting.marker in node.get("resources_total", {})
+                   for node in _list_nodes(state)):
+                return
         except (OSError, urllib.error.URLError, ValueError):
-            alive = 0  # the dashboard is still starting
-        if alive >= count:
-            return
+            pass  # the dashboard is still starting
         time.sleep(0.5)
-    raise UserError(f"cluster {state.name!r}: {alive} of {count} nodes joined within {START_TIMEOUT_S:g} s; "
-                    f"logs under {state_dir(state.name) / 'logs'}")
+    raise UserError(f"cluster {state.name!r}: a {starting.role} node did not join within {START_TIMEOUT_S:g} s; "
+                    f"its log: {starting.log}")
 
 
 def _list_nodes(state: ClusterState) -> list[dict[str, Any]]:

@@ -60,6 +60,8 @@ class DDPStrategy(SingleStrategy):
     cfg: DDPConfig
 
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
+        if not torch.distributed.is_initialized():  # one process (launcher=local, 1 worker): one replica
+            return module
         on_gpu = self.dist.device.type == "cuda"
         return DistributedDataParallel(
             module,
@@ -72,7 +74,9 @@ class DDPStrategy(SingleStrategy):
 
     def accumulate(self, *, sync: bool) -> ContextManager:
         # Skipping the all-reduce on all but the last micro-batch is what makes accumulation cheap.
-        return contextlib.nullcontext() if sync else self.model.no_sync()
+        if sync or not isinstance(self.model, DistributedDataParallel):
+            return contextlib.nullcontext()
+        return self.model.no_sync()
 
 
 def _load(path: Path) -> dict:

@@ -141,3 +141,12 @@ def test_non_finite_steps_are_skipped_and_recorded_when_asked(tmp_path: Path) ->
     # The exploding sample comes once per epoch (~7 steps); each time its step is skipped, not applied.
     assert summary["nonfinite_skips"] == len(skipped) >= 3
     assert np.isfinite(summary["final_loss"])
+
+
+def test_ddp_with_one_local_worker_trains_as_one_replica(tmp_path: Path) -> None:
+    # torch elastic with one worker sets up no process group; DDP then wraps nothing (it used to fail).
+    run_dir = tmp_path / "run"
+    run_cli("train", "job=digits_mlp_cpu", "strategy=ddp", "launcher=local", "launcher.num_workers=1",
+            "trainer.max_steps=3", "trainer.eval_every=0", "logger.progress=false", f"hydra.run.dir={run_dir}",
+            cwd=tmp_path, check=True)
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3

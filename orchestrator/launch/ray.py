@@ -28,6 +28,8 @@ from orchestrator.fsutil import write_atomic
 
 # Ray Train reads it in its controller: how long a worker group may wait to be placed.
 WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+# Tries a worker group gets to start (after the first, each one counts as a controller failure).
+START_ATTEMPTS = 4
 # Where Ray's State API clients (in actors too) find the dashboard.
 API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"
 
@@ -65,9 +67,11 @@ def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any
     on_gpu = uses_gpu(config)
     started_here = _connect(launcher)
     resources = {"CPU": launcher.cpus_per_worker, **({"GPU": 1} if on_gpu else {})}
-    # A worker group that cannot be placed within the timeout fails the run (controller_failure_limit=0)
-    # instead of Ray Train's default of retrying forever.
-    failure_config = FailureConfig(max_failures=config.trainer.max_restarts, controller_failure_limit=0)
+    # Ray Train retries a worker group that fails to start forever by default. Here it gets
+    # START_ATTEMPTS tries of capacity_timeout_s / START_ATTEMPTS each: a start that fails at once (a
+    # node died while the group was placed) is retried, and no capacity fails the run in capacity_timeout_s.
+    failure_config = FailureConfig(max_failures=config.trainer.max_restarts,
+                                   controller_failure_limit=START_ATTEMPTS - 1)
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,
@@ -120,7 +124,7 @@ def _connect(launcher: RayLauncherConfig) -> bool:
 
     os.environ.update({key: value for key, value in _QUIET.items() if key not in os.environ})
     # Ray Train passes it from the driver's environment to its controller.
-    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(launcher.capacity_timeout_s)
+    os.environ[WORKER_GROUP_START_TIMEOUT_S_ENV_VAR] = str(launcher.capacity_timeout_s / START_ATTEMPTS)
     if ray.is_initialized():
         return False
     env_vars = dict(_QUIET)

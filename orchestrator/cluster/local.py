@@ -9,6 +9,7 @@ every node reads it from there (``RAY_AUTH_TOKEN_PATH``); the dashboard and job 
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -278,12 +279,9 @@ def _free_ports(count: int) -> list[int]:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        finished, _ = os.waitpid(pid, os.WNOHANG)  # reaps it when it is our own child
-        if finished:
+    with contextlib.suppress(ChildProcessError):  # not our child: nothing to reap
+        if os.waitpid(pid, os.WNOHANG)[0]:  # reaps it when it is our own child
             return False
-    except ChildProcessError:
-        pass
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -306,12 +304,10 @@ def _group_alive(pgid: int) -> bool:
     except ProcessLookupError:
         return False
     except PermissionError:
-        return True
+        return True  # it exists, someone else's
     return True
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass

@@ -17,3 +17,9 @@ class TrainingError(Exception):
 
 class LaunchError(Exception):
     """The workers could not finish: they crashed more often than ``trainer.max_restarts`` allows."""
+
+
+def first_line(exc: BaseException) -> str:
+    """An exception's message in one line (its first), or its type's name when it has none."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

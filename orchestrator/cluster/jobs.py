@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from orchestrator.cluster.named import DEFAULT_CLUSTER, Cluster, load_cluster, read_token
 from orchestrator.config.compose import CONF_DIR
-from orchestrator.errors import UserError
+from orchestrator.errors import UserError, first_line
 
 PROJECT_DIR = CONF_DIR.parent
 CONFIG_ENV = "ORCHESTRATOR_JOB_CONFIG"
@@ -71,7 +71,7 @@ def client(cluster: Cluster) -> Any:
     except AuthenticationError as exc:
         raise UserError(_refused(cluster, exc)) from None
     except (ConnectionError, RuntimeError) as exc:
-        raise UserError(f"cluster={cluster.name}: no Ray job API at {cluster.address} ({_first_line(exc)})") from None
+        raise UserError(f"cluster={cluster.name}: no Ray job API at {cluster.address} ({first_line(exc)})") from None
 
 
 def _probe(cluster: Cluster) -> None:
@@ -88,7 +88,7 @@ def _probe(cluster: Cluster) -> None:
 
 
 def _refused(cluster: Cluster, exc: BaseException) -> str:
-    return (f"cluster={cluster.name}: {cluster.address} refused the request ({_first_line(exc)}; "
+    return (f"cluster={cluster.name}: {cluster.address} refused the request ({first_line(exc)}; "
             f"token file {cluster.token_file})")
 
 
@@ -103,22 +103,26 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
     from orchestrator.config.compose import compose, to_config
 
     storage = _storage(cluster)
+    # A URI: each run dir is the job's own (in its working dir on the cluster), mirrored to the URI.
+    remote = "://" in storage
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     prepared = []
     for index, overrides in enumerate(points):
-        point = [*overrides, *_cluster_overrides(overrides, group)]
-        cfg = compose(point)
-        config = to_config(cfg)
         job = _choice(overrides, "job") or "default"
         suffix = uuid.uuid4().hex[:6]
         job_id = f"orchestrator-{job}-{stamp}-{suffix}".replace("_", "-")
-        run_dir = f"{storage}/{job}/{stamp}" + (f"/{index}" if len(points) > 1 else f"-{suffix}")
+        name = f"{job}/{stamp}" + (f"/{index}" if len(points) > 1 else f"-{suffix}")
+        run_dir = f"outputs/{name}" if remote else f"{storage}/{name}"
+        point = [*overrides, *_cluster_overrides(overrides, group),
+                 *([f"trainer.storage={storage}/{name}"] if remote else [])]
+        cfg = compose(point)
+        config = to_config(cfg)
         prepared.append((job_id, run_dir, point, job, OmegaConf.to_yaml(cfg, resolve=True), config))
     jobs = client(cluster)
     submitted = []
     for job_id, run_dir, point, job, resolved, config in prepared:
-        metadata = {f"{META_PREFIX}job": job, f"{META_PREFIX}run_dir": run_dir, f"{META_PREFIX}strategy": config.strategy.name,
-                    f"{META_PREFIX}workers": str(config.launcher.num_workers)}
+        metadata = {f"{META_PREFIX}job": job, f"{META_PREFIX}run_dir": config.trainer.storage or run_dir,
+                    f"{META_PREFIX}strategy": config.strategy.name, f"{META_PREFIX}workers": str(config.launcher.num_workers)}
         if group:
             metadata[f"{META_PREFIX}group"] = group
         entrypoint = f"python -m orchestrator run-submitted --run-dir {run_dir} --job {job}"
@@ -127,8 +131,8 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
             jobs.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
         except RuntimeError as exc:
             raise UserError(f"cluster={cluster.name}: the job API refused the submission "
-                            f"({_first_line(exc)})") from None
-        submitted.append(Submission(job_id=job_id, run_dir=run_dir, overrides=point))
+                            f"({first_line(exc)})") from None
+        submitted.append(Submission(job_id=job_id, run_dir=config.trainer.storage or run_dir, overrides=point))
     return submitted
 
 
@@ -152,14 +156,15 @@ def _choice(overrides: list[str], group: str) -> str | None:
 
 
 def _storage(cluster: Cluster) -> str:
-    """Where the cluster's runs write: the cluster's ``storage``, or this checkout's outputs/ for one started here."""
+    """Where the cluster's runs go: the cluster's ``storage`` (a shared path or a URI), or this checkout's
+    outputs/ for a cluster started here."""
     from orchestrator.cluster.local import load_state
 
     if cluster.storage:
         return cluster.storage.rstrip("/")
     if load_state(cluster.name) is not None:
         return str((PROJECT_DIR / "outputs").resolve())
-    raise UserError(f"cluster={cluster.name}: set storage (a path every node shares) in "
+    raise UserError(f"cluster={cluster.name}: set storage (a path every node shares, or a URI) in "
                     f"conf/cluster/{cluster.name}.yaml; runs on a remote cluster cannot write to this machine")
 
 
@@ -184,7 +189,7 @@ def run_submitted(args: list[str]) -> int:
     config = load_resolved(resolved)
     check_environment(config)
     preflight(config)
-    summary = run_job(config, run_dir=Path(parsed.run_dir), resolved_yaml=resolved, job_name=parsed.job)
+    summary = run_job(config, run_dir=Path(parsed.run_dir).resolve(), resolved_yaml=resolved, job_name=parsed.job)
     return 0 if summary["status"] == "completed" else 1
 
 
@@ -215,7 +220,7 @@ def job_info(cluster: Cluster, job_id: str) -> Any:
         if "404" in str(exc) or "does not exist" in str(exc):
             raise UserError(f"no job {job_id!r} on cluster={cluster.name}; "
                             "`orchestrator jobs list` shows its jobs") from None
-        raise UserError(f"cluster={cluster.name}: {_first_line(exc)}") from None
+        raise UserError(f"cluster={cluster.name}: {first_line(exc)}") from None
 
 
 def job_logs(cluster: Cluster, job_id: str, *, follow: bool) -> None:
@@ -256,10 +261,6 @@ def wait(cluster: Cluster, job_id: str, *, timeout_s: float | None = None) -> st
 def format_time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def default_cluster() -> str:

@@ -2,8 +2,9 @@
 
 A file holds ``address`` (the head's dashboard URL, which serves the Job Submission API),
 ``token_file`` (null: the token ``orchestrator cluster up --name NAME`` stored on this machine) and
-``storage`` (where runs write their run dirs; null: this checkout's ``outputs/``, which only a
-cluster on this machine can use).
+``storage`` (a path every node mounts, where runs write their run dirs; or a URI each run is mirrored
+to with ``trainer.storage``; null: this checkout's ``outputs/``, which only a cluster on this machine
+can use).
 """
 
 from __future__ import annotations

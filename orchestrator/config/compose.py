@@ -7,10 +7,11 @@ a half-made run behind.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import (
     ConfigAttributeError,
     ConfigKeyError,
@@ -26,17 +27,30 @@ from orchestrator.errors import UserError
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 
-def compose(overrides: list[str]) -> DictConfig:
-    """The composed (unresolved, hydra node removed) config for ``overrides``; UserError on bad input."""
+def compose(overrides: list[str], *, with_hydra: bool = False) -> DictConfig:
+    """The composed (unresolved) config for ``overrides``; UserError on bad input.
+
+    Args:
+        overrides: Hydra overrides (``job=NAME``, ``group=option``, ``key=value``).
+        with_hydra: keep the ``hydra`` node (run dir, job name, mode): what Hydra's ``run_job`` takes.
+    """
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
 
     register()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
-            return hydra_compose(config_name="config", overrides=overrides)
+            return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
     except Exception as exc:  # Hydra raises several unrelated types; each becomes one line
         raise UserError(describe_error(exc)) from None
+
+
+def without_hydra(cfg: DictConfig) -> DictConfig:
+    """The job's own config: ``cfg`` less its ``hydra`` node."""
+    job = copy.deepcopy(cfg)
+    with open_dict(job):
+        job.pop("hydra", None)
+    return job
 
 
 def to_config(cfg: DictConfig) -> Config:

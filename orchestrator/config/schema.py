@@ -501,6 +501,7 @@ class TrainerConfig:
     max_restarts: int = 0
     threads_per_worker: int = 0
     peak_tflops: Optional[float] = None
+    storage: Optional[str] = None  # a URI the run is mirrored to and resumed from (train/storage.py)
 
     def __post_init__(self) -> None:
         _positive("trainer", max_steps=self.max_steps, global_batch_size=self.global_batch_size,
@@ -519,6 +520,9 @@ class TrainerConfig:
                      "trainer.freeze needs trainer.init_from (freezing untrained modules is almost surely a mistake)")
         if self.early_stopping.patience:
             _require(self.eval_every > 0, "trainer.early_stopping.patience needs trainer.eval_every > 0")
+        if self.storage is not None:
+            _require("://" in self.storage, f"trainer.storage must be a URI (s3://bucket/path, gs://..., "
+                                            f"file:///path), got {self.storage!r}")
 
 
 # ------------------------------------------------------------------------------------ launcher, logger

@@ -126,13 +126,12 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, preci
 
 def describe(config: Config) -> ModelShape:
     """Builds the job's model on the meta device and measures what memory depends on."""
-    import torch
 
     from orchestrator.data import describe_data
-    from orchestrator.models import build_model, describe_model, model_blocks
+    from orchestrator.models import build_model, describe_model, meta_device, model_blocks
 
     spec = describe_data(config.data)
-    with torch.device("meta"):
+    with meta_device():
         model = build_model(config.model, spec)
     info = describe_model(config.model, spec, model)
     blocks = model_blocks(config.model, model)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.config.schema import Config, JobKind
-from orchestrator.errors import LaunchError
+from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
 from orchestrator.tracking.jsonl import read_jsonl
@@ -67,6 +67,7 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
     write_atomic(run_dir / CONFIG_FILE, resolved_yaml)
+    _mirror(config, run_dir)
     try:
         summary = LAUNCHERS[config.launcher.name](config, run_dir)
     except LaunchError as exc:
@@ -86,9 +87,23 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
         "run_dir": str(run_dir),
     }
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    _mirror(config, run_dir)
     if print_summary:
         _print_summary(summary)
     return summary
+
+
+def _mirror(config: Config, run_dir: Path) -> None:
+    """The driver's records (config.yaml, summary.json) to ``trainer.storage``; a failed copy is a warning."""
+    if not config.trainer.storage:
+        return
+    from orchestrator.train.storage import RunStorage
+
+    try:
+        RunStorage(config.trainer.storage).put_driver_records(run_dir)
+    except Exception as exc:  # the run dir holds them: a store that is down costs the copy, not the run
+        print(f"warning: trainer.storage={config.trainer.storage}: copy failed ({first_line(exc)})",
+              file=sys.stderr, flush=True)
 
 
 def _crash_summary(run_dir: Path, *, error: str, restarts: int) -> dict[str, Any]:

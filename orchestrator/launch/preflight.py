@@ -5,13 +5,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
-
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
-from orchestrator.models import build_model
+from orchestrator.models import build_model, meta_device
 from orchestrator.models.recipe import freeze_modules, shape_mismatch, state_shapes
 from orchestrator.strategies.formats import resume_problem, weights_problem
 from orchestrator.train import manifest
@@ -22,11 +20,19 @@ def preflight(config: Config) -> None:
 
     Catches, in the driver and in seconds, what only the built model can tell: a model that does not
     fit the data, a ``trainer.freeze`` name that is not a module, a ``trainer.resume`` or
-    ``trainer.init_from`` checkpoint that is damaged, of another model, or of an unreadable format.
-    A script job brings its own model and data: nothing here applies to it.
+    ``trainer.init_from`` checkpoint that is damaged, of another model, or of an unreadable format, a
+    ``trainer.storage`` that cannot be written. A script job brings its own model, data and checkpoints:
+    nothing here applies to it.
     """
     if config.job.kind is JobKind.script:
+        if config.trainer.storage:
+            raise UserError("trainer.storage mirrors orchestrator's own checkpoints; a script job (job.kind=script) "
+                            "keeps its own")
         return
+    if config.trainer.storage:
+        from orchestrator.train.storage import RunStorage
+
+        RunStorage(config.trainer.storage).check()
     if isinstance(config.strategy, ZeroConfig):
         _check_deepspeed(config)
     shapes = _model_shapes(config)
@@ -45,6 +51,14 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
     """Refuses to start in a run dir whose checkpoints this job would overwrite or cannot continue."""
     existing = manifest.checkpoint_dirs(run_dir / "checkpoints")
     resume = config.trainer.resume
+    if resume == "never" and config.trainer.storage:
+        from orchestrator.train.storage import RunStorage
+
+        stored = RunStorage(config.trainer.storage).checkpoint_names()
+        if stored:
+            raise UserError(f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
+                            f"checkpoints (newest {stored[0]}); continue it with trainer.resume=auto or use another "
+                            f"trainer.storage")
     if not existing or resume not in ("auto", "never"):
         return
     if resume == "never":
@@ -87,7 +101,7 @@ def _check_deepspeed(config: Config) -> None:
 
 def _model_shapes(config: Config) -> dict[str, list[int]]:
     spec = prepare_data(config.data)  # a cache hit after the first call
-    with torch.device("meta"):
+    with meta_device():
         model = build_model(config.model, spec)
     freeze_modules(model, config.trainer.freeze)
     return state_shapes(model)

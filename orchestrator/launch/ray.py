@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, RayLauncherConfig
-from orchestrator.errors import LaunchError, UserError
+from orchestrator.errors import LaunchError, UserError, first_line
 from orchestrator.fsutil import write_atomic
 
 # Ray Train reads it in its controller: how long a worker group may wait to be placed.
@@ -147,7 +147,7 @@ def _connect(launcher: RayLauncherConfig) -> bool:
         ray.init(address=launcher.address, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
     except (ConnectionError, RuntimeError) as exc:
         raise UserError(f"launcher.address={launcher.address}: cannot connect to a Ray cluster there "
-                        f"({_first_line(exc)})") from None
+                        f"({first_line(exc)})") from None
     return False
 
 
@@ -197,10 +197,5 @@ def _describe_failure(exc: BaseException) -> str:
 
     if isinstance(exc, WorkerGroupError) and exc.worker_failures:
         rank = min(exc.worker_failures)
-        return f"worker rank {rank}: {_first_line(exc.worker_failures[rank])}"
-    return _first_line(exc)
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+        return f"worker rank {rank}: {first_line(exc.worker_failures[rank])}"
+    return first_line(exc)

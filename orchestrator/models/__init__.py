@@ -1,5 +1,6 @@
 """Models by name; see ``registry`` for what every model provides."""
 
+from orchestrator.models.meta import meta_device
 from orchestrator.models.registry import (
     ModelInfo,
     build_model,
@@ -7,4 +8,4 @@ from orchestrator.models.registry import (
     model_blocks,
 )
 
-__all__ = ["ModelInfo", "build_model", "describe_model", "model_blocks"]
+__all__ = ["ModelInfo", "build_model", "describe_model", "meta_device", "model_blocks"]

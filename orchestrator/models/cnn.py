@@ -15,6 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from orchestrator.config.schema import CNNConfig
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
+from orchestrator.models.meta import meta_device
 
 
 class BasicBlock(nn.Module):
@@ -112,7 +113,7 @@ def cnn_flops_per_token(cfg: CNNConfig, data: DataSpec, model: CNN, *, non_embed
         model: the built model (unused: see above).
         non_embedding_params: unused; convolutions are counted directly.
     """
-    with torch.device("meta"):
+    with meta_device():
         probe = build_cnn(cfg, data).eval()  # eval: BatchNorm in training mode rejects one 1x1 sample
         sample = torch.zeros(1, *data.input_shape)
     with FlopCounterMode(display=False) as counter:

@@ -6,7 +6,7 @@ wrap each block (activation checkpointing, compile, FSDP2); throughput and estim
 Every model built here maps ``inputs`` to logits (token models: (B, T) int64 to (B, T, vocab); image models:
 (B, *input_shape) float32 to (B, num_classes)) and has ``init_weights()``, which initializes every parameter
 and buffer from torch's global RNG. That makes the large-model path work: build under
-``torch.device("meta")`` (nothing allocated), shard, ``model.to_empty(device=...)``, ``model.init_weights()``.
+``meta_device()`` (nothing allocated), shard, ``model.to_empty(device=...)``, ``model.init_weights()``.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ def _spec(cfg: ModelConfig) -> _ModelSpec:
 def build_model(cfg: ModelConfig, data: DataSpec) -> nn.Module:
     """Builds the model ``cfg`` names, sized for ``data``, and initializes it from torch's global RNG.
 
-    Builds on whatever device is current: under ``with torch.device("meta"):`` nothing is allocated, which
+    Builds on whatever device is current: under ``with meta_device():`` nothing is allocated, which
     is how a 70B model's parameters are counted in seconds. Two builds under the same ``torch.manual_seed``
     give identical weights.
 

@@ -36,6 +36,15 @@ from orchestrator.strategies.deepspeed_config import deepspeed_config
 TAG = "ds"
 
 
+def _skip_shared_memory_all_reduce() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory all-reduce when it starts (~26 s on two cores,
+    once per machine and DeepSpeed install). Only ``inference_all_reduce`` uses it; training's
+    collectives are torch.distributed's. Marked incompatible, it is not built."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
 class ZeroStrategy(Strategy):
     cfg: ZeroConfig
 
@@ -46,6 +55,8 @@ class ZeroStrategy(Strategy):
         prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
                        compile=self.cfg.compile)
         on_gpu = self.dist.device.type == "cuda"
+        if not on_gpu:
+            _skip_shared_memory_all_reduce()
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=self._client_optimizer(model, build_optimizer, on_gpu=on_gpu),

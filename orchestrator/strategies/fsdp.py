@@ -31,6 +31,7 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
+from orchestrator.models.meta import meta_device
 from orchestrator.models.recipe import ModelRecipe, freeze_modules
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
@@ -50,7 +51,7 @@ class FSDP2Strategy(TorchStrategy):
         on_meta = self.cfg.init_device is InitDevice.meta
         offload = self.cfg.offload_params is Offload.cpu
         if on_meta:
-            with torch.device("meta"):
+            with meta_device():
                 model = recipe.build()
         else:
             model = recipe.build_complete()  # every rank builds the same full model, then keeps its shards

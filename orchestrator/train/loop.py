@@ -8,6 +8,7 @@ make every decision (skip a step, stop early, save) from values that are identic
 
 from __future__ import annotations
 
+import logging
 import math
 import statistics
 import time
@@ -23,8 +24,8 @@ from orchestrator.config.schema import Config, OnNonFinite
 from orchestrator.data import Dataset, load_data
 from orchestrator.data.sampler import StreamSampler, eval_indices
 from orchestrator.distributed import DistContext
-from orchestrator.errors import TrainingError, UserError
-from orchestrator.models import build_model, describe_model, model_blocks
+from orchestrator.errors import TrainingError, UserError, first_line
+from orchestrator.models import build_model, describe_model, meta_device, model_blocks
 from orchestrator.models.recipe import ModelRecipe, state_shapes
 from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
 from orchestrator.strategies.base import FP16_OVERFLOW
@@ -33,11 +34,14 @@ from orchestrator.tracking.tracker import Tracker
 from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.optim import build_optimizer, lr_at
+from orchestrator.train.storage import RunStorage
 from orchestrator.train.throughput import mfu, peak_flops_per_device
 
 # fp16 loss scaling skips an overflowing step and halves the scale; this many in a row means the
 # gradients are not finite at any scale, which the non-finite policy then handles.
 MAX_OVERFLOWS_IN_A_ROW = 25
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(kw_only=True)
@@ -76,7 +80,7 @@ class Trainer:
         trainer = config.trainer
         self.data = load_data(config.data)
         spec = self.data.spec
-        with torch.device("meta"):
+        with meta_device():
             reference = build_model(config.model, spec)  # sizes and shapes, nothing allocated
         self.model_info = describe_model(config.model, spec, reference)
         recipe = ModelRecipe(
@@ -98,6 +102,7 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir / "checkpoints", dist=dist, strategy=self.strategy,
                                          strategy_name=config.strategy.name, keep=trainer.checkpoint.keep,
                                          model_shapes=state_shapes(reference))
+        self.storage = RunStorage(trainer.storage) if trainer.storage else None
         self.state = TrainState()
         self.resumed_from: int | None = None
         self.tokens_per_step = trainer.global_batch_size * spec.tokens_per_sample
@@ -110,8 +115,20 @@ class Trainer:
 
     def _save(self) -> None:
         directory = self.checkpointer.save(self.state.step, asdict(self.state))
+        if self.storage is not None and self.dist.is_main:
+            kept = [d.name for d in manifest.checkpoint_dirs(self.checkpointer.root)]
+            self._mirror(lambda: self.storage.put_checkpoint(directory, keep=kept))
         if self.on_checkpoint is not None:
             self.on_checkpoint(directory, self.state.step)
+
+    def _mirror(self, put: Callable[[], None]) -> None:
+        """Copies to trainer.storage, then the records; a failed copy is a warning (the next one retries)."""
+        try:
+            put()
+            self.storage.put_records(self.run_dir)
+        except Exception as exc:  # a store that is down must not stop training: the run dir has it all
+            log.warning("trainer.storage=%s: copy failed (%s); the next checkpoint tries again",
+                        self.storage.uri, first_line(exc))
 
     def fit(self) -> dict[str, Any]:
         """Trains to the end; returns the run summary (``failed`` with the reason for a training error)."""
@@ -149,6 +166,8 @@ class Trainer:
             return self._summary(wall_s=time.perf_counter() - started, error=str(exc))
         finally:
             tracker.close()
+            if self.storage is not None and self.dist.is_main:
+                self._mirror(lambda: None)
         return self._summary(wall_s=time.perf_counter() - started)
 
     def _finished(self) -> bool:
@@ -283,7 +302,10 @@ class Trainer:
         return partial(read_model_weights, directory, written_by=written_by)
 
     def _resume(self) -> None:
-        directory = self.checkpointer.find_resume(self.config.trainer.resume, restarted=self.restarts > 0)
+        resume = self.config.trainer.resume
+        if self.storage is not None and (resume != "never" or self.restarts > 0):
+            self._fetch_from_storage()
+        directory = self.checkpointer.find_resume(resume, restarted=self.restarts > 0)
         if directory is not None:
             self.state = TrainState(**self.checkpointer.restore(directory))
             try:
@@ -294,6 +316,20 @@ class Trainer:
             if self.dist.is_main:
                 print(f"resumed from {directory} (step {self.state.step})", flush=True)
         self.checkpointer.prepare(start_step=self.state.step)
+
+    def _fetch_from_storage(self) -> None:
+        """Rank 0 fetches trainer.storage's newest checkpoint where the run dir has none as new."""
+        outcome: tuple[str | None, str | None] = (None, None)
+        if self.dist.is_main:
+            try:
+                outcome = (self.storage.fetch_newer(self.run_dir), None)
+            except Exception as exc:  # every rank raises it below, none is left waiting
+                outcome = (None, f"trainer.storage={self.storage.uri}: cannot fetch its checkpoints ({first_line(exc)})")
+        fetched, error = self.dist.broadcast_object(outcome)
+        if error is not None:
+            raise UserError(error)
+        if fetched is not None and self.dist.is_main:
+            print(f"fetched {fetched} from {self.storage.uri}", flush=True)
 
     def _summary(self, *, wall_s: float, error: str | None = None) -> dict[str, Any]:
         # The first step of a process pays for warm-up (allocator, kernel selection): leave it out.

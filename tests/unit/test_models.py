@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import subprocess
 import sys
 
 import pytest
@@ -22,7 +23,7 @@ from orchestrator.config.schema import (
 )
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
-from orchestrator.models import build_model, describe_model, model_blocks
+from orchestrator.models import build_model, describe_model, meta_device, model_blocks
 
 TOKENS = DataSpec(kind=SampleKind.tokens, vocab_size=64, seq_len=16)
 DIGITS = DataSpec(kind=SampleKind.images, input_shape=(1, 8, 8), num_classes=10)
@@ -116,16 +117,40 @@ def test_same_seed_gives_the_same_weights(cfg: ModelConfig, data: DataSpec) -> N
 
 @pytest.mark.parametrize(("cfg", "data"), CASES)
 def test_meta_build_allocates_nothing_and_counts_like_a_real_build(cfg: ModelConfig, data: DataSpec) -> None:
-    with torch.device("meta"):
+    with meta_device():
         meta_model = build_model(cfg, data)
     assert all(t.is_meta for t in [*meta_model.parameters(), *meta_model.buffers()])
     assert describe_model(cfg, data, meta_model) == describe_model(cfg, data, _build(cfg, data))
 
 
+def test_meta_build_skips_random_fills_and_imports_no_compiler() -> None:
+    # torch runs normal_ on a meta tensor through a decomposition that imports torch._dynamo (~1.4 s in
+    # every driver and worker); meta_device() skips the fill, and the shapes are the same.
+    code = (
+        "import sys, torch\n"
+        "from orchestrator.config.schema import GPTConfig, SampleKind\n"
+        "from orchestrator.data.spec import DataSpec\n"
+        "from orchestrator.models import build_model, meta_device\n"
+        "data = DataSpec(kind=SampleKind.tokens, vocab_size=64, seq_len=16)\n"
+        "with meta_device():\n"
+        "    model = build_model(GPTConfig(n_layer=2, n_head=2, n_embd=32), data)\n"
+        "with torch.device('meta'):\n"
+        "    x = torch.empty(3)\n"
+        "x.normal_()\n"  # outside meta_device(): torch's own path, for contrast
+        "assert all(p.is_meta for p in model.parameters())\n"
+        "print(sorted(name for name in sys.modules if name.startswith('torch._dynamo'))[:1])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code.replace("x.normal_()\n", "")], capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "[]"
+    contrast = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert contrast.stdout.strip() == "['torch._dynamo']"
+
+
 @pytest.mark.parametrize(("cfg", "data"), CASES)
 def test_meta_build_materializes_like_a_real_build(cfg: ModelConfig, data: DataSpec) -> None:
     # The sharded path: build on meta, (shard), allocate, then init_weights fills every parameter and buffer.
-    with torch.device("meta"):
+    with meta_device():
         model = build_model(cfg, data)
     model.to_empty(device="cpu")
     torch.manual_seed(5)

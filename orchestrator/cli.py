@@ -75,6 +75,9 @@ def train_command(args: list[str]) -> int:
         if cfg.hydra.mode in (None, RunMode.RUN):  # not a config that sets hydra.mode=MULTIRUN
             return _train_one(cfg)
     sweeper = _search_sweeper(parsed.overrides) if parsed.multirun else None
+    if parsed.multirun:  # a sweep's runs share a W&B group
+        extra = sweep_overrides(parsed.overrides, job_type="search" if sweeper else "sweep")
+        args, parsed.overrides = [*args, *extra], [*parsed.overrides, *extra]
     if not any(getattr(parsed, flag) for flag in _HYDRA_INFO_FLAGS):
         points = (_search_points(parsed.overrides) if sweeper
                   else _sweep_points(parsed.overrides, multirun=parsed.multirun))
@@ -83,6 +86,16 @@ def train_command(args: list[str]) -> int:
             if sweeper and not config.trainer.eval_every:
                 raise UserError(f"hydra/sweeper={sweeper} minimizes the final eval loss: set trainer.eval_every > 0")
     return _run_hydra(args, search=sweeper is not None)
+
+
+def sweep_overrides(overrides: list[str], *, job_type: str) -> list[str]:
+    """``logger.group`` (one name for the sweep) and ``logger.job_type``, unless the overrides set them."""
+    from datetime import datetime
+
+    job = next((o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+~") == "job"), "default")
+    extra = {"logger.group": f"{job}-{job_type}-{datetime.now():%Y%m%d-%H%M%S}", "logger.job_type": job_type}
+    return [f"{key}={value}" for key, value in extra.items()
+            if not any(o.partition("=")[0].lstrip("+~") == key for o in overrides)]
 
 
 def _precheck(overrides: list[str], *, prepare: bool) -> Config:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
+
+# Runs in tests that are not about W&B log no W&B run (the default logger=wandb would start W&B's service
+# in every run); the W&B tests set WANDB_MODE themselves. Subprocesses and Ray nodes inherit it.
+os.environ["WANDB_MODE"] = "disabled"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -27,20 +32,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def tiny_overrides(cache_dir: Path) -> list[str]:
     """A 2-worker DDP GPT job that trains in a few seconds on two CPU cores (torch elastic: no Ray start-up)."""
-    return [
-        "job=gpt_tiny_cpu",
-        "launcher=local",
-        f"data.cache_dir={cache_dir}",
-        "data.max_bytes=400000",
-        "data.seq_len=32",
-        "trainer.max_steps=20",
-        "trainer.global_batch_size=8",
-        "trainer.micro_batch_size=4",
-        "trainer.eval_every=10",
-        "trainer.eval_batches=2",
-        "trainer.checkpoint.every=10",
-        "logger.progress=false",
-    ]
+    from tests.helpers import tiny_job
+
+    return tiny_job(cache_dir)
 
 
 @pytest.fixture(scope="session")

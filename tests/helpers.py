@@ -35,6 +35,15 @@ def train_losses(run_dir: Path) -> dict[int, float]:
 MAX_STEPS = 40
 
 
+def tiny_job(cache_dir: Path) -> list[str]:
+    """A 2-worker DDP GPT job that trains in a few seconds on two CPU cores (torch elastic: no Ray start-up)."""
+    return [
+        "job=gpt_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
+        "data.seq_len=32", "trainer.max_steps=20", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
+        "trainer.eval_every=10", "trainer.eval_batches=2", "trainer.checkpoint.every=10", "logger.progress=false",
+    ]
+
+
 def resume_job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """A 2-rank DDP GPT with dropout (so RNG state matters), a checkpoint every 10 steps: the resume tests' job."""
     return [

@@ -137,13 +137,16 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
 
 
 def _cluster_overrides(overrides: list[str], group: str | None) -> list[str]:
-    """On a cluster the Ray launcher joins it (``auto``); a sweep's points share ``logger.group``."""
+    """On a cluster the Ray launcher joins it (``auto``); a sweep's points share ``logger.group`` (W&B's group,
+    with ``job_type`` sweep)."""
     extra = []
     joins = _choice(overrides, "launcher") in (None, "ray")
     if joins and not any(o.startswith("launcher.address=") for o in overrides):
         extra.append("launcher.address=auto")
     if group and not any(o.startswith("logger.group=") for o in overrides):
         extra.append(f"logger.group={group}")
+    if group and not any(o.startswith("logger.job_type=") for o in overrides):
+        extra.append("logger.job_type=sweep")
     return extra
 
 

@@ -577,17 +577,42 @@ class RayLauncherConfig(LauncherConfig):
         _positive("launcher", cpus_per_worker=self.cpus_per_worker, capacity_timeout_s=self.capacity_timeout_s)
 
 
+class WandbMode(str, Enum):
+    auto = "auto"  # online with a configured W&B key, else offline
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
+
+
+@dataclass(kw_only=True)
+class WandbConfig:
+    """The W&B run of ``logger=wandb`` (``tracking/wandb_run.py``); ``WANDB_MODE`` overrides ``mode``."""
+
+    project: str = "orchestrator"
+    entity: Optional[str] = None
+    mode: WandbMode = WandbMode.auto
+    tags: list[str] = field(default_factory=list)
+    init_timeout_s: float = 30.0
+
+    def __post_init__(self) -> None:
+        _positive("logger.wandb", init_timeout_s=self.init_timeout_s)
+
+
 @dataclass(kw_only=True)
 class LoggerConfig:
-    """What rank 0 records. ``metrics.jsonl``, ``resources.jsonl`` and ``summary.json`` are always written."""
+    """What rank 0 records. ``metrics.jsonl``, ``resources.jsonl`` and ``summary.json`` are always written;
+    ``name=wandb`` adds a W&B run."""
 
     name: str = "jsonl"
     progress: bool = True
     resources_every: int = 10
     group: Optional[str] = None  # runs of one sweep or experiment share it (set by `orchestrator submit -m`)
+    job_type: str = "train"  # W&B's job_type: train, sweep, scale
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
         _positive("logger", resources_every=self.resources_every)
+        _require(self.name in ("jsonl", "wandb"), f"logger.name must be jsonl or wandb, got {self.name!r}")
 
 
 # ---------------------------------------------------------------------------------------- experiments

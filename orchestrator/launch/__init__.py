@@ -140,5 +140,6 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("restarts", summary.get("restarts") or None),
         ("wall time", format_duration(summary["wall_s"])),
         ("run dir", summary["run_dir"]),
+        ("W&B", summary.get("wandb")),
     ]
     print(format_summary(rows), flush=True)

@@ -1,4 +1,4 @@
-"""Rank 0's record of a run: the console, ``metrics.jsonl`` and ``resources.jsonl``.
+"""Rank 0's record of a run: the console, ``metrics.jsonl``, ``resources.jsonl`` and the W&B run.
 
 Other ranks hold a Tracker too, with every method a no-op, so the loop never asks which rank it is on
 to decide whether to log.
@@ -12,6 +12,7 @@ from typing import Any
 
 from orchestrator.tracking.console import Progress
 from orchestrator.tracking.jsonl import JsonlWriter, truncate_after_step
+from orchestrator.tracking.wandb_run import WandbRun, wandb_name
 
 METRICS_FILE = "metrics.jsonl"
 RESOURCES_FILE = "resources.jsonl"
@@ -25,11 +26,13 @@ class Tracker:
     resume_step: the step a resumed run continues from (later records in the files are dropped; they
         are recomputed), or None for a fresh start (the files start empty).
     progress: show the console progress.
+    wandb: rank 0's W&B run (logger=wandb), or None.
     """
 
     def __init__(self, run_dir: Path, *, enabled: bool, max_steps: int, resume_step: int | None,
-                 progress: bool) -> None:
+                 progress: bool, wandb: WandbRun | None = None) -> None:
         self.enabled = enabled
+        self.wandb = wandb
         if not enabled:
             return
         for name in (METRICS_FILE, RESOURCES_FILE):
@@ -43,12 +46,17 @@ class Tracker:
             return
         self.metrics.write({"step": step, **metrics, "time": time.time()})
         self.progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
+        if self.wandb is not None:
+            self.wandb.log(step, {wandb_name(key): value for key, value in metrics.items()
+                                  if isinstance(value, (int, float))})
 
     def log_eval(self, step: int, eval_loss: float) -> None:
         if not self.enabled:
             return
         self.metrics.write({"step": step, "eval_loss": eval_loss, "time": time.time()})
         self.progress.write(f"step {step}: eval loss {eval_loss:.4f}")
+        if self.wandb is not None:
+            self.wandb.log(step, {"eval/loss": eval_loss})
 
     def log_resources(self, step: int, per_rank: list[dict[str, Any]]) -> None:
         if not self.enabled:
@@ -56,13 +64,24 @@ class Tracker:
         now = time.time()
         for rank, sample in enumerate(per_rank):
             self.resources.write({"step": step, "rank": rank, **sample, "time": now})
+        if self.wandb is not None:
+            self.wandb.log(step, {f"resources/rank{rank}/{key}": value for rank, sample in enumerate(per_rank)
+                                  for key, value in sample.items() if isinstance(value, (int, float))})
 
     def message(self, text: str) -> None:
         if self.enabled:
             self.progress.write(text)
 
-    def close(self) -> None:
+    def close(self, summary: dict[str, Any] | None) -> None:
+        """Closes the files and finishes the W&B run; ``summary`` None: the run crashed.
+
+        The summary gains ``wandb``: where to see the W&B run (its URL, or the ``wandb sync`` command).
+        """
         if self.enabled:
             self.progress.close()
             self.metrics.close()
             self.resources.close()
+        if self.wandb is not None:
+            location = self.wandb.location
+            if self.wandb.finish(summary) and summary is not None and location is not None:
+                summary["wandb"] = location

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
+import yaml
 
 from orchestrator.config.schema import Config, OnNonFinite
 from orchestrator.data import Dataset, load_data
@@ -31,6 +32,7 @@ from orchestrator.strategies import StepOutcome, build_strategy, read_model_weig
 from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
 from orchestrator.tracking.tracker import Tracker
+from orchestrator.tracking.wandb_run import WandbRun, run_metadata
 from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.optim import build_optimizer, lr_at
@@ -59,6 +61,7 @@ class TrainState:
     nonfinite_skips: int = 0
     overflow_skips: int = 0
     overflows_in_a_row: int = 0
+    wandb_run_id: str | None = None  # logger=wandb: a resumed run continues the same W&B run
 
 
 class Trainer:
@@ -141,7 +144,9 @@ class Trainer:
         if self._finished():
             return {"status": "completed", "already_complete": True, "steps": self.state.step}
         tracker = Tracker(self.run_dir, enabled=self.dist.is_main, max_steps=trainer.max_steps,
-                          resume_step=self.resumed_from, progress=self.config.logger.progress)
+                          resume_step=self.resumed_from, progress=self.config.logger.progress,
+                          wandb=self._wandb_run())
+        error = None
         try:
             if trainer.eval_every and trainer.eval_at_start and self.state.step == 0:
                 self._evaluate(tracker)
@@ -163,12 +168,35 @@ class Trainer:
             if trainer.checkpoint.at_end and last_saved != self.state.step:
                 self._save()
         except TrainingError as exc:
-            return self._summary(wall_s=time.perf_counter() - started, error=str(exc))
-        finally:
-            tracker.close()
-            if self.storage is not None and self.dist.is_main:
-                self._mirror(lambda: None)
-        return self._summary(wall_s=time.perf_counter() - started)
+            error = str(exc)
+        except BaseException:
+            tracker.close(None)
+            raise
+        summary = self._summary(wall_s=time.perf_counter() - started, error=error)
+        tracker.close(summary)
+        if self.storage is not None and self.dist.is_main:
+            self._mirror(lambda: None)
+        return summary
+
+    def _wandb_run(self) -> WandbRun | None:
+        """Rank 0's W&B run (logger=wandb), under the id the checkpoint keeps (a new one on a fresh start)."""
+        if self.config.logger.name != "wandb":
+            return None
+        if self.state.wandb_run_id is None:
+            import uuid
+
+            self.state.wandb_run_id = self.dist.broadcast_object(uuid.uuid4().hex[:12] if self.dist.is_main else None)
+        if not self.dist.is_main:
+            return None
+        config = self.config
+        resolved = self.run_dir / "config.yaml"
+        return WandbRun(
+            self.run_dir, run_id=self.state.wandb_run_id, settings=config.logger,
+            name=f"{self.run_dir.parent.name}/{self.run_dir.name}",
+            config={**(yaml.safe_load(resolved.read_text()) if resolved.exists() else {}),
+                    "run": run_metadata(world_size=self.dist.world_size, strategy=config.strategy.name,
+                                        launcher=config.launcher.name, device=self.dist.device)},
+        )
 
     def _finished(self) -> bool:
         return self.state.step >= self.config.trainer.max_steps or self.state.stopped_early

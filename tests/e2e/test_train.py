@@ -66,12 +66,16 @@ def test_multirun_sweep_makes_one_run_per_point(tmp_path: Path) -> None:
     run_cli("train", "-m", "job=digits_mlp_cpu", "launcher=local", "optim.lr=1e-3,3e-3", "trainer.max_steps=10",
             "trainer.eval_every=5", f"hydra.sweep.dir={sweep_dir}", "logger.progress=false",
             cwd=tmp_path, check=True, timeout=300)
-    lrs = []
+    lrs, loggers = [], []
     for point in ("0", "1"):
         summary = json.loads((sweep_dir / point / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["steps"] == 10
-        lrs.append(yaml.safe_load((sweep_dir / point / "config.yaml").read_text())["optim"]["lr"])
+        config = yaml.safe_load((sweep_dir / point / "config.yaml").read_text())
+        lrs.append(config["optim"]["lr"])
+        loggers.append((config["logger"]["group"], config["logger"]["job_type"]))
     assert lrs == [1e-3, 3e-3]
+    # One W&B group for the sweep, job_type sweep.
+    assert loggers[0] == loggers[1] and loggers[0][0].startswith("digits_mlp_cpu-sweep-") and loggers[0][1] == "sweep"
 
 
 def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> None:

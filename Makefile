@@ -8,6 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_CPU := torch==2.13.0
 EXTRAS ?= dev,hf
+TEST_WORKERS ?= 2
 
 .PHONY: setup run test clean
 
@@ -26,8 +27,13 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/orchestrator train $(ARGS)
 
+# The tests on TEST_WORKERS processes, then those marked serial (timed, or starting an embedded Ray) alone.
+# Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS); \
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
+	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS); \
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache

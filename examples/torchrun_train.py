@@ -75,6 +75,7 @@ def main() -> None:
         "weights_checksum": sum(tensor.double().sum().item() for tensor in model.module.state_dict().values()),
     }
     Path(args.output_dir, f"rank{rank}.json").write_text(json.dumps(record) + "\n")
+    dist.barrier()  # gloo aborts a process whose peer tore the group down while it still used it
     dist.destroy_process_group()
 
 

@@ -31,6 +31,8 @@ commands:
                                           orchestrator verify verify.strategies=[ddp,fsdp2,zero1,zero2,zero3]
   estimate per-rank memory of the job under every strategy, and the world size it needs
                                           orchestrator estimate job=llama3_70b_zero3 estimate.world_sizes=[8,64] [--json]
+  report   one HTML file (no network needed) of runs' curves, throughput, MFU, memory and per-rank resources
+                                          orchestrator report outputs/default/2026-11-23_11-58-30 [RUN_DIR ...] [-o report.html]
   cluster  a token-authenticated Ray cluster of several nodes on this machine
                                           orchestrator cluster up --nodes 3 | status | down
   submit   the job to a Ray cluster (Job Submission API); -m submits one job per point
@@ -311,6 +313,24 @@ def estimate_command(args: list[str]) -> int:
     return run_estimate(args)
 
 
+def report_command(args: list[str]) -> int:
+    """``orchestrator report RUN_DIR [RUN_DIR ...] [-o FILE]``: the HTML report of the runs."""
+    import argparse
+
+    from orchestrator.report import write_report
+
+    parser = argparse.ArgumentParser(prog="orchestrator report",
+                                     description="One self-contained HTML file of one or more runs.")
+    parser.add_argument("run_dirs", nargs="+", type=Path, help="run dirs, or dirs of run dirs (a sweep's)")
+    parser.add_argument("-o", "--output", type=Path, default=None,
+                        help="the HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    parsed = parser.parse_args(args)
+    output = parsed.output or (parsed.run_dirs[0] / "report.html" if len(parsed.run_dirs) == 1
+                               else Path("report.html"))
+    print(f"report: {write_report(parsed.run_dirs, output)}")
+    return 0
+
+
 def cluster_command(args: list[str]) -> int:
     from orchestrator.cluster.commands import cluster_command as run
 
@@ -340,6 +360,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
     "verify": verify_command,
     "estimate": estimate_command,
+    "report": report_command,
     "cluster": cluster_command,
     "submit": submit_command,
     "jobs": jobs_command,

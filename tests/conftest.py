@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -23,10 +24,20 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+def shared_dir(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A directory that every xdist worker of this test run shares (a session temp dir without xdist)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        path = tmp_path_factory.getbasetemp().parent / name
+        path.mkdir(exist_ok=True)
+        return path
+    return tmp_path_factory.mktemp(name)
+
+
 @pytest.fixture(scope="session")
 def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One data cache for the whole session: tokenized corpora are built once."""
-    return tmp_path_factory.mktemp("data-cache")
+    """One data cache for the whole session, and for every xdist worker: tokenized corpora are built once
+    (two workers building the same cache at once is safe: the first to finish publishes it)."""
+    return shared_dir(tmp_path_factory, "data-cache")
 
 
 @pytest.fixture
@@ -42,8 +53,13 @@ def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path)
     """The run dir of the resume tests' job run start to end without interruption (launcher=local); read only."""
     from tests.helpers import resume_job, run_cli
 
-    root = tmp_path_factory.mktemp("uninterrupted")
-    run_cli(*resume_job(cache_dir, root / "run"), cwd=root, check=True)
+    from filelock import FileLock
+
+    root = shared_dir(tmp_path_factory, "uninterrupted")
+    with FileLock(root / ".lock"):  # one run for all workers
+        if not (root / "run" / "summary.json").exists():
+            shutil.rmtree(root / "run", ignore_errors=True)
+            run_cli(*resume_job(cache_dir, root / "run"), cwd=root, check=True)
     return root / "run"
 
 

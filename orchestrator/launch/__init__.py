@@ -19,6 +19,7 @@ from orchestrator.tracking.jsonl import read_jsonl
 
 CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.html"
 
 
 def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
@@ -87,10 +88,22 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
         "run_dir": str(run_dir),
     }
     write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    summary["report"] = _write_report(run_dir)
     _mirror(config, run_dir)
     if print_summary:
         _print_summary(summary)
     return summary
+
+
+def _write_report(run_dir: Path) -> str | None:
+    """The run's HTML report, ``RUN_DIR/report.html`` (``orchestrator report``); a failure is a warning."""
+    from orchestrator.report import write_report
+
+    try:
+        return str(write_report([run_dir], run_dir / REPORT_FILE))
+    except Exception as exc:  # the run is done and recorded: a report that cannot be drawn must not undo that
+        print(f"warning: the HTML report could not be written ({first_line(exc)})", file=sys.stderr, flush=True)
+        return None
 
 
 def _mirror(config: Config, run_dir: Path) -> None:
@@ -140,6 +153,7 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("restarts", summary.get("restarts") or None),
         ("wall time", format_duration(summary["wall_s"])),
         ("run dir", summary["run_dir"]),
+        ("report", summary.get("report")),
         ("W&B", summary.get("wandb")),
     ]
     print(format_summary(rows), flush=True)

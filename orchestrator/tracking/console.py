@@ -33,12 +33,12 @@ class Progress:
 
     def update(self, step: int, *, loss: float, tokens_per_s: float) -> None:
         if self._bar is not None:
-            self._bar.set_postfix_str(f"loss {loss:.4f} | {_si(tokens_per_s)} tok/s", refresh=False)
+            self._bar.set_postfix_str(f"loss {loss:.4f} | {format_si(tokens_per_s)} tok/s", refresh=False)
             self._bar.update(step - self._bar.n)
         elif self.enabled and (step % self._every == 0 or step == self.total):
             elapsed = time.perf_counter() - self._start
             eta = elapsed / max(1, step - self._initial) * (self.total - step)
-            print(f"step {step}/{self.total} | loss {loss:.4f} | {_si(tokens_per_s)} tok/s | "
+            print(f"step {step}/{self.total} | loss {loss:.4f} | {format_si(tokens_per_s)} tok/s | "
                   f"eta {_duration(eta)}", flush=True)
 
     def write(self, message: str) -> None:
@@ -68,10 +68,11 @@ def _format_value(value: Any) -> str:
     return str(value)
 
 
-def _si(value: float) -> str:
+def format_si(value: float, digits: int = 1) -> str:
+    """``value`` with a k, M or G suffix: 12345 -> 12.3k."""
     for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
         if abs(value) >= scale:
-            return f"{value / scale:.1f}{unit}"
+            return f"{value / scale:.{digits}f}{unit}"
     return f"{value:.0f}"
 
 

@@ -26,7 +26,7 @@ from orchestrator.train import manifest
 
 # Written by rank 0 as it trains; config.yaml and summary.json are the driver's.
 WORKER_RECORDS = ("metrics.jsonl", "resources.jsonl")
-DRIVER_RECORDS = ("config.yaml", "summary.json")
+DRIVER_RECORDS = ("config.yaml", "summary.json", "report.html")
 CHECK_TIMEOUT_S = 20.0
 
 

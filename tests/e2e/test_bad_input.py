@@ -11,6 +11,8 @@ import pytest
 
 from tests.helpers import run_cli, train_in_process
 
+pytestmark = pytest.mark.serial  # "within seconds" is timed: not beside other tests
+
 
 def _corrupt_checkpoint(tmp_path: Path) -> Path:
     directory = _checkpoint(tmp_path, strategy="ddp")

@@ -12,12 +12,14 @@ from tests.helpers import run_cli
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_default_job_learns_in_under_three_minutes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     started = time.monotonic()
     # A fresh cache dir: the tokenizer is trained and the corpus encoded inside the timed run.
-    run_cli("train", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}", "logger.progress=false",
-            cwd=tmp_path, check=True, timeout=400)
+    result = run_cli("train", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}",
+                     "logger.progress=false", cwd=tmp_path, check=True, timeout=400,
+                     env={"WANDB_MODE": "offline"})  # what `make run` does on a machine without a W&B key
     wall_s = time.monotonic() - started
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["strategy"] == "ddp"
@@ -28,3 +30,6 @@ def test_default_job_learns_in_under_three_minutes(tmp_path: Path) -> None:
     kept = sorted(p.name for p in (run_dir / "checkpoints").iterdir() if p.name.startswith("step-"))
     snapshot = (run_dir / "checkpoint_manager_snapshot.json").read_text()
     assert kept and all(f"checkpoints/{name}" in snapshot for name in kept)
+    # It ends by saying where the HTML report and the (offline) W&B run are.
+    assert f"report              {run_dir / 'report.html'}" in result.stdout and (run_dir / "report.html").exists()
+    assert f"W&B                 wandb sync {run_dir / 'wandb' / 'offline-run-'}" in result.stdout

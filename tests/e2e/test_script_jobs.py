@@ -36,6 +36,7 @@ def _records(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
+@pytest.mark.serial
 def test_an_accelerate_script_trains_on_two_ray_workers(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli("train", "job.kind=script", "job.script=examples/accelerate_train.py", "job.args=[--epochs,1]",
@@ -114,6 +115,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.serial
 @pytest.mark.parametrize("overrides, message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_bad_script_input_fails_in_one_line_before_any_worker(tmp_path: Path, overrides: list[str],
                                                                message: str) -> None:

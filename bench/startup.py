@@ -3,16 +3,18 @@
     python bench/startup.py                 # 3 interleaved rounds, the default job's model, 2 CPU workers
     python bench/startup.py --rounds 5 --append bench/RESULTS.md
 
-Four variants, each a fresh process, timed from its spawn to the wall-clock time at which the first
+Five variants, each a fresh process, timed from its spawn to the wall-clock time at which the first
 optimizer step finished:
 
 - ``orchestrator train launcher=local``: config composition, checks, data preparation (cached),
-  torch elastic, the training loop's setup;
+  torch elastic, the training loop's setup (``logger=jsonl``: a W&B run's start is W&B's cost, not
+  the launcher's);
 - bare ``torchrun --standalone``: a minimal DDP script that builds the same GPT and takes one step
   on random tokens;
 - ``orchestrator train launcher=ray``: the same as local, with an embedded Ray and Ray Train;
 - a bare Ray ``TorchTrainer``: the same minimal step in a Ray Train worker group, with Ray started
-  the same way (``ray.init(address="local")`` with the dashboard on 127.0.0.1).
+  the same way (``ray.init(address="local")`` with the dashboard on 127.0.0.1);
+- ``orchestrator train launcher=local`` with ``logger=wandb`` (offline): what starting a W&B run adds.
 
 Each round runs all four in a rotated order; the table shows medians and the overhead of each
 orchestrator launcher over its bare counterpart (goals: +1 s for local, +2 s for Ray).
@@ -93,19 +95,21 @@ def first_step_time(run_dir: Path) -> float:
 def run(variant: str, tmp: Path, workers: int, cache_dir: str) -> float:
     """Seconds from spawning the variant's process to the end of its first step."""
     out = tmp / f"{variant.replace(' ', '-').replace('=', '-')}-{time.monotonic_ns()}"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if variant.startswith("orchestrator"):
-        launcher = variant.split("=")[-1]
+        launcher = variant.split("launcher=")[1].split(",")[0]
+        logger = "wandb" if variant.endswith("W&B offline") else "jsonl"
+        env["WANDB_MODE"] = "offline"
         command = [sys.executable, "-m", "orchestrator", "train", f"launcher={launcher}",
                    f"launcher.num_workers={workers}", "trainer.device=cpu", "trainer.max_steps=2",
                    "trainer.eval_every=0", "trainer.checkpoint.every=0", "trainer.checkpoint.at_end=false",
-                   "scheduler.warmup_steps=0", "logger.progress=false", f"data.cache_dir={cache_dir}",
-                   f"hydra.run.dir={out}"]
+                   "scheduler.warmup_steps=0", f"logger={logger}", "logger.progress=false",
+                   f"data.cache_dir={cache_dir}", f"hydra.run.dir={out}"]
     elif variant == "bare torchrun":
         command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
                    __file__, "--bare-step", str(out)]
     else:
         command = [sys.executable, __file__, "--bare-ray", str(out), "--workers", str(workers)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     started = time.time()
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
     if result.returncode != 0:
@@ -129,14 +133,15 @@ def main() -> int:
         bare_ray(args.bare_ray, args.workers)
         return 0
 
-    variants = ["orchestrator launcher=local", "bare torchrun", "orchestrator launcher=ray", "bare Ray TorchTrainer"]
+    variants = ["orchestrator launcher=local", "bare torchrun", "orchestrator launcher=ray", "bare Ray TorchTrainer",
+                "orchestrator launcher=local, W&B offline"]
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     cache_dir = os.path.expanduser("~/.cache/orchestrator")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         run(variants[0], tmp, args.workers, cache_dir)  # warm-up: data cache, page cache
         for round_ in range(args.rounds):
-            for variant in variants[round_ % 4:] + variants[:round_ % 4]:
+            for variant in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
                 times[variant].append(run(variant, tmp, args.workers, cache_dir))
                 print(f"round {round_ + 1}/{args.rounds} {variant}: {times[variant][-1]:.2f} s",
                       file=sys.stderr, flush=True)
@@ -154,7 +159,8 @@ def main() -> int:
         *(f"| {v} | {median[v]:.2f} | {', '.join(f'{t:.2f}' for t in times[v])} |" for v in variants),
         "",
         f"Overhead: launcher=local {local_gap:+.2f} s over bare torchrun (goal +1 s); "
-        f"launcher=ray {ray_gap:+.2f} s over a bare TorchTrainer (goal +2 s).",
+        f"launcher=ray {ray_gap:+.2f} s over a bare TorchTrainer (goal +2 s); "
+        f"a W&B run (offline) {median[variants[4]] - median[variants[0]]:+.2f} s.",
         "",
     ]
     print("\n".join(lines))

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import statistics
 import subprocess
 import sys
@@ -94,7 +95,7 @@ def first_step_time(run_dir: Path) -> float:
 
 def run(variant: str, tmp: Path, workers: int, cache_dir: str) -> float:
     """Seconds from spawning the variant's process to the end of its first step."""
-    out = tmp / f"{variant.replace(' ', '-').replace('=', '-')}-{time.monotonic_ns()}"
+    out = tmp / f"{re.sub(r'[^A-Za-z0-9]+', '-', variant)}-{time.monotonic_ns()}"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     if variant.startswith("orchestrator"):
         launcher = variant.split("launcher=")[1].split(",")[0]

@@ -1,9 +1,10 @@
 """The ``orchestrator`` command.
 
 Every command that takes a job takes it the Hydra way (``job=NAME group=option key=value``). Before
-Hydra's own ``main`` runs (and creates a run directory), the CLI composes every run's config, converts
-it to the typed schema, checks it against this machine and prepares the data; bad input ends here,
-in a second or two, as one line on stderr and exit status 2.
+a run directory exists, the CLI composes every run's config, converts it to the typed schema, checks
+it against this machine and prepares the data; bad input ends here, in a second or two, as one line
+on stderr and exit status 2. A single run then goes through Hydra's ``run_job`` with that same
+config; sweeps and Hydra's own flags (``--cfg``, ``--help``) through Hydra's ``main``.
 """
 
 from __future__ import annotations

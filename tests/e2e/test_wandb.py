@@ -53,8 +53,8 @@ def test_the_offline_wandb_run_holds_the_same_losses_and_every_ranks_resources(o
     assert logged == train_losses(run_dir)  # every step, bit for bit
     evals = {r["step"]: r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r}
     assert {step: row["eval/loss"] for step, row in history.items() if "eval/loss" in row} == evals
-    for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/samples_per_s", "perf/step_time_s",
-                "perf/data_time_s", "memory/peak_bytes"):
+    for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tokens_per_s_per_worker",
+                "perf/samples_per_s", "perf/step_time_s", "perf/data_time_s", "memory/peak_bytes"):
         assert all(key in row for step, row in history.items() if step in logged), key
     # Every rank's resource use, at the steps resources.jsonl has it.
     resources = read_jsonl(run_dir / "resources.jsonl")
@@ -84,11 +84,15 @@ def test_a_wandb_key_is_written_nowhere(offline_run) -> None:
             assert SENTINEL.encode() not in path.read_bytes(), path
 
 
-def test_an_unreachable_wandb_warns_once_and_training_goes_on(tmp_path: Path, tiny_overrides: list[str]) -> None:
+@pytest.mark.parametrize("env", [
+    {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": SENTINEL},  # unreachable
+    {"WANDB_MODE": "sometimes", "WANDB_API_KEY": SENTINEL},  # misconfigured
+], ids=["unreachable", "misconfigured"])
+def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path: Path, tiny_overrides: list[str],
+                                                         env: dict[str, str]) -> None:
     run_dir = tmp_path / "run"
     result = run_cli("train", *tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=2", "scheduler.warmup_steps=0",
-                     "logger.wandb.init_timeout_s=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True,
-                     env={"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": SENTINEL})
+                     "logger.wandb.init_timeout_s=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True, env=env)
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: W&B:")]
     assert len(warnings) == 1 and "going on without it" in warnings[0]
     summary = json.loads((run_dir / "summary.json").read_text())

@@ -2,9 +2,9 @@
 
 A run dir on one machine's disk is lost with the machine. With ``trainer.storage`` set, rank 0 copies
 each checkpoint there once it is complete, with the run's records (metrics, resources) beside it, and
-the driver adds ``config.yaml`` at the start and ``summary.json`` at the end. A worker group whose run
-dir has no checkpoint as new as the storage's newest (a new machine, a node that replaced a lost one)
-fetches that one first, with the records, and resumes as from its own.
+the driver adds ``config.yaml`` at the start, ``summary.json`` and ``report.html`` at the end. A
+worker group whose run dir has no checkpoint as new as the storage's newest (a new machine, a node
+that replaced a lost one) fetches that one first, with the records, and resumes as from its own.
 
 Object stores have no rename: a checkpoint's files go first and its manifest last, so a copy cut
 short has no manifest and is never fetched; the fetched copy is verified like any other checkpoint.

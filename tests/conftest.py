@@ -13,9 +13,20 @@ import pytest
 os.environ["WANDB_MODE"] = "disabled"
 
 
+# The longest test files, started first: under `make test`'s `--dist loadfile` the last file to start
+# decides when the parallel part ends, and one of these started last would run alone.
+LONGEST_FIRST = ("tests/ray/test_cluster.py", "tests/e2e/test_sharding.py", "tests/e2e/test_resume.py",
+                 "tests/configs/test_jobs.py", "tests/distributed/test_strategies.py")
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -236,8 +236,14 @@ SRUN = """#!/bin/bash
 echo "srun $* | mode=$RAY_AUTH_MODE path=$RAY_AUTH_TOKEN_PATH pid=$$" >> "$STUB_LOG"
 exec sleep 60 </dev/null >/dev/null 2>&1  # holds no pipe of the test
 """
+# wait_for_nodes: like Ray coming up, returns once the srun step started just before it has run.
 PYTHON = """#!/bin/bash
 cat > /dev/null
+waited=$(grep -c '^python' "$STUB_LOG" 2>/dev/null)
+for _ in $(seq 200); do
+    (( $(grep -c '^srun' "$STUB_LOG" 2>/dev/null) > waited )) && break
+    sleep 0.05
+done
 echo "python $* address=$RAY_ADDRESS" >> "$STUB_LOG"
 """
 ORCHESTRATOR = """#!/bin/bash

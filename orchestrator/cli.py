@@ -32,6 +32,8 @@ commands:
                                           orchestrator verify verify.strategies=[ddp,fsdp2,zero1,zero2,zero3]
   estimate per-rank memory of the job under every strategy, and the world size it needs
                                           orchestrator estimate job=llama3_70b_zero3 estimate.world_sizes=[8,64] [--json]
+  scale    throughput, scaling efficiency and memory across worker counts x strategies (one run per point)
+                                          orchestrator scale job=gpt_tiny_cpu scale.workers=[1,2] scale.strategies=[ddp,zero2]
   report   one HTML file (no network needed) of runs' curves, throughput, MFU, memory and per-rank resources
                                           orchestrator report outputs/default/2026-11-23_11-58-30 [RUN_DIR ...] [-o report.html]
   cluster  a token-authenticated Ray cluster of several nodes on this machine
@@ -314,6 +316,18 @@ def estimate_command(args: list[str]) -> int:
     return run_estimate(args)
 
 
+def scale_command(args: list[str]) -> int:
+    """``orchestrator scale``: one run per (strategy, worker count), tables and plots of the lot."""
+    if any(arg in ("-h", "--help") for arg in args):
+        print(USAGE)
+        return 0
+    from orchestrator.experiments.scale import scale_command as run_scale
+    from orchestrator.logs import configure_logging
+
+    configure_logging()
+    return run_scale(args)
+
+
 def report_command(args: list[str]) -> int:
     """``orchestrator report RUN_DIR [RUN_DIR ...] [-o FILE]``: the HTML report of the runs."""
     import argparse
@@ -361,6 +375,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": train_command,
     "verify": verify_command,
     "estimate": estimate_command,
+    "scale": scale_command,
     "report": report_command,
     "cluster": cluster_command,
     "submit": submit_command,

@@ -62,9 +62,9 @@ def tiny_overrides(cache_dir: Path) -> list[str]:
 @pytest.fixture(scope="session")
 def uninterrupted_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """The run dir of the resume tests' job run start to end without interruption (launcher=local); read only."""
-    from tests.helpers import resume_job, run_cli
-
     from filelock import FileLock
+
+    from tests.helpers import resume_job, run_cli
 
     root = shared_dir(tmp_path_factory, "uninterrupted")
     with FileLock(root / ".lock"):  # one run for all workers

@@ -634,6 +634,34 @@ class VerifyConfig:
         _positive("verify", steps=self.steps, tolerance=self.tolerance)
 
 
+class ScaleMode(str, Enum):
+    weak = "weak"  # the per-worker batch is kept: the global batch grows with the workers
+    strong = "strong"  # the global batch is kept: gradient accumulation shrinks as workers are added
+
+
+@dataclass(kw_only=True)
+class ScaleConfig:
+    """``orchestrator scale``: one short run per (strategy, worker count), throughput and efficiency compared."""
+
+    workers: list[int] = field(default_factory=lambda: [1, 2])
+    strategies: list[str] = field(default_factory=lambda: ["ddp"])
+    mode: ScaleMode = ScaleMode.weak
+    steps: int = 20
+    warmup_steps: int = 5  # steps left out of the step-time median (compilation, allocator, first buckets)
+    output_dir: Optional[str] = None  # default outputs/scale/<job>-<mode>
+
+    def __post_init__(self) -> None:
+        _require(len(self.workers) > 0 and all(n > 0 for n in self.workers),
+                 f"scale.workers must be positive worker counts, got {self.workers}")
+        _require(len(set(self.workers)) == len(self.workers), f"scale.workers lists a count twice: {self.workers}")
+        _require(len(self.strategies) > 0, "scale.strategies needs at least one strategy")
+        _require(len(set(self.strategies)) == len(self.strategies),
+                 f"scale.strategies lists a strategy twice: {self.strategies}")
+        _positive("scale", steps=self.steps)
+        _require(0 <= self.warmup_steps < self.steps,
+                 f"scale.warmup_steps={self.warmup_steps} must be >= 0 and below scale.steps={self.steps}")
+
+
 @dataclass(kw_only=True)
 class EstimateConfig:
     """``orchestrator estimate``: per-rank memory of the job under every strategy, before launch."""
@@ -705,6 +733,7 @@ class Config:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     verify: VerifyConfig = field(default_factory=VerifyConfig)
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
     job: JobConfig = field(default_factory=JobConfig)
     seed: int = 1337
 

@@ -18,8 +18,9 @@ import logging
 import os
 import socket
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, RayLauncherConfig
@@ -116,6 +117,20 @@ def _capacity_report(resources: dict[str, float]) -> str:
     total = ray.cluster_resources()
     have = ", ".join(f"{name}: {free.get(name, 0):g} free of {total.get(name, 0):g}" for name in resources)
     return f"the cluster has {len(alive)} node(s), {have}"
+
+
+@contextmanager
+def ray_session(launcher: RayLauncherConfig) -> Iterator[None]:
+    """One connection (or one embedded Ray) for several runs in this process, as ``orchestrator scale``
+    makes: each run's ``launch_ray`` finds Ray initialized and leaves it up, and it stops here at the end."""
+    import ray
+
+    started_here = _connect(launcher)
+    try:
+        yield
+    finally:
+        if started_here:
+            ray.shutdown()
 
 
 def _connect(launcher: RayLauncherConfig) -> bool:

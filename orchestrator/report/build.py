@@ -25,6 +25,7 @@ from orchestrator.tracking.console import format_bytes, format_duration, format_
 from orchestrator.tracking.jsonl import read_jsonl
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
+SCALE_FILE = "scale.json"  # an `orchestrator scale` experiment dir
 
 
 @dataclass
@@ -187,7 +188,8 @@ def build_report(paths: list[Path]) -> str:
     """The report's HTML for the run dirs (or dirs of run dirs) ``paths``."""
     run_dirs = find_runs(paths)
     runs = [load_run(path, name) for path, name in zip(run_dirs, run_names(run_dirs))]
-    sections = [f"<h2>Runs</h2>{_table(SUMMARY_HEADER, summary_rows(runs))}"]
+    sections = [_scaling_section(path) for path in paths if (path / SCALE_FILE).exists()]
+    sections.append(f"<h2>Runs</h2>{_table(SUMMARY_HEADER, summary_rows(runs))}")
     if len(runs) > 1:
         header, rows = config_differences(runs)
         sections.append("<h2>Config differences</h2>" + (_table(header, rows) if rows
@@ -202,6 +204,23 @@ def build_report(paths: list[Path]) -> str:
             f"{generated} by orchestrator {__version__}</p></header><main>{''.join(sections)}</main>"
             f"<script type=\"application/json\" id=\"runs\">{_json_for_html(data)}</script>"
             f"<script>{SCRIPT}</script></body></html>\n")
+
+
+def _scaling_section(path: Path) -> str:
+    """An ``orchestrator scale`` experiment's table and plots (its ``scale.json``)."""
+    from orchestrator.experiments.scale import TABLE_HEADER, scale_charts, table_rows, with_efficiency
+
+    try:
+        results = json.loads((path / SCALE_FILE).read_text())
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path / SCALE_FILE}: unreadable ({exc})") from None
+    rows = with_efficiency(results["points"])
+    state = "" if results.get("complete") else " (in progress)"
+    note = (f'<p class="note">{html.escape(results["mode"])} scaling of {html.escape(str(results["job"]))}, '
+            f'{results["steps"]} steps per point, step time = median after {results["warmup_steps"]} warm-up '
+            f'steps; efficiency = tokens/s per worker against the strategy\'s smallest worker count{state}</p>')
+    return (f"<h2>Scaling: {html.escape(path.name)}</h2>{note}{_table(TABLE_HEADER, table_rows(rows))}"
+            f'<div class="grid">{"".join(render(chart) for chart in scale_charts(rows))}</div>')
 
 
 def write_report(paths: list[Path], output: Path) -> Path:

@@ -35,6 +35,7 @@ class Chart:
     series: list[Series] = field(default_factory=list)
     y_format: Callable[[float], str] = lambda v: f"{v:g}"
     log_y: bool = False
+    markers: bool = False  # a dot on every point (few points: workers, not steps)
     empty_note: str = "no data yet"
 
 
@@ -106,6 +107,9 @@ def render(chart: Chart) -> str:
         parts.append(f'<path class="series{" dashed" if series.dashed else ""}" data-series="{name}" '
                      f'data-points="{len(points)}" d="{path}" stroke="{color}">'
                      f'<title>{name}: {chart.y_format(last_y)} at {last_x:g}</title></path>')
+        if chart.markers:
+            parts.extend(f'<circle class="marker" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
+                         f'<title>{name}: {chart.y_format(y)} at {x:g}</title></circle>' for x, y in points)
     legend_y = TOP + 6
     for index, series in enumerate(drawn):
         color = series.color or PALETTE[index % len(PALETTE)]
@@ -116,3 +120,20 @@ def render(chart: Chart) -> str:
                      f'<text x="{LEFT + plot_w - 130}" y="{y + 4}">{html.escape(series.name)}</text></g>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+# What the report's stylesheet gives a chart, for an .svg file that stands alone.
+STANDALONE_CSS = (
+    "text{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif}.title{font-weight:600;font-size:13px}"
+    ".tick,.legend text{font-size:10px;fill:#475467}.axis{font-size:11px;fill:#475467}.grid{stroke:#eef0f3}"
+    ".note{font-size:12px;fill:#667085}.series{fill:none;stroke-width:1.6;stroke-linejoin:round}"
+    ".series.dashed{stroke-dasharray:5 3}"
+)
+
+
+def standalone(chart: Chart) -> str:
+    """The chart as an SVG document (its own namespace, style and white background)."""
+    head, _, rest = render(chart).partition(">")
+    size = f'width="{WIDTH}" height="{HEIGHT}"' if 'class="chart"' in head else ""
+    head = head.replace("<svg ", f'<svg xmlns="http://www.w3.org/2000/svg" {size} ', 1)
+    return f'{head}><style>{STANDALONE_CSS}</style><rect width="100%" height="100%" fill="#fff"/>{rest}\n'

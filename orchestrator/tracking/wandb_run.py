@@ -156,3 +156,45 @@ def git_commit() -> str | None:
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None if result.returncode == 0 else None
+
+
+def log_experiment(out_dir: Path, *, settings: Any, group: str, name: str, rows: list[dict[str, Any]],
+                   columns: list[str], meta: dict[str, Any]) -> str | None:
+    """An experiment's summary run in its W&B group (``orchestrator scale``): the points as a table (``points``), and
+    ``scale/<strategy>/<metric>`` against ``scale/workers`` for W&B's line plots. Returns where to see it;
+    None when W&B is off or failed (warned once, like a training run's W&B)."""
+    mode = resolve_mode(settings.wandb.mode.value)
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(
+            project=settings.wandb.project, entity=settings.wandb.entity, group=group, job_type="scale",
+            name=name, dir=str(out_dir), config={**meta, "git_commit": git_commit()}, mode=mode,
+            tags=list(settings.wandb.tags) or None,
+            settings=wandb.Settings(console="off", init_timeout=settings.wandb.init_timeout_s, silent=True,
+                                    x_disable_stats=True),
+        )
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: W&B: {first_line(exc)}; the experiment's tables are in {out_dir}", file=sys.stderr, flush=True)
+        return None
+    try:
+        run.define_metric("scale/*", step_metric="scale/workers")
+        run.log({"points": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
+        for workers in sorted({row["workers"] for row in rows}):
+            values = {f"scale/{row['strategy']}/{key}": row[key] for row in rows if row["workers"] == workers
+                      for key in ("tokens_per_s", "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes",
+                                  "step_time_s") if row.get(key) is not None}
+            if values:
+                run.log({"scale/workers": workers, **values})
+        location = run.url if mode == "online" else f"wandb sync {Path(run.dir).parent}"
+        run.finish()
+        return location
+    except Exception as exc:  # noqa: BLE001
+        print(f"warning: W&B: {first_line(exc)}; the experiment's tables are in {out_dir}", file=sys.stderr, flush=True)
+        try:
+            run.finish(exit_code=1, quiet=True)
+        except Exception:  # noqa: BLE001 - already reported
+            pass
+        return None

@@ -389,6 +389,7 @@ class Trainer:
             "overflow_skips": self.state.overflow_skips,
             "num_params": self.model_info.num_params,
             "flops_per_token": self.model_info.flops_per_token,
+            "peak_flops_per_device": self.peak_flops,
             "param_bytes": memory.param_bytes,
             "grad_bytes": memory.grad_bytes,
             "optimizer_bytes": memory.optimizer_bytes,

@@ -1,0 +1,359 @@
+"""``orchestrator scale``: a job's throughput and memory across worker counts and strategies.
+
+One short run per (strategy, worker count) point, through the job's launcher, each in its own run
+dir under the experiment dir. Weak scaling keeps the per-worker batch (the global batch grows with
+the workers); strong scaling keeps the global batch (gradient accumulation shrinks, and a worker
+count that does not divide it is a point that cannot run). Per point, from the run's own records:
+
+- step time: the median of ``step_time_s`` over the steps after ``scale.warmup_steps``;
+- tokens/s = tokens per step / step time, and per worker = tokens/s / workers;
+- scaling efficiency = tokens/s per worker / the same at the strategy's smallest completed worker
+  count (weak scaling: T(n0) / T(n); strong: T(n0) x n0 / (T(n) x n), T the step time);
+- MFU from the model's FLOPs per token and the device's peak (where known);
+- peak memory per rank (GPU: peak allocated; CPU: peak RSS), from every rank's resource records.
+
+A point whose config is rejected, or whose run fails (an OOM, a crash), is recorded with its error
+and the sweep goes on. The tables (``scale.csv``, ``scale.json``, ``scale.md``) and plots
+(``throughput.svg``, ``efficiency.svg``, ``memory.svg``) are rewritten after every point, so a
+sweep in progress can be read; ``orchestrator report`` on the experiment dir shows them with the
+runs. Run again, the same command skips every point whose run completed with the same config.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import shutil
+import statistics
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ContextManager
+
+from omegaconf import OmegaConf
+
+from orchestrator.config.compose import CONF_DIR, compose, to_config
+from orchestrator.config.schema import Config, RayLauncherConfig, ScaleMode
+from orchestrator.errors import UserError, first_line
+from orchestrator.fsutil import write_atomic
+from orchestrator.report.svg import Chart, Series
+from orchestrator.tracking.console import format_bytes, format_si
+from orchestrator.tracking.jsonl import read_jsonl
+
+RESULTS_FILE = "scale.json"
+COLUMNS = ("strategy", "workers", "status", "global_batch_size", "grad_accum_steps", "step_time_s",
+           "tokens_per_s", "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes",
+           "model_state_bytes", "run_dir", "error")
+PLOTS = {"scale_throughput": "throughput.svg", "scale_efficiency": "efficiency.svg", "scale_memory": "memory.svg"}
+
+
+@dataclass
+class Point:
+    strategy: str
+    workers: int
+    global_batch_size: int
+    config: Config | None = None
+    resolved: str | None = None  # the resolved config, as the run saves it (config.yaml)
+    error: str | None = None  # why it cannot run; None when it can
+
+    @property
+    def name(self) -> str:
+        return f"{self.strategy}-w{self.workers}"
+
+
+def scale_command(overrides: list[str]) -> int:
+    """Runs the experiment; exit status 0 when every point completed, 1 when one failed or could not run."""
+    from orchestrator.launch.preflight import preflight
+
+    base = to_config(compose(overrides))
+    settings = base.scale
+    _check_strategies(settings.strategies)
+    job = _choice(overrides, "job") or "default"
+    mode = settings.mode.value
+    out_dir = Path(settings.output_dir or Path("outputs") / "scale" / f"{job}-{mode}")
+    group = base.logger.group or f"scale-{job}-{mode}"
+    points = [plan_point(base, overrides, strategy=strategy, workers=workers, group=group)
+              for strategy in settings.strategies for workers in sorted(settings.workers)]
+    for point in points:  # every point is checked before the first one runs
+        if point.config is not None:
+            try:
+                preflight(point.config)
+            except UserError as exc:
+                point.config, point.error = None, str(exc)
+    if all(point.error for point in points):
+        raise UserError(f"no point of the experiment can run; {points[0].name}: {points[0].error}")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    meta = {"job": job, "mode": mode, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
+            "group": group, "overrides": overrides}
+    write_outputs(out_dir, meta, [measure(point, out_dir, warmup_steps=settings.warmup_steps) for point in points])
+    with _launcher_session(base):
+        for point in points:
+            if point.error is None and not _completed(point, out_dir):
+                _run_point(point, out_dir, job=job, steps=settings.steps)
+            rows = [measure(p, out_dir, warmup_steps=settings.warmup_steps) for p in points]
+            write_outputs(out_dir, meta, rows)
+
+    print(markdown_table(rows, mode=mode), flush=True)
+    if base.logger.name == "wandb":
+        from orchestrator.tracking.wandb_run import log_experiment
+
+        location = log_experiment(out_dir, settings=base.logger, group=group, name=f"{group}/summary",
+                                  rows=rows, columns=list(COLUMNS[:-2]), meta=meta)
+        if location:
+            print(f"W&B: {location}", flush=True)
+    report = _write_report(out_dir)
+    print(f"scale dir: {out_dir}" + (f"\nreport: {report}" if report else ""), flush=True)
+    return 0 if all(row["status"] == "completed" for row in rows) else 1
+
+
+def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: int, group: str) -> Point:
+    """The point's config: the job at ``workers`` x ``strategy``, or the reason it cannot run."""
+    settings, trainer = base.scale, base.trainer
+    if settings.mode is ScaleMode.weak:  # the job's per-worker batch, at every worker count
+        global_batch = trainer.global_batch_size // base.launcher.num_workers * workers
+    else:
+        global_batch = trainer.global_batch_size
+        if global_batch % (trainer.micro_batch_size * workers):
+            return Point(strategy, workers, global_batch, error=(
+                f"scale.mode=strong keeps trainer.global_batch_size={global_batch}, which {workers} workers x "
+                f"trainer.micro_batch_size={trainer.micro_batch_size} do not divide"))
+    point = Point(strategy, workers, global_batch)
+    point_overrides = [
+        *overrides,
+        f"strategy={strategy}",
+        f"launcher.num_workers={workers}",
+        f"trainer.global_batch_size={global_batch}",
+        f"trainer.max_steps={settings.steps}",
+        f"scheduler.warmup_steps={min(base.scheduler.warmup_steps, settings.steps)}",
+        "trainer.log_every=1",
+        "trainer.eval_every=0",
+        "trainer.early_stopping.patience=0",
+        "trainer.checkpoint.every=0",
+        "trainer.checkpoint.at_end=false",
+        "trainer.resume=never",
+        "trainer.storage=null",
+        f"logger.resources_every={settings.steps}",  # step 1 and the last: peak memory is a high-water mark
+        "logger.progress=false",
+        f"logger.group={group}",
+        "logger.job_type=scale",
+    ]
+    try:
+        cfg = compose(point_overrides)
+        point.config = to_config(cfg)
+        from orchestrator.config.checks import check_environment
+
+        check_environment(point.config)
+    except UserError as exc:
+        point.config, point.error = None, str(exc)
+        return point
+    point.resolved = OmegaConf.to_yaml(cfg, resolve=True)
+    return point
+
+
+def measure(point: Point, out_dir: Path, *, warmup_steps: int) -> dict[str, Any]:
+    """The point's row, from its run dir's records (a point that has not run has only its status)."""
+    run_dir = out_dir / point.name
+    row: dict[str, Any] = {key: None for key in COLUMNS}
+    row.update(strategy=point.strategy, workers=point.workers, global_batch_size=point.global_batch_size,
+               run_dir=point.name)
+    if point.error is not None:
+        return {**row, "status": "invalid", "error": point.error, "run_dir": None}
+    assert point.config is not None
+    row["grad_accum_steps"] = point.config.grad_accum_steps
+    summary = _read_summary(run_dir)
+    if summary is None:
+        return {**row, "status": "pending"}
+    row["status"], row["error"] = summary.get("status", "failed"), summary.get("error")
+    steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step_time_s") is not None]
+    timed = [r["step_time_s"] for r in steps if r["step"] > warmup_steps]
+    if row["status"] != "completed" or not timed:
+        return row
+    step_time = statistics.median(timed)
+    tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
+    tokens_per_s = tokens_per_step / step_time
+    peak_flops = summary.get("peak_flops_per_device")
+    peaks = peak_memory_per_rank(read_jsonl(run_dir / "resources.jsonl"))
+    row.update(
+        step_time_s=step_time,
+        tokens_per_s=tokens_per_s,
+        tokens_per_s_per_worker=tokens_per_s / point.workers,
+        mfu=summary["flops_per_token"] * tokens_per_s / (peak_flops * point.workers) if peak_flops else None,
+        peak_mem_bytes=max(peaks.values()) if peaks else summary.get("peak_mem_bytes"),
+        peak_mem_bytes_per_rank=[peaks[rank] for rank in sorted(peaks)],
+        model_state_bytes=sum(summary.get(key) or 0 for key in
+                              ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes")) or None,
+    )
+    return row
+
+
+def peak_memory_per_rank(resources: list[dict[str, Any]]) -> dict[int, int]:
+    """Each rank's peak: allocated GPU memory where it has a GPU, else resident memory."""
+    peaks: dict[int, int] = {}
+    for record in resources:
+        value = record.get("gpu_mem_peak_bytes", record.get("rss_peak_bytes"))
+        if value is not None:
+            peaks[record["rank"]] = max(peaks.get(record["rank"], 0), value)
+    return peaks
+
+
+def with_efficiency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each completed row's efficiency against its strategy's smallest completed worker count."""
+    baselines: dict[str, dict[str, Any]] = {}
+    for row in sorted(rows, key=lambda r: r["workers"]):
+        if row["tokens_per_s_per_worker"] is not None:
+            baselines.setdefault(row["strategy"], row)
+    for row in rows:
+        base = baselines.get(row["strategy"])
+        if row["tokens_per_s_per_worker"] is not None and base is not None:
+            row["efficiency"] = row["tokens_per_s_per_worker"] / base["tokens_per_s_per_worker"]
+            row["baseline_workers"] = base["workers"]
+    return rows
+
+
+# ------------------------------------------------------------------------------------------ outputs
+
+
+def write_outputs(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+    """scale.json, scale.csv, scale.md and the plots, each written whole (atomically)."""
+    rows = with_efficiency(rows)
+    complete = all(row["status"] not in ("pending", "running") for row in rows)
+    write_atomic(out_dir / RESULTS_FILE, json.dumps({**meta, "complete": complete, "updated": time.time(),
+                                                     "points": rows}, indent=1) + "\n")
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: "" if row.get(key) is None else row[key] for key in COLUMNS} for row in rows)
+    write_atomic(out_dir / "scale.csv", text.getvalue())
+    write_atomic(out_dir / "scale.md", markdown_table(rows, mode=meta["mode"]) + "\n")
+    from orchestrator.report.svg import standalone
+
+    for chart in scale_charts(rows):
+        write_atomic(out_dir / PLOTS[chart.key], standalone(chart))
+
+
+TABLE_HEADER = ["strategy", "workers", "global batch", "accum", "step time", "tokens/s", "tokens/s/worker",
+                "efficiency", "MFU", "peak mem/rank", "status"]
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """The rows as the markdown table and the HTML report show them."""
+    def cell(value: Any, form: str) -> str:
+        return "-" if value is None else format(value, form)
+
+    return [[row["strategy"], str(row["workers"]), str(row["global_batch_size"]), cell(row["grad_accum_steps"], "d"),
+             "-" if row["step_time_s"] is None else f"{row['step_time_s'] * 1000:.1f} ms",
+             cell(row["tokens_per_s"], ",.0f"), cell(row["tokens_per_s_per_worker"], ",.0f"),
+             cell(row["efficiency"], ".0%"), cell(row["mfu"], ".1%"),
+             format_bytes(row["peak_mem_bytes"]) if row["peak_mem_bytes"] else "-",
+             row["status"] + (f": {first_line(row['error'])}" if row.get("error") else "")]
+            for row in rows]
+
+
+def markdown_table(rows: list[dict[str, Any]], *, mode: str) -> str:
+    rows = with_efficiency(rows)
+    lines = [f"| {' | '.join(TABLE_HEADER)} |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
+    lines += [f"| {' | '.join(cells)} |" for cells in table_rows(rows)]
+    baselines = sorted({f"{row['strategy']} at {row['baseline_workers']}" for row in rows
+                        if row.get("baseline_workers")})
+    lines.append("")
+    lines.append(f"{mode} scaling; efficiency = tokens/s per worker against "
+                 + (", ".join(baselines) if baselines else "the smallest completed worker count")
+                 + " worker(s)")
+    return "\n".join(lines)
+
+
+def scale_charts(rows: list[dict[str, Any]]) -> list[Chart]:
+    """Throughput, efficiency and peak memory per rank against workers, one line per strategy."""
+    strategies = list(dict.fromkeys(row["strategy"] for row in rows))
+
+    def lines(key: str, scale: float = 1.0) -> list[Series]:
+        return [Series(name, [(row["workers"], row[key] * scale) for row in rows
+                              if row["strategy"] == name and row.get(key) is not None]) for name in strategies]
+
+    largest = max((row["peak_mem_bytes"] or 0 for row in rows), default=0)
+    unit, size = ("GiB", float(1 << 30)) if largest >= 10 << 30 else ("MiB", float(1 << 20))
+    return [
+        Chart("scale_throughput", "Throughput", "workers", "tokens/s", lines("tokens_per_s"), y_format=format_si,
+              markers=True),
+        Chart("scale_efficiency", "Scaling efficiency", "workers", "%", lines("efficiency", 100.0), markers=True),
+        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size), markers=True),
+    ]
+
+
+# ------------------------------------------------------------------------------------------ running
+
+
+def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
+    from orchestrator.launch import SUMMARY_FILE, run_job
+
+    assert point.config is not None and point.resolved is not None
+    run_dir = out_dir / point.name
+    if run_dir.exists():  # a failed or older run of this point: kept aside, not overwritten
+        aside = out_dir / "replaced" / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.parent.mkdir(exist_ok=True)
+        shutil.move(str(run_dir), aside)
+    print(f"scale: {point.name} ({point.workers} worker(s), {point.strategy}, global batch "
+          f"{point.global_batch_size}, {steps} steps)", flush=True)
+    try:
+        summary = run_job(point.config, run_dir=run_dir, resolved_yaml=point.resolved, job_name=job,
+                          print_summary=False)
+    except (UserError, Exception) as exc:  # noqa: BLE001 - one point's failure is a result, not the sweep's end
+        summary = {"status": "failed", "error": first_line(exc)}
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    if summary["status"] != "completed":
+        print(f"scale: {point.name} failed: {summary.get('error')}", file=sys.stderr, flush=True)
+
+
+def _completed(point: Point, out_dir: Path) -> bool:
+    """The point's run completed before, with the config it would run now."""
+    run_dir = out_dir / point.name
+    summary = _read_summary(run_dir)
+    config_file = run_dir / "config.yaml"
+    return (summary is not None and summary.get("status") == "completed" and config_file.exists()
+            and config_file.read_text() == point.resolved)
+
+
+def _read_summary(run_dir: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _launcher_session(base: Config) -> ContextManager[None]:
+    """One Ray for the whole sweep under ``launcher=ray`` (each point would otherwise start its own)."""
+    if not isinstance(base.launcher, RayLauncherConfig):
+        return nullcontext()
+    from orchestrator.launch.ray import ray_session
+
+    return ray_session(base.launcher)
+
+
+def _write_report(out_dir: Path) -> str | None:
+    from orchestrator.report import write_report
+
+    try:
+        return str(write_report([out_dir], out_dir / "report.html"))
+    except Exception as exc:  # noqa: BLE001 - the tables are written: a report that cannot be drawn is a warning
+        print(f"warning: the HTML report could not be written ({first_line(exc)})", file=sys.stderr, flush=True)
+        return None
+
+
+def _check_strategies(names: list[str]) -> None:
+    known = sorted(path.stem for path in (CONF_DIR / "strategy").glob("*.yaml"))
+    for name in names:
+        if name not in known:
+            raise UserError(f"scale.strategies: unknown strategy {name!r}; choose from {', '.join(known)}")
+
+
+def _choice(overrides: list[str], group: str) -> str | None:
+    for override in overrides:
+        key, _, value = override.partition("=")
+        if key.lstrip("+~") == group:
+            return value
+    return None

@@ -170,8 +170,10 @@ def measure(point: Point, out_dir: Path, *, warmup_steps: int) -> dict[str, Any]
     row["status"], row["error"] = summary.get("status", "failed"), summary.get("error")
     steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step_time_s") is not None]
     timed = [r["step_time_s"] for r in steps if r["step"] > warmup_steps]
-    if row["status"] != "completed" or not timed:
+    if row["status"] != "completed":
         return row
+    if not timed:
+        return {**row, "error": f"no step after scale.warmup_steps={warmup_steps} in {run_dir}/metrics.jsonl"}
     step_time = statistics.median(timed)
     tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
     tokens_per_s = tokens_per_step / step_time
@@ -257,12 +259,12 @@ def markdown_table(rows: list[dict[str, Any]], *, mode: str) -> str:
     rows = with_efficiency(rows)
     lines = [f"| {' | '.join(TABLE_HEADER)} |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
     lines += [f"| {' | '.join(cells)} |" for cells in table_rows(rows)]
-    baselines = sorted({f"{row['strategy']} at {row['baseline_workers']}" for row in rows
-                        if row.get("baseline_workers")})
-    lines.append("")
-    lines.append(f"{mode} scaling; efficiency = tokens/s per worker against "
-                 + (", ".join(baselines) if baselines else "the smallest completed worker count")
-                 + " worker(s)")
+    counts = {row["strategy"]: row["baseline_workers"] for row in rows if row.get("baseline_workers")}
+    if len(set(counts.values())) == 1:
+        against = f"the same strategy at {next(iter(counts.values()))} worker(s)"
+    else:
+        against = ", ".join(f"{name} at {count}" for name, count in counts.items()) or "the smallest worker count"
+    lines += ["", f"{mode} scaling; efficiency = tokens/s per worker against {against}"]
     return "\n".join(lines)
 
 
@@ -274,13 +276,16 @@ def scale_charts(rows: list[dict[str, Any]]) -> list[Chart]:
         return [Series(name, [(row["workers"], row[key] * scale) for row in rows
                               if row["strategy"] == name and row.get(key) is not None]) for name in strategies]
 
+    counts = sorted({row["workers"] for row in rows})
     largest = max((row["peak_mem_bytes"] or 0 for row in rows), default=0)
     unit, size = ("GiB", float(1 << 30)) if largest >= 10 << 30 else ("MiB", float(1 << 20))
     return [
         Chart("scale_throughput", "Throughput", "workers", "tokens/s", lines("tokens_per_s"), y_format=format_si,
-              markers=True),
-        Chart("scale_efficiency", "Scaling efficiency", "workers", "%", lines("efficiency", 100.0), markers=True),
-        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size), markers=True),
+              markers=True, x_ticks=counts),
+        Chart("scale_efficiency", "Scaling efficiency", "workers", "%", lines("efficiency", 100.0), markers=True,
+              x_ticks=counts),
+        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size), markers=True,
+              x_ticks=counts),
     ]
 
 

@@ -59,6 +59,7 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
     """
     from orchestrator.launch.preflight import check_run_dir
 
+    run_dir = run_dir.absolute()  # Ray's workers start in working dirs of their own
     if config.job.kind is JobKind.script:
         from orchestrator.launch.script import run_script_job
 

@@ -36,6 +36,7 @@ class Chart:
     y_format: Callable[[float], str] = lambda v: f"{v:g}"
     log_y: bool = False
     markers: bool = False  # a dot on every point (few points: workers, not steps)
+    x_ticks: list[float] | None = None  # where to put the x ticks (worker counts); None: round numbers
     empty_note: str = "no data yet"
 
 
@@ -70,7 +71,7 @@ def render(chart: Chart) -> str:
     transform = (lambda v: math.log10(v)) if chart.log_y else (lambda v: v)
     xs = [x for s in drawn for x, _ in s.points]
     ys = [transform(y) for s in drawn for _, y in s.points if not chart.log_y or y > 0]
-    x_ticks = nice_ticks(min(xs), max(xs))
+    x_ticks = sorted(chart.x_ticks) if chart.x_ticks and len(chart.x_ticks) > 1 else nice_ticks(min(xs), max(xs))
     y_ticks = nice_ticks(min(ys), max(ys)) if ys else [0.0, 1.0]
     x0, x1, y0, y1 = x_ticks[0], x_ticks[-1], y_ticks[0], y_ticks[-1]
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM

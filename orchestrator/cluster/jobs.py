@@ -136,6 +136,45 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
     return submitted
 
 
+def submit_experiment(cluster: Cluster, command: str, overrides: list[str], *, job: str,
+                      metadata: dict[str, str]) -> str:
+    """Submits ``orchestrator COMMAND OVERRIDES`` as one Ray job: its driver runs on the cluster, and
+    each run it makes joins the cluster (``launcher.address=auto``) as a Ray Train run. Returns the job id.
+
+    Raises:
+        UserError: the cluster cannot take jobs.
+    """
+    import shlex
+
+    stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
+    job_id = f"orchestrator-{command}-{job}-{stamp}-{uuid.uuid4().hex[:6]}".replace("_", "-")
+    arguments = [*overrides, *_cluster_overrides(overrides, None)]
+    entrypoint = shlex.join(["python", "-m", "orchestrator", command, *arguments])
+    runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES}
+    try:
+        client(cluster).submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+                                   metadata={f"{META_PREFIX}job": job, f"{META_PREFIX}command": command,
+                                             **{f"{META_PREFIX}{key}": value for key, value in metadata.items()}})
+    except RuntimeError as exc:
+        raise UserError(f"cluster={cluster.name}: the job API refused the submission ({first_line(exc)})") from None
+    return job_id
+
+
+def shared_storage(cluster: Cluster, *, purpose: str) -> str:
+    """The cluster's storage as a path every node and this machine share (not a URI)."""
+    storage = _storage(cluster)
+    if "://" in storage:
+        raise UserError(f"cluster={cluster.name}: {purpose} needs a storage path every node shares; "
+                        f"storage is {storage}")
+    return storage
+
+
+def follow(cluster: Cluster, job_id: str) -> str:
+    """Prints the job's output until it ends; returns its final status."""
+    job_logs(cluster, job_id, follow=True)
+    return wait(cluster, job_id)
+
+
 def _cluster_overrides(overrides: list[str], group: str | None) -> list[str]:
     """On a cluster the Ray launcher joins it (``auto``); a sweep's points share ``logger.group`` (W&B's group,
     with ``job_type`` sweep)."""

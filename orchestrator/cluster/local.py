@@ -14,10 +14,12 @@ import ipaddress
 import json
 import os
 import secrets
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -40,6 +42,7 @@ class Node:
     role: str  # head | worker
     log: str
     marker: str = ""  # a custom resource only this node offers: how Ray's node list names it
+    temp_dir: str = ""  # a worker node's own Ray temp dir (see _start_node)
 
 
 @dataclass(kw_only=True)
@@ -132,6 +135,9 @@ def down(name: str) -> int:
         time.sleep(0.2)
     for node in stopped:
         _signal_group(node.pid, signal.SIGKILL)
+    for node in state.nodes:
+        if node.temp_dir:
+            shutil.rmtree(node.temp_dir, ignore_errors=True)
     (state_dir(name) / STATE_FILE).unlink(missing_ok=True)
     default_token_file(name).unlink(missing_ok=True)
     return len(stopped)
@@ -187,17 +193,20 @@ def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_por
             f"--metrics-export-port={metrics}", "--disable-usage-stats"]
     if head:
         args += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
-    else:
-        # Nodes on one machine share the session's log dir: one log monitor (the head's) forwards it all.
-        args += [f"--address={state.gcs_address}", "--include-log-monitor=False"]
     index = len(state.nodes)
+    temp_dir = ""
+    if not head:
+        # Its own temp dir, as a machine of its own has: in the head's, a node that joins mid-job unpacks
+        # the job's working_dir again over the copy other nodes' processes run in (Ray replaces it).
+        temp_dir = tempfile.mkdtemp(prefix=f"orchestrator-{state.name}-{index}-")  # short: Ray's socket paths
+        args += [f"--address={state.gcs_address}", f"--temp-dir={temp_dir}"]
     marker = f"orchestrator_node_{index}"
     args.append(f"--resources={json.dumps({marker: 1})}")
     log = state_dir(state.name) / "logs" / f"node-{index}.log"
     with open(log, "w") as out:
         process = subprocess.Popen(args, env=_node_env(state), stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    return Node(pid=process.pid, role="head" if head else "worker", log=str(log), marker=marker)
+    return Node(pid=process.pid, role="head" if head else "worker", log=str(log), marker=marker, temp_dir=temp_dir)
 
 
 def _node_env(state: ClusterState) -> dict[str, str]:

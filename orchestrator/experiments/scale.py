@@ -35,6 +35,7 @@ from typing import Any, ContextManager
 
 from omegaconf import OmegaConf
 
+from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import CONF_DIR, compose, to_config
 from orchestrator.config.schema import Config, RayLauncherConfig, ScaleMode
 from orchestrator.errors import UserError, first_line
@@ -64,17 +65,31 @@ class Point:
         return f"{self.strategy}-w{self.workers}"
 
 
-def scale_command(overrides: list[str]) -> int:
-    """Runs the experiment; exit status 0 when every point completed, 1 when one failed or could not run."""
-    from orchestrator.launch.preflight import preflight
+def scale_command(args: list[str]) -> int:
+    """Runs the experiment here, or with ``cluster=NAME`` submits it to that cluster as one Ray job.
 
+    Exit status 0 when every point completed, 1 when one failed or could not run.
+    """
+    cluster = next((arg.partition("=")[2] for arg in args if arg.startswith("cluster=")), None)
+    overrides = [arg for arg in args if not arg.startswith("cluster=") and arg != "--follow"]
     base = to_config(compose(overrides))
     settings = base.scale
     _check_strategies(settings.strategies)
     job = _choice(overrides, "job") or "default"
     mode = settings.mode.value
-    out_dir = Path(settings.output_dir or Path("outputs") / "scale" / f"{job}-{mode}")
     group = base.logger.group or f"scale-{job}-{mode}"
+    if cluster is not None:
+        return _submit(cluster, overrides, job=job, group=group, output_dir=settings.output_dir or
+                       f"scale/{job}-{mode}", follow="--follow" in args)
+    return run_experiment(base, overrides, job=job, group=group,
+                          out_dir=Path(settings.output_dir or Path("outputs") / "scale" / f"{job}-{mode}"))
+
+
+def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, out_dir: Path) -> int:
+    """Every point of ``base.scale`` in turn, in this process (each run through the job's launcher)."""
+    from orchestrator.launch.preflight import preflight
+
+    settings, mode = base.scale, base.scale.mode.value
     points = [plan_point(base, overrides, strategy=strategy, workers=workers, group=group)
               for strategy in settings.strategies for workers in sorted(settings.workers)]
     for point in points:  # every point is checked before the first one runs
@@ -108,6 +123,26 @@ def scale_command(overrides: list[str]) -> int:
     report = _write_report(out_dir)
     print(f"scale dir: {out_dir}" + (f"\nreport: {report}" if report else ""), flush=True)
     return 0 if all(row["status"] == "completed" for row in rows) else 1
+
+
+def _submit(name: str, overrides: list[str], *, job: str, group: str, output_dir: str, follow: bool) -> int:
+    """The experiment as one Ray job on the cluster: its driver runs there, each point a Ray Train run there,
+    the experiment dir on the cluster's shared storage (a relative ``scale.output_dir`` is under it)."""
+    from orchestrator.cluster import jobs
+
+    cluster = jobs.resolve_cluster(name)
+    storage = jobs.shared_storage(cluster, purpose="orchestrator scale")
+    out_dir = output_dir if Path(output_dir).is_absolute() else f"{storage}/{output_dir}"
+    arguments = [o for o in overrides if not o.startswith("scale.output_dir=")] + [f"scale.output_dir={out_dir}"]
+    job_id = jobs.submit_experiment(cluster, "scale", arguments, job=job,
+                                    metadata={"run_dir": out_dir, "group": group})
+    print(f"submitted {job_id}  experiment dir {out_dir}", flush=True)
+    if not follow:
+        print(f"follow: orchestrator jobs logs {job_id} --follow --cluster {name}")
+        return 0
+    status = jobs.follow(cluster, job_id)
+    print(f"{job_id}: {status}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: int, group: str) -> Point:
@@ -144,8 +179,6 @@ def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: in
     try:
         cfg = compose(point_overrides)
         point.config = to_config(cfg)
-        from orchestrator.config.checks import check_environment
-
         check_environment(point.config)
     except UserError as exc:
         point.config, point.error = None, str(exc)
@@ -284,8 +317,8 @@ def scale_charts(rows: list[dict[str, Any]]) -> list[Chart]:
               markers=True, x_ticks=counts),
         Chart("scale_efficiency", "Scaling efficiency", "workers", "%", lines("efficiency", 100.0), markers=True,
               x_ticks=counts),
-        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size), markers=True,
-              x_ticks=counts),
+        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size),
+              markers=True, x_ticks=counts),
     ]
 
 
@@ -306,7 +339,7 @@ def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
     try:
         summary = run_job(point.config, run_dir=run_dir, resolved_yaml=point.resolved, job_name=job,
                           print_summary=False)
-    except (UserError, Exception) as exc:  # noqa: BLE001 - one point's failure is a result, not the sweep's end
+    except Exception as exc:  # noqa: BLE001 - one point's failure (UserError included) is a result, not the end
         summary = {"status": "failed", "error": first_line(exc)}
         run_dir.mkdir(parents=True, exist_ok=True)
         write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")

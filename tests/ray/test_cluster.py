@@ -219,6 +219,24 @@ def test_a_sweep_is_one_job_per_point_in_one_group(cluster: dict, cache_dir: Pat
     assert lrs == {1e-3, 3e-4}
 
 
+def test_scale_on_the_cluster_is_one_job_whose_points_are_ray_train_runs(cluster: dict, cache_dir: Path) -> None:
+    result = run_cli("scale", f"cluster={NAME}", "--follow", "job=gpt_tiny_cpu", "logger=jsonl",
+                     f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "data.seq_len=32",
+                     "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "scale.workers=[1,2]",
+                     "scale.strategies=[ddp]", "scale.steps=3", "scale.warmup_steps=1", cwd=cluster["root"],
+                     env=cluster["env"], timeout=300)
+    out_dir = cluster["storage"] / "scale" / "gpt_tiny_cpu-weak"
+    job_id = result.stdout.split()[1]
+    assert result.returncode == 0 and f"submitted {job_id}  experiment dir {out_dir}" in result.stdout, result.stdout
+    assert jobs.job_info(jobs.resolve_cluster(NAME), job_id).metadata["orchestrator.command"] == "scale"
+    rows = json.loads((out_dir / "scale.json").read_text())["points"]
+    assert [(row["workers"], row["status"]) for row in rows] == [(1, "completed"), (2, "completed")]
+    for row in rows:  # 1 CPU per node: the 2-worker point ran on two nodes
+        summary = json.loads((out_dir / row["run_dir"] / "summary.json").read_text())
+        assert summary["launcher"] == "ray" and summary["world_size"] == row["workers"]
+        assert "address: auto" in (out_dir / row["run_dir"] / "config.yaml").read_text()
+
+
 def _config_value(run_dir: Path, key: str) -> str:
     line = next(line for line in (run_dir / "config.yaml").read_text().splitlines() if line.strip().startswith(f"{key}:"))
     return line.split(":", 1)[1].strip()

@@ -77,7 +77,7 @@ def main() -> int:
             for strategy in args.strategies.split(","):
                 for compiled in (False, True):
                     summary = run(model, strategy, compiled, args=args, gpus=gpus, tmp=Path(tmp))
-                    rows.append((model, strategy, compiled, summary))
+                    rows.append(("gpt_tiny" if args.smoke else model, strategy, compiled, summary))
                     print(f"{model} {strategy} {'compiled' if compiled else 'eager'}: {summary['status']}",
                           file=sys.stderr, flush=True)
 

@@ -25,7 +25,7 @@ def scale_args(cache_dir: Path, out_dir: Path) -> list[str]:
     return [
         "scale", "job=gpt_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
         "data.seq_len=32", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "scale.workers=[1,2,3]",
-        "scale.strategies=[ddp,zero2]", "scale.mode=strong", "scale.steps=5", f"scale.warmup_steps={WARMUP}",
+        "scale.strategies=[ddp,fsdp2]", "scale.mode=strong", "scale.steps=5", f"scale.warmup_steps={WARMUP}",
         f"scale.output_dir={out_dir}",
     ]
 
@@ -39,7 +39,7 @@ def experiment(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path):
     results = json.loads((out_dir / "scale.json").read_text())
     results["csv"], results["md"] = (out_dir / "scale.csv").read_text(), (out_dir / "scale.md").read_text()
     first_runs = {p.name: (p / "metrics.jsonl").stat().st_mtime_ns for p in out_dir.glob("*-w*")}
-    (out_dir / "zero2-w2" / "summary.json").unlink()  # as if that run had been killed
+    (out_dir / "fsdp2-w2" / "summary.json").unlink()  # as if that run had been killed
     second = run_cli(*scale_args(cache_dir, out_dir), cwd=root, env={"WANDB_MODE": "disabled"})
     return out_dir, first, results, first_runs, second
 
@@ -48,8 +48,8 @@ def test_every_point_is_a_row_with_its_status(experiment) -> None:
     out_dir, first, results, _, _ = experiment
     assert first.returncode == 1, first.stderr  # two points cannot run
     rows = {(row["strategy"], row["workers"]): row for row in results["points"]}
-    assert sorted(rows) == [(s, n) for s in ("ddp", "zero2") for n in (1, 2, 3)]
-    for strategy in ("ddp", "zero2"):
+    assert sorted(rows) == [(s, n) for s in ("ddp", "fsdp2") for n in (1, 2, 3)]
+    for strategy in ("ddp", "fsdp2"):
         assert rows[strategy, 1]["status"] == rows[strategy, 2]["status"] == "completed"
         impossible = rows[strategy, 3]
         assert impossible["status"] == "invalid" and impossible["step_time_s"] is None
@@ -58,7 +58,7 @@ def test_every_point_is_a_row_with_its_status(experiment) -> None:
 
 
 def test_the_numbers_follow_from_the_runs_own_records(experiment) -> None:
-    out_dir = experiment[0]  # as the second invocation left it (zero2-w2 rerun)
+    out_dir = experiment[0]  # as the second invocation left it (fsdp2-w2 rerun)
     points = json.loads((out_dir / "scale.json").read_text())["points"]
     rows = {(row["strategy"], row["workers"]): row for row in points}
     for (strategy, workers), row in rows.items():
@@ -97,7 +97,7 @@ def test_csv_markdown_and_plots_hold_the_same_rows(experiment) -> None:
     for plot in ("throughput", "efficiency", "memory"):
         svg = (out_dir / f"{plot}.svg").read_text()
         assert svg.startswith('<svg xmlns="http://www.w3.org/2000/svg"')
-        assert re.findall(r'data-series="([^"]+)" data-points="(\d+)"', svg) == [("ddp", "2"), ("zero2", "2")]
+        assert re.findall(r'data-series="([^"]+)" data-points="(\d+)"', svg) == [("ddp", "2"), ("fsdp2", "2")]
 
 
 def test_the_report_of_the_experiment_dir_draws_the_scaling_plots(experiment) -> None:
@@ -106,9 +106,9 @@ def test_the_report_of_the_experiment_dir_draws_the_scaling_plots(experiment) ->
                          capture_output=True, text=True, timeout=120, check=True).stdout
     assert "<h2>Scaling: experiment</h2>" in dom and "invalid: scale.mode=strong keeps" in dom
     drawn = dict(re.findall(r'<svg class="chart" data-chart="(scale_\w+)"[^>]*data-drawn="([^"]*)"', dom))
-    assert drawn == {f"scale_{plot}": "ddp|zero2" for plot in ("throughput", "efficiency", "memory")}
+    assert drawn == {f"scale_{plot}": "ddp|fsdp2" for plot in ("throughput", "efficiency", "memory")}
     runs = re.findall(r'data-series="(\w+-w\d) train"', dom)  # each point's run is in the report too
-    assert sorted(set(runs)) == ["ddp-w1", "ddp-w2", "zero2-w1", "zero2-w2"]
+    assert sorted(set(runs)) == ["ddp-w1", "ddp-w2", "fsdp2-w1", "fsdp2-w2"]
 
 
 def test_the_wandb_group_holds_a_summary_run(experiment) -> None:
@@ -127,12 +127,12 @@ def test_a_second_invocation_reruns_only_what_did_not_complete(experiment) -> No
     out_dir, _, _, first_runs, second = experiment
     assert second.returncode == 1, second.stderr
     started = re.findall(r"^scale: (\S+) \(", second.stdout, re.MULTILINE)
-    assert started == ["zero2-w2"]
+    assert started == ["fsdp2-w2"]
     for name, mtime in first_runs.items():
-        if name != "zero2-w2":
+        if name != "fsdp2-w2":
             assert (out_dir / name / "metrics.jsonl").stat().st_mtime_ns == mtime
     [aside] = (out_dir / "replaced").iterdir()
-    assert aside.name.startswith("zero2-w2-") and (aside / "metrics.jsonl").exists()
+    assert aside.name.startswith("fsdp2-w2-") and (aside / "metrics.jsonl").exists()
     rows = json.loads((out_dir / "scale.json").read_text())["points"]
     assert [row["status"] for row in rows] == ["completed", "completed", "invalid"] * 2
 

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import CONF_DIR, compose, to_config
-from orchestrator.config.schema import Config, RayLauncherConfig, ScaleMode
+from orchestrator.config.schema import Config, JobKind, RayLauncherConfig, ScaleMode
 from orchestrator.errors import UserError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.report.svg import Chart, Series
@@ -74,6 +74,9 @@ def scale_command(args: list[str]) -> int:
     overrides = [arg for arg in args if not arg.startswith("cluster=") and arg != "--follow"]
     base = to_config(compose(overrides))
     settings = base.scale
+    if base.job.kind is JobKind.script:
+        raise UserError("job.kind=script: orchestrator scale times orchestrator's own training loop, and a "
+                        "script job's steps are the script's")
     _check_strategies(settings.strategies)
     job = _choice(overrides, "job") or "default"
     mode = settings.mode.value

@@ -142,6 +142,8 @@ BAD = {
     "warmup as long as the run": (["scale.steps=5", "scale.warmup_steps=5"],
                                   "scale.warmup_steps=5 must be >= 0 and below scale.steps=5"),
     "a worker count twice": (["scale.workers=[1,2,2]"], "scale.workers lists a count twice"),
+    "a script job": (["job.kind=script", "job.script=examples/torchrun_train.py"],
+                     "job.kind=script: orchestrator scale times orchestrator's own training loop"),
     "unknown mode": (["scale.mode=medium"], "scale.mode: Invalid value 'medium', expected one of [weak, strong]"),
     "no point can run": (["scale.mode=strong", "scale.workers=[3]"],
                          "no point of the experiment can run; ddp-w3: scale.mode=strong keeps "

@@ -17,7 +17,8 @@ TINY_MODEL = {
     "gpt": ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"],
     "lstm": ["model.n_embd=16", "model.hidden_size=32", "model.n_layer=1"],
     "hf": ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-           "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1"],
+           "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1",
+           "++model.config.vocab_size=512"],
     "cnn": ["model.widths=[8]"],
     "mlp": ["model.hidden_sizes=[16]"],
 }

@@ -27,10 +27,11 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/orchestrator train $(ARGS)
 
-# The tests on TEST_WORKERS processes, then those marked serial (timed, or starting an embedded Ray) alone.
+# The tests on TEST_WORKERS processes (a file at a time, in tests/conftest.py's order), then those
+# marked serial (timed, or starting an embedded Ray) alone.
 # Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
 test: setup
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not serial" $(PYTEST_ARGS); \
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); \
 		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS); \
 		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status

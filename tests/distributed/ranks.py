@@ -40,5 +40,7 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, **kwargs:
     """``fn(dist, *args, **kwargs)`` on every rank; returns each rank's (picklable) return value, by rank."""
     with mp.Manager() as manager:
         results = manager.dict()
-        mp.spawn(_entry, args=(fn, world_size, _free_port(), results, args, kwargs), nprocs=world_size, join=True)
+        # Forked, as launcher=local starts CPU workers: the ranks start with this process's imports.
+        mp.start_processes(_entry, args=(fn, world_size, _free_port(), results, args, kwargs), nprocs=world_size,
+                           join=True, start_method="fork")
         return [results[rank] for rank in range(world_size)]

@@ -37,10 +37,14 @@ def last_step(run_dir: Path) -> int:
     return max(losses, default=0)
 
 
+def workers_of(process: subprocess.Popen) -> list[psutil.Process]:
+    """The run's worker processes (the launcher names them ``orch-rank<N>``), not the launcher."""
+    return [p for p in psutil.Process(process.pid).children(recursive=True) if p.name().startswith("orch-rank")]
+
+
 def kill_one_worker(process: subprocess.Popen) -> None:
-    """SIGKILLs one of the run's worker processes (the launcher's spawned children), not the launcher."""
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if any("spawn_main" in part for part in p.cmdline())]
+    """SIGKILLs one of the run's worker processes."""
+    workers = workers_of(process)
     workers[0].kill()
 
 
@@ -119,8 +123,7 @@ def test_a_killed_worker_is_restarted_and_the_run_matches_an_uninterrupted_one(
     run_dir = tmp_path / "run"
     process = start(job(cache_dir, run_dir, "trainer.max_restarts=1"), tmp_path)
     wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
-    workers = [p for p in psutil.Process(process.pid).children(recursive=True)
-               if any("spawn_main" in part for part in p.cmdline())]
+    workers = workers_of(process)
     assert len(workers) == 2
     workers[-1].kill()
     assert process.wait(timeout=180) == 0

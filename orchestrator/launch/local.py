@@ -11,6 +11,7 @@ a CUDA runtime touched before a fork is unusable in the children.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -18,7 +19,8 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.config.schema import Config, Device
+from orchestrator.config.checks import uses_gpu
+from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError
 from orchestrator.train.worker import run_worker
 
@@ -60,15 +62,8 @@ def launch_config(config: Config) -> LaunchConfig:
         rdzv_endpoint="127.0.0.1:0",
         max_restarts=config.trainer.max_restarts,
         monitor_interval=0.1,
-        start_method="spawn" if _uses_cuda(config) else "fork",
+        start_method="spawn" if uses_gpu(config) else "fork",
     )
-
-
-def _uses_cuda(config: Config) -> bool:
-    import torch
-
-    device = config.trainer.device
-    return device is Device.cuda or (device is Device.auto and torch.cuda.is_available())
 
 
 def _worker(config: Config, run_dir: str) -> dict[str, Any]:
@@ -78,10 +73,8 @@ def _worker(config: Config, run_dir: str) -> dict[str, Any]:
     for name in ("SIGTERM", "SIGHUP", "SIGQUIT"):
         signal.signal(getattr(signal, name), signal.SIG_DFL)
     signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:  # Linux: the process name that ps, top and psutil show
+    with contextlib.suppress(OSError):  # Linux: the process name that ps, top and psutil show
         Path("/proc/self/comm").write_text(f"orch-rank{os.environ.get('RANK', '0')}")
-    except OSError:
-        pass
     return run_worker(config, run_dir)
 
 

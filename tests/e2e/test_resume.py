@@ -44,8 +44,7 @@ def workers_of(process: subprocess.Popen) -> list[psutil.Process]:
 
 def kill_one_worker(process: subprocess.Popen) -> None:
     """SIGKILLs one of the run's worker processes."""
-    workers = workers_of(process)
-    workers[0].kill()
+    workers_of(process)[0].kill()
 
 
 def kill_group(process: subprocess.Popen) -> None:

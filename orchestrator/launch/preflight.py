@@ -39,10 +39,12 @@ def preflight(config: Config) -> None:
     trainer = config.trainer
     if trainer.resume not in ("auto", "never"):
         directory = manifest.resolve_checkpoint(trainer.resume, key="trainer.resume")
+        _check_safe(directory, key=f"trainer.resume={trainer.resume}")
         _check_fits(directory, shapes, key=f"trainer.resume={trainer.resume}",
                     problem=_resume_problem(config, manifest.read_manifest(directory)))
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
+        _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
         _check_fits(directory, shapes, key=f"trainer.init_from={trainer.init_from}",
                     problem=weights_problem(written_by=manifest.read_manifest(directory).strategy))
 
@@ -70,6 +72,7 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
             saved = manifest.read_manifest(directory)
         except manifest.CheckpointError:
             continue  # damaged: the workers skip it
+        _check_safe(directory, key=f"hydra.run.dir={run_dir}")
         _check_fits(directory, _model_shapes(config), key=f"hydra.run.dir={run_dir}",
                     problem=_resume_problem(config, saved))
         return
@@ -105,6 +108,16 @@ def _model_shapes(config: Config) -> dict[str, list[int]]:
         model = build_model(config.model, spec)
     freeze_modules(model, config.trainer.freeze)
     return state_shapes(model)
+
+
+def _check_safe(directory: Path, *, key: str) -> None:
+    """Refuses a checkpoint that would run code when loaded (the workers check again as they load)."""
+    from orchestrator.strategies import check_checkpoint
+
+    try:
+        check_checkpoint(directory)
+    except UserError as exc:
+        raise UserError(f"{key}: {exc}") from None
 
 
 def _check_fits(directory: Path, shapes: dict[str, list[int]], *, key: str, problem: str | None) -> None:

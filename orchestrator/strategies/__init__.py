@@ -11,6 +11,7 @@ from orchestrator.config.schema import Config
 from orchestrator.distributed import DistContext
 from orchestrator.strategies.base import MemoryReport, StepOutcome, Strategy
 from orchestrator.strategies.formats import checkpoint_format
+from orchestrator.train import unpickle
 
 
 def _strategy_class(name: str) -> type[Strategy]:
@@ -47,6 +48,17 @@ def build_strategy(config: Config, *, dist: DistContext) -> Strategy:
     return _strategy_class(config.strategy.name)(config, dist=dist)
 
 
+def check_checkpoint(directory: Path) -> None:
+    """Reads every pickle in a checkpoint through ``train.unpickle``'s allow-lists, whichever strategy
+    the manifest claims wrote it (the manifest is data too): ``UnsafeCheckpoint`` naming the file and the
+    global for a checkpoint that would run code when any strategy's reader loaded it."""
+    from orchestrator.strategies.fsdp import check_dcp
+
+    unpickle.check_torch_files(sorted(directory.rglob("*.pt")), allowed=unpickle.DEEPSPEED, root=directory)
+    for index in sorted(directory.rglob(".metadata")):
+        check_dcp(index.parent)
+
+
 def read_model_weights(directory: Path, *, written_by: str) -> dict[str, torch.Tensor]:
     """The full model state dict of a verified checkpoint, whichever strategy wrote it."""
     format_ = checkpoint_format(written_by)
@@ -55,4 +67,4 @@ def read_model_weights(directory: Path, *, written_by: str) -> dict[str, torch.T
     return _weights_reader(format_)(directory)
 
 
-__all__ = ["MemoryReport", "StepOutcome", "Strategy", "build_strategy", "read_model_weights"]
+__all__ = ["MemoryReport", "StepOutcome", "Strategy", "build_strategy", "check_checkpoint", "read_model_weights"]

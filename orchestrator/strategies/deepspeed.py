@@ -4,7 +4,9 @@
 config generated from the job (``deepspeed_config.py``). Gradient accumulation is the loop's: the
 strategy marks the last micro-batch as DeepSpeed's accumulation boundary and steps the engine once.
 Checkpoints are DeepSpeed's own files, written with ``save_latest=False`` inside orchestrator's
-atomic protocol (DeepSpeed's ``latest`` file is never written or read).
+atomic protocol (DeepSpeed's ``latest`` file is never written or read). DeepSpeed loads them with
+``weights_only=False``, so each is walked through ``train.unpickle``'s allow-list before DeepSpeed
+opens it: a file naming anything but tensors and DeepSpeed's plain records is refused.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from orchestrator.strategies.base import (
 )
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.strategies.deepspeed_config import deepspeed_config
+from orchestrator.train import unpickle
 
 TAG = "ds"
 
@@ -127,6 +130,7 @@ class ZeroStrategy(Strategy):
         return written
 
     def load(self, directory: Path) -> None:
+        check_zero(directory)
         loaded, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
                                                 load_lr_scheduler_states=False, load_module_strict=True)
         if loaded is None:
@@ -199,4 +203,11 @@ def read_zero_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a DeepSpeed checkpoint, consolidated in one process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    check_zero(directory)
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
+
+
+def check_zero(directory: Path) -> None:
+    """Walks every file DeepSpeed would ``torch.load`` from the checkpoint ``directory`` through the
+    allow-list: ``UnsafeCheckpoint`` naming the file and the global for one that would run code."""
+    unpickle.check_torch_files(sorted((directory / TAG).rglob("*.pt")), allowed=unpickle.DEEPSPEED, root=directory)

@@ -3,18 +3,23 @@
 Parameters, gradients and optimizer state are sharded over the ranks (ZeRO-3's layout): each rank
 all-gathers a block's parameters just before using it and reduce-scatters its gradients right after.
 Checkpoints go through ``torch.distributed.checkpoint``: every rank writes its own shards, and they
-load at any world size.
+load at any world size. They are read as data: DCP unpickles its ``.metadata`` index with plain
+``pickle`` and its non-tensor items with ``weights_only=False``, so both go through ``train.unpickle``'s
+allow-lists first (``SafeReader``, ``SafePlanner``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_state_dict,
@@ -35,6 +40,7 @@ from orchestrator.models.meta import meta_device
 from orchestrator.models.recipe import ModelRecipe, freeze_modules
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
+from orchestrator.train import unpickle
 
 DCP_DIR = "dcp"
 SCALER_FILE = "scaler.pt"
@@ -110,7 +116,8 @@ class FSDP2Strategy(TorchStrategy):
     def load(self, directory: Path) -> None:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         state = {"model": model_state, "optim": optimizer_state}
-        dcp.load(state, checkpoint_id=directory / DCP_DIR)  # reshards when the world size differs
+        # Reshards when the world size differs.
+        dcp.load(state, storage_reader=SafeReader(directory / DCP_DIR), planner=SafePlanner())
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
                        optim_state_dict=state["optim"])
         if self.scaler.is_enabled() and (directory / SCALER_FILE).exists():
@@ -119,7 +126,7 @@ class FSDP2Strategy(TorchStrategy):
 
 def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The full model state dict of an FSDP2 checkpoint, read in one process (no process group)."""
-    reader = FileSystemReader(directory / DCP_DIR)
+    reader = SafeReader(directory / DCP_DIR)
     metadata = reader.read_metadata()
     prefix = "model."
     state = {
@@ -128,5 +135,58 @@ def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
         if key.startswith(prefix) and hasattr(entry, "size")
     }
     wrapped = {"model": state}
-    dcp.load(wrapped, storage_reader=reader, no_dist=True)
+    dcp.load(wrapped, storage_reader=reader, planner=SafePlanner(), no_dist=True)
     return wrapped["model"]
+
+
+class SafeReader(FileSystemReader):
+    """DCP's file reader with the ``.metadata`` index unpickled through an allow-list, and no storage
+    transforms (orchestrator writes none; a reader given one would run an extension it names)."""
+
+    def read_metadata(self, *args: Any, **kwargs: Any) -> Metadata:
+        metadata = read_dcp_metadata(Path(self.path))
+        if metadata.storage_meta is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner, with each non-tensor item checked before torch unpickles it."""
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        unpickle.check_bytes(value.getvalue(), allowed=unpickle.TORCH_TENSORS,
+                             source=f"{DCP_DIR} item {read_item.dest_index.fqn}")
+        value.seek(0)
+        super().load_bytes(read_item, value)
+
+
+def read_dcp_metadata(dcp_dir: Path) -> Metadata:
+    """The ``.metadata`` index of a DCP checkpoint, unpickled through an allow-list."""
+    source = str(dcp_dir / ".metadata")
+    with open(source, "rb") as stream:
+        metadata = unpickle.load(stream, allowed=unpickle.DCP_METADATA, source=source)
+    if not isinstance(metadata, Metadata):
+        raise unpickle.UnsafeCheckpoint(source, f"it holds a {type(metadata).__name__}, not DCP metadata")
+    for info in (metadata.storage_data or {}).values():
+        if getattr(info, "transform_descriptors", None):
+            raise unpickle.UnsafeCheckpoint(source, f"it names storage transforms {list(info.transform_descriptors)}, "
+                                                    f"which orchestrator never writes")
+        name = str(info.relative_path)
+        if "/" in name or "\\" in name or name in ("", ".", ".."):
+            raise unpickle.UnsafeCheckpoint(source, f"it names a file outside its directory ({name!r})")
+    return metadata
+
+
+def check_dcp(dcp_dir: Path) -> None:
+    """Reads what DCP would unpickle from ``dcp_dir`` (the index and every non-tensor item) through the
+    allow-lists, in one process: ``UnsafeCheckpoint`` for a file that would run code when loaded."""
+    metadata = read_dcp_metadata(dcp_dir)
+    for index, info in (metadata.storage_data or {}).items():
+        if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+            continue  # tensors: DCP itself loads them with weights_only=True
+        item = dcp_dir / info.relative_path
+        with open(item, "rb") as stream:
+            stream.seek(info.offset)
+            data = stream.read(info.length)
+        unpickle.check_bytes(data, allowed=unpickle.TORCH_TENSORS, source=f"{item} (item {index.fqn})")

@@ -1,18 +1,14 @@
 """The bad-input catalogue: one line on stderr naming the key and what is allowed, exit status 2,
-within 10 seconds, before any worker starts, and no run dir or partial file left behind."""
+before any worker starts, and no run dir or partial file left behind. (How fast: bench/goals.py.)"""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.helpers import run_cli, train_in_process
-
-pytestmark = pytest.mark.serial  # "within seconds" is timed: not beside other tests
-
 
 def _corrupt_checkpoint(tmp_path: Path) -> Path:
     directory = _checkpoint(tmp_path, strategy="ddp")
@@ -112,32 +108,26 @@ def test_bad_input_is_one_line_naming_the_key(case: str, tmp_path: Path, cache_d
     overrides, expected = CASES[case]
     args = [o(tmp_path) if callable(o) else o.replace("CACHE", str(cache_dir)) for o in overrides]
     run_dir = tmp_path / "run"
-    started = time.monotonic()
     code, stderr = train_in_process([*args, f"hydra.run.dir={run_dir}"], tmp_path, capfd)
-    elapsed = time.monotonic() - started
 
     assert code == 2, stderr
     lines = stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), stderr
     assert expected in lines[0]
-    assert elapsed < 10
     assert not run_dir.exists() and not (tmp_path / "outputs").exists()
 
 
 @pytest.mark.parametrize("case", ["unknown key", "ray cluster unreachable", "more workers than the machine",
                                   "resume path corrupt"])
-def test_the_console_script_exits_2_with_one_line_within_seconds(case: str, tmp_path: Path, cache_dir: Path) -> None:
+def test_the_console_script_exits_2_with_one_line(case: str, tmp_path: Path, cache_dir: Path) -> None:
     overrides, expected = CASES[case]
     args = [o(tmp_path) if callable(o) else o.replace("CACHE", str(cache_dir)) for o in overrides]
     run_dir = tmp_path / "run"
-    started = time.monotonic()
-    result = run_cli("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=60)
-    elapsed = time.monotonic() - started
+    result = run_cli("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
 
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
-    assert elapsed < 10
     assert not run_dir.exists() and not (tmp_path / "outputs").exists()
 
 
@@ -145,10 +135,9 @@ def test_freeze_names_are_checked_against_the_built_model(tmp_path: Path) -> Non
     base = tmp_path / "base"
     run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=2", "trainer.eval_every=0",
             f"hydra.run.dir={base}", "logger.progress=false", cwd=tmp_path, check=True)
-    started = time.monotonic()
     result = run_cli("train", "job=digits_mlp_cpu", "launcher=local", f"trainer.init_from={base}", "trainer.freeze=[encoder]",
                      f"hydra.run.dir={tmp_path / 'tuned'}", cwd=tmp_path)
-    assert result.returncode == 2 and time.monotonic() - started < 10
+    assert result.returncode == 2
     assert result.stderr.strip() == ("error: trainer.freeze: 'encoder' is not a module of this model; "
                                      "top-level modules are: hidden, head")
     assert not (tmp_path / "tuned").exists()

@@ -7,7 +7,6 @@ import os
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -111,9 +110,7 @@ def test_text_prepare_caches_and_round_trips(tmp_path, corpus, tokenizer):
     (directory,) = (tmp_path / "cache" / "text").iterdir()
     written = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
 
-    start = time.perf_counter()
-    assert prepare_data(cfg) == spec
-    assert time.perf_counter() - start < 0.5, "a second prepare must reuse the cache"
+    assert prepare_data(cfg) == spec  # from the cache: nothing below is rewritten
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == written
 
     # The token stream decodes back to the corpus: files in sorted order, each followed by the separator.

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -88,12 +87,10 @@ def test_activation_checkpointing_keeps_one_input_per_layer() -> None:
                             checkpointing=False) is None
 
 
-def test_a_70b_model_is_counted_on_the_meta_device_in_seconds() -> None:
-    started = time.monotonic()
+def test_a_70b_model_is_counted_on_the_meta_device() -> None:
     config = to_config(compose(["job=llama3_70b_zero3", "estimate.world_sizes=[8,64]", "estimate.host_memory_gb=250"]))
     shape = describe(config)
     result = estimate(config)
-    assert time.monotonic() - started < 60
     assert shape.num_params == 70_553_706_496  # Llama-3-70B's parameter count
     assert shape.largest_layer_params == 128256 * 8192  # the embedding (untied)
     assert (shape.layers, shape.hidden, shape.heads) == (80, 8192, 64)

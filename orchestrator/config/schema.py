@@ -8,9 +8,11 @@ environment or imports torch: checks that need the machine live in ``checks.py``
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar, Optional
+from urllib.parse import parse_qsl, urlsplit
 
 from omegaconf import MISSING
 
@@ -73,8 +75,14 @@ def _require(condition: bool, message: str) -> None:
 
 
 def _positive(prefix: str, **values: float) -> None:
+    # inf passes `> 0` and nan fails every comparison with a misleading message: say finite.
     for key, value in values.items():
-        _require(value > 0, f"{prefix}.{key} must be > 0, got {value}")
+        _require(math.isfinite(value) and value > 0, f"{prefix}.{key} must be > 0 and finite, got {value}")
+
+
+def _non_negative(prefix: str, *, note: str = "", **values: float) -> None:
+    for key, value in values.items():
+        _require(math.isfinite(value) and value >= 0, f"{prefix}.{key} must be >= 0 and finite{note}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -406,7 +414,7 @@ class OptimConfig:
 
     def __post_init__(self) -> None:
         _positive("optim", lr=self.lr, eps=self.eps)
-        _require(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _non_negative("optim", weight_decay=self.weight_decay)
         _require(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             f"optim.betas must be two numbers in [0, 1), got {self.betas}",
@@ -475,7 +483,7 @@ class EarlyStoppingConfig:
 
     def __post_init__(self) -> None:
         _require(self.patience >= 0, f"trainer.early_stopping.patience must be >= 0, got {self.patience}")
-        _require(self.min_delta >= 0, f"trainer.early_stopping.min_delta must be >= 0, got {self.min_delta}")
+        _non_negative("trainer.early_stopping", min_delta=self.min_delta)
 
 
 @dataclass(kw_only=True)
@@ -495,21 +503,26 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     resume: str = "auto"
+    # trainer.resume=PATH into a run dir holding newer checkpoints deletes them only when this says so.
+    discard_newer_checkpoints: bool = False
     init_from: Optional[str] = None
     freeze: list[str] = field(default_factory=list)
     on_nonfinite: OnNonFinite = OnNonFinite.error
+    max_consecutive_skips: int = 10  # on_nonfinite=skip: one more non-finite step in a row fails the run
     max_restarts: int = 0
     threads_per_worker: int = 0
     peak_tflops: Optional[float] = None
     storage: Optional[str] = None  # a URI the run is mirrored to and resumed from (train/storage.py)
+    storage_timeout_s: float = 600.0  # how long the end of a run waits for its last copies to trainer.storage
 
     def __post_init__(self) -> None:
         _positive("trainer", max_steps=self.max_steps, global_batch_size=self.global_batch_size,
                   micro_batch_size=self.micro_batch_size, log_every=self.log_every)
-        _require(self.grad_clip >= 0, f"trainer.grad_clip must be >= 0 (0 = off), got {self.grad_clip}")
+        _non_negative("trainer", grad_clip=self.grad_clip, note=" (0 = off)")
         _require(self.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = never), got {self.eval_every}")
         _positive("trainer", eval_batches=self.eval_batches)
         _require(self.max_restarts >= 0, f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
+        _positive("trainer", max_consecutive_skips=self.max_consecutive_skips, storage_timeout_s=self.storage_timeout_s)
         _require(self.threads_per_worker >= 0,
                  f"trainer.threads_per_worker must be >= 0 (0 = cores / workers), got {self.threads_per_worker}")
         _require(self.resume.strip() != "", "trainer.resume must be auto, never, or a checkpoint or run dir path")
@@ -523,6 +536,26 @@ class TrainerConfig:
         if self.storage is not None:
             _require("://" in self.storage, f"trainer.storage must be a URI (s3://bucket/path, gs://..., "
                                             f"file:///path), got {self.storage!r}")
+            # Not echoed: the message must not carry the secret into logs.
+            _require(not _has_credentials(self.storage),
+                     "trainer.storage must not hold credentials (user:password@, or a key, secret or token in its "
+                     "query): config.yaml and the logs would keep them. Give them the store's usual way: environment "
+                     "variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or its config files "
+                     "(~/.aws/credentials, Google's application default credentials, ...)")
+
+
+# Query parameters of a filesystem URI that carry a secret: pyarrow's access_key, secret_key, session_token,
+# Azure's account_key and SAS token fields (sig), and any password.
+_SECRET_QUERY_WORDS = ("key", "secret", "token", "password", "credential", "sig")
+
+
+def _has_credentials(uri: str) -> bool:
+    """Whether ``uri`` carries a secret: a userinfo password, an S3 access key as user name, a secret query field."""
+    parts = urlsplit(uri)
+    if parts.password is not None or (parts.username and parts.scheme.lower() in ("s3", "s3a", "s3n")):
+        return True
+    return any(word in name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+               for word in _SECRET_QUERY_WORDS)
 
 
 # ------------------------------------------------------------------------------------ launcher, logger

@@ -6,6 +6,8 @@ makes a misspelled key or a value of the wrong type fail at composition, with th
 
 from __future__ import annotations
 
+import os
+
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
@@ -66,3 +68,6 @@ def register() -> None:
             store.store(group=f"schema/{group}", name=name, node=node, package=group)
     if not OmegaConf.has_resolver("or_default"):
         OmegaConf.register_new_resolver("or_default", _or_default)
+    if not OmegaConf.has_resolver("pid"):
+        # Default run dirs end in the process id: two runs started in the same second never share one.
+        OmegaConf.register_new_resolver("pid", os.getpid, use_cache=True)

@@ -6,6 +6,7 @@ This is the driver side, in the process the user started; workers run ``train.wo
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ from typing import Any, Callable
 from orchestrator.config.schema import Config, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
+from orchestrator.launch.ownership import own_run_dir
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
 from orchestrator.tracking.jsonl import read_jsonl
 
@@ -55,11 +57,19 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
         print_summary: print the summary table (or the error) at the end.
 
     Raises:
-        UserError: the run dir holds checkpoints this job must not overwrite or cannot continue.
+        UserError: the run dir is in use by another run (``launch/ownership.py``), or holds checkpoints
+            this job must not overwrite or cannot continue.
     """
+    run_dir = run_dir.absolute()  # Ray's workers start in working dirs of their own
+    with own_run_dir(run_dir):
+        return _run_owned(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
+                          print_summary=print_summary)
+
+
+def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
+               print_summary: bool) -> dict[str, Any]:
     from orchestrator.launch.preflight import check_run_dir
 
-    run_dir = run_dir.absolute()  # Ray's workers start in working dirs of their own
     if config.job.kind is JobKind.script:
         from orchestrator.launch.script import run_script_job
 
@@ -88,12 +98,20 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
     }
-    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+    write_summary(run_dir, summary)
     summary["report"] = _write_report(run_dir)
     _mirror(config, run_dir)
     if print_summary:
         _print_summary(summary)
     return summary
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    """``summary.json``, durably; a non-finite number (a diverged loss) is written as null, as in
+    ``metrics.jsonl``: JSON has no NaN, and strict readers reject it."""
+    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+             for key, value in summary.items()}
+    write_atomic(run_dir / SUMMARY_FILE, json.dumps(clean, indent=1) + "\n")
 
 
 def _write_report(run_dir: Path) -> str | None:
@@ -111,10 +129,10 @@ def _mirror(config: Config, run_dir: Path) -> None:
     """The driver's records (config.yaml, summary.json) to ``trainer.storage``; a failed copy is a warning."""
     if not config.trainer.storage:
         return
-    from orchestrator.train.storage import RunStorage
+    from orchestrator.train.storage import put_driver_records
 
     try:
-        RunStorage(config.trainer.storage).put_driver_records(run_dir)
+        put_driver_records(config.trainer.storage, run_dir, timeout_s=config.trainer.storage_timeout_s)
     except Exception as exc:  # the run dir holds them: a store that is down costs the copy, not the run
         print(f"warning: trainer.storage={config.trainer.storage}: copy failed ({first_line(exc)})",
               file=sys.stderr, flush=True)

@@ -51,6 +51,7 @@ def preflight(config: Config) -> None:
 
 def check_run_dir(config: Config, run_dir: Path) -> None:
     """Refuses to start in a run dir whose checkpoints this job would overwrite or cannot continue."""
+    manifest.recover_replaced(run_dir / "checkpoints")
     existing = manifest.checkpoint_dirs(run_dir / "checkpoints")
     resume = config.trainer.resume
     if resume == "never" and config.trainer.storage:
@@ -61,6 +62,8 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
             raise UserError(f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
                             f"checkpoints (newest {stored[0]}); continue it with trainer.resume=auto or use another "
                             f"trainer.storage")
+    if existing and resume not in ("auto", "never"):
+        _check_no_newer(config, run_dir, existing)
     if not existing or resume not in ("auto", "never"):
         return
     if resume == "never":
@@ -69,13 +72,31 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
                         f"hydra.run.dir")
     for directory in existing:
         try:
-            saved = manifest.read_manifest(directory)
+            saved = manifest.verify_in_driver(directory)
         except manifest.CheckpointError:
             continue  # damaged: the workers skip it
         _check_safe(directory, key=f"hydra.run.dir={run_dir}")
         _check_fits(directory, _model_shapes(config), key=f"hydra.run.dir={run_dir}",
                     problem=_resume_problem(config, saved))
         return
+
+
+def _check_no_newer(config: Config, run_dir: Path, existing: list[Path]) -> None:
+    """trainer.resume=PATH continues from PATH's step, and this run dir's checkpoints past it would be
+    deleted (a later restart must not resume from them): only when the user says so."""
+    resume = config.trainer.resume
+    step = None
+    for candidate in manifest.candidates(resume, key="trainer.resume"):
+        try:
+            step = manifest.read_manifest(candidate).step
+            break
+        except manifest.CheckpointError:
+            continue
+    newer = [d for d in existing if step is not None and manifest.step_of(d) > step]
+    if newer and not config.trainer.discard_newer_checkpoints:
+        raise UserError(f"trainer.resume={resume} continues from step {step}, but hydra.run.dir={run_dir} holds newer "
+                        f"checkpoints (newest {newer[0].name}) that resuming would delete; use another "
+                        f"hydra.run.dir, or trainer.discard_newer_checkpoints=true to delete them")
 
 
 def _resume_problem(config: Config, saved: manifest.Manifest) -> str | None:

@@ -43,6 +43,22 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def set_aside(run_dir: Path, names: Iterable[str]) -> Path | None:
+    """Moves the files ``names`` an earlier run left in ``run_dir`` to ``run_dir/replaced/<n>/`` (the
+    lowest free number); returns that directory, or None when there was nothing to move."""
+    present = [name for name in names if (run_dir / name).exists() and (run_dir / name).stat().st_size > 0]
+    if not present:
+        return None
+    number = 0
+    while (run_dir / "replaced" / str(number)).exists():
+        number += 1
+    target = run_dir / "replaced" / str(number)
+    target.mkdir(parents=True)
+    for name in present:
+        os.replace(run_dir / name, target / name)
+    return target
+
+
 def truncate_after_step(path: Path, step: int) -> None:
     """Drops records with ``step`` > ``step``: a resumed run recomputes them, and the file stays monotonic."""
     if not path.exists():

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.tracking.console import Progress
-from orchestrator.tracking.jsonl import JsonlWriter, truncate_after_step
+from orchestrator.tracking.jsonl import JsonlWriter, set_aside, truncate_after_step
 from orchestrator.tracking.wandb_run import WandbRun, wandb_name
 
 METRICS_FILE = "metrics.jsonl"
@@ -24,7 +24,8 @@ class Tracker:
     enabled: True on rank 0 only.
     max_steps: the run's last step (for the progress bar).
     resume_step: the step a resumed run continues from (later records in the files are dropped; they
-        are recomputed), or None for a fresh start (the files start empty).
+        are recomputed), or None for a fresh start (the files start empty; records an earlier run left
+        in the run dir are moved to ``replaced/``, never deleted).
     progress: show the console progress.
     wandb: rank 0's W&B run (logger=wandb), or None.
     """
@@ -35,8 +36,11 @@ class Tracker:
         self.wandb = wandb
         if not enabled:
             return
-        for name in (METRICS_FILE, RESOURCES_FILE):
-            truncate_after_step(run_dir / name, -1 if resume_step is None else resume_step)
+        if resume_step is None:
+            set_aside(run_dir, (METRICS_FILE, RESOURCES_FILE))
+        else:
+            for name in (METRICS_FILE, RESOURCES_FILE):
+                truncate_after_step(run_dir / name, resume_step)
         self.metrics = JsonlWriter(run_dir / METRICS_FILE)
         self.resources = JsonlWriter(run_dir / RESOURCES_FILE)
         self.progress = Progress(total=max_steps, initial=resume_step or 0, enabled=progress)

@@ -62,6 +62,8 @@ class Checkpointer:
             restarted: the launcher restarted the workers: this run's own newest checkpoint comes
                 first, and ``resume`` only applies when the run has saved none yet.
         """
+        if self.dist.is_main:
+            manifest.recover_replaced(self.root)
         if restarted:
             own = first_valid(self._own_checkpoints, dist=self.dist)
             if own is not None:
@@ -142,9 +144,7 @@ class Checkpointer:
             files = {name: entry for rank_entries in per_rank for name, entry in rank_entries.items()}
             manifest.write_manifest(tmp, files=files, step=step, world_size=self.dist.world_size,
                                     strategy=self.strategy_name, model_shapes=self.model_shapes)
-            if final.exists():  # a re-save of the same step (a resumed run that had nothing left to do)
-                shutil.rmtree(final)
-            tmp.rename(final)
+            _replace_dir(tmp, final)
             fsync_path(self.root)
             write_atomic(self.root / manifest.LATEST, final.name + "\n")
             older = [d for d in manifest.checkpoint_dirs(self.root) if manifest.step_of(d) < step]
@@ -152,6 +152,22 @@ class Checkpointer:
                 shutil.rmtree(old)
         self.dist.barrier()
         return final
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Renames ``new`` to ``final``. A re-save of the same step (a resumed run that had nothing left to do)
+    moves the old copy aside first and deletes it last, so a complete copy is on disk at every moment;
+    ``manifest.recover_replaced`` puts it back if the process dies between the two renames."""
+    if not final.exists():
+        new.rename(final)
+        return
+    aside = final.with_name(final.name + manifest.REPLACED_SUFFIX)
+    if aside.exists():
+        shutil.rmtree(aside)
+    final.rename(aside)
+    new.rename(final)
+    fsync_path(final.parent)
+    shutil.rmtree(aside)
 
 
 def first_valid(list_candidates: Callable[[], list[Path]], *, dist: DistContext) -> Path | None:

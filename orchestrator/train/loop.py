@@ -36,7 +36,7 @@ from orchestrator.tracking.wandb_run import WandbRun, run_metadata
 from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.optim import build_optimizer, lr_at
-from orchestrator.train.storage import RunStorage
+from orchestrator.train.storage import RunStorage, Uploads
 from orchestrator.train.throughput import mfu, peak_flops_per_device
 
 # fp16 loss scaling skips an overflowing step and halves the scale; this many in a row means the
@@ -59,6 +59,7 @@ class TrainState:
     evals_since_best: int = 0
     stopped_early: bool = False
     nonfinite_skips: int = 0
+    nonfinite_in_a_row: int = 0
     overflow_skips: int = 0
     overflows_in_a_row: int = 0
     wandb_run_id: str | None = None  # logger=wandb: a resumed run continues the same W&B run
@@ -106,6 +107,7 @@ class Trainer:
                                          strategy_name=config.strategy.name, keep=trainer.checkpoint.keep,
                                          model_shapes=state_shapes(reference))
         self.storage = RunStorage(trainer.storage) if trainer.storage else None
+        self.uploads = Uploads(trainer.storage, run_dir) if trainer.storage and dist.is_main else None
         self.state = TrainState()
         self.resumed_from: int | None = None
         self.tokens_per_step = trainer.global_batch_size * spec.tokens_per_sample
@@ -118,20 +120,10 @@ class Trainer:
 
     def _save(self) -> None:
         directory = self.checkpointer.save(self.state.step, asdict(self.state))
-        if self.storage is not None and self.dist.is_main:
-            kept = [d.name for d in manifest.checkpoint_dirs(self.checkpointer.root)]
-            self._mirror(lambda: self.storage.put_checkpoint(directory, keep=kept))
+        if self.uploads is not None:
+            self.uploads.submit(directory, keep=[d.name for d in manifest.checkpoint_dirs(self.checkpointer.root)])
         if self.on_checkpoint is not None:
             self.on_checkpoint(directory, self.state.step)
-
-    def _mirror(self, put: Callable[[], None]) -> None:
-        """Copies to trainer.storage, then the records; a failed copy is a warning (the next one retries)."""
-        try:
-            put()
-            self.storage.put_records(self.run_dir)
-        except Exception as exc:  # a store that is down must not stop training: the run dir has it all
-            log.warning("trainer.storage=%s: copy failed (%s); the next checkpoint tries again",
-                        self.storage.uri, first_line(exc))
 
     def fit(self) -> dict[str, Any]:
         """Trains to the end; returns the run summary (``failed`` with the reason for a training error)."""
@@ -172,10 +164,14 @@ class Trainer:
         except BaseException:
             tracker.close(None)
             raise
-        summary = self._summary(wall_s=time.perf_counter() - started, error=error)
+        summary = self._summary(wall_s=time.perf_counter() - started, error=error or self._diverged())
         tracker.close(summary)
-        if self.storage is not None and self.dist.is_main:
-            self._mirror(lambda: None)
+        if self.uploads is not None:
+            self.uploads.submit()  # the final records
+            if not self.uploads.close(timeout_s=trainer.storage_timeout_s):
+                log.warning("trainer.storage=%s: copies not done within trainer.storage_timeout_s=%g s were "
+                            "stopped; the storage may lack the newest checkpoint (the run dir has everything)",
+                            self.storage.uri, trainer.storage_timeout_s)
         return summary
 
     def _wandb_run(self) -> WandbRun | None:
@@ -262,14 +258,26 @@ class Trainer:
             self._reject(f"non-finite loss ({loss})")
             self.strategy.discard_gradients()
             outcome = StepOutcome(grad_norm=math.nan, applied=False, skipped=f"non-finite loss ({loss})")
+        problem = outcome.skipped
         if outcome.skipped == FP16_OVERFLOW:
             state.overflow_skips += 1
             state.overflows_in_a_row += 1
-            if state.overflows_in_a_row >= MAX_OVERFLOWS_IN_A_ROW:
-                self._reject(f"fp16 gradients overflowed {state.overflows_in_a_row} steps in a row")
+            if state.overflows_in_a_row < MAX_OVERFLOWS_IN_A_ROW:
+                return outcome  # the loss scaler's business: neither a non-finite skip nor a good step
+            problem = f"fp16 gradients overflowed {state.overflows_in_a_row} steps in a row"
+            self._reject(problem)
         else:
             state.overflows_in_a_row = 0
-            state.nonfinite_skips += outcome.skipped is not None
+        if problem is None:
+            state.nonfinite_in_a_row = 0
+            return outcome
+        # trainer.on_nonfinite=skip skipped it: a few in a row are a spike, many are a run that diverged.
+        in_a_row, limit = state.nonfinite_in_a_row + 1, self.config.trainer.max_consecutive_skips
+        if in_a_row > limit:
+            raise TrainingError(f"{problem} at step {state.step + 1}, {in_a_row} non-finite steps in a row (more than "
+                                f"trainer.max_consecutive_skips={limit}): the run has diverged; lower optim.lr")
+        state.nonfinite_skips += 1
+        state.nonfinite_in_a_row = in_a_row
         return outcome
 
     def _grad_norm_ok(self, grad_norm: float) -> bool:
@@ -283,6 +291,14 @@ class Trainer:
         if self.config.trainer.on_nonfinite is OnNonFinite.error:
             raise TrainingError(f"{problem} at step {self.state.step + 1}, before the optimizer step; set "
                                 f"trainer.on_nonfinite=skip to skip such steps, or lower optim.lr")
+
+    def _diverged(self) -> str | None:
+        """Why a run that reached its end cannot count as completed: its last loss is not finite; else None."""
+        for name, value in (("training loss", self.last_loss), ("eval loss", self.state.last_eval_loss)):
+            if value is not None and not math.isfinite(value):
+                return (f"the final {name} is not finite ({value}) at step {self.state.step}: the run has diverged; "
+                        f"lower optim.lr")
+        return None
 
     @torch.no_grad()
     def _evaluate(self, tracker: Tracker) -> None:

@@ -6,6 +6,10 @@ It is written under a ``.tmp`` name and renamed only after every rank has writte
 its files and rank 0 has written the manifest, so a directory with a manifest that verifies is complete
 by construction, and anything else (a ``.tmp`` leftover, a missing or mismatching file) is never loaded.
 
+The manifest is a full inventory: a checkpoint verifies only when its regular files are exactly the
+ones listed (no more, no fewer, none outside the directory) and it holds no symbolic link or other
+special file, so nothing can ride along unhashed.
+
 This module uses the standard library only: the CLI checks a resume path before importing torch.
 """
 
@@ -14,9 +18,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
+import shutil
+import stat
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from orchestrator.errors import UserError
 from orchestrator.fsutil import write_atomic
@@ -25,10 +32,11 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 LATEST = "latest"
+REPLACED_SUFFIX = ".replaced"  # a checkpoint moved aside while the same step is saved again
 FORMAT_VERSION = 1
 # Above this, the driver checks sizes only and leaves hashing to the workers, who share it out.
 DRIVER_HASH_LIMIT_BYTES = 2 << 30
-_STEP_DIR = re.compile(r"^step-(\d{8})$")
+_STEP_DIR = re.compile(r"^step-(\d{8,})$")  # 8 digits at least: steps have no upper limit
 
 
 class CheckpointError(Exception):
@@ -110,6 +118,7 @@ def verify(directory: Path, *, hash_share: tuple[int, int] | None = (0, 1)) -> M
             None checks sizes only.
     """
     manifest = read_manifest(directory)
+    _check_inventory(directory, manifest.files)
     for position, (name, entry) in enumerate(sorted(manifest.files.items())):
         path = directory / name
         if not path.is_file():
@@ -122,12 +131,55 @@ def verify(directory: Path, *, hash_share: tuple[int, int] | None = (0, 1)) -> M
     return manifest
 
 
+def _check_inventory(directory: Path, files: dict[str, dict]) -> None:
+    """The directory's files are exactly the manifest's: regular files, listed, inside the directory."""
+    if not files:
+        raise CheckpointError(f"{directory}: the manifest lists no files")
+    for name in files:
+        parts = PurePosixPath(name).parts
+        if not parts or PurePosixPath(name).is_absolute() or ".." in parts or "\\" in name:
+            raise CheckpointError(f"{directory}: the manifest lists {name!r}, a path outside the checkpoint")
+    found = set()
+    for parent, dirnames, filenames in os.walk(directory):
+        for name in dirnames + filenames:
+            path = Path(parent) / name
+            mode = path.lstat().st_mode
+            relative = path.relative_to(directory).as_posix()
+            if stat.S_ISLNK(mode):
+                raise CheckpointError(f"{directory}: {relative} is a symbolic link "
+                                      f"(a checkpoint holds regular files only)")
+            if stat.S_ISREG(mode):
+                found.add(relative)
+            elif not stat.S_ISDIR(mode):
+                raise CheckpointError(f"{directory}: {relative} is not a regular file")
+    unlisted = sorted(found - set(files) - {MANIFEST})
+    if unlisted:
+        raise CheckpointError(f"{directory}: {unlisted[0]} is not in the manifest"
+                              f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}")
+
+
 def checkpoint_dirs(root: Path) -> list[Path]:
     """Finished checkpoint directories under ``root``, newest step first (no verification)."""
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
     return sorted(found, key=lambda p: step_of(p), reverse=True)
+
+
+def recover_replaced(root: Path) -> None:
+    """Finishes or undoes a re-save that a dead process left half done: a checkpoint moved aside
+    (``step-N.replaced``) goes back when ``step-N`` is gone, and is deleted when ``step-N`` is there."""
+    if not root.is_dir():
+        return
+    for aside in root.glob(f"step-*{REPLACED_SUFFIX}"):
+        final = aside.with_name(aside.name[:-len(REPLACED_SUFFIX)])
+        if step_of(final) is None:
+            continue
+        if final.exists():
+            shutil.rmtree(aside)
+        else:
+            log.warning("restoring %s: its re-save did not finish", final)
+            aside.rename(final)
 
 
 def latest_valid(root: Path) -> tuple[Path | None, list[str]]:
@@ -159,6 +211,13 @@ def candidates(path: str | Path, *, key: str) -> list[Path]:
     return found
 
 
+def verify_in_driver(directory: Path) -> Manifest:
+    """``verify`` as the driver does it: every file hashed up to DRIVER_HASH_LIMIT_BYTES in all, sizes only
+    above (the workers share the hashing out)."""
+    size = read_manifest(directory).total_bytes
+    return verify(directory, hash_share=(0, 1) if size <= DRIVER_HASH_LIMIT_BYTES else None)
+
+
 def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
     """An explicit checkpoint path resolved to a verified checkpoint directory, in one process.
 
@@ -171,8 +230,7 @@ def resolve_checkpoint(path: str | Path, *, key: str) -> Path:
     problems = []
     for directory in found:
         try:
-            size = read_manifest(directory).total_bytes
-            verify(directory, hash_share=(0, 1) if size <= DRIVER_HASH_LIMIT_BYTES else None)
+            verify_in_driver(directory)
         except CheckpointError as exc:
             problems.append(str(exc))
             continue

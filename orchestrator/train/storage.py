@@ -8,14 +8,26 @@ that replaced a lost one) fetches that one first, with the records, and resumes 
 
 Object stores have no rename: a checkpoint's files go first and its manifest last, so a copy cut
 short has no manifest and is never fetched; the fetched copy is verified like any other checkpoint.
+
 Filesystems come from pyarrow (what Ray Train uses for its own storage), configured the usual way
 for each store: AWS's environment variables and config files (``AWS_ENDPOINT_URL`` for MinIO and
 other S3-compatible stores), Google's application default credentials, and so on.
+
+Copies run in a child process (``Uploads``), off the training loop's path: a store that hangs must
+not stall rank 0 while the other ranks wait for it at the next collective. A process, not a thread,
+because a pyarrow call cannot be interrupted, and a process with one in flight cannot even exit
+until the call gives up; a process can be killed. The end of a run waits ``trainer.storage_timeout_s``
+for the last copies, then stops them with a warning.
 """
 
 from __future__ import annotations
 
+import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
 import threading
 import uuid
 from pathlib import Path
@@ -28,6 +40,8 @@ from orchestrator.train import manifest
 WORKER_RECORDS = ("metrics.jsonl", "resources.jsonl")
 DRIVER_RECORDS = ("config.yaml", "summary.json", "report.html")
 CHECK_TIMEOUT_S = 20.0
+
+log = logging.getLogger("orchestrator.train.storage")  # not __name__: the uploader runs this file as __main__
 
 
 class RunStorage:
@@ -65,19 +79,23 @@ class RunStorage:
 
         _within(round_trip, CHECK_TIMEOUT_S, what=f"trainer.storage={self.uri}")
 
-    def put_driver_records(self, run_dir: Path) -> None:
-        self._put_records(run_dir, DRIVER_RECORDS)
+    # ---------------------------------------------------------------------- the uploader process
 
-    # ------------------------------------------------------------------------------------ rank 0
-
-    def put_records(self, run_dir: Path) -> None:
-        self._put_records(run_dir, WORKER_RECORDS)
+    def put_records(self, run_dir: Path, names: list[str]) -> None:
+        """Copies those of the record files ``names`` that ``run_dir`` has."""
+        for name in names:
+            if (run_dir / name).exists():
+                self._copy(str(run_dir / name), f"{self.root}/{name}", upload=True)
 
     def put_checkpoint(self, directory: Path, *, keep: list[str]) -> None:
         """Copies a complete checkpoint, manifest last, then deletes the storage's checkpoints not in ``keep``."""
         target = f"{self.root}/checkpoints/{directory.name}"
         self.fs.delete_dir_contents(target, missing_dir_ok=True)
         files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != manifest.MANIFEST)
+        folders = {target} | {f"{target}/{p.parent.relative_to(directory).as_posix()}" for p in files
+                              if p.parent != directory}
+        for folder in sorted(folders):
+            self.fs.create_dir(folder, recursive=True)  # a local store (file://) has no implicit directories
         for path in [*files, directory / manifest.MANIFEST]:
             self._copy(str(path), f"{target}/{path.relative_to(directory).as_posix()}", upload=True)
         for name in self.checkpoint_names():
@@ -122,11 +140,6 @@ class RunStorage:
 
     # ------------------------------------------------------------------------------------ helpers
 
-    def _put_records(self, run_dir: Path, names: tuple[str, ...]) -> None:
-        for name in names:
-            if (run_dir / name).exists():
-                self._copy(str(run_dir / name), f"{self.root}/{name}", upload=True)
-
     def _exists(self, path: str) -> bool:
         import pyarrow.fs as pafs
 
@@ -160,3 +173,117 @@ def _within(function: Callable[[], Any], timeout_s: float, *, what: str) -> None
         raise UserError(f"{what}: no answer within {timeout_s:g} s")
     if outcome[0] is not None:
         raise UserError(f"{what}: {first_line(outcome[0])}")
+
+
+# ------------------------------------------------------------------------------------------ uploads
+
+
+class Uploads:
+    """Copies of a run dir's checkpoints and records to ``uri``, made by a child process, one at a time.
+
+    ``submit`` returns at once. A copy submitted while another runs waits for it; a newer checkpoint
+    submitted meanwhile supersedes a waiting one (the storage wants the newest). The child is started
+    by the first ``submit``; its own warnings (a failed copy) go to this process's stderr.
+    """
+
+    def __init__(self, uri: str, run_dir: Path) -> None:
+        self.uri, self.run_dir = uri, run_dir
+        self._process: subprocess.Popen[str] | None = None
+
+    def submit(self, checkpoint: Path | None = None, *, keep: list[str] | None = None,
+               records: tuple[str, ...] = WORKER_RECORDS) -> None:
+        """Queues a copy of ``checkpoint`` (then deleting the storage's checkpoints not in ``keep``) and ``records``."""
+        if self._process is None:
+            # The child imports orchestrator from where this process did (a Ray worker may have it on sys.path only).
+            path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
+                                                 os.environ.get("PYTHONPATH")]))
+            self._process = subprocess.Popen([sys.executable, "-m", "orchestrator.train.storage", self.uri,
+                                              str(self.run_dir)], stdin=subprocess.PIPE, text=True,
+                                             env={**os.environ, "PYTHONPATH": path})
+        job = {"checkpoint": str(checkpoint) if checkpoint else None, "keep": keep or [], "records": list(records)}
+        try:
+            self._process.stdin.write(json.dumps(job) + "\n")
+            self._process.stdin.flush()
+        except OSError as exc:  # the child is gone: training goes on, the run dir has everything
+            log.warning("trainer.storage=%s: the uploader stopped (%s); nothing more is copied", self.uri,
+                        first_line(exc))
+
+    def close(self, *, timeout_s: float) -> bool:
+        """Waits up to ``timeout_s`` for the submitted copies, then kills what is left.
+
+        Returns:
+            True when every copy finished (or failed with its own warning), False when some were stopped.
+        """
+        if self._process is None:
+            return True
+        try:
+            self._process.stdin.close()  # the child finishes what it holds, then exits
+        except OSError:
+            pass
+        try:
+            self._process.wait(timeout_s)
+            return True
+        except subprocess.TimeoutExpired:
+            self._process.kill()
+            self._process.wait()
+            return False
+
+
+def put_driver_records(uri: str, run_dir: Path, *, timeout_s: float) -> None:
+    """Copies the driver's records (``config.yaml``, ``summary.json``, ``report.html``), waiting up to ``timeout_s``.
+
+    Raises:
+        TimeoutError: the copy did not finish in time (it was stopped).
+    """
+    uploads = Uploads(uri, run_dir)
+    uploads.submit(records=DRIVER_RECORDS)
+    if not uploads.close(timeout_s=timeout_s):
+        raise TimeoutError(f"not done within trainer.storage_timeout_s={timeout_s:g} s; stopped")
+
+
+def _merge(waiting: dict[str, Any] | None, job: dict[str, Any]) -> dict[str, Any]:
+    """Two queued copies as one: the newer checkpoint (with its ``keep``), the records of both."""
+    if waiting is None:
+        return job
+    newer = job if job["checkpoint"] else waiting
+    return {**newer, "records": sorted({*waiting["records"], *job["records"]})}
+
+
+def _serve(uri: str, run_dir: Path) -> None:
+    """The uploader process: copies the jobs read from stdin, merged while one runs, until stdin closes."""
+    storage = RunStorage(uri)
+    waiting: dict[str, Any] | None = None
+    closed = False
+    changed = threading.Condition()
+
+    def read() -> None:  # a thread, so that the parent's writes never block on a copy in progress
+        nonlocal waiting, closed
+        for line in sys.stdin:
+            with changed:
+                waiting = _merge(waiting, json.loads(line))
+                changed.notify()
+        with changed:
+            closed = True
+            changed.notify()
+
+    threading.Thread(target=read, daemon=True).start()
+    while True:
+        with changed:
+            changed.wait_for(lambda: waiting is not None or closed)
+            if waiting is None:
+                return
+            job, waiting = waiting, None
+        try:
+            # Records first: a checkpoint complete in the storage then always has records reaching its step.
+            storage.put_records(run_dir, job["records"])
+            if job["checkpoint"]:
+                storage.put_checkpoint(Path(job["checkpoint"]), keep=job["keep"])
+        except Exception as exc:  # a store that is down must not stop training: the run dir has it all
+            log.warning("trainer.storage=%s: copy failed (%s); the next checkpoint tries again", uri, first_line(exc))
+
+
+if __name__ == "__main__":
+    from orchestrator.logs import configure_logging
+
+    configure_logging()
+    _serve(sys.argv[1], Path(sys.argv[2]))

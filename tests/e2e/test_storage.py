@@ -1,10 +1,13 @@
 """trainer.storage against a real S3 API (moto's server on loopback): a run mirrored to a bucket survives
-the loss of its run dir, resuming from the bucket with the losses of an uninterrupted run."""
+the loss of its run dir, resuming from the bucket with the losses of an uninterrupted run; a bucket that
+stops answering mid-run costs warnings, not the run."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -15,14 +18,15 @@ import pytest
 
 from orchestrator.train import manifest
 from tests.e2e.test_resume import kill_group, last_step, start, wait_for
-from tests.helpers import MAX_STEPS, resume_job, run_cli, train_losses
+from tests.helpers import MAX_STEPS, resume_job, run_cli, tiny_job, train_losses
 
 BUCKET = "runs"
 
 
 @pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    """An S3 endpoint on loopback with one bucket; the environment that points AWS clients at it."""
+def moto(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, dict[str, str]]:
+    """An S3 endpoint on loopback with one bucket: its server process, and the environment that points AWS
+    clients at it."""
     import pyarrow.fs as pafs
 
     with socket.socket() as probe:
@@ -43,9 +47,15 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
             time.sleep(0.1)
     pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
                       region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
-    yield env
+    yield server, env
     server.terminate()
     server.wait()
+
+
+@pytest.fixture(scope="module")
+def s3(moto: tuple[subprocess.Popen, dict[str, str]]) -> dict[str, str]:
+    """The environment that points AWS clients at the loopback S3 endpoint."""
+    return moto[1]
 
 
 def _bucket(env: dict[str, str]):
@@ -68,10 +78,12 @@ def test_a_run_resumes_from_its_bucket_after_its_run_dir_is_lost(
     run_dir = tmp_path / "run"
     args = resume_job(cache_dir, run_dir, f"trainer.storage=s3://{BUCKET}/exp/run1")
     process = start(args, tmp_path)
-    wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
+    # Checkpoints reach the bucket in the background: wait for one there, not only in the run dir.
+    wait_for(process, lambda: last_step(run_dir) >= 15 and _bucket_checkpoints(s3, "exp/run1") != [],
+             what="step 15 and a checkpoint in the bucket")
     kill_group(process)
-    saved = manifest.step_dir_name(last_step(run_dir) // 10 * 10)
-    assert _bucket_checkpoints(s3, "exp/run1")[0] == saved
+    saved = _bucket_checkpoints(s3, "exp/run1")[0]
+    assert manifest.step_of(Path(saved)) < MAX_STEPS
     shutil.rmtree(run_dir)  # the machine is gone: only the bucket has the run
 
     result = run_cli(*args, cwd=tmp_path, check=True)
@@ -102,15 +114,49 @@ def _bucket_checkpoints(env: dict[str, str], prefix: str) -> list[str]:
     return RunStorage(f"s3://{BUCKET}/{prefix}").checkpoint_names()
 
 
+def test_a_bucket_that_stops_answering_costs_warnings_not_the_run(
+        tmp_path: Path, cache_dir: Path, moto: tuple[subprocess.Popen, dict[str, str]],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    server, env = moto
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    run_dir = tmp_path / "run"
+    # 100 steps, a checkpoint every 10: the bucket stops (below) long before the run's last copies.
+    process = start(["train", *tiny_job(cache_dir), "trainer.max_steps=100", "trainer.eval_every=50",
+                     f"hydra.run.dir={run_dir}", f"trainer.storage=s3://{BUCKET}/hang", "trainer.storage_timeout_s=2"],
+                    tmp_path)
+    # The driver's probe and the workers' look for checkpoints to fetch are done: the bucket now
+    # accepts connections and never answers, as a store that hangs does.
+    wait_for(process, lambda: last_step(run_dir) >= 1, what="the first step")
+    os.kill(server.pid, signal.SIGSTOP)
+    try:
+        returncode = process.wait(timeout=600)
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+
+    output = next(tmp_path.glob("log-*.txt")).read_text()
+    assert returncode == 0, output
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 100
+    # Rank 0 stopped its copies at the end of the run, the driver its own, each with one warning.
+    assert (f"WARNING: trainer.storage=s3://{BUCKET}/hang: copies not done within trainer.storage_timeout_s=2 s "
+            f"were stopped" in output), output
+    assert (f"warning: trainer.storage=s3://{BUCKET}/hang: copy failed (not done within trainer.storage_timeout_s=2 s"
+            in output), output
+    assert not any(line.startswith("error:") for line in output.splitlines()), output
+
+
 @pytest.mark.parametrize(("storage", "expected"), [
     ("runs/exp", "trainer.storage must be a URI (s3://bucket/path, gs://..., file:///path), got 'runs/exp'"),
+    ("s3://AKIAEXAMPLE:s3cr3t-value@runs/exp", "trainer.storage must not hold credentials (user:password@"),
+    ("'s3://runs/exp?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value'", "trainer.storage must not hold credentials"),
     ("nosuchfs://x/y", "trainer.storage=nosuchfs://x/y: Unrecognized filesystem type in URI: nosuchfs://x/y"),
     (f"s3://no-such-bucket-{BUCKET}/exp", f"trainer.storage=s3://no-such-bucket-{BUCKET}/exp: "),
 ])
-def test_bad_storage_fails_in_the_driver_in_seconds(tmp_path: Path, cache_dir: Path, s3: dict[str, str],
+def test_bad_storage_fails_in_the_driver(tmp_path: Path, cache_dir: Path, s3: dict[str, str],
                                                     storage: str, expected: str) -> None:
-    started = time.monotonic()
     result = run_cli(*resume_job(cache_dir, tmp_path / "run", f"trainer.storage={storage}"), cwd=tmp_path, env=s3)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1 and time.monotonic() - started < 20
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert "s3cr3t" not in result.stderr + result.stdout and "AKIAEXAMPLE" not in result.stderr + result.stdout
     assert not (tmp_path / "run").exists()

@@ -147,6 +147,42 @@ def test_non_finite_steps_are_skipped_and_recorded_when_asked(tmp_path: Path) ->
     assert np.isfinite(summary["final_loss"])
 
 
+def _diverging_job(run_dir: Path, *extra: str) -> list[str]:
+    # Adam's first update at lr=1e30 moves every weight by ~1e30: from step 2 on, no loss is finite.
+    return ["train", "job=digits_mlp_cpu", "launcher=local", "optim.lr=1e30", "trainer.on_nonfinite=skip",
+            "trainer.eval_every=0", "logger.progress=false", f"hydra.run.dir={run_dir}", *extra]
+
+
+def test_skipping_stops_a_run_that_diverged_after_max_consecutive_skips(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(*_diverging_job(run_dir, "trainer.max_steps=30"), cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, result.stderr
+    match = re.fullmatch(r"error: non-finite loss \((nan|inf)\) at step (\d+), 11 non-finite steps in a row "
+                         r"\(more than trainer.max_consecutive_skips=10\): the run has diverged; lower optim.lr",
+                         errors[0])
+    assert match, errors[0]
+    failed_step = int(match.group(2))
+    # The default allows 10 skipped steps in a row; the 11th fails the run, before its optimizer step.
+    metrics = [m for m in read_jsonl(run_dir / "metrics.jsonl") if "step" in m and "loss" in m]
+    assert [m["step"] for m in metrics if m.get("skipped")] == list(range(failed_step - 10, failed_step))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == failed_step - 1 and summary["nonfinite_skips"] == 10
+
+
+def test_a_run_whose_final_loss_is_not_finite_is_failed_not_completed(tmp_path: Path) -> None:
+    run_dir = tmp_path / "run"
+    result = run_cli(*_diverging_job(run_dir, "trainer.max_steps=4", "trainer.max_consecutive_skips=100"),
+                     cwd=tmp_path)
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(r"error: the final training loss is not finite \((nan|inf)\) at step 4: "
+                                              r"the run has diverged; lower optim.lr", errors[0]), result.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["steps"] == 4 and summary["nonfinite_skips"] == 3
+
+
 def test_ddp_with_one_local_worker_trains_as_one_replica(tmp_path: Path) -> None:
     # torch elastic with one worker sets up no process group; DDP then wraps nothing (it used to fail).
     run_dir = tmp_path / "run"

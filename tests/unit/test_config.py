@@ -76,3 +76,63 @@ def test_bad_config_is_one_line_naming_the_key(overrides: list[str], expected: s
     message = str(info.value)
     assert expected in message
     assert "\n" not in message
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optim.lr=inf", "optim.lr must be > 0 and finite, got inf"),
+        ("optim.lr=nan", "optim.lr must be > 0 and finite, got nan"),
+        ("optim.eps=inf", "optim.eps must be > 0 and finite"),
+        ("optim.weight_decay=inf", "optim.weight_decay must be >= 0 and finite"),
+        ("optim.betas=[0.9,inf]", "optim.betas must be two numbers in [0, 1)"),
+        ("optim.betas=[nan,0.9]", "optim.betas must be two numbers in [0, 1)"),
+        ("scheduler.div_factor=inf", "scheduler.div_factor must be > 0 and finite"),
+        ("scheduler.final_div_factor=nan", "scheduler.final_div_factor must be > 0 and finite"),
+        ("scheduler.gamma=nan", "scheduler.gamma must be in (0, 1]"),
+        ("scheduler.min_lr_ratio=inf", "scheduler.min_lr_ratio must be in [0, 1]"),
+        ("trainer.grad_clip=inf", "trainer.grad_clip must be >= 0 and finite (0 = off), got inf"),
+        ("trainer.grad_clip=nan", "trainer.grad_clip must be >= 0 and finite (0 = off), got nan"),
+        ("trainer.early_stopping.min_delta=inf", "trainer.early_stopping.min_delta must be >= 0 and finite"),
+        ("trainer.peak_tflops=inf", "trainer.peak_tflops must be > 0 and finite"),
+        ("trainer.storage_timeout_s=inf", "trainer.storage_timeout_s must be > 0 and finite"),
+        ("trainer.max_consecutive_skips=0", "trainer.max_consecutive_skips must be > 0"),
+        ("model.dropout=nan", "model.dropout must be in [0, 1)"),
+        ("data.val_fraction=inf", "data.val_fraction must be in (0, 0.5)"),
+        ("logger.wandb.init_timeout_s=inf", "logger.wandb.init_timeout_s must be > 0 and finite"),
+        ("verify.tolerance=nan", "verify.tolerance must be > 0 and finite"),
+        ("estimate.device_memory_gb=inf", "estimate.device_memory_gb must be > 0 and finite"),
+    ],
+)
+def test_a_number_that_must_be_finite_refuses_inf_and_nan(override: str, expected: str) -> None:
+    with pytest.raises(UserError) as info:
+        load(override)
+    assert expected in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("override", ["launcher.capacity_timeout_s=inf", "launcher.cpus_per_worker=nan"])
+def test_ray_launcher_timeouts_and_cpus_refuse_inf_and_nan(override: str) -> None:
+    with pytest.raises(UserError, match=rf"{override.split('=')[0]} must be > 0 and finite"):
+        load("launcher=ray", override)
+
+
+@pytest.mark.parametrize("uri", [
+    "s3://AKIAEXAMPLE:s3cr3t-value@bucket/runs",
+    "s3://AKIAEXAMPLE@bucket/runs",
+    "s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value",
+    "s3://bucket/runs?region=us-east-1&session_token=s3cr3t-value",
+    "abfs://account:s3cr3t-value@container/runs",
+    "abfs://container@account.dfs.core.windows.net/runs?sv=2024&sig=s3cr3t-value",
+])
+def test_storage_with_credentials_in_the_uri_is_refused_without_echoing_them(uri: str) -> None:
+    with pytest.raises(UserError) as info:
+        load(f"trainer.storage='{uri}'")
+    message = str(info.value)
+    assert message.startswith("trainer.storage must not hold credentials") and "AWS_SECRET_ACCESS_KEY" in message
+    assert "s3cr3t" not in message and "AKIAEXAMPLE" not in message and "\n" not in message
+
+
+@pytest.mark.parametrize("uri", ["s3://bucket/runs?region=us-east-1&endpoint_override=localhost:9000",
+                                 "gs://bucket/runs", "hdfs://user@namenode:8020/runs", "file:///tmp/runs"])
+def test_storage_uris_without_secrets_pass_the_schema(uri: str) -> None:
+    assert load(f"trainer.storage='{uri}'").trainer.storage == uri

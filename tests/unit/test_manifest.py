@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -87,3 +89,75 @@ def test_run_dir_resolves_to_its_newest_valid_checkpoint(tmp_path: Path) -> None
     make_checkpoint(tmp_path / "run" / "checkpoints", 5)
     newest = make_checkpoint(tmp_path / "run" / "checkpoints", 15)
     assert manifest.resolve_checkpoint(tmp_path / "run", key="trainer.init_from") == newest
+
+
+def _relist(directory: Path, files: dict[str, dict]) -> None:
+    """Rewrites the manifest with ``files`` (what someone handing over a checkpoint controls)."""
+    manifest.write_manifest(directory, files=files, step=10, world_size=2, strategy="ddp",
+                            model_shapes={"weight": [2, 2]})
+
+
+def _listed(directory: Path) -> dict[str, dict]:
+    return dict(manifest.read_manifest(directory).files)
+
+
+@pytest.mark.parametrize(
+    ("tamper", "reason"),
+    [
+        (lambda d, outside: (d / "extra.pt").write_bytes(b"unhashed"), "extra.pt is not in the manifest"),
+        (lambda d, outside: _relist(d, {}), "the manifest lists no files"),
+        (lambda d, outside: _relist(d, {**_listed(d), "../secret": {"size": 1, "sha256": "0"}}),
+         "'../secret', a path outside the checkpoint"),
+        (lambda d, outside: _relist(d, {**_listed(d), str(outside): {"size": 1, "sha256": "0"}}),
+         "a path outside the checkpoint"),
+        (lambda d, outside: ((d / "model.pt").unlink(), (d / "model.pt").symlink_to(outside)),
+         "model.pt is a symbolic link"),
+        (lambda d, outside: ((d / "rng").rename(outside.with_name("rng")), (d / "rng").symlink_to(outside.with_name("rng"))),
+         "rng is a symbolic link"),
+        (lambda d, outside: os.mkfifo(d / "pipe"), "pipe is not a regular file"),
+    ],
+    ids=["unlisted file", "empty list", "dot-dot", "absolute path", "symlinked file", "symlinked dir", "fifo"],
+)
+def test_the_manifest_is_a_full_inventory(tmp_path: Path, tamper, reason: str) -> None:
+    directory = make_checkpoint(tmp_path / "checkpoints", 10)
+    outside = tmp_path / "outside.pt"
+    outside.write_bytes(b"weights")  # the same bytes as model.pt: only the inventory can tell
+    tamper(directory, outside)
+    with pytest.raises(manifest.CheckpointError, match=re.escape(reason)):
+        manifest.verify(directory)
+
+
+def test_steps_have_no_upper_limit(tmp_path: Path) -> None:
+    for step in (99_999_999, 100_000_000, 1_234_567_890):
+        make_checkpoint(tmp_path, step)
+    found = manifest.checkpoint_dirs(tmp_path)
+    assert [manifest.step_of(d) for d in found] == [1_234_567_890, 100_000_000, 99_999_999]
+    assert manifest.latest_valid(tmp_path)[0].name == "step-1234567890"
+
+
+def test_a_resave_of_a_step_always_leaves_a_complete_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from orchestrator.train.checkpoint import _replace_dir
+
+    root = tmp_path / "checkpoints"
+    final = make_checkpoint(root, 10, b"old weights")
+    staged = make_checkpoint(tmp_path / "staging", 10, b"new weights").rename(root / "step-00000010.tmp")
+    real_rename = Path.rename
+    renames: list[Path] = []
+
+    def dies_on_the_second_rename(self: Path, target: Path) -> Path:
+        if renames:
+            raise KeyboardInterrupt("killed between the two renames")
+        renames.append(self)
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", dies_on_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        _replace_dir(staged, final)
+    monkeypatch.undo()
+    assert not final.exists()  # the moment between the renames: the old copy is aside, whole
+    manifest.recover_replaced(root)  # what the next start does first
+    assert manifest.verify(final).step == 10 and (final / "model.pt").read_bytes() == b"old weights"
+
+    _replace_dir(staged, final)  # uninterrupted: the new copy, nothing left aside
+    assert (final / "model.pt").read_bytes() == b"new weights"
+    assert sorted(p.name for p in root.iterdir()) == ["step-00000010"]

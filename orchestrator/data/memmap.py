@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -20,9 +21,10 @@ from orchestrator.data.tokens import (
 )
 from orchestrator.errors import UserError
 
-# Checking every id against vocab_size would read the whole file (tens of GB for real corpora);
-# the head and tail catch a wrong dtype or a meta.json from another tokenizer.
-_CHECKED_TOKENS = 1 << 20
+# Every id is checked against vocab_size in the driver, a chunk of this many tokens (128 MiB) at a
+# time: an id out of range would otherwise fail a worker's embedding lookup mid-run (a device-side
+# assert on GPUs). numpy's max runs at memory speed, so the check costs about what reading the file does.
+_CHUNK_TOKENS = 1 << 26
 
 
 def read_vocab_size(directory: Path) -> int:
@@ -60,13 +62,28 @@ def prepare(cfg: MemmapDataConfig) -> DataSpec:
         if size_bytes % np.dtype(TOKEN_DTYPE).itemsize:
             raise UserError(f"data.path: {path} has {size_bytes} bytes, not a whole number of uint16 tokens")
         require_windows(count_tokens(path), seq_len=cfg.seq_len, where=str(path))
-        tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
-        largest = max(int(tokens[:_CHECKED_TOKENS].max()), int(tokens[-_CHECKED_TOKENS:].max()))
-        if largest >= vocab_size:
-            raise UserError(
-                f"data.path: {path} holds token id {largest}, not below vocab_size={vocab_size} from meta.json"
-            )
+        stat = path.stat()
+        bad = _first_id_out_of_range(str(path), vocab_size=vocab_size, size_bytes=stat.st_size,
+                                     mtime_ns=stat.st_mtime_ns)
+        if bad is not None:
+            token_id, position = bad
+            raise UserError(f"data.path: {path} holds token id {token_id} at position {position} (counting tokens "
+                            f"from 0), not below vocab_size={vocab_size} from meta.json")
     return DataSpec(kind=SampleKind.tokens, vocab_size=vocab_size, seq_len=cfg.seq_len)
+
+
+@functools.lru_cache(maxsize=16)
+def _first_id_out_of_range(path: str, *, vocab_size: int, size_bytes: int, mtime_ns: int) -> tuple[int, int] | None:
+    """The first id ``>= vocab_size`` in a token file and its position, or None; remembered for an
+    unchanged file (size and mtime), as a sweep's points each prepare the same data."""
+    del size_bytes, mtime_ns  # only part of the cache key
+    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    for start in range(0, len(tokens), _CHUNK_TOKENS):
+        chunk = tokens[start : start + _CHUNK_TOKENS]
+        if chunk.max() >= vocab_size:
+            offset = int(np.argmax(chunk >= vocab_size))
+            return int(chunk[offset]), start + offset
+    return None
 
 
 def load(cfg: MemmapDataConfig) -> DataBundle:

@@ -40,6 +40,9 @@ def check_readable(path: Path, *, key: str, what: str = "path") -> None:
         raise UserError(f"{key}: {path} is not a file")
     if what == "dir" and not path.is_dir():
         raise UserError(f"{key}: {path} is not a directory")
+    # Opening a FIFO blocks until a writer appears, and a socket or device is not data.
+    if not (path.is_file() or path.is_dir()):
+        raise UserError(f"{key}: {path} is not a regular file or a directory (a FIFO, socket or device is not data)")
     # A directory needs execute permission too, or walking it fails later with a confusing error.
     mode = os.R_OK | (os.X_OK if path.is_dir() else 0)
     if not os.access(path, mode):

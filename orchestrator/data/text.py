@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import socket
+import sys
 import sysconfig
 from pathlib import Path
 
@@ -55,35 +56,47 @@ SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
 def find_corpus_files(cfg: TextDataConfig) -> list[Path]:
     """The corpus files in sorted order, capped at ``data.max_bytes``.
 
-    Folders are walked recursively for files with a suffix in ``data.suffixes``, skipping hidden
-    folders and installed packages (site-packages, dist-packages); a file named directly is taken
-    whatever its suffix. Empty ``data.paths`` means the standard library's own ``.py`` sources.
+    Folders are walked recursively for regular files with a suffix in ``data.suffixes``, skipping
+    hidden folders and installed packages (site-packages, dist-packages); a file named directly is
+    taken whatever its suffix. Empty ``data.paths`` means the standard library's own ``.py`` sources.
 
     Args:
         cfg: The text data config.
     """
+    return _find_corpus(cfg)[0]
+
+
+def _find_corpus(cfg: TextDataConfig) -> tuple[list[Path], list[Path]]:
+    """``find_corpus_files(cfg)``, and the entries a folder walk left out because they are not regular
+    files (a FIFO, which would block the read forever, a socket, a device, a broken link)."""
+    files: set[Path] = set()
+    skipped: list[Path] = []
     if cfg.paths:
-        files: set[Path] = set()
         for entry in cfg.paths:
             path = expand_path(entry).absolute()
             check_readable(path, key=f"data.paths entry {entry!r}")
-            files.update([path] if path.is_file() else _walk(path, suffixes=cfg.suffixes))
+            if path.is_file():
+                files.add(path)
+            else:
+                _walk(path, suffixes=cfg.suffixes, files=files, skipped=skipped)
         where = f"data.paths={list(cfg.paths)} with data.suffixes={list(cfg.suffixes)}"
     else:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
-        files = set(_walk(stdlib, suffixes=[".py"]))
+        _walk(stdlib, suffixes=[".py"], files=files, skipped=skipped)
         where = f"the standard library at {stdlib} (data.paths is empty)"
     if not files:
         raise UserError(f"no corpus files found in {where}: name files or folders that hold text")
-    return _cap(sorted(files), max_bytes=cfg.max_bytes)
+    return _cap(sorted(files), max_bytes=cfg.max_bytes), sorted(skipped)
 
 
-def _walk(root: Path, *, suffixes: list[str]) -> list[Path]:
-    found = []
+def _walk(root: Path, *, suffixes: list[str], files: set[Path], skipped: list[Path]) -> None:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if d not in SKIPPED_DIRS and not d.startswith(".")]
-        found.extend(Path(dirpath, name) for name in filenames if Path(name).suffix in suffixes)
-    return found
+        for path in (Path(dirpath, name) for name in filenames if Path(name).suffix in suffixes):
+            if path.is_file():
+                files.add(path)
+            else:
+                skipped.append(path)
 
 
 def _cap(files: list[Path], *, max_bytes: int) -> list[Path]:
@@ -131,7 +144,12 @@ def prepare(cfg: TextDataConfig) -> DataSpec:
     Args:
         cfg: The text data config.
     """
-    files = find_corpus_files(cfg)
+    files, skipped = _find_corpus(cfg)
+    if skipped:
+        more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
+        named = ", ".join(str(path) for path in skipped[:3]) + more
+        print(f"warning: data.paths: skipping {len(skipped)} corpus file(s) that are not regular files "
+              f"(a FIFO, socket, device or broken link): {named}", file=sys.stderr, flush=True)
     directory = cache_dir_for(cfg, files)
     meta = _read_complete(directory)
     if meta is None:

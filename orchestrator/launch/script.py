@@ -37,6 +37,23 @@ from orchestrator.fsutil import write_atomic
 from orchestrator.tracking.console import format_duration, format_summary
 
 
+# Runs first in each script process, then execs the script in its place (same pid, the script's own
+# sys.argv). The kernel kills the process when the thread that started it ends, even by SIGKILL: under
+# launcher=local that is the driver (torch elastic's agent runs in it), under launcher=ray the Ray
+# worker. Without it a SIGKILLed driver leaves its script workers running, each in its own session.
+# Linux only (prctl); elsewhere the script just runs.
+_DIE_WITH_PARENT = """
+import ctypes, os, signal, sys
+parent_pid, *argv = sys.argv[1:]
+if sys.platform.startswith("linux"):
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() != int(parent_pid):  # the parent died before prctl: no signal will come
+        os.kill(os.getpid(), signal.SIGKILL)
+os.execv(sys.executable, [sys.executable, *argv])
+"""
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScriptCommand:
     """What every worker runs: ``script`` with ``args`` from ``cwd``, ``env`` added to its environment."""
@@ -61,8 +78,9 @@ class ScriptCommand:
     @property
     def argv(self) -> list[str]:
         """``python -u SCRIPT ARGS...`` with the interpreter of the process that asks (on a cluster, a
-        Ray worker's Python need not be where the driver's is)."""
-        return [sys.executable, "-u", self.script, *self.args]
+        Ray worker's Python need not be where the driver's is), started through ``_DIE_WITH_PARENT``:
+        the script dies with the process that asks, which must start it from a thread that outlives it."""
+        return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), "-u", self.script, *self.args]
 
 
 def run_script_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,

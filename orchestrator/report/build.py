@@ -216,9 +216,12 @@ def _scaling_section(path: Path) -> str:
         raise UserError(f"{path / SCALE_FILE}: unreadable ({exc})") from None
     rows = with_efficiency(results["points"])
     state = "" if results.get("complete") else " (in progress)"
-    note = (f'<p class="note">{html.escape(results["mode"])} scaling of {html.escape(str(results["job"]))}, '
-            f'{results["steps"]} steps per point, step time = median after {results["warmup_steps"]} warm-up '
-            f'steps; efficiency = tokens/s per worker against the strategy\'s smallest worker count{state}</p>')
+    # Every field read from the file is escaped: scale.json is data, and a run dir may come from anyone.
+    mode, job, steps, warmup_steps = (html.escape(str(results.get(key)))
+                                      for key in ("mode", "job", "steps", "warmup_steps"))
+    note = (f'<p class="note">{mode} scaling of {job}, {steps} steps per point, step time = median after '
+            f'{warmup_steps} warm-up steps; efficiency = tokens/s per worker against the strategy\'s smallest '
+            f'worker count{state}</p>')
     return (f"<h2>Scaling: {html.escape(path.name)}</h2>{note}{_table(TABLE_HEADER, table_rows(rows))}"
             f'<div class="grid">{"".join(render(chart) for chart in scale_charts(rows))}</div>')
 
@@ -240,7 +243,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _json_for_html(data: Any) -> str:
-    return json.dumps(data, default=str).replace("</", "<\\/")
+    """``data`` as JSON that cannot end or alter the ``<script>`` element holding it, whatever its strings
+    hold: no ``<``, ``>`` or ``&`` appears raw (JSON's own escapes stand in)."""
+    text = json.dumps(data, default=str)
+    return text.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")
 
 
 CSS = """

@@ -114,3 +114,32 @@ def test_summary_json_is_what_the_report_tables_show(runs: list[Path]) -> None:
     summary = json.loads((runs[0] / "summary.json").read_text())
     page = (runs[0] / "report.html").read_text()
     assert f"{summary['final_loss']:.4f}" in page and f"{summary['tokens_per_s']:,.0f}" in page
+
+
+PAYLOAD = "<script>alert(1)</script>"
+
+
+def test_run_provided_strings_are_escaped(tmp_path: Path) -> None:
+    # An `orchestrator scale` experiment dir whose scale.json, run dir name, summary and config all carry
+    # markup (a run dir copied from elsewhere is data): the page shows it as text, never as a tag.
+    experiment = tmp_path / "experiment"
+    run_dir = experiment / "<img src=x onerror=alert(2)>"
+    run_dir.mkdir(parents=True)
+    columns = ("strategy", "workers", "status", "global_batch_size", "grad_accum_steps", "step_time_s", "tokens_per_s",
+               "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes", "model_state_bytes", "run_dir", "error")
+    point = {**dict.fromkeys(columns), "strategy": PAYLOAD, "workers": 2, "status": PAYLOAD, "error": PAYLOAD,
+             "run_dir": PAYLOAD}
+    (experiment / "scale.json").write_text(json.dumps({"job": PAYLOAD, "mode": PAYLOAD, "steps": PAYLOAD,
+                                                       "warmup_steps": PAYLOAD, "complete": True, "points": [point]}))
+    (run_dir / "summary.json").write_text(json.dumps({"status": PAYLOAD, "error": PAYLOAD, "strategy": PAYLOAD,
+                                                      "device": PAYLOAD, "world_size": PAYLOAD, "run_dir": PAYLOAD}))
+    (run_dir / "config.yaml").write_text(json.dumps({"job": {"script": PAYLOAD}}))
+    (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 0.1}) + "\n")
+
+    page = build_report([experiment])
+
+    assert page.count("<script") == 2  # the page's own: its JSON data and its chart marker
+    assert "<img" not in page and "alert(1)</script>" not in page
+    assert html.escape(PAYLOAD) in page  # shown, as text
+    data = re.search(r'<script type="application/json" id="runs">(.*?)</script>', page, re.S).group(1)
+    assert json.loads(data)[run_dir.name]["summary"]["strategy"] == PAYLOAD  # the data is intact

@@ -1,18 +1,21 @@
 """Script jobs (``job.kind=script``) end to end through the console script: a user's unchanged
 Accelerate script on Ray workers, a torchrun script under torch elastic, torchrun's environment,
-restarts, a failing script, and the bad-input cases."""
+restarts, a failing script, workers that die with a killed driver, and the bad-input cases."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
+import subprocess
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import yaml
 
-from tests.helpers import REPO, run_cli
+from tests.helpers import CLI, REPO, run_cli
 
 # Writes what a worker sees into the run dir, one file per rank and attempt; on the first attempt
 # rank 1 exits with status 3 unless FAIL_ONCE is "no", and always when it is "always".
@@ -103,6 +106,64 @@ def test_a_script_that_exits_non_zero_fails_the_run_naming_its_exit_code(tmp_pat
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and "worker rank 1" in summary["error"] and "exit code 3" in summary["error"]
     assert "exit code 3" in result.stderr
+
+
+SLEEPER = """
+import time
+print("worker up", flush=True)
+time.sleep(600)
+"""
+
+
+def _workers_of(run_dir: Path) -> list[psutil.Process]:
+    """The script's processes, found by the ORCHESTRATOR_RUN_DIR in their environment, whoever their parent is."""
+    found = []
+    for process in psutil.process_iter():
+        try:
+            if process.environ().get("ORCHESTRATOR_RUN_DIR") == str(run_dir) and "sleeper.py" in process.cmdline():
+                found.append(process)
+        except psutil.Error:
+            continue
+    return found
+
+
+def _alive(process: psutil.Process) -> bool:
+    try:
+        # A killed orphan can stay a zombie where the container's init does not reap it: it is gone.
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.serial])])
+def test_script_workers_die_with_a_killed_driver(tmp_path: Path, launcher: str) -> None:
+    (tmp_path / "sleeper.py").write_text(SLEEPER)
+    run_dir = (tmp_path / "run").resolve()
+    driver = subprocess.Popen([str(CLI), "train", "job.kind=script", "job.script=sleeper.py", f"launcher={launcher}",
+                               "launcher.num_workers=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    processes: set[psutil.Process] = set()
+    try:
+        deadline = time.monotonic() + 300  # hang guards, not timings: each loop ends as soon as it can
+        while len(_workers_of(run_dir)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert len(_workers_of(run_dir)) == 2, f"the script's workers did not start (driver exit {driver.poll()})"
+        # Everything the driver started: torch elastic's workers, or the embedded Ray and its workers.
+        processes = {*psutil.Process(driver.pid).children(recursive=True), *_workers_of(run_dir)}
+        driver.kill()
+        driver.wait()
+
+        # Ray's own agents give up on the dead GCS after about a minute; the script's processes go at once.
+        deadline = time.monotonic() + 240
+        while [p for p in processes if _alive(p)] and time.monotonic() < deadline:
+            time.sleep(0.5)
+        left = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in processes if _alive(p)]
+        assert not left and not _workers_of(run_dir), left
+    finally:  # nothing outlives a failed test
+        driver.kill()
+        for process in processes:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 BAD_INPUT = {

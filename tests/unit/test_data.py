@@ -76,6 +76,34 @@ def test_corpus_discovery_walks_folders_filters_suffixes_and_skips_packages(tmp_
     assert [p.relative_to(root).as_posix() for p in found] == sorted([*files, "image.bin"])
 
 
+@pytest.mark.timeout(120)  # opening the FIFO used to block prepare forever
+def test_fifos_sockets_and_broken_links_in_a_corpus_folder_are_skipped_with_a_warning(tmp_path, corpus, monkeypatch,
+                                                                                      capfd):
+    root, files = corpus
+    os.mkfifo(root / "notes" / "pipe.txt")
+    (root / "gone.md").symlink_to(root / "nowhere.md")
+    monkeypatch.chdir(root)  # a relative name: a socket's path has a length limit that tmp_path may exceed
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind("server.py")
+        cfg = text_config(tmp_path, root, tokenizer=TokenizerKind.bytes)
+        spec = prepare_data(cfg)
+
+        assert spec.vocab_size == 256
+        warning = capfd.readouterr().err
+        assert warning.startswith("warning: data.paths: skipping 3 corpus file(s) that are not regular files")
+        assert all(str(root / name) in warning for name in ("notes/pipe.txt", "gone.md", "server.py"))
+        assert [p.relative_to(root).as_posix() for p in find_corpus_files(cfg)] == sorted(files)
+        assert len(load_data(cfg).train) > 0  # the workers' walk finds the same files, so the same cache
+
+
+def test_a_fifo_named_as_the_corpus_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "pipe.txt")
+    cfg = text_config(tmp_path, tmp_path / "pipe.txt")
+    for check in (check_data_paths, prepare_data):
+        with pytest.raises(UserError, match=r"data\.paths entry .*pipe\.txt is not a regular file or a directory"):
+            check(cfg)
+
+
 def test_max_bytes_keeps_whole_files_in_sorted_order(tmp_path, corpus):
     root, files = corpus
     first_size = (root / "a.py").stat().st_size
@@ -256,13 +284,34 @@ def test_memmap_errors_name_the_key(tmp_path):
     with pytest.raises(UserError, match=r"data\.seq_len=16 needs at least 17 tokens"):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=16))
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50}))
-    with pytest.raises(UserError, match=r"data\.path: .*train\.bin holds token id 99, not below vocab_size=50"):
+    with pytest.raises(UserError, match=r"data\.path: .*train\.bin holds token id 50 at position 50 \(counting "
+                                        r"tokens from 0\), not below vocab_size=50 from meta\.json"):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 70_000}))
     with pytest.raises(UserError, match=r"vocab_size in \[1, 65536\]"):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
     with pytest.raises(ValueError, match="uint16"):
         write_token_files(tmp_path, train=np.arange(10), val=np.arange(10), vocab_size=70_000)
+
+
+def test_memmap_ids_are_checked_in_full_chunk_by_chunk(tmp_path, monkeypatch):
+    from orchestrator.data import memmap
+
+    monkeypatch.setattr(memmap, "_CHUNK_TOKENS", 1 << 20)
+    # 3 Mi tokens, one bad id past the first 2 Mi (the old check read only the first and last 1 Mi).
+    train = np.arange(3 << 20) % 1000
+    train[(2 << 20) + 12345] = 1000
+    write_token_files(tmp_path, train=np.arange(100) % 1000, val=np.arange(100), vocab_size=1001)
+    (tmp_path / "train.bin").write_bytes(train.astype(np.uint16).tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1000}))
+    with pytest.raises(UserError) as raised:
+        prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=8))
+    message = str(raised.value)
+    assert "\n" not in message and str(tmp_path / "train.bin") in message
+    assert f"token id 1000 at position {(2 << 20) + 12345}" in message and "vocab_size=1000" in message
+
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1001}))
+    assert prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=8)).vocab_size == 1001
 
 
 # ---------------------------------------------------------------------------------------------- images

@@ -1,11 +1,13 @@
 """``orchestrator submit`` and ``orchestrator jobs``: training jobs on a Ray cluster's Job Submission API.
 
 A submission carries the project as its ``working_dir`` (what .gitignore names, outputs, caches and
-``.venv`` left out) and the job's resolved config (in the runtime_env, as ``ORCHESTRATOR_JOB_CONFIG``).
-On the cluster the entrypoint ``python -m orchestrator run-submitted`` checks that config, prepares
-the data and trains it with ``launcher.address=auto``, in a run dir under the cluster's storage.
-The token goes in the ``Authorization`` header and nowhere else; no environment variable of the
-submitting machine is forwarded, so a W&B key never reaches the job's metadata or runtime_env.
+``.venv`` left out, and secrets whatever .gitignore says: see ``SECRET_EXCLUDES``) and the job's
+resolved config (in the runtime_env, as ``ORCHESTRATOR_JOB_CONFIG``). On the cluster the entrypoint
+``python -m orchestrator run-submitted`` checks that config, prepares the data and trains it with
+``launcher.address=auto``, in a run dir under the cluster's storage. The token goes in the
+``Authorization`` header and nowhere else; no environment variable of the submitting machine is
+forwarded, so a W&B key never reaches the job's metadata or runtime_env. Every request to the job
+API has a deadline: a head that accepts connections and never answers is an error, not a hang.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shlex
 import socket
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
 from orchestrator.cluster.named import DEFAULT_CLUSTER, Cluster, load_cluster, read_token
@@ -29,11 +33,25 @@ from orchestrator.errors import UserError, first_line
 
 PROJECT_DIR = CONF_DIR.parent
 CONFIG_ENV = "ORCHESTRATOR_JOB_CONFIG"
-# Never uploaded, whatever .gitignore says.
-EXCLUDES = [".venv", ".git", "outputs", "multirun", "wandb", ".cache", "**/__pycache__", ".pytest_cache",
-            ".ruff_cache", "*.egg-info", ".whl"]
+# Never uploaded, whatever .gitignore says: Ray leaves out what any of its patterns or .gitignore's
+# match, so a negation in .gitignore cannot bring one of these back. A pattern without a slash matches
+# a file or directory of that name at any depth.
+BUILD_EXCLUDES = [".venv", ".git", "outputs", "multirun", "wandb", ".cache", "**/__pycache__", ".pytest_cache",
+                  ".ruff_cache", "*.egg-info", ".whl"]
+# Credentials: env files, netrc, keys and certificates, cloud and ssh config, token files (Ray's
+# auth_token, a cluster's token, hf_token.txt; not tokens.py or synthetic_tokens.yaml, which jobs need).
+SECRET_EXCLUDES = [".env*", ".netrc", "_netrc", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*",
+                   "id_ed25519*", ".aws", ".ssh", ".gnupg", ".config", ".kube", ".docker", ".git-credentials",
+                   ".pypirc", "*credentials*", "*secret*", "*token", "*token.*", "*token_*", "*token-*", "*TOKEN*"]
+EXCLUDES = BUILD_EXCLUDES + SECRET_EXCLUDES
 META_PREFIX = "orchestrator."
 CONNECT_TIMEOUT_S = 5.0
+RESPONSE_TIMEOUT_S = 30.0  # one request to the job API
+SUBMIT_TIMEOUT_S = 300.0  # a submission, which uploads the working_dir first
+LOG_CHECK_S = 10.0  # while a log is followed: how often the head must answer a status request
+END_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -67,7 +85,8 @@ def client(cluster: Cluster) -> Any:
     for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        return JobSubmissionClient(cluster.address, headers=headers)
+        return _answer(cluster, lambda: JobSubmissionClient(cluster.address, headers=headers),
+                       timeout_s=RESPONSE_TIMEOUT_S)
     except AuthenticationError as exc:
         raise UserError(_refused(cluster, exc)) from None
     except (ConnectionError, RuntimeError) as exc:
@@ -85,6 +104,33 @@ def _probe(cluster: Cluster) -> None:
         hint = f"; is it up? `orchestrator cluster up --name {cluster.name}`" if local else ""
         raise UserError(f"cluster={cluster.name}: nothing answers at {cluster.address} "
                         f"({exc.strerror or exc}){hint}") from None
+
+
+def _answer(cluster: Cluster, request: Callable[[], T], *, timeout_s: float) -> T:
+    """``request()``, one call of Ray's job client, with a deadline: the client sets none, so a head that
+    accepts the connection and never answers would hang the command. A request past its deadline is
+    left to finish or fail in a daemon thread, which does not keep the process alive.
+
+    Raises:
+        UserError: no answer within ``timeout_s``.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = request()
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    thread = threading.Thread(target=run, name="ray-job-api", daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    if thread.is_alive():
+        raise UserError(f"cluster={cluster.name}: {cluster.address} accepted the connection but did not answer "
+                        f"within {timeout_s:g} s; is it a Ray dashboard, and is the head overloaded?")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
 
 
 def _refused(cluster: Cluster, exc: BaseException) -> str:
@@ -125,10 +171,13 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
                     f"{META_PREFIX}strategy": config.strategy.name, f"{META_PREFIX}workers": str(config.launcher.num_workers)}
         if group:
             metadata[f"{META_PREFIX}group"] = group
-        entrypoint = f"python -m orchestrator run-submitted --run-dir {run_dir} --job {job}"
+        # Ray runs the entrypoint in a shell: each argument quoted (a storage path may hold a space or a `;`).
+        entrypoint = shlex.join(["python", "-m", "orchestrator", "run-submitted", "--run-dir", run_dir, "--job", job])
         runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": {CONFIG_ENV: resolved}}
         try:
-            jobs.submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env, metadata=metadata)
+            _answer(cluster, lambda: jobs.submit_job(entrypoint=entrypoint, submission_id=job_id,
+                                                     runtime_env=runtime_env, metadata=metadata),
+                    timeout_s=SUBMIT_TIMEOUT_S)
         except RuntimeError as exc:
             raise UserError(f"cluster={cluster.name}: the job API refused the submission "
                             f"({first_line(exc)})") from None
@@ -144,17 +193,18 @@ def submit_experiment(cluster: Cluster, command: str, overrides: list[str], *, j
     Raises:
         UserError: the cluster cannot take jobs.
     """
-    import shlex
-
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     job_id = f"orchestrator-{command}-{job}-{stamp}-{uuid.uuid4().hex[:6]}".replace("_", "-")
     arguments = [*overrides, *_cluster_overrides(overrides, None)]
     entrypoint = shlex.join(["python", "-m", "orchestrator", command, *arguments])
     runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES}
+    jobs = client(cluster)
     try:
-        client(cluster).submit_job(entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
-                                   metadata={f"{META_PREFIX}job": job, f"{META_PREFIX}command": command,
-                                             **{f"{META_PREFIX}{key}": value for key, value in metadata.items()}})
+        _answer(cluster, lambda: jobs.submit_job(
+            entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
+            metadata={f"{META_PREFIX}job": job, f"{META_PREFIX}command": command,
+                      **{f"{META_PREFIX}{key}": value for key, value in metadata.items()}}),
+            timeout_s=SUBMIT_TIMEOUT_S)
     except RuntimeError as exc:
         raise UserError(f"cluster={cluster.name}: the job API refused the submission ({first_line(exc)})") from None
     return job_id
@@ -239,8 +289,9 @@ def run_submitted(args: list[str]) -> int:
 
 
 def list_jobs(cluster: Cluster) -> list[dict[str, Any]]:
+    jobs = client(cluster)
     rows = []
-    for info in client(cluster).list_jobs():
+    for info in _answer(cluster, jobs.list_jobs, timeout_s=RESPONSE_TIMEOUT_S):
         metadata = info.metadata or {}
         rows.append({
             "id": info.submission_id or info.job_id,
@@ -257,7 +308,7 @@ def job_info(cluster: Cluster, job_id: str) -> Any:
     """Raises UserError for an id the cluster does not know."""
     jobs = client(cluster)
     try:
-        return jobs.get_job_info(job_id)
+        return _answer(cluster, lambda: jobs.get_job_info(job_id), timeout_s=RESPONSE_TIMEOUT_S)
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
             raise UserError(f"no job {job_id!r} on cluster={cluster.name}; "
@@ -266,34 +317,72 @@ def job_info(cluster: Cluster, job_id: str) -> Any:
 
 
 def job_logs(cluster: Cluster, job_id: str, *, follow: bool) -> None:
-    """Prints the job's driver output; with ``follow``, until the job ends."""
+    """Prints the job's driver output; with ``follow``, until the job ends.
+
+    Raises:
+        UserError: the head stopped answering, or the log stream broke.
+    """
     job_info(cluster, job_id)
     jobs = client(cluster)
     if not follow:
-        sys.stdout.write(jobs.get_job_logs(job_id))
+        sys.stdout.write(_answer(cluster, lambda: jobs.get_job_logs(job_id), timeout_s=RESPONSE_TIMEOUT_S))
         sys.stdout.flush()
         return
+    _tail(cluster, jobs, job_id)
 
-    async def tail() -> None:
-        async for lines in jobs.tail_job_logs(job_id):
-            sys.stdout.write(lines)
-            sys.stdout.flush()
 
-    asyncio.run(tail())
+def _tail(cluster: Cluster, jobs: Any, job_id: str) -> None:
+    """Streams the job's output until the stream ends (Ray ends it with the job).
+
+    The stream has no deadline (a job may print nothing for an hour), so it runs in a daemon thread
+    while this one asks the head for the job's status every ``LOG_CHECK_S``: a head that stops
+    answering ends the tail with an error.
+    """
+    broken: list[BaseException] = []
+
+    def stream() -> None:
+        async def tail() -> None:
+            async for lines in jobs.tail_job_logs(job_id):
+                sys.stdout.write(lines)
+                sys.stdout.flush()
+
+        try:
+            asyncio.run(tail())
+        except Exception as exc:  # handed to the caller's thread
+            broken.append(exc)
+
+    thread = threading.Thread(target=stream, name="ray-job-logs", daemon=True)
+    thread.start()
+    while thread.is_alive():
+        thread.join(LOG_CHECK_S)
+        if thread.is_alive() and _status(cluster, jobs, job_id) in END_STATES:
+            thread.join(LOG_CHECK_S)  # the stream's last lines
+            break
+    if broken:
+        raise UserError(f"cluster={cluster.name}: the log stream of {job_id} broke ({first_line(broken[0])})")
+
+
+def _status(cluster: Cluster, jobs: Any, job_id: str) -> str:
+    return str(_answer(cluster, lambda: jobs.get_job_status(job_id), timeout_s=RESPONSE_TIMEOUT_S).value)
 
 
 def stop_job(cluster: Cluster, job_id: str) -> bool:
     job_info(cluster, job_id)
-    return client(cluster).stop_job(job_id)
+    jobs = client(cluster)
+    return _answer(cluster, lambda: jobs.stop_job(job_id), timeout_s=RESPONSE_TIMEOUT_S)
 
 
 def wait(cluster: Cluster, job_id: str, *, timeout_s: float | None = None) -> str:
-    """Waits for the job to end; returns its final status (SUCCEEDED, FAILED, STOPPED)."""
+    """Waits for the job to end; returns its final status (SUCCEEDED, FAILED, STOPPED).
+
+    Raises:
+        UserError: the head stopped answering.
+    """
     jobs = client(cluster)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
-        status = str(jobs.get_job_status(job_id).value)
-        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+        status = _status(cluster, jobs, job_id)
+        if status in END_STATES:
             return status
         if deadline is not None and time.monotonic() > deadline:
             return status

@@ -1,10 +1,13 @@
 """``orchestrator cluster up | status | down``: a multi-node Ray cluster on this machine.
 
 Each node is its own ``ray start --block`` process in its own process group (so one node can be
-killed like a lost machine, and ``down`` stops exactly this cluster's processes and no other Ray).
+killed like a lost machine). ``down`` stops exactly this cluster's processes and no other Ray: each
+node's pid and start time are recorded when it starts, and a process is signalled only while both
+still match (a pid the system has given to another process since is left alone).
 Token authentication is on: a fresh token is written with mode 0600 to the cluster's state dir and
 every node reads it from there (``RAY_AUTH_TOKEN_PATH``); the dashboard and job API listen on
-127.0.0.1 only. Nodes bind ``--host``; anything but loopback requires token auth.
+127.0.0.1 only. Nodes bind ``--host``: on loopback (the default) every server of every node listens
+on 127.0.0.1 only; anything but loopback requires token auth.
 """
 
 from __future__ import annotations
@@ -25,20 +28,27 @@ import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
+
+import psutil
 
 from orchestrator.cluster.named import Cluster, default_token_file, state_dir, write_token
 from orchestrator.errors import UserError
 from orchestrator.fsutil import write_atomic
+from orchestrator.launch import ray_compat
 
 STATE_FILE = "cluster.json"
 START_TIMEOUT_S = 120.0
-STOP_GRACE_S = 5.0
+STOP_GRACE_S = 5.0  # after SIGTERM, before SIGKILL
+KILL_WAIT_S = 10.0  # after SIGKILL, before giving up on a process that will not exit
+# Two reads of one process's start time agree to far better than this; a reused pid starts later.
+CREATE_TIME_TOLERANCE_S = 0.01
 
 
 @dataclass(kw_only=True)
 class Node:
     pid: int
+    create_time: float  # the process's start time (psutil): with the pid, proves a process is this node
     role: str  # head | worker
     log: str
     marker: str = ""  # a custom resource only this node offers: how Ray's node list names it
@@ -69,7 +79,11 @@ def load_state(name: str) -> ClusterState | None:
     if not path.is_file():
         return None
     fields = json.loads(path.read_text())
-    return ClusterState(**{**fields, "nodes": [Node(**node) for node in fields["nodes"]]})
+    try:
+        return ClusterState(**{**fields, "nodes": [Node(**node) for node in fields["nodes"]]})
+    except TypeError:
+        raise UserError(f"{path} was written by another version of orchestrator (its nodes have no start "
+                        f"times); stop its processes by hand and delete the file") from None
 
 
 def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int, dashboard_port: int,
@@ -81,11 +95,13 @@ def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int
     """
     if nodes < 1:
         raise UserError(f"--nodes must be >= 1, got {nodes}")
-    if not auth and not _is_loopback(host):
+    if _is_loopback(host):
+        host = ray_compat.LOOPBACK_IP  # Ray keeps its servers on loopback for exactly this address
+    elif not auth:
         raise UserError(f"--host {host} is not a loopback address: refusing to start a cluster others can reach "
                         f"without token authentication (drop --no-auth)")
     existing = load_state(name)
-    if existing and any(_alive(node.pid) for node in existing.nodes):
+    if existing and any(_process(node) for node in existing.nodes):
         raise UserError(f"cluster {name!r} is already up ({existing.dashboard_url}); "
                         f"`orchestrator cluster down --name {name}` first")
     for key, number in (("--port", port), ("--dashboard-port", dashboard_port)):
@@ -123,30 +139,40 @@ def add_node(name: str) -> Node:
 
 
 def down(name: str) -> int:
-    """Stops every node process of cluster ``name`` (TERM, then KILL after a grace period); returns how many."""
+    """Stops cluster ``name`` and returns once every process of it has exited; returns how many nodes ran.
+
+    Every process of each node still running (see ``_node_processes``) gets SIGTERM, and SIGKILL
+    after ``STOP_GRACE_S``.
+
+    Raises:
+        UserError: a process outlived SIGKILL by ``KILL_WAIT_S``.
+    """
     state = load_state(name)
     if state is None:
         return 0
-    stopped = [node for node in state.nodes if _alive(node.pid)]
-    for node in stopped:
-        _signal_group(node.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE_S
-    while any(_group_alive(node.pid) for node in stopped) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for node in stopped:
-        _signal_group(node.pid, signal.SIGKILL)
+    running = [node for node in state.nodes if _process(node)]
+    processes = {process for node in running for process in _node_processes(node)}
+    _stop(processes, signal.SIGTERM)
+    left = _wait_exited(processes, STOP_GRACE_S)
+    left |= _descendants(left)  # started since (a worker the raylet started meanwhile)
+    _stop(left, signal.SIGKILL)
+    left = _wait_exited(left, KILL_WAIT_S)
+    if left:
+        raise UserError(f"cluster {name!r}: {len(left)} process(es) still running {KILL_WAIT_S:g} s after SIGKILL "
+                        f"(pids {', '.join(str(process.pid) for process in left)}); run "
+                        f"`orchestrator cluster down --name {name}` again once they exit")
     for node in state.nodes:
         if node.temp_dir:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
     (state_dir(name) / STATE_FILE).unlink(missing_ok=True)
     default_token_file(name).unlink(missing_ok=True)
-    return len(stopped)
+    return len(running)
 
 
 def status(name: str) -> dict[str, Any]:
     """The cluster's nodes as its processes and Ray's State API see them."""
     state = _require_state(name)
-    processes = {node.pid: _alive(node.pid) for node in state.nodes}
+    processes = {node.pid: _process(node) is not None for node in state.nodes}
     nodes = _list_nodes(state)
     return {
         "name": name,
@@ -163,17 +189,20 @@ def status(name: str) -> dict[str, Any]:
 
 def node_pids(name: str) -> list[int]:
     """Pids of all the cluster's node processes still alive (each leads its node's process group)."""
-    return [node.pid for node in _require_state(name).nodes if _alive(node.pid)]
+    return [node.pid for node in _require_state(name).nodes if _process(node)]
 
 
 def worker_pids(name: str) -> list[int]:
     """Pids of the cluster's worker-node processes still alive (each leads its own process group)."""
-    return [node.pid for node in _require_state(name).nodes if node.role == "worker" and _alive(node.pid)]
+    return [node.pid for node in _require_state(name).nodes if node.role == "worker" and _process(node)]
 
 
-def kill_node(pid: int) -> None:
-    """SIGKILLs one node's whole process group: what losing that machine looks like to Ray."""
-    _signal_group(pid, signal.SIGKILL)
+def kill_node(name: str, pid: int) -> None:
+    """SIGKILLs every process of cluster ``name``'s node ``pid``: what losing that machine looks like to Ray."""
+    node = next((node for node in _require_state(name).nodes if node.pid == pid), None)
+    if node is None:
+        raise UserError(f"cluster {name!r} has no node process {pid}")
+    _stop(_node_processes(node), signal.SIGKILL)
 
 
 def _require_state(name: str) -> ClusterState:
@@ -185,14 +214,14 @@ def _require_state(name: str) -> ClusterState:
 
 
 def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_port: int = 0) -> Node:
-    ray = Path(sys.executable).with_name("ray")
     # Ray's per-node agents listen on fixed default ports: several nodes on one machine need their own.
-    agent_listen, agent_grpc, metrics = _free_ports(3)
-    args = [str(ray), "start", "--block", f"--num-cpus={state.cpus_per_node}", f"--node-ip-address={state.host}",
-            f"--dashboard-agent-listen-port={agent_listen}", f"--dashboard-agent-grpc-port={agent_grpc}",
-            f"--metrics-export-port={metrics}", "--disable-usage-stats"]
+    agent_listen, agent_grpc, metrics, client_server = _free_ports(4)
+    args = [*_ray_start(state.host), "--block", f"--num-cpus={state.cpus_per_node}",
+            f"--node-ip-address={state.host}", f"--dashboard-agent-listen-port={agent_listen}",
+            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", "--disable-usage-stats"]
     if head:
-        args += ["--head", f"--port={port}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}"]
+        args += ["--head", f"--port={port}", f"--dashboard-host={ray_compat.LOOPBACK_IP}",
+                 f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_server}"]
     index = len(state.nodes)
     temp_dir = ""
     if not head:
@@ -206,7 +235,16 @@ def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_por
     with open(log, "w") as out:
         process = subprocess.Popen(args, env=_node_env(state), stdout=out, stderr=subprocess.STDOUT,
                                    stdin=subprocess.DEVNULL, start_new_session=True)
-    return Node(pid=process.pid, role="head" if head else "worker", log=str(log), marker=marker, temp_dir=temp_dir)
+    return Node(pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
+                role="head" if head else "worker", log=str(log), marker=marker, temp_dir=temp_dir)
+
+
+def _ray_start(host: str) -> list[str]:
+    """``ray start``; on loopback through ``ray_compat``, without which Ray swaps 127.0.0.1 for this
+    machine's routable IP and binds its servers to every interface."""
+    if host == ray_compat.LOOPBACK_IP:
+        return [sys.executable, "-m", ray_compat.__name__]
+    return [str(Path(sys.executable).with_name("ray")), "start"]
 
 
 def _node_env(state: ClusterState) -> dict[str, str]:
@@ -229,7 +267,7 @@ def _wait_for_node(state: ClusterState, starting: Node) -> None:
     """
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
-        if not _alive(starting.pid):
+        if _process(starting) is None:
             raise UserError(f"cluster {state.name!r}: a {starting.role} node exited while starting; "
                             f"its log: {starting.log}\n{_tail(Path(starting.log))}")
         try:
@@ -287,36 +325,73 @@ def _free_ports(count: int) -> list[int]:
             probe.close()
 
 
-def _alive(pid: int) -> bool:
-    with contextlib.suppress(ChildProcessError):  # not our child: nothing to reap
-        if os.waitpid(pid, os.WNOHANG)[0]:  # reaps it when it is our own child
-            return False
+def _process(node: Node) -> psutil.Process | None:
+    """The node's process while it runs: the recorded pid, started at the recorded time (else another's)."""
     try:
-        os.kill(pid, 0)
+        process = psutil.Process(node.pid)
+        if abs(process.create_time() - node.create_time) > CREATE_TIME_TOLERANCE_S:
+            return None
+        return None if process.status() == psutil.STATUS_ZOMBIE else process
+    except psutil.Error:
+        return None
+
+
+def _node_processes(node: Node) -> set[psutil.Process]:
+    """Every process of a running node: its ``ray start`` process, the members of its process group and
+    all their descendants (Ray's workers lead groups of their own). While that process runs its pid
+    cannot be reused, nor can its group's id, so each process found is the node's."""
+    leader = _process(node)
+    if leader is None:
+        return set()
+    roots = [leader]
+    for process in psutil.process_iter():
+        with contextlib.suppress(OSError, psutil.Error):
+            if process.pid != leader.pid and os.getpgid(process.pid) == leader.pid:
+                roots.append(process)
+    return set(roots) | _descendants(roots)
+
+
+def _descendants(processes: Iterable[psutil.Process]) -> set[psutil.Process]:
+    found = set()
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            found.update(process.children(recursive=True))
+    return found
+
+
+def _stop(processes: set[psutil.Process], sig: signal.Signals) -> None:
+    for process in processes:
+        _signal(process, sig)
+
+
+def _signal(process: psutil.Process, sig: signal.Signals) -> None:
+    """Signals ``process`` through a pidfd, after checking that the pid still names the process found
+    (same start time): a pid reused in between is never signalled."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
     except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return not _is_zombie(pid)
-
-
-def _is_zombie(pid: int) -> bool:
+        return
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
-    except (OSError, IndexError):
-        return False
+        if abs(psutil.Process(process.pid).create_time() - process.create_time()) <= CREATE_TIME_TOLERANCE_S:
+            signal.pidfd_send_signal(pidfd, sig)
+    except (ProcessLookupError, psutil.Error):
+        pass  # exited meanwhile
+    finally:
+        os.close(pidfd)
 
 
-def _group_alive(pgid: int) -> bool:
+def _wait_exited(processes: set[psutil.Process], timeout_s: float) -> set[psutil.Process]:
+    """Waits up to ``timeout_s`` for ``processes`` to exit; returns those still running (a zombie has exited)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        running = {process for process in processes if _running(process)}
+        if not running or time.monotonic() >= deadline:
+            return running
+        time.sleep(0.1)
+
+
+def _running(process: psutil.Process) -> bool:
     try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    except PermissionError:
-        return True  # it exists, someone else's
-    return True
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
-        os.killpg(pgid, sig)

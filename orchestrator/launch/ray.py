@@ -26,6 +26,8 @@ from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, RayLauncherConfig
 from orchestrator.errors import LaunchError, UserError, first_line
 from orchestrator.fsutil import write_atomic
+from orchestrator.launch.ray_compat import (LOOPBACK_IP, init_on_loopback, is_capacity_timeout, keep_loopback,
+                                             quiet_token_setup_warning)
 
 # Ray Train reads it in its controller: how long a worker group may wait to be placed.
 WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -85,7 +87,7 @@ def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # worker errors past max_failures, or the controller's own
-        if _is_capacity_timeout(exc):
+        if is_capacity_timeout(exc):
             raise LaunchError(f"the Ray cluster had no room for {launcher.num_workers} worker(s) x "
                               f"{_format_resources(resources)} within launcher.capacity_timeout_s="
                               f"{launcher.capacity_timeout_s:g}; {_capacity_report(resources)}") from None
@@ -95,13 +97,6 @@ def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any
         if started_here:
             ray.shutdown()
     return result.return_value
-
-
-def _is_capacity_timeout(error: BaseException) -> bool:
-    from ray.train.v2._internal.exceptions import WorkerGroupStartupTimeoutError
-    from ray.train.v2.api.exceptions import ControllerError
-
-    return isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError)
 
 
 def _format_resources(resources: dict[str, float]) -> str:
@@ -144,20 +139,20 @@ def _connect(launcher: RayLauncherConfig) -> bool:
         return False
     env_vars = dict(_QUIET)
     if launcher.address is None:
-        # "local": a new Ray even where `ray start` left a cluster running. The dashboard serves Ray's
-        # State API, which Ray Train's placement-group cleaner polls, on loopback only; the cleaner is
-        # told where it is (it would otherwise ask whatever cluster /tmp/ray/ray_current_cluster names,
-        # and take a training run's actors for dead there). Ray turns token auth on for it and says so
-        # each time: a warning for Ray's users, not ours.
+        # A new Ray even where `ray start` left a cluster running, every server of it on 127.0.0.1. The
+        # dashboard serves Ray's State API, which Ray Train's placement-group cleaner polls; the cleaner
+        # is told where it is (it would otherwise ask whatever cluster /tmp/ray/ray_current_cluster
+        # names, and take a training run's actors for dead there).
         dashboard_port = _free_port()
-        env_vars[API_SERVER_ENV_VAR] = f"http://127.0.0.1:{dashboard_port}"
-        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
+        env_vars[API_SERVER_ENV_VAR] = f"http://{LOOPBACK_IP}:{dashboard_port}"
+        quiet_token_setup_warning()
         # Nothing preempts this machine's own Ray: no watcher (Ray Train passes the driver's setting on).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-                 dashboard_port=dashboard_port, logging_level=logging.WARNING, log_to_driver=True,
-                 runtime_env={"env_vars": env_vars})
+        init_on_loopback(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host=LOOPBACK_IP,
+                         dashboard_port=dashboard_port, logging_level=logging.WARNING, log_to_driver=True,
+                         runtime_env={"env_vars": env_vars})
         return True
+    keep_loopback()  # 127.0.0.1:PORT (a `cluster up` cluster, which listens on loopback only) stays itself
     try:
         ray.init(address=launcher.address, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
     except (ConnectionError, RuntimeError) as exc:
@@ -168,7 +163,7 @@ def _connect(launcher: RayLauncherConfig) -> bool:
 
 def _free_port() -> int:
     with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
+        probe.bind((LOOPBACK_IP, 0))
         return probe.getsockname()[1]
 
 

@@ -160,7 +160,7 @@ def test_training_waits_for_a_lost_node_to_come_back(cluster: dict, cache_dir: P
     frozen = _freeze_at_step(run_dir, 12)
     # Both worker nodes lost: the head's one CPU cannot hold two workers, so the run waits ...
     for pid in local.worker_pids(NAME):
-        local.kill_node(pid)
+        local.kill_node(NAME, pid)
     for process in frozen:
         if process.is_running():
             process.resume()

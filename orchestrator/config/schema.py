@@ -58,6 +58,7 @@ class Offload(str, Enum):
 
 
 class InitDevice(str, Enum):
+    auto = "auto"
     cpu = "cpu"
     meta = "meta"
 
@@ -356,14 +357,16 @@ class FSDP2Config(StrategyConfig):
     ``fully_shard`` is applied to each repeated block, then the root. ``init_device=cpu`` builds the
     whole model on every rank and shards it (the same initial weights as every other strategy);
     ``meta`` builds it on the meta device and initializes only the local shards (no full copy
-    anywhere, for models that do not fit in host memory). ``offload_params=cpu`` keeps parameters,
-    gradients and optimizer state in host memory (``CPUOffloadPolicy``), stepping on the CPU.
+    anywhere, for models that do not fit in host memory). ``auto`` (the default) is ``meta`` when
+    the weights come from a file (``trainer.init_from``) or the model has ``META_INIT_MIN_PARAMS``
+    parameters or more, ``cpu`` otherwise. ``offload_params=cpu`` keeps parameters, gradients and
+    optimizer state in host memory (``CPUOffloadPolicy``), stepping on the CPU.
     """
 
     name: str = "fsdp2"
     reshard_after_forward: bool = True
     offload_params: Offload = Offload.none
-    init_device: InitDevice = InitDevice.cpu
+    init_device: InitDevice = InitDevice.auto
 
 
 ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}

@@ -3,7 +3,9 @@
 The model is built on the meta device (a 70B config in seconds, nothing allocated) to count its
 parameters Ψ and its largest layer. Per-rank memory is then DESIGN.md's model-state model, with the
 terms DeepSpeed's implementation adds where it adds them (measured, and the same as DeepSpeed's own
-estimators):
+estimators). Host memory counts start-up too: a plan that builds the whole model on every rank before
+it shards or moves it (ddp, zero0-2, fsdp2 below ``META_INIT_MIN_PARAMS``) needs 4Ψ bytes of host
+memory per rank then; ZeRO-3 and FSDP2's meta-device build need only their shards, on the device:
 
 | strategy (offload) | mixed precision (bf16/fp16) | fp32 |
 |---|---|---|
@@ -87,6 +89,7 @@ class ModelStates:
     sharded: int  # on the device: what each rank keeps between steps (the part memory reports measure)
     working: int  # on the device: buffers gathered for the computation (ZeRO-3's, FSDP2's unsharded units)
     host: int  # offloaded to host memory
+    startup_host: int = 0  # host memory while the model is built (a whole fp32 model, unless the build is sharded)
 
     @property
     def device(self) -> int:
@@ -107,7 +110,17 @@ def model_states(strategy: str, offload: str, precision: Precision, shape: Model
         # and backward), the block being computed and the one prefetched.
         working = 2 * (2 if mixed else 4) * (shape.root_params + 2 * shape.largest_block_params)
     return ModelStates(sharded=int(replicated * psi + sharded * psi / world_size), working=working,
-                       host=int(host * psi / world_size))
+                       host=int(host * psi / world_size),
+                       startup_host=0 if _builds_sharded(strategy, psi) else 4 * psi)
+
+
+def _builds_sharded(strategy: str, num_params: int) -> bool:
+    """Whether a rank builds only its shards (on the device): ZeRO-3 under ``deepspeed.zero.Init``, FSDP2
+    on the meta device (``strategy.init_device=auto`` from ``META_INIT_MIN_PARAMS`` parameters). Every
+    other plan builds the whole fp32 model in each rank's host memory first."""
+    from orchestrator.strategies.fsdp import META_INIT_MIN_PARAMS
+
+    return strategy == "zero3" or (strategy == "fsdp2" and num_params >= META_INIT_MIN_PARAMS)
 
 
 def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
@@ -170,7 +183,7 @@ def estimate(config: Config) -> dict[str, Any]:
         for strategy, offload in PLANS:
             def per_rank(n: int, ac: bool, plan=(strategy, offload, precision)) -> tuple[int, int]:
                 states = model_states(*plan, shape, n)
-                return states.device + (activations[plan[2]][ac] or 0), states.host
+                return states.device + (activations[plan[2]][ac] or 0), max(states.host, states.startup_host)
 
             at = {n: per_rank(n, checkpointing) for n in settings.world_sizes}
             rows.append({
@@ -227,7 +240,8 @@ def format_table(result: dict[str, Any], *, job: str) -> str:
             lines.append(f"activations per rank ({precision}): {acts['without_checkpointing'] / GIB:.2f} GiB, "
                          f"{acts['with_checkpointing'] / GIB:.2f} GiB with activation checkpointing")
     ac = "on" if result["activation_checkpointing"] else "off"
-    lines += ["", f"per rank: device GiB (host GiB when offloaded); activation checkpointing {ac} as in the job",
+    lines += ["", f"per rank: device GiB (host GiB: offloaded state, or the whole model built in host memory at "
+                  f"start-up); activation checkpointing {ac} as in the job",
               "",
               "| strategy | offload | precision | " + " | ".join(f"N={n}" for n in world_sizes)
               + " | smallest N | with checkpointing |",

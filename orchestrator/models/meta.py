@@ -15,6 +15,8 @@ _RANDOM_FILLS = frozenset({
     "xavier_uniform_", "orthogonal_", "sparse_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
     "geometric_", "random_",
 })
+# Every in-place initialization a model's ``init_weights`` may make (the random fills and the constant ones).
+INIT_FILLS = _RANDOM_FILLS | {"ones_", "zeros_", "constant_", "fill_", "zero_", "eye_", "dirac_", "copy_"}
 
 
 class _SkipMetaInit(TorchFunctionMode):

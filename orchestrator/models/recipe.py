@@ -1,7 +1,7 @@
 """How to make a job's model, handed to the strategy so that it decides where and how.
 
 A replicated strategy builds the model on CPU and moves it; FSDP2 builds it on the meta device and
-materializes only its shards; ZeRO-3 builds it inside ``deepspeed.zero.Init``. Whichever way, the
+materializes only its shards (``strategy.init_device``); ZeRO-3 builds it inside ``deepspeed.zero.Init``. Whichever way, the
 recipe gives the same model: the same architecture, initialized from torch's global RNG, then the
 fine-tuning weights if there are any, then the frozen modules.
 """
@@ -60,10 +60,15 @@ def shape_mismatch(expected: Mapping[str, list[int]], found: Mapping[str, list[i
 
 def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
     """Loads a full state dict into ``model``; UserError naming trainer.init_from when it does not fit."""
-    problem = shape_mismatch(state_shapes(model), {k: list(v.shape) for k, v in state.items()})
+    check_weights_fit(state_shapes(model), state)
+    model.load_state_dict(state)
+
+
+def check_weights_fit(shapes: Mapping[str, list[int]], state: Mapping[str, torch.Tensor]) -> None:
+    """UserError naming trainer.init_from when ``state`` does not have the model's state-dict ``shapes``."""
+    problem = shape_mismatch(shapes, {k: list(v.shape) for k, v in state.items()})
     if problem is not None:
         raise UserError(f"trainer.init_from: the checkpoint's weights do not fit this model ({problem})")
-    model.load_state_dict(state)
 
 
 def freeze_modules(model: nn.Module, names: tuple[str, ...] | list[str]) -> None:

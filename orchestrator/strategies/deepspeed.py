@@ -18,9 +18,11 @@ from typing import Any, Iterator
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from orchestrator.config.schema import Offload, OptimName, Precision, ZeroConfig
-from orchestrator.models.recipe import ModelRecipe
+from orchestrator.models.meta import INIT_FILLS
+from orchestrator.models.recipe import ModelRecipe, check_weights_fit, freeze_modules
 from orchestrator.strategies.base import (
     FP16_OVERFLOW,
     LOW_PRECISION,
@@ -54,12 +56,8 @@ class ZeroStrategy(Strategy):
     def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
         import deepspeed
 
-        model = recipe.build_complete()
-        prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
-                       compile=self.cfg.compile)
         on_gpu = self.dist.device.type == "cuda"
-        if not on_gpu:
-            _skip_shared_memory_all_reduce()
+        model = self.build_model(recipe)
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=self._client_optimizer(model, build_optimizer, on_gpu=on_gpu),
@@ -67,6 +65,20 @@ class ZeroStrategy(Strategy):
         )
         self.model = _CastInputs(self.engine, LOW_PRECISION.get(self.precision))
         self._peak = MemoryReport(param_bytes=0, grad_bytes=0, optimizer_bytes=0, master_bytes=0)
+
+    def build_model(self, recipe: ModelRecipe) -> nn.Module:
+        """The model before DeepSpeed's engine wraps it: partitioned over the ranks as it is built under
+        ZeRO-3, whole on every rank under stages 0-2 (which replicate the parameters anyway)."""
+        on_gpu = self.dist.device.type == "cuda"
+        if not on_gpu:
+            _skip_shared_memory_all_reduce()
+        if self.cfg.stage == 3:
+            model = _build_partitioned(recipe, deepspeed_config(self.config, on_gpu=on_gpu))
+        else:
+            model = recipe.build_complete()
+        prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
+                       compile=self.cfg.compile)
+        return model
 
     def _client_optimizer(self, model: nn.Module, build_optimizer: OptimizerFactory, *,
                           on_gpu: bool) -> torch.optim.Optimizer:
@@ -144,6 +156,52 @@ class ZeroStrategy(Strategy):
         now = _zero_memory(self.engine, stage=self.cfg.stage)
         if now.total_bytes > self._peak.total_bytes:
             self._peak = now
+
+
+def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any]) -> nn.Module:
+    """The model built under ``deepspeed.zero.Init``: each module's parameters are partitioned over the
+    ranks as soon as the module is constructed, so no rank ever holds more than its partition and one
+    module.
+
+    The model's own initialization (``init_weights``) then runs on partitioned parameters, which hold
+    nothing locally: each in-place fill it makes is applied to its parameter gathered whole, one at a
+    time. Every rank draws the same numbers from the same seed in the same order as a full build, so
+    the weights equal every other strategy's. Initial weights (``trainer.init_from``) are copied in
+    the same way, one parameter at a time.
+    """
+    import deepspeed
+
+    if torch.distributed.is_initialized():  # zero.Init reads the world size from DeepSpeed's own view of it
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
+                                   verbose=False)
+    with deepspeed.zero.Init(config_dict_or_path=config), _FillsGathered():
+        model = recipe.build()
+    if recipe.initial_state is not None:
+        state = recipe.initial_state()
+        entries = model.state_dict(keep_vars=True)  # partitioned parameters know their full shape as ds_shape
+        check_weights_fit({name: list(getattr(t, "ds_shape", t.shape)) for name, t in entries.items()}, state)
+        for name, tensor in model.named_parameters():  # a tied weight once
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                tensor.data.copy_(state[name])
+        for name, buffer in model.named_buffers():
+            if name in state:  # non-persistent buffers are not saved
+                buffer.copy_(state[name])
+    freeze_modules(model, recipe.freeze)
+    return model
+
+
+class _FillsGathered(TorchFunctionMode):
+    """Applies in-place initialization to a partitioned ZeRO-3 parameter gathered whole."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        import deepspeed
+
+        kwargs = kwargs or {}
+        tensor = args[0] if args else kwargs.get("tensor")
+        if getattr(func, "__name__", "") in INIT_FILLS and hasattr(tensor, "ds_id"):
+            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
 
 
 def _zero_memory(engine: Any, *, stage: int) -> MemoryReport:

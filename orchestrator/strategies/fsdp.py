@@ -17,6 +17,7 @@ from typing import Any, ContextManager
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
@@ -46,6 +47,21 @@ DCP_DIR = "dcp"
 SCALER_FILE = "scaler.pt"
 
 
+# init_device=auto builds models this large on the meta device: a full fp32 copy per rank (4 GB at
+# 1B parameters) is no longer cheap, and sharded initialization draws different (equally good) weights.
+META_INIT_MIN_PARAMS = 250_000_000
+
+
+def _builds_on_meta(init_device: InitDevice, recipe: ModelRecipe) -> bool:
+    if init_device is not InitDevice.auto:
+        return init_device is InitDevice.meta
+    if recipe.initial_state is not None:
+        return True  # the weights come from a file: the same model either way
+    with meta_device():
+        num_params = sum(p.numel() for p in recipe.build().parameters())
+    return num_params >= META_INIT_MIN_PARAMS
+
+
 class FSDP2Strategy(TorchStrategy):
     cfg: FSDP2Config
 
@@ -54,7 +70,12 @@ class FSDP2Strategy(TorchStrategy):
         return ShardedGradScaler(self.dist.device.type, enabled=enabled)
 
     def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
-        on_meta = self.cfg.init_device is InitDevice.meta
+        self.module = self.model = self.build_model(recipe)
+        self.optimizer = build_optimizer(self.model)
+
+    def build_model(self, recipe: ModelRecipe) -> nn.Module:
+        """The model sharded over the ranks, initialized, before any optimizer exists."""
+        on_meta = _builds_on_meta(self.cfg.init_device, recipe)
         offload = self.cfg.offload_params is Offload.cpu
         if on_meta:
             with meta_device():
@@ -85,8 +106,7 @@ class FSDP2Strategy(TorchStrategy):
             freeze_modules(model, recipe.freeze)
         else:
             model.to(home)
-        self.module = self.model = model
-        self.optimizer = build_optimizer(model)
+        return model
 
     def _sum_over_shards(self, value: torch.Tensor) -> torch.Tensor:
         return self.dist.all_reduce_sum(value)

@@ -103,6 +103,13 @@ def test_a_70b_model_is_counted_on_the_meta_device() -> None:
     offloaded = rows["zero3", "params+optimizer", "bf16"]
     assert offloaded["world_sizes"][8]["host_bytes"] == int(18 * shape.num_params / 8)
     assert offloaded["smallest_world_size"] == 8
+    # Start-up: ZeRO-1/2 build the whole fp32 model in every rank's host memory first (282 GB > 250 GiB),
+    # whatever N; ZeRO-3 and FSDP2 build only their shards, on the device.
+    for plan in (("zero1", "optimizer", "bf16"), ("zero2", "optimizer", "bf16")):
+        assert rows[plan]["world_sizes"][64]["host_bytes"] == 4 * shape.num_params
+        assert rows[plan]["smallest_world_size"] is None
+    assert rows["zero3", "none", "bf16"]["world_sizes"][64]["host_bytes"] == 0
+    assert rows["fsdp2", "none", "bf16"]["world_sizes"][64]["host_bytes"] == 0
 
 
 def test_estimate_command_prints_a_table_and_json(tmp_path: Path) -> None:

@@ -44,6 +44,8 @@ def _check_training_inputs(config: Config) -> None:
     if config.trainer.resume not in ("auto", "never"):
         candidates(config.trainer.resume, key="trainer.resume")
     if config.trainer.init_from:
+        if getattr(config.model, "pretrained", None):
+            raise UserError("trainer.init_from and model.pretrained both name the initial weights; set one")
         candidates(config.trainer.init_from, key="trainer.init_from")
     if config.model.name == "hf" and importlib.util.find_spec("transformers") is None:
         raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'")

@@ -177,17 +177,21 @@ class HFConfig(ModelConfig):
 
     ``config`` is what ``transformers.AutoConfig.for_model`` takes: ``model_type`` plus its fields.
     ``vocab_size`` and ``max_position_embeddings`` default to the data's when the dict leaves them out.
+    ``pretrained`` is a local ``save_pretrained`` directory: the architecture comes from its
+    ``config.json`` (``config`` may repeat its values, not change them) and the weights from its
+    safetensors files.
     """
 
     name: str = "hf"
     config: dict[str, Any] = field(default_factory=dict)
     attn_implementation: str = "sdpa"
+    pretrained: Optional[str] = None
     input_kind: ClassVar[SampleKind] = SampleKind.tokens
 
     def __post_init__(self) -> None:
         _require(
-            isinstance(self.config.get("model_type"), str),
-            "model.config.model_type is required (e.g. llama, gpt2, qwen2, mistral)",
+            self.pretrained is not None or isinstance(self.config.get("model_type"), str),
+            "model.config.model_type is required (e.g. llama, gpt2, qwen2, mistral), or model.pretrained=DIR",
         )
         _require(
             self.attn_implementation in ("sdpa", "eager"),

@@ -9,8 +9,8 @@ from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
-from orchestrator.models import build_model, meta_device
-from orchestrator.models.recipe import freeze_modules, shape_mismatch, state_shapes
+from orchestrator.models import build_model, meta_device, pretrained_weights
+from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes
 from orchestrator.strategies.formats import resume_problem, weights_problem
 from orchestrator.train import manifest
 
@@ -42,6 +42,8 @@ def preflight(config: Config) -> None:
         _check_safe(directory, key=f"trainer.resume={trainer.resume}")
         _check_fits(directory, shapes, key=f"trainer.resume={trainer.resume}",
                     problem=_resume_problem(config, manifest.read_manifest(directory)))
+    if getattr(config.model, "pretrained", None):
+        _check_pretrained(config)
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
         _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
@@ -121,6 +123,15 @@ def _check_deepspeed(config: Config) -> None:
         if not get_accelerator().is_fp16_supported():
             raise UserError(f"trainer.precision=fp16: DeepSpeed does not support fp16 on this CPU with "
                             f"strategy={config.strategy.name}; use trainer.precision=bf16 or fp32")
+
+
+def _check_pretrained(config: Config) -> None:
+    """``model.pretrained``'s files hold every tensor the model needs, in its shape (headers only: no tensor read)."""
+    spec = prepare_data(config.data)
+    with meta_device():
+        model = build_model(config.model, spec)
+    source = pretrained_weights(config.model, model)
+    check_weights_fit(state_shapes(model), source)
 
 
 def _model_shapes(config: Config) -> dict[str, list[int]]:

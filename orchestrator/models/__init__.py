@@ -6,6 +6,7 @@ from orchestrator.models.registry import (
     build_model,
     describe_model,
     model_blocks,
+    pretrained_weights,
 )
 
-__all__ = ["ModelInfo", "build_model", "describe_model", "meta_device", "model_blocks"]
+__all__ = ["ModelInfo", "build_model", "describe_model", "meta_device", "model_blocks", "pretrained_weights"]

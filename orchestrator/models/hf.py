@@ -7,6 +7,7 @@ files and opens no connections. transformers is an optional extra, imported only
 from __future__ import annotations
 
 from itertools import chain
+from typing import Any
 
 import torch
 from torch import nn
@@ -14,6 +15,7 @@ from torch import nn
 from orchestrator.config.schema import HFConfig
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
+from orchestrator.models.pretrained import SafetensorsWeights, pretrained_dir, read_config
 
 
 class HFCausalLM(nn.Module):
@@ -52,10 +54,11 @@ def build_hf(cfg: HFConfig, data: DataSpec) -> HFCausalLM:
     except ImportError as error:
         raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'") from error
 
-    settings = dict(cfg.config)
-    model_type = settings.pop("model_type")
+    settings = _pretrained_settings(cfg) if cfg.pretrained else dict(cfg.config)
+    model_type = settings.pop("model_type", None)
     if model_type not in transformers.CONFIG_MAPPING:
-        raise UserError(f"model.config.model_type={model_type!r} is not a transformers model type")
+        key = "model.pretrained's config.json: model_type" if cfg.pretrained else "model.config.model_type"
+        raise UserError(f"{key}={model_type!r} is not a transformers model type")
     # A config class may call a standard field by its own name (gpt2: n_positions for max_position_embeddings).
     aliases = transformers.CONFIG_MAPPING[model_type].attribute_map
     for name, value in (("vocab_size", data.vocab_size), ("max_position_embeddings", data.seq_len)):
@@ -79,6 +82,37 @@ def build_hf(cfg: HFConfig, data: DataSpec) -> HFCausalLM:
     except ValueError as error:  # e.g. a model type without an sdpa implementation
         raise UserError(f"model=hf cannot build {model_type}: {error}") from error
     return HFCausalLM(model)
+
+
+# config.json entries that describe the file, not the architecture (the weights are loaded into fp32).
+_FILE_FIELDS = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
+
+
+def _pretrained_settings(cfg: HFConfig) -> dict[str, Any]:
+    """The architecture of ``model.pretrained``: its config.json, which ``model.config`` may repeat, not change."""
+    directory = pretrained_dir(cfg.pretrained)
+    settings = {k: v for k, v in read_config(directory).items() if k not in _FILE_FIELDS}
+    for name, value in cfg.config.items():
+        if settings.get(name, value) != value or name not in settings:
+            found = f"{settings[name]!r} there" if name in settings else "absent there"
+            raise UserError(f"model.config.{name}={value!r} contradicts model.pretrained={cfg.pretrained} "
+                            f"(config.json: {found}); leave model.config out to use the pretrained architecture")
+    return settings
+
+
+def hf_pretrained_weights(cfg: HFConfig, model: HFCausalLM) -> SafetensorsWeights | None:
+    """The weights of ``model.pretrained`` under this wrapper's state-dict names (``model.`` + the file's), or
+    None without one. ``model`` may be a meta-device build: only names and tied parameters are read."""
+    if not cfg.pretrained:
+        return None
+    names = {name: name.removeprefix("model.") for name in model.state_dict()}
+    # A tied head is stored once (save_pretrained leaves lm_head.weight out): each alias reads its partner.
+    first_name: dict[int, str] = {}
+    aliases = {}
+    for name, parameter in model.named_parameters(remove_duplicate=False):
+        aliases.update({name: first_name[id(parameter)]} if id(parameter) in first_name else {})
+        first_name.setdefault(id(parameter), name)
+    return SafetensorsWeights(pretrained_dir(cfg.pretrained), names=names, aliases=aliases)
 
 
 def hf_blocks(model: HFCausalLM) -> list[nn.Module]:

@@ -8,6 +8,7 @@ fine-tuning weights if there are any, then the frozen modules.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -17,18 +18,48 @@ from torch import nn
 from orchestrator.errors import UserError
 
 
+class WeightSource(ABC):
+    """Weights to load, under the model's state-dict names, read a tensor at a time."""
+
+    key: str  # the setting they come from, named in errors
+
+    @abstractmethod
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape, by name, without reading any tensor."""
+
+    @abstractmethod
+    def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        """The tensor ``name``, or its rows ``[start, stop)`` along the first dimension."""
+
+
+class InMemoryWeights(WeightSource):
+    """A state dict already in memory (a checkpoint's consolidated weights)."""
+
+    def __init__(self, state: Mapping[str, torch.Tensor], *, key: str) -> None:
+        self.state = state
+        self.key = key
+
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(tensor.shape) for name, tensor in self.state.items()}
+
+    def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        tensor = self.state[name]
+        return tensor if rows is None else tensor[rows[0]:rows[1]]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelRecipe:
     """Args:
     build: builds and initializes the model on the current default device (``torch.device`` context).
     blocks: the model's repeated blocks, which sharding, activation checkpointing and compile wrap.
-    initial_state: the full weights to start from (``trainer.init_from``), read on demand.
+    initial_state: the weights to start from (``trainer.init_from``, ``model.pretrained``), opened on
+        demand; a strategy reads each tensor, or each rank's rows of it, as it loads it.
     freeze: names of modules whose parameters do not train.
     """
 
     build: Callable[[], nn.Module]
     blocks: Callable[[nn.Module], list[nn.Module]]
-    initial_state: Callable[[], Mapping[str, torch.Tensor]] | None = None
+    initial_state: Callable[[], WeightSource] | None = None
     freeze: tuple[str, ...] = ()
 
     def build_complete(self) -> nn.Module:
@@ -58,17 +89,19 @@ def shape_mismatch(expected: Mapping[str, list[int]], found: Mapping[str, list[i
     return None
 
 
-def load_weights(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Loads a full state dict into ``model``; UserError naming trainer.init_from when it does not fit."""
-    check_weights_fit(state_shapes(model), state)
-    model.load_state_dict(state)
+@torch.no_grad()
+def load_weights(model: nn.Module, source: WeightSource) -> None:
+    """Copies ``source`` into ``model`` one tensor at a time; UserError when it does not fit."""
+    check_weights_fit(state_shapes(model), source)
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        tensor.copy_(source.read(name))
 
 
-def check_weights_fit(shapes: Mapping[str, list[int]], state: Mapping[str, torch.Tensor]) -> None:
-    """UserError naming trainer.init_from when ``state`` does not have the model's state-dict ``shapes``."""
-    problem = shape_mismatch(shapes, {k: list(v.shape) for k, v in state.items()})
+def check_weights_fit(shapes: Mapping[str, list[int]], source: WeightSource) -> None:
+    """UserError when ``source`` does not have the model's state-dict ``shapes``."""
+    problem = shape_mismatch(shapes, source.shapes())
     if problem is not None:
-        raise UserError(f"trainer.init_from: the checkpoint's weights do not fit this model ({problem})")
+        raise UserError(f"{source.key}: the weights do not fit this model ({problem})")
 
 
 def freeze_modules(model: nn.Module, names: tuple[str, ...] | list[str]) -> None:

@@ -20,6 +20,7 @@ from torch import nn
 from orchestrator.config.schema import ModelConfig
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
+from orchestrator.models.recipe import WeightSource
 from orchestrator.models import cnn, gpt, hf, lstm, mlp
 
 
@@ -38,12 +39,14 @@ class _ModelSpec:
     build: Callable[[Any, DataSpec], nn.Module]
     blocks: Callable[[Any], list[nn.Module]]
     flops_per_token: Callable[..., float]  # (cfg, data, model, *, non_embedding_params) -> FLOPs
+    pretrained: Callable[[Any, nn.Module], WeightSource | None] | None = None  # model.pretrained's weights
 
 
 _MODELS: dict[str, _ModelSpec] = {
     "cnn": _ModelSpec(build=cnn.build_cnn, blocks=cnn.cnn_blocks, flops_per_token=cnn.cnn_flops_per_token),
     "gpt": _ModelSpec(build=gpt.build_gpt, blocks=gpt.gpt_blocks, flops_per_token=gpt.gpt_flops_per_token),
-    "hf": _ModelSpec(build=hf.build_hf, blocks=hf.hf_blocks, flops_per_token=hf.hf_flops_per_token),
+    "hf": _ModelSpec(build=hf.build_hf, blocks=hf.hf_blocks, flops_per_token=hf.hf_flops_per_token,
+                     pretrained=hf.hf_pretrained_weights),
     "lstm": _ModelSpec(build=lstm.build_lstm, blocks=lstm.lstm_blocks, flops_per_token=lstm.lstm_flops_per_token),
     "mlp": _ModelSpec(build=mlp.build_mlp, blocks=mlp.mlp_blocks, flops_per_token=mlp.mlp_flops_per_token),
 }
@@ -77,6 +80,17 @@ def build_model(cfg: ModelConfig, data: DataSpec) -> nn.Module:
     model = spec.build(cfg, data)
     model.init_weights()
     return model
+
+
+def pretrained_weights(cfg: ModelConfig, model: nn.Module) -> WeightSource | None:
+    """The weights ``model.pretrained`` names, under ``model``'s state-dict names, or None without one.
+
+    Args:
+        cfg: the model settings.
+        model: the model ``build_model`` returned (a meta-device build will do: nothing is read yet).
+    """
+    loader = _spec(cfg).pretrained
+    return loader(cfg, model) if loader is not None else None
 
 
 def model_blocks(cfg: ModelConfig, model: nn.Module) -> list[nn.Module]:

@@ -177,15 +177,19 @@ def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any]) -> nn.Module
     with deepspeed.zero.Init(config_dict_or_path=config), _FillsGathered():
         model = recipe.build()
     if recipe.initial_state is not None:
-        state = recipe.initial_state()
+        source = recipe.initial_state()
         entries = model.state_dict(keep_vars=True)  # partitioned parameters know their full shape as ds_shape
-        check_weights_fit({name: list(getattr(t, "ds_shape", t.shape)) for name, t in entries.items()}, state)
-        for name, tensor in model.named_parameters():  # a tied weight once
-            with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
-                tensor.data.copy_(state[name])
-        for name, buffer in model.named_buffers():
-            if name in state:  # non-persistent buffers are not saved
-                buffer.copy_(state[name])
+        check_weights_fit({name: list(getattr(t, "ds_shape", t.shape)) for name, t in entries.items()}, source)
+        is_main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
+        with torch.no_grad():
+            for name, tensor in model.named_parameters():  # a tied weight once
+                # Gathered whole, one at a time; rank 0 alone reads it, and its copy is partitioned to all.
+                with deepspeed.zero.GatheredParameters([tensor], modifier_rank=0):
+                    if is_main:
+                        tensor.data.copy_(source.read(name))
+            for name, buffer in model.named_buffers():
+                if name in entries:  # a non-persistent buffer is not part of the weights
+                    buffer.copy_(source.read(name))
     freeze_modules(model, recipe.freeze)
     return model
 

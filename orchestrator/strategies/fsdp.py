@@ -22,12 +22,11 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_state_dict,
-    set_model_state_dict,
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     MixedPrecisionPolicy,
@@ -38,7 +37,7 @@ from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
 from orchestrator.models.meta import meta_device
-from orchestrator.models.recipe import ModelRecipe, freeze_modules
+from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_fit, freeze_modules
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.train import unpickle
@@ -99,10 +98,7 @@ class FSDP2Strategy(TorchStrategy):
             model.to_empty(device=home)
             model.init_weights()
             if recipe.initial_state is not None:
-                # Rank 0 reads the full weights and broadcasts; every rank keeps its shards.
-                state = recipe.initial_state() if self.dist.is_main else {}
-                set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True,
-                                                                             broadcast_from_rank0=True))
+                load_shards(model, recipe.initial_state(), rank=self.dist.rank, world_size=self.dist.world_size)
             freeze_modules(model, recipe.freeze)
         else:
             model.to(home)
@@ -142,6 +138,24 @@ class FSDP2Strategy(TorchStrategy):
                        optim_state_dict=state["optim"])
         if self.scaler.is_enabled() and (directory / SCALER_FILE).exists():
             self.scaler.load_state_dict(torch.load(directory / SCALER_FILE, weights_only=True))
+
+
+@torch.no_grad()
+def load_shards(model: nn.Module, source: WeightSource, *, rank: int, world_size: int) -> None:
+    """Copies ``source`` into a sharded model, each rank reading only the rows its shards hold.
+
+    ``fully_shard`` splits every parameter along its first dimension as ``torch.chunk`` does: rank r
+    holds rows ``[r * ceil(n / N), ...)``, as many as its local tensor has.
+    """
+    entries = model.state_dict(keep_vars=True)
+    check_weights_fit({name: list(tensor.shape) for name, tensor in entries.items()}, source)
+    for name, tensor in entries.items():
+        if isinstance(tensor, DTensor):
+            local = tensor.to_local()
+            start = min(rank * -(-tensor.shape[0] // world_size), tensor.shape[0])
+            local.copy_(source.read(name, rows=(start, start + local.shape[0])))
+        else:
+            tensor.copy_(source.read(name))
 
 
 def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:

@@ -20,14 +20,15 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import nn
 
 from orchestrator.config.schema import Config, OnNonFinite
 from orchestrator.data import Dataset, load_data
 from orchestrator.data.sampler import StreamSampler, eval_indices
 from orchestrator.distributed import DistContext
 from orchestrator.errors import TrainingError, UserError, first_line
-from orchestrator.models import build_model, describe_model, meta_device, model_blocks
-from orchestrator.models.recipe import ModelRecipe, state_shapes
+from orchestrator.models import build_model, describe_model, meta_device, model_blocks, pretrained_weights
+from orchestrator.models.recipe import InMemoryWeights, ModelRecipe, WeightSource, state_shapes
 from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
 from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
@@ -90,7 +91,7 @@ class Trainer:
         recipe = ModelRecipe(
             build=partial(build_model, config.model, spec),
             blocks=partial(model_blocks, config.model),
-            initial_state=self._initial_state(trainer.init_from),
+            initial_state=self._initial_state(trainer.init_from, reference),
             freeze=tuple(trainer.freeze),
         )
         torch.manual_seed(config.seed)  # identical initial weights on every rank
@@ -336,15 +337,18 @@ class Trainer:
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs.to(self.dist.device, non_blocking=True), targets.to(self.dist.device, non_blocking=True)
 
-    def _initial_state(self, path: str | None) -> Any:
-        """A loader for ``trainer.init_from``'s weights (resolved and verified now, read when the strategy asks)."""
+    def _initial_state(self, path: str | None, reference: nn.Module) -> Callable[[], WeightSource] | None:
+        """The weights to start from: ``trainer.init_from``'s checkpoint (resolved and verified now, read when
+        the strategy asks), or ``model.pretrained``'s files (read a tensor at a time), or None."""
         if not path:
-            return None
+            source = pretrained_weights(self.config.model, reference)
+            return None if source is None else lambda: source
         directory = first_valid(lambda: manifest.candidates(path, key="trainer.init_from"), dist=self.dist)
         if directory is None:
             raise UserError(f"trainer.init_from={path}: no valid checkpoint there")
         written_by = manifest.read_manifest(directory).strategy
-        return partial(read_model_weights, directory, written_by=written_by)
+        return lambda: InMemoryWeights(read_model_weights(directory, written_by=written_by),
+                                       key=f"trainer.init_from={path}")
 
     def _resume(self) -> None:
         resume = self.config.trainer.resume

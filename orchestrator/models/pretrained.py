@@ -1,0 +1,123 @@
+"""``model.pretrained=DIR``: the weights of a ``save_pretrained`` directory, read one tensor (or one
+rank's rows of it) at a time.
+
+DIR holds ``config.json`` and the weights as safetensors: ``model.safetensors``, or shards listed by
+``model.safetensors.index.json``. safetensors is a header of names, dtypes, shapes and offsets followed
+by raw bytes: nothing in it can run code, and ``safe_open(...).get_slice(name)[start:stop]`` reads just
+those rows from disk. PyTorch pickles (``pytorch_model.bin``) are never read. Nothing is downloaded: a
+hub id that is not a local directory is an error saying how to get a local copy.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from orchestrator.errors import UserError
+from orchestrator.models.recipe import WeightSource
+
+CONFIG_FILE = "config.json"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def pretrained_dir(path: str, *, key: str = "model.pretrained") -> Path:
+    """The local directory ``path`` names, with a config and safetensors weights; UserError otherwise."""
+    directory = Path(path).expanduser()
+    if not directory.exists():
+        hint = (" (it looks like a Hugging Face hub id: nothing is downloaded here; fetch it first, e.g. "
+                f"`huggingface-cli download {path} --local-dir DIR`, and set {key}=DIR)") if "/" in path and not \
+            path.startswith(("/", ".", "~")) else ""
+        raise UserError(f"{key}={path}: no such directory{hint}")
+    if not directory.is_dir():
+        raise UserError(f"{key}={path}: not a directory (expected what save_pretrained writes: {CONFIG_FILE} and "
+                        f"*.safetensors)")
+    if not (directory / CONFIG_FILE).is_file():
+        raise UserError(f"{key}={path}: no {CONFIG_FILE} in it (expected what save_pretrained writes)")
+    if not (directory / SINGLE_FILE).is_file() and not (directory / INDEX_FILE).is_file():
+        pickles = sorted(p.name for p in directory.glob("*.bin"))
+        found = f" ({', '.join(pickles)} are pickles, which are never read: save them as safetensors)" if pickles else ""
+        raise UserError(f"{key}={path}: no {SINGLE_FILE} or {INDEX_FILE} in it{found}")
+    return directory
+
+
+def read_config(directory: Path, *, key: str = "model.pretrained") -> dict[str, Any]:
+    """``config.json`` as a dict; UserError naming the file when it is not a JSON object."""
+    try:
+        config = json.loads((directory / CONFIG_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}: {directory / CONFIG_FILE} is not readable JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{key}: {directory / CONFIG_FILE} is not a JSON object")
+    return config
+
+
+class SafetensorsWeights(WeightSource):
+    """The tensors of a pretrained directory under the model's own state-dict names.
+
+    Args:
+        directory: the checked directory (``pretrained_dir``).
+        names: model state-dict name -> the name in the files (a prefix added or dropped, say).
+        aliases: model names that share a tensor with another name (tied weights), mapped to that name:
+            a file may store a tied tensor once.
+        key: the setting named in errors.
+    """
+
+    def __init__(self, directory: Path, *, names: Mapping[str, str], aliases: Mapping[str, str] | None = None,
+                 key: str = "model.pretrained") -> None:
+        self.directory = directory
+        self.key = key
+        self._files = self._file_of_each_tensor()
+        self._names = dict(names)
+        for alias, target in (aliases or {}).items():
+            if self._names.get(alias) not in self._files and self._names.get(target) in self._files:
+                self._names[alias] = self._names[target]
+
+    def _file_of_each_tensor(self) -> dict[str, Path]:
+        from safetensors import safe_open
+
+        index = self.directory / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise UserError(f"{self.key}: {index} is not a safetensors index ({exc})") from None
+            files = {}
+            for name, file in weight_map.items():
+                path = (self.directory / file)
+                if path.parent != self.directory or not path.is_file():
+                    raise UserError(f"{self.key}: {index} names {file!r}, which is not a file in {self.directory}")
+                files[name] = path
+            return files
+        try:
+            with safe_open(str(self.directory / SINGLE_FILE), framework="pt") as f:
+                return {name: self.directory / SINGLE_FILE for name in f.keys()}
+        except Exception as exc:  # safetensors raises its own SafetensorError for a damaged header
+            raise UserError(f"{self.key}: {self.directory / SINGLE_FILE} is not a safetensors file ({exc})") from None
+
+    def shapes(self) -> dict[str, list[int]]:
+        from safetensors import safe_open
+
+        found: dict[str, list[int]] = {}
+        by_file: dict[Path, list[str]] = {}
+        for name, stored in self._names.items():
+            if stored in self._files:
+                by_file.setdefault(self._files[stored], []).append(name)
+        for path, names in by_file.items():
+            with safe_open(str(path), framework="pt") as f:
+                for name in names:
+                    found[name] = list(f.get_slice(self._names[name]).get_shape())
+        return found
+
+    def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
+        from safetensors import safe_open
+
+        stored = self._names[name]
+        with safe_open(str(self._files[stored]), framework="pt") as f:
+            if rows is None:
+                return f.get_tensor(stored)
+            return f.get_slice(stored)[rows[0]:rows[1]]

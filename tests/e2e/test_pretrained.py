@@ -1,0 +1,106 @@
+"""model.pretrained=DIR: a save_pretrained directory (made here by transformers itself, random weights, since
+nothing can be downloaded) trains under ddp, fsdp2 and zero3 at 2 ranks, starting from exactly its weights."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from orchestrator.strategies import read_model_weights
+from orchestrator.train import manifest
+from tests.helpers import run_cli, train_in_process
+
+JOB = ["job=llama_tiny_cpu", "model=hf", "launcher=local", "data.max_bytes=400000", "data.seq_len=32",
+       "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=0",
+       "scheduler.warmup_steps=0", "logger.progress=false"]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama as save_pretrained writes it, in several safetensors shards with an index."""
+    import transformers
+
+    directory = tmp_path_factory.mktemp("pretrained") / "llama"
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
+                                      max_position_embeddings=256)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="100KB")
+    assert (directory / "model.safetensors.index.json").exists()
+    return directory
+
+
+def _file_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for shard in sorted(directory.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
+def test_training_starts_from_exactly_the_pretrained_weights(strategy: str, pretrained: Path, tmp_path: Path,
+                                                             cache_dir: Path) -> None:
+    # One step at a learning rate too small to move an fp32 weight: the checkpoint holds the loaded weights.
+    run_dir = tmp_path / "run"
+    run_cli("train", *JOB, f"data.cache_dir={cache_dir}", f"strategy={strategy}", f"model.pretrained={pretrained}",
+            "optim.lr=1e-30", "optim.weight_decay=0", "trainer.max_steps=1", "trainer.checkpoint.every=1",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    checkpoint = run_dir / "checkpoints" / manifest.step_dir_name(1)
+    trained = read_model_weights(checkpoint, written_by=strategy)
+    expected = _file_tensors(pretrained)
+    assert {name.removeprefix("model.") for name in trained} == set(expected) | {"lm_head.weight"}  # tied head
+    for name, tensor in expected.items():
+        assert torch.equal(trained[f"model.{name}"], tensor), name
+    assert torch.equal(trained["model.lm_head.weight"], expected["model.embed_tokens.weight"])
+
+
+def _without(pretrained: Path, tmp_path: Path, *names: str) -> Path:
+    copy = tmp_path / "copy"
+    shutil.copytree(pretrained, copy)
+    for name in names:
+        for path in copy.glob(name):
+            path.unlink()
+    return copy
+
+
+def _reshaped(pretrained: Path, tmp_path: Path) -> Path:
+    copy = _without(pretrained, tmp_path)
+    config = json.loads((copy / "config.json").read_text())
+    (copy / "config.json").write_text(json.dumps({**config, "intermediate_size": 96}))
+    return copy
+
+
+BAD = {
+    "no config.json": (lambda p, t: [f"model.pretrained={_without(p, t, 'config.json')}"],
+                       "no config.json in it (expected what save_pretrained writes)"),
+    "no weights": (lambda p, t: [f"model.pretrained={_without(p, t, '*.safetensors*')}"],
+                   "no model.safetensors or model.safetensors.index.json in it"),
+    "a hub id": (lambda p, t: ["model.pretrained=meta-llama/Llama-3.2-1B"],
+                 "model.pretrained=meta-llama/Llama-3.2-1B: no such directory (it looks like a Hugging Face hub id: "
+                 "nothing is downloaded here"),
+    "shapes that do not match the config": (lambda p, t: [f"model.pretrained={_reshaped(p, t)}"],
+                                            "model.pretrained: the weights do not fit this model "
+                                            "(model.model.layers.0.mlp.gate_proj.weight is [64, 32] in the checkpoint, [96, 32] in this model)"),
+    "a contradicting model.config": (lambda p, t: [f"model.pretrained={p}", "+model.config.hidden_size=64"],
+                                     "model.config.hidden_size=64 contradicts model.pretrained="),
+    "init_from as well": (lambda p, t: [f"model.pretrained={p}", f"trainer.init_from={p}"],
+                          "trainer.init_from and model.pretrained both name the initial weights; set one"),
+}
+
+
+@pytest.mark.parametrize("case", BAD)
+def test_bad_pretrained_input_is_one_line(case: str, pretrained: Path, tmp_path: Path, cache_dir: Path,
+                                          capfd: pytest.CaptureFixture) -> None:
+    overrides, expected = BAD[case]
+    code, stderr = train_in_process([*JOB, f"data.cache_dir={cache_dir}", *overrides(pretrained, tmp_path),
+                                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, capfd)
+    assert code == 2, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("error: ") and expected in line, line
+    assert not (tmp_path / "run").exists()

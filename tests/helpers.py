@@ -68,3 +68,13 @@ def train_in_process(args: list[str], cwd: Path, capfd) -> tuple[int, str]:
     finally:
         os.chdir(saved)
     return code, capfd.readouterr().err
+
+
+class Payload:
+    """Pickles as a call of ``os.system`` that touches ``marker``: what a malicious checkpoint holds."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

@@ -6,7 +6,6 @@ global it calls."""
 from __future__ import annotations
 
 import io
-import os
 import pickle
 import shutil
 from pathlib import Path
@@ -16,19 +15,9 @@ import torch
 
 from orchestrator.strategies import check_checkpoint, read_model_weights
 from orchestrator.train import manifest, unpickle
-from tests.helpers import run_cli, tiny_job, train_in_process
+from tests.helpers import Payload, run_cli, tiny_job, train_in_process
 
 STRATEGIES = ("ddp", "fsdp2", "zero3")
-
-
-class Payload:
-    """Pickles as a call of ``os.system``: what a malicious checkpoint holds."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
 
 
 def _torch_bytes(obj: object) -> bytes:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import io
-import os
 import pickle
 import zipfile
 from pathlib import Path
@@ -13,14 +12,7 @@ import pytest
 import torch
 
 from orchestrator.train import unpickle
-
-
-class Payload:
-    def __init__(self, marker: Path) -> None:
-        self.marker = marker
-
-    def __reduce__(self):
-        return os.system, (f"touch {self.marker}",)
+from tests.helpers import Payload
 
 
 def test_tensors_and_plain_data_pass(tmp_path: Path) -> None:

@@ -36,6 +36,8 @@ commands:
                                           orchestrator scale job=gpt_tiny_cpu scale.workers=[1,2] scale.strategies=[ddp,zero2]
   report   one HTML file (no network needed) of runs' curves, throughput, MFU, memory and per-rank resources
                                           orchestrator report outputs/default/2026-11-23_11-58-30 [RUN_DIR ...] [-o report.html]
+  export   a checkpoint of any strategy as a transformers model directory (safetensors, config.json, tokenizer)
+                                          orchestrator export outputs/default/2026-11-23_11-58-30 -o gpt-export [--dtype bf16]
   cluster  a token-authenticated Ray cluster of several nodes on this machine
                                           orchestrator cluster up --nodes 3 | status | down
   submit   the job to a Ray cluster (Job Submission API); -m submits one job per point
@@ -346,6 +348,13 @@ def report_command(args: list[str]) -> int:
     return 0
 
 
+def export_command(args: list[str]) -> int:
+    """``orchestrator export RUN_DIR_OR_CHECKPOINT -o DIR``: the model as a directory transformers loads."""
+    from orchestrator.export import export_command as run_export
+
+    return run_export(args)
+
+
 def cluster_command(args: list[str]) -> int:
     from orchestrator.cluster.commands import cluster_command as run
 
@@ -377,6 +386,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "estimate": estimate_command,
     "scale": scale_command,
     "report": report_command,
+    "export": export_command,
     "cluster": cluster_command,
     "submit": submit_command,
     "jobs": jobs_command,

@@ -44,7 +44,7 @@ def _file_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
-def test_training_starts_from_exactly_the_pretrained_weights(strategy: str, pretrained: Path, tmp_path: Path,
+def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_unchanged(strategy: str, pretrained: Path, tmp_path: Path,
                                                              cache_dir: Path) -> None:
     # One step at a learning rate too small to move an fp32 weight: the checkpoint holds the loaded weights.
     run_dir = tmp_path / "run"
@@ -58,6 +58,12 @@ def test_training_starts_from_exactly_the_pretrained_weights(strategy: str, pret
     for name, tensor in expected.items():
         assert torch.equal(trained[f"model.{name}"], tensor), name
     assert torch.equal(trained["model.lm_head.weight"], expected["model.embed_tokens.weight"])
+
+    # Round trip: exported, the weights are the input's, tensor for tensor, and transformers loads them.
+    exported = tmp_path / "exported"
+    run_cli("export", str(run_dir), "-o", str(exported), cwd=tmp_path, check=True)
+    out = _file_tensors(exported)
+    assert set(out) == set(expected) and all(torch.equal(out[name], expected[name]) for name in expected)
 
 
 def _without(pretrained: Path, tmp_path: Path, *names: str) -> Path:

@@ -19,7 +19,7 @@ os.environ["WANDB_MODE"] = "disabled"
 LONGEST_FIRST = ("tests/ray/test_cluster.py", "tests/configs/test_jobs.py", "tests/e2e/test_sharding.py",
                  "tests/e2e/test_resume.py", "tests/distributed/test_strategies.py", "tests/e2e/test_train.py",
                  "tests/e2e/test_wandb.py", "tests/e2e/test_scale.py", "tests/e2e/test_storage.py",
-                 "tests/e2e/test_untrusted_checkpoints.py", "tests/e2e/test_bad_input.py")
+                 "tests/e2e/test_untrusted_checkpoints.py", "tests/e2e/test_export.py", "tests/e2e/test_bad_input.py")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -28,7 +28,7 @@ run: setup
 	$(BIN)/orchestrator train $(ARGS)
 
 # The tests on TEST_WORKERS processes (a file at a time, in tests/conftest.py's order), then those
-# marked serial (timed, or starting an embedded Ray) alone.
+# marked serial (starting an embedded Ray or a cluster) alone.
 # Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
 test: setup
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); \

@@ -1,4 +1,5 @@
-"""data=memmap: token files a user made, nanoGPT style (``train.bin``, ``val.bin``, ``meta.json``)."""
+"""data=memmap: token files a user made, nanoGPT style (``train.bin``, ``val.bin``, ``meta.json``), uint16 or
+uint32 ids as ``meta.json``'s ``dtype`` says."""
 
 from __future__ import annotations
 
@@ -13,22 +14,29 @@ from orchestrator.data.base import DataBundle
 from orchestrator.data.paths import check_data_paths, expand_path
 from orchestrator.data.spec import DataSpec
 from orchestrator.data.tokens import (
+    DEFAULT_DTYPE,
     MAX_VOCAB_SIZE,
-    TOKEN_DTYPE,
+    TOKEN_DTYPES,
     TokenDataset,
     count_tokens,
+    recorded_dtype,
     require_windows,
+    token_dtype,
 )
 from orchestrator.errors import UserError
 
-# Every id is checked against vocab_size in the driver, a chunk of this many tokens (128 MiB) at a
-# time: an id out of range would otherwise fail a worker's embedding lookup mid-run (a device-side
-# assert on GPUs). numpy's max runs at memory speed, so the check costs about what reading the file does.
+# Every id is checked against vocab_size in the driver, a chunk of this many tokens (128 MiB of uint16,
+# 256 MiB of uint32) at a time: an id out of range would otherwise fail a worker's embedding lookup
+# mid-run (a device-side assert on GPUs). numpy's max runs at memory speed, so the check costs about
+# what reading the file does.
 _CHUNK_TOKENS = 1 << 26
 
 
-def read_vocab_size(directory: Path) -> int:
-    """``vocab_size`` from ``directory/meta.json``, checked to fit uint16 ids.
+def read_meta(directory: Path) -> tuple[int, np.dtype]:
+    """``vocab_size`` and the ids' dtype from ``directory/meta.json``, checked.
+
+    The dtype is ``meta.json``'s ``dtype`` (uint16 or uint32), uint16 when it has none, as nanoGPT's
+    files do; a vocabulary past 65,536 ids must name its dtype, since uint16 cannot hold its ids.
 
     Args:
         directory: The expanded ``data.path``.
@@ -38,13 +46,22 @@ def read_vocab_size(directory: Path) -> int:
         meta = json.loads(meta_path.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"data.path: cannot read {meta_path} as JSON ({err})") from None
-    vocab_size = meta.get("vocab_size") if isinstance(meta, dict) else None
+    if not isinstance(meta, dict):
+        raise UserError(f"data.path: {meta_path} must hold a JSON object with vocab_size, got {meta!r}")
+    vocab_size = meta.get("vocab_size")
     if not isinstance(vocab_size, int) or not 0 < vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(
-            f"data.path: {meta_path} must hold an integer vocab_size in [1, {MAX_VOCAB_SIZE}] (uint16 ids), "
-            f"got {vocab_size!r}"
-        )
-    return vocab_size
+        raise UserError(f"data.path: {meta_path} must hold an integer vocab_size in [1, {MAX_VOCAB_SIZE}], "
+                        f"got {vocab_size!r}")
+    try:
+        dtype = recorded_dtype(meta)
+    except ValueError:
+        raise UserError(f"data.path: {meta_path} has dtype {meta['dtype']!r}; allowed: {', '.join(TOKEN_DTYPES)} "
+                        f"(none means {DEFAULT_DTYPE})") from None
+    if "dtype" not in meta and token_dtype(vocab_size) != dtype:
+        raise UserError(f"data.path: {meta_path} has vocab_size={vocab_size} and no dtype, which means "
+                        f"{DEFAULT_DTYPE}, too narrow for ids past 65535: add \"dtype\": \"uint32\" if "
+                        f"train.bin and val.bin hold uint32 ids")
+    return vocab_size, dtype
 
 
 def prepare(cfg: MemmapDataConfig) -> DataSpec:
@@ -55,15 +72,15 @@ def prepare(cfg: MemmapDataConfig) -> DataSpec:
     """
     check_data_paths(cfg)
     directory = expand_path(cfg.path)
-    vocab_size = read_vocab_size(directory)
+    vocab_size, dtype = read_meta(directory)
     for name in ("train.bin", "val.bin"):
         path = directory / name
-        size_bytes = path.stat().st_size
-        if size_bytes % np.dtype(TOKEN_DTYPE).itemsize:
-            raise UserError(f"data.path: {path} has {size_bytes} bytes, not a whole number of uint16 tokens")
-        require_windows(count_tokens(path), seq_len=cfg.seq_len, where=str(path))
         stat = path.stat()
-        bad = _first_id_out_of_range(str(path), vocab_size=vocab_size, size_bytes=stat.st_size,
+        if stat.st_size % dtype.itemsize:
+            raise UserError(f"data.path: {path} has {stat.st_size} bytes, not a whole number of {dtype.name} "
+                            f"tokens (the dtype in meta.json)")
+        require_windows(count_tokens(path, dtype=dtype), seq_len=cfg.seq_len, where=str(path))
+        bad = _first_id_out_of_range(str(path), dtype=dtype.name, vocab_size=vocab_size, size_bytes=stat.st_size,
                                      mtime_ns=stat.st_mtime_ns)
         if bad is not None:
             token_id, position = bad
@@ -73,11 +90,12 @@ def prepare(cfg: MemmapDataConfig) -> DataSpec:
 
 
 @functools.lru_cache(maxsize=16)
-def _first_id_out_of_range(path: str, *, vocab_size: int, size_bytes: int, mtime_ns: int) -> tuple[int, int] | None:
-    """The first id ``>= vocab_size`` in a token file and its position, or None; remembered for an
-    unchanged file (size and mtime), as a sweep's points each prepare the same data."""
+def _first_id_out_of_range(path: str, *, dtype: str, vocab_size: int, size_bytes: int,
+                           mtime_ns: int) -> tuple[int, int] | None:
+    """The first id ``>= vocab_size`` in a token file of ``dtype`` ids and its position, or None;
+    remembered for an unchanged file (size and mtime), as a sweep's points each prepare the same data."""
     del size_bytes, mtime_ns  # only part of the cache key
-    tokens = np.memmap(path, dtype=TOKEN_DTYPE, mode="r")
+    tokens = np.memmap(path, dtype=dtype, mode="r")
     for start in range(0, len(tokens), _CHUNK_TOKENS):
         chunk = tokens[start : start + _CHUNK_TOKENS]
         if chunk.max() >= vocab_size:
@@ -93,9 +111,9 @@ def load(cfg: MemmapDataConfig) -> DataBundle:
         cfg: The memmap data config, already checked by ``prepare``.
     """
     directory = expand_path(cfg.path)
-    spec = DataSpec(kind=SampleKind.tokens, vocab_size=read_vocab_size(directory), seq_len=cfg.seq_len)
+    vocab_size, dtype = read_meta(directory)
     return DataBundle(
-        spec=spec,
-        train=TokenDataset(directory / "train.bin", seq_len=cfg.seq_len),
-        val=TokenDataset(directory / "val.bin", seq_len=cfg.seq_len),
+        spec=DataSpec(kind=SampleKind.tokens, vocab_size=vocab_size, seq_len=cfg.seq_len),
+        train=TokenDataset(directory / "train.bin", seq_len=cfg.seq_len, dtype=dtype),
+        val=TokenDataset(directory / "val.bin", seq_len=cfg.seq_len, dtype=dtype),
     )

@@ -1,4 +1,4 @@
-"""data=text: local text files, tokenized once into cached uint16 token files.
+"""data=text: local text files, tokenized once into cached token files (uint16 ids, uint32 past 65,536).
 
 ``prepare`` runs once in the driver: it finds the corpus, trains the tokenizer (bpe) or uses raw bytes,
 encodes the corpus and publishes ``<cache_dir>/text/<key>/`` with ``train.bin``, ``val.bin``, ``meta.json``
@@ -7,6 +7,8 @@ with sizes and mtimes, the tokenizer, the split, the format version), so an edit
 cache and an unchanged one is reused in milliseconds. The cache is built under a temporary name and
 renamed into place, so a killed or concurrent prepare never leaves a half-built cache under the key.
 
+Tokenizing uses every core (``orchestrator.data.bpe``).
+
 ``load`` runs in every worker: it recomputes the key (one stat per file) and opens the token files.
 """
 
@@ -14,7 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
@@ -27,11 +28,13 @@ import numpy as np
 
 from orchestrator.config.schema import SampleKind, TextDataConfig, TokenizerKind
 from orchestrator.data.base import DataBundle
+from orchestrator.data.bpe import END_OF_TEXT, train_and_encode
 from orchestrator.data.paths import check_readable, expand_path
 from orchestrator.data.spec import DataSpec
 from orchestrator.data.tokens import (
     TokenDataset,
     count_tokens,
+    recorded_dtype,
     require_windows,
     write_token_files,
 )
@@ -40,14 +43,9 @@ from orchestrator.fsutil import fsync_path
 
 # Bump when the bytes written for the same inputs change, so old caches are not trusted.
 FORMAT_VERSION = 1
-END_OF_TEXT = "<|endoftext|>"
 # The bytes tokenizer has no room for a special token (its 256 ids are the bytes), so a blank line
 # marks where one file ends.
 BYTES_SEPARATOR = "\n\n"
-# BPE training takes ~7 s on the 31 MB default corpus (Python 3.11 stdlib, 2 CPU cores), so it sees
-# the whole default corpus. It grows with the corpus: above this many characters it trains on an
-# evenly spaced subset of the files instead, keeping it under ~15 s; the whole corpus is still encoded.
-TOKENIZER_TRAIN_MAX_CHARS = 64_000_000
 # Installed packages sit inside the stdlib dir on many installs (and inside user projects, in
 # virtualenvs); they are not the corpus anyone means.
 SKIPPED_DIRS = frozenset({"site-packages", "dist-packages"})
@@ -175,18 +173,24 @@ def load(cfg: TextDataConfig) -> DataBundle:
             f"data.cache_dir: no token cache at {directory}; either the corpus changed since prepare_data ran "
             f"or data.cache_dir is not shared with this worker's machine"
         )
+    dtype = recorded_dtype(meta)
     return DataBundle(
         spec=DataSpec(kind=SampleKind.tokens, vocab_size=meta["vocab_size"], seq_len=cfg.seq_len),
-        train=TokenDataset(directory / "train.bin", seq_len=cfg.seq_len),
-        val=TokenDataset(directory / "val.bin", seq_len=cfg.seq_len),
+        train=TokenDataset(directory / "train.bin", seq_len=cfg.seq_len, dtype=dtype),
+        val=TokenDataset(directory / "val.bin", seq_len=cfg.seq_len, dtype=dtype),
     )
 
 
 def _read_complete(directory: Path) -> dict | None:
-    """The cache's meta.json if every file is there with the size it records, else None."""
+    """The cache's meta.json if every file is there with the size it records, else None.
+
+    Caches written before meta.json named a dtype hold uint16 ids, which is what no dtype means.
+    """
     try:
         meta = json.loads((directory / "meta.json").read_text())
-        complete = all(count_tokens(directory / f"{s}.bin") == meta[f"{s}_tokens"] for s in ("train", "val"))
+        dtype = recorded_dtype(meta)
+        complete = all(count_tokens(directory / f"{s}.bin", dtype=dtype) == meta[f"{s}_tokens"]
+                       for s in ("train", "val"))
         if meta["tokenizer"] == TokenizerKind.bpe.value:
             complete = complete and (directory / "tokenizer.json").is_file()
     except (OSError, ValueError, KeyError, TypeError):
@@ -202,7 +206,7 @@ def _build(cfg: TextDataConfig, *, files: list[Path], directory: Path) -> None:
     try:
         texts = [_read_text(path) for path in files]
         if cfg.tokenizer is TokenizerKind.bpe:
-            stream = _bpe_tokens(texts, vocab_size=cfg.vocab_size, tokenizer_path=tmp / "tokenizer.json")
+            stream = train_and_encode(texts, vocab_size=cfg.vocab_size, tokenizer_path=tmp / "tokenizer.json")
             vocab_size, separator = cfg.vocab_size, END_OF_TEXT
         else:
             stream = _byte_tokens(texts)
@@ -228,30 +232,6 @@ def _read_text(path: Path) -> str:
         return path.read_bytes().decode("utf-8", errors="replace")
     except OSError as err:
         raise UserError(f"data.paths: cannot read {path} ({err.strerror})") from None
-
-
-def _bpe_tokens(texts: list[str], *, vocab_size: int, tokenizer_path: Path) -> np.ndarray:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=[END_OF_TEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    stride = max(1, math.ceil(sum(len(text) for text in texts) / TOKENIZER_TRAIN_MAX_CHARS))
-    sample = texts[::stride]
-    tokenizer.train_from_iterator(sample, trainer=trainer, length=len(sample))
-    tokenizer.save(str(tokenizer_path))
-    end_of_text = np.array([tokenizer.token_to_id(END_OF_TEXT)], dtype=np.uint16)
-    # encode_batch_fast skips character offsets (we never use them) and encodes files in parallel.
-    pieces = []
-    for encoding in tokenizer.encode_batch_fast(texts):
-        pieces += [np.asarray(encoding.ids, dtype=np.uint16), end_of_text]
-    return np.concatenate(pieces)
 
 
 def _byte_tokens(texts: list[str]) -> np.ndarray:

@@ -1,16 +1,18 @@
-"""Data a user points a job at, through the console script: a corpus folder holding a FIFO, and token
-files holding an id the vocabulary does not have. Both are settled in the driver, before any worker."""
+"""Data a user points a job at, through the console script: a corpus folder holding a FIFO, token files
+holding an id the vocabulary does not have (both settled in the driver, before any worker), and token
+files of a vocabulary past 65,535 ids (uint32), trained on."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
 import numpy as np
 
 from orchestrator.data.tokens import write_token_files
-from tests.helpers import run_cli
+from tests.helpers import run_cli, train_losses
 
 
 def test_a_fifo_in_a_corpus_folder_is_skipped_with_a_warning(tmp_path: Path, cache_dir: Path) -> None:
@@ -47,3 +49,23 @@ def test_a_token_id_beyond_the_vocabulary_fails_in_the_driver_naming_file_id_and
     assert result.stderr == (f"error: data.path: {tmp_path / 'tokens' / 'train.bin'} holds token id 731 at position "
                              f"3000 (counting tokens from 0), not below vocab_size=500 from meta.json\n")
     assert not run_dir.exists()
+
+
+def test_a_vocabulary_past_65535_ids_trains_from_uint32_token_files(tmp_path: Path) -> None:
+    # Llama 3's vocabulary; ids spread up to ~100k, which uint16 files could not hold.
+    vocab_size = 128_256
+    ids = np.random.default_rng(0).integers(60_000, 100_000, size=4096)
+    write_token_files(tmp_path / "tokens", train=ids, val=ids[:1024], vocab_size=vocab_size)
+    assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint32"
+    run_dir = tmp_path / "run"
+    run_cli("train", "data=memmap", f"data.path={tmp_path / 'tokens'}", "data.seq_len=16", "model=gpt_tiny",
+            "model.n_layer=1", "model.n_embd=32", "trainer.device=cpu", "launcher=local", "trainer.max_steps=3",
+            "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=3",
+            "trainer.eval_batches=1", "trainer.checkpoint.every=0", "scheduler.warmup_steps=1", "logger.progress=false",
+            f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+
+    losses = train_losses(run_dir)
+    assert sorted(losses) == [1, 2, 3] and all(math.isfinite(loss) for loss in losses.values())
+    # A freshly initialized model guesses about uniformly over its vocabulary: a first loss near
+    # ln(128256) shows the model was built for the file's vocabulary, not a uint16 one.
+    assert abs(losses[1] - math.log(vocab_size)) < 0.5, losses

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -22,9 +23,9 @@ from orchestrator.config.schema import (
     TextDataConfig,
     TokenizerKind,
 )
-from orchestrator.data import check_data_paths, load_data, prepare_data, text
+from orchestrator.data import bpe, check_data_paths, load_data, prepare_data, text
 from orchestrator.data.text import END_OF_TEXT, cache_dir_for, find_corpus_files
-from orchestrator.data.tokens import write_token_files
+from orchestrator.data.tokens import token_dtype, write_token_files
 from orchestrator.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -159,6 +160,90 @@ def test_text_prepare_caches_and_round_trips(tmp_path, corpus, tokenizer):
     assert torch.equal(inputs[0, 1:], targets[0, :-1])
 
 
+# Line ends and starts the pre-tokenizer treats differently: trailing spaces, CRLF, blank lines,
+# indentation, contractions, digits, non-ASCII letters, the end-of-text marker written out in a file.
+TRICKY_TEXT = "".join(
+    f"def f{i}(x):  \n    return x*{i}\r\n's{i}\n\n\ncaf\u00e9\n\u00fcber {i}\t\nx\n y\n<|endoftext|>\n{i % 10}\n"
+    for i in range(400)
+)
+
+
+def test_bpe_on_every_core_builds_the_cache_of_one_core_and_whole_files(tmp_path, corpus, monkeypatch):
+    root, files = corpus
+    (root / "tricky.txt").write_text(TRICKY_TEXT, encoding="utf-8")
+    (root / "long_line.txt").write_text("word " * 2000, encoding="utf-8")
+    (root / "empty.txt").write_text("", encoding="utf-8")
+    monkeypatch.setattr(bpe, "ENCODE_BATCH_CHARS", 2000)  # dozens of batches, crossing files
+    caches = {}
+    # tokenizers' thread pool on both cores, then on one; files cut at hundreds of places, then whole.
+    for parallelism, piece_chars in (("true", 50), ("false", 50), ("true", 10**9)):
+        monkeypatch.setenv("TOKENIZERS_PARALLELISM", parallelism)
+        monkeypatch.setattr(bpe, "PIECE_CHARS", piece_chars)
+        cfg = text_config(tmp_path, root, cache_dir=str(tmp_path / f"{parallelism}-{piece_chars}"))
+        prepare_data(cfg)
+        directory = cache_dir_for(cfg, find_corpus_files(cfg))
+        caches[parallelism, piece_chars] = {name: (directory / name).read_bytes()
+                                            for name in ("train.bin", "val.bin", "tokenizer.json")}
+    parallel = caches["true", 50]
+    assert caches["false", 50] == parallel and caches["true", 10**9] == parallel
+
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(parallel["tokenizer.json"].decode())
+    whole = [tokenizer.encode(path.read_bytes().decode("utf-8")).ids + [tokenizer.token_to_id(END_OF_TEXT)]
+             for path in find_corpus_files(cfg)]
+    assert parallel["train.bin"] + parallel["val.bin"] == np.concatenate(whole).astype(np.uint16).tobytes()
+
+
+def test_the_stdlib_cut_into_pieces_encodes_as_each_file_whole(tmp_path, monkeypatch):
+    cfg = TextDataConfig(cache_dir=str(tmp_path), max_bytes=300_000, vocab_size=1024)
+    prepare_data(cfg)
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_file(str(cache_dir_for(cfg, find_corpus_files(cfg)) / "tokenizer.json"))
+    texts = [path.read_bytes().decode("utf-8", errors="replace") for path in find_corpus_files(cfg)]
+    monkeypatch.setattr(bpe, "PIECE_CHARS", 100)
+    assert sum(len(list(bpe._pieces(text))) for text in texts) > 500
+    whole = [tokenizer.encode(text).ids + [tokenizer.token_to_id(END_OF_TEXT)] for text in texts]
+    assert bpe.encode_corpus(tokenizer, texts, dtype=np.dtype(np.uint16)).tolist() == sum(whole, [])
+
+
+def test_a_vocabulary_past_65536_ids_is_encoded_as_uint32(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    # A made-up word-level vocabulary as large as Llama 3's: training a BPE that large takes minutes.
+    vocab_size = 128_256
+    vocab = {f"w{i}": i for i in range(vocab_size - 2)} | {"[UNK]": vocab_size - 2, END_OF_TEXT: vocab_size - 1}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    texts = ["w65535 w65536 w100000\nw3", "w128253 w7"]
+
+    dtype = token_dtype(vocab_size)
+    stream = bpe.encode_corpus(tokenizer, texts, dtype=dtype)
+    assert stream.dtype == np.uint32
+    assert stream.tolist() == [65_535, 65_536, 100_000, 3, 128_255, 128_253, 7, 128_255]
+    with pytest.raises(OverflowError):  # never wrapped into uint16
+        bpe.encode_corpus(tokenizer, texts, dtype=np.dtype(np.uint16))
+    write_token_files(tmp_path, train=stream, val=stream, vocab_size=vocab_size)
+    assert np.array_equal(np.fromfile(tmp_path / "train.bin", dtype=np.uint32), stream)
+
+
+def test_a_cache_written_before_meta_json_named_its_dtype_is_read_as_uint16(tmp_path, corpus):
+    root, _ = corpus
+    cfg = text_config(tmp_path, root, tokenizer=TokenizerKind.bytes)
+    prepare_data(cfg)
+    directory = cache_dir_for(cfg, find_corpus_files(cfg))
+    meta = json.loads((directory / "meta.json").read_text())
+    assert meta.pop("dtype") == "uint16"
+    (directory / "meta.json").write_text(json.dumps(meta))
+    written = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+
+    prepare_data(cfg)
+    assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == written  # reused, not rebuilt
+    train = np.fromfile(directory / "train.bin", dtype=np.uint16)
+    assert load_data(cfg).train.get_batch(np.array([0]))[0][0].tolist() == train[:32].tolist()
+
+
 def test_changed_corpus_builds_a_new_cache(tmp_path, corpus):
     root, _ = corpus
     cfg = text_config(tmp_path, root, tokenizer=TokenizerKind.bytes)
@@ -287,31 +372,85 @@ def test_memmap_errors_name_the_key(tmp_path):
     with pytest.raises(UserError, match=r"data\.path: .*train\.bin holds token id 50 at position 50 \(counting "
                                         r"tokens from 0\), not below vocab_size=50 from meta\.json"):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
-    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 70_000}))
-    with pytest.raises(UserError, match=r"vocab_size in \[1, 65536\]"):
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 2**32 + 1, "dtype": "uint32"}))
+    with pytest.raises(UserError, match=r"vocab_size in \[1, 4294967296\]"):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
-    with pytest.raises(ValueError, match="uint16"):
-        write_token_files(tmp_path, train=np.arange(10), val=np.arange(10), vocab_size=70_000)
+    with pytest.raises(ValueError, match="uint32"):
+        write_token_files(tmp_path, train=np.arange(10), val=np.arange(10), vocab_size=2**32 + 1)
 
 
-def test_memmap_ids_are_checked_in_full_chunk_by_chunk(tmp_path, monkeypatch):
+@pytest.mark.parametrize("dtype", ["uint16", "uint32"])
+def test_memmap_ids_are_checked_in_full_chunk_by_chunk(tmp_path, monkeypatch, dtype):
     from orchestrator.data import memmap
 
     monkeypatch.setattr(memmap, "_CHUNK_TOKENS", 1 << 20)
+    vocab_size = 1000 if dtype == "uint16" else 128_256
     # 3 Mi tokens, one bad id past the first 2 Mi (the old check read only the first and last 1 Mi).
-    train = np.arange(3 << 20) % 1000
-    train[(2 << 20) + 12345] = 1000
-    write_token_files(tmp_path, train=np.arange(100) % 1000, val=np.arange(100), vocab_size=1001)
-    (tmp_path / "train.bin").write_bytes(train.astype(np.uint16).tobytes())
-    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1000}))
+    train = np.arange(3 << 20) % vocab_size
+    train[(2 << 20) + 12345] = vocab_size
+    (tmp_path / "train.bin").write_bytes(train.astype(dtype).tobytes())
+    (tmp_path / "val.bin").write_bytes(np.arange(100).astype(dtype).tobytes())
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "dtype": dtype}))
     with pytest.raises(UserError) as raised:
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=8))
     message = str(raised.value)
     assert "\n" not in message and str(tmp_path / "train.bin") in message
-    assert f"token id 1000 at position {(2 << 20) + 12345}" in message and "vocab_size=1000" in message
+    assert f"token id {vocab_size} at position {(2 << 20) + 12345}" in message and f"vocab_size={vocab_size}" in message
 
-    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 1001}))
-    assert prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=8)).vocab_size == 1001
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": vocab_size + 1, "dtype": dtype}))
+    assert prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=8)).vocab_size == vocab_size + 1
+
+
+def test_token_files_hold_uint16_ids_up_to_65536_and_uint32_past(tmp_path):
+    for vocab_size, dtype in ((65_536, np.uint16), (65_537, np.uint32)):
+        ids = np.array([0, 1, 65_535, vocab_size - 1] * 10)
+        write_token_files(tmp_path / str(vocab_size), train=ids, val=ids, vocab_size=vocab_size)
+        assert json.loads((tmp_path / str(vocab_size) / "meta.json").read_text())["dtype"] == np.dtype(dtype).name
+        assert np.array_equal(np.fromfile(tmp_path / str(vocab_size) / "train.bin", dtype=dtype), ids)
+
+
+def test_memmap_serves_uint32_ids_past_65535_intact(tmp_path):
+    # Llama 3's vocabulary: ids up to 128,255, which uint16 would wrap (128,255 -> 62,719).
+    seq_len, vocab_size = 4, 128_256
+    train = np.array([65_535, 65_536, 100_000, 128_255, 7, 70_000, 1, 99_999, 65_537, 128_000, 3, 5, 2])
+    train.astype(np.uint32).tofile(tmp_path / "train.bin")
+    train[::-1].astype(np.uint32).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": vocab_size, "dtype": "uint32"}))
+    cfg = MemmapDataConfig(path=str(tmp_path), seq_len=seq_len)
+
+    assert prepare_data(cfg).vocab_size == vocab_size
+    bundle = load_data(cfg)
+    assert len(bundle.train) == (len(train) - 1) // seq_len
+    inputs, targets = bundle.train.get_batch(np.arange(len(bundle.train)))
+    windows = [train[i * seq_len : i * seq_len + seq_len + 1] for i in range(len(bundle.train))]
+    assert inputs.tolist() == [list(w[:-1]) for w in windows] and targets.tolist() == [list(w[1:]) for w in windows]
+    inputs, _ = bundle.val.get_batch(np.array([0]))
+    assert inputs[0].tolist() == list(train[::-1][:seq_len])
+
+
+def test_memmap_dtype_comes_from_meta_json_and_defaults_to_uint16(tmp_path):
+    cfg = MemmapDataConfig(path=str(tmp_path), seq_len=4)
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "train.bin")
+    np.arange(20, dtype=np.uint16).tofile(tmp_path / "val.bin")
+    (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50}))  # nanoGPT's meta.json: no dtype
+    assert prepare_data(cfg).vocab_size == 50
+    assert load_data(cfg).train.get_batch(np.array([1]))[0].tolist() == [[4, 5, 6, 7]]
+
+    meta = tmp_path / "meta.json"
+    named = rf"^data\.path: {re.escape(str(meta))}"
+    for content, error in [
+        ({"vocab_size": 50, "dtype": "int64"}, rf"{named} has dtype 'int64'; allowed: uint16, uint32 \(none means "
+                                               rf"uint16\)$"),
+        ({"vocab_size": 128_256}, rf"{named} has vocab_size=128256 and no dtype, which means uint16, too narrow for "
+                                  rf"ids past 65535: add \"dtype\": \"uint32\" if"),
+        ({"vocab_size": 50, "dtype": "uint32"}, rf"^data\.path: .*train\.bin has 42 bytes, not a whole number of "
+                                                rf"uint32 tokens"),
+    ]:
+        meta.write_text(json.dumps(content))
+        (tmp_path / "train.bin").write_bytes(b"\0" * (42 if content.get("dtype") == "uint32" else 40))
+        with pytest.raises(UserError, match=error) as raised:
+            prepare_data(cfg)
+        assert "\n" not in str(raised.value)
 
 
 # ---------------------------------------------------------------------------------------------- images

@@ -214,7 +214,7 @@ class DataConfig:
 
 @dataclass(kw_only=True)
 class TextDataConfig(DataConfig):
-    """A text corpus from local files or folders, tokenized once and cached as uint16 token files.
+    """A text corpus from local files or folders, tokenized once and cached as token files (uint16, uint32 past 65,536 ids).
 
     An empty ``paths`` means the Python standard library's own ``.py`` sources, found at run time.
     """
@@ -236,8 +236,8 @@ class TextDataConfig(DataConfig):
         _require(self.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {self.max_bytes}")
         if self.tokenizer is TokenizerKind.bpe:
             _require(
-                512 <= self.vocab_size <= 65535,
-                f"data.vocab_size must be in [512, 65535] for the bpe tokenizer (uint16 tokens), got {self.vocab_size}",
+                512 <= self.vocab_size <= 262144,
+                f"data.vocab_size must be in [512, 262144] for the bpe tokenizer, got {self.vocab_size}",
             )
 
     @property
@@ -247,7 +247,8 @@ class TextDataConfig(DataConfig):
 
 @dataclass(kw_only=True)
 class MemmapDataConfig(DataConfig):
-    """nanoGPT-style token files: ``train.bin`` and ``val.bin`` (uint16) and ``meta.json`` in ``path``."""
+    """nanoGPT-style token files: ``train.bin`` and ``val.bin`` and ``meta.json`` in ``path`` (uint16 ids, or the
+    ``dtype`` meta.json names: uint32 for a vocabulary past 65,536 ids)."""
 
     name: str = "memmap"
     output_kind: ClassVar[SampleKind] = SampleKind.tokens

@@ -39,16 +39,16 @@ def preflight(config: Config) -> None:
     trainer = config.trainer
     if trainer.resume not in ("auto", "never"):
         directory = manifest.resolve_checkpoint(trainer.resume, key="trainer.resume")
-        _check_safe(directory, key=f"trainer.resume={trainer.resume}")
         _check_fits(directory, shapes, key=f"trainer.resume={trainer.resume}",
                     problem=_resume_problem(config, manifest.read_manifest(directory)))
+        _check_safe(directory, key=f"trainer.resume={trainer.resume}")
     if getattr(config.model, "pretrained", None):
         _check_pretrained(config)
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
-        _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
         _check_fits(directory, shapes, key=f"trainer.init_from={trainer.init_from}",
                     problem=weights_problem(written_by=manifest.read_manifest(directory).strategy))
+        _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
 
 
 def check_run_dir(config: Config, run_dir: Path) -> None:
@@ -77,9 +77,9 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
             saved = manifest.verify_in_driver(directory)
         except manifest.CheckpointError:
             continue  # damaged: the workers skip it
-        _check_safe(directory, key=f"hydra.run.dir={run_dir}")
         _check_fits(directory, _model_shapes(config), key=f"hydra.run.dir={run_dir}",
                     problem=_resume_problem(config, saved))
+        _check_safe(directory, key=f"hydra.run.dir={run_dir}")
         return
 
 
@@ -143,7 +143,8 @@ def _model_shapes(config: Config) -> dict[str, list[int]]:
 
 
 def _check_safe(directory: Path, *, key: str) -> None:
-    """Refuses a checkpoint that would run code when loaded (the workers check again as they load)."""
+    """Refuses a checkpoint that would run code when loaded (the workers check again as they load). After
+    ``_check_fits``: a checkpoint this job cannot use is refused for that, before any pickle is read."""
     from orchestrator.strategies import check_checkpoint
 
     try:

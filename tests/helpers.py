@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -60,6 +61,9 @@ def train_in_process(args: list[str], cwd: Path, capfd) -> tuple[int, str]:
     from orchestrator.cli import main
 
     saved = os.getcwd()
+    # A run that reaches Hydra's run_job configures the root logger with handlers on this test's captured
+    # streams, which close when the test ends: later tests' log records would fail on them.
+    root_handlers, root_level = logging.root.handlers[:], logging.root.level
     os.chdir(cwd)
     try:
         code = main(["train", *args])
@@ -67,6 +71,8 @@ def train_in_process(args: list[str], cwd: Path, capfd) -> tuple[int, str]:
         code = exc.code
     finally:
         os.chdir(saved)
+        logging.root.handlers[:] = root_handlers
+        logging.root.setLevel(root_level)
     return code, capfd.readouterr().err
 
 

@@ -55,10 +55,15 @@ def test_down_stops_every_process_of_a_node_and_returns_once_all_exited(monkeypa
     # own as Ray's workers are (outside the node's process group).
     node = subprocess.Popen(["sh", "-c", "trap '' TERM; setsid sleep 300 & sleep 300 & wait"], start_new_session=True)
     deadline = time.monotonic() + HANG_GUARD_S
-    while len(children := psutil.Process(node.pid).children()) < 2:
+
+    def started() -> bool:  # both children exist, and one has called setsid (a group of its own)
+        children = psutil.Process(node.pid).children()
+        return len(children) >= 2 and any(os.getpgid(child.pid) == child.pid for child in children)
+
+    while not started():
         assert time.monotonic() < deadline, "the node's processes did not start"
         time.sleep(0.05)
-    assert any(os.getpgid(child.pid) == child.pid for child in children)  # setsid: a group of its own
+    children = psutil.Process(node.pid).children()
     _record("tree", node.pid, psutil.Process(node.pid).create_time())
 
     assert local.down("tree") == 1

@@ -1,8 +1,8 @@
 """``orchestrator estimate``: will the job fit, under which strategy, on how many devices.
 
 The model is built on the meta device (a 70B config in seconds, nothing allocated) to count its
-parameters Ψ and its largest layer. Per-rank memory is then DESIGN.md's model-state model, with the
-terms DeepSpeed's implementation adds where it adds them (measured, and the same as DeepSpeed's own
+parameters Ψ and its largest layer. Per-rank memory is then the ZeRO paper's model-state model
+(Rajbhandari et al. 2020), with the terms DeepSpeed's implementation adds where it adds them (measured, and the same as DeepSpeed's own
 estimators). Host memory counts start-up too: a plan that builds the whole model on every rank before
 it shards or moves it (ddp, zero0-2, fsdp2 below ``META_INIT_MIN_PARAMS``) needs 4Ψ bytes of host
 memory per rank then; ZeRO-3 and FSDP2's meta-device build need only their shards, on the device:
@@ -15,7 +15,7 @@ memory per rank then; ZeRO-3 and FSDP2's meta-device build need only their shard
 | zero2 | 2Ψ + 18Ψ/N | 4Ψ + 16Ψ/N |
 | zero3 | 18Ψ/N + 4·largest layer | 20Ψ/N + 4·largest layer |
 
-DESIGN.md's ZeRO-1/2/3 figures (4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed precision) leave out two
+The paper's ZeRO-1/2/3 figures (4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed precision) leave out two
 tensors DeepSpeed keeps on the device: an fp32 partition of the gradients (+4Ψ/N, mixed precision)
 and an fp32 master copy of the parameter partition even in fp32 training (+4Ψ/N); ZeRO-1 in bf16
 runs DeepSpeed's BF16_Optimizer, which accumulates gradients in an unpartitioned fp32 buffer

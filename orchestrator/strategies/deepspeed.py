@@ -73,7 +73,8 @@ class ZeroStrategy(Strategy):
         if not on_gpu:
             _skip_shared_memory_all_reduce()
         if self.cfg.stage == 3:
-            model = _build_partitioned(recipe, deepspeed_config(self.config, on_gpu=on_gpu))
+            config = deepspeed_config(self.config, on_gpu=on_gpu)
+            model = _build_partitioned(recipe, config, is_main=self.dist.is_main)
         else:
             model = recipe.build_complete()
         prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
@@ -158,7 +159,7 @@ class ZeroStrategy(Strategy):
             self._peak = now
 
 
-def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any]) -> nn.Module:
+def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any], *, is_main: bool) -> nn.Module:
     """The model built under ``deepspeed.zero.Init``: each module's parameters are partitioned over the
     ranks as soon as the module is constructed, so no rank ever holds more than its partition and one
     module.
@@ -180,7 +181,6 @@ def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any]) -> nn.Module
         source = recipe.initial_state()
         entries = model.state_dict(keep_vars=True)  # partitioned parameters know their full shape as ds_shape
         check_weights_fit({name: list(getattr(t, "ds_shape", t.shape)) for name, t in entries.items()}, source)
-        is_main = torch.distributed.get_rank() == 0 if torch.distributed.is_initialized() else True
         with torch.no_grad():
             for name, tensor in model.named_parameters():  # a tied weight once
                 # Gathered whole, one at a time; rank 0 alone reads it, and its copy is partitioned to all.

@@ -1,4 +1,4 @@
-"""Atomic, exact checkpoints: the protocol of DESIGN.md decision 6 around whatever the strategy writes.
+"""Atomic, exact checkpoints: one protocol around whatever the strategy writes.
 
 Save: rank 0 makes ``step-N.tmp/``; every rank writes its share (strategy state, its RNG state),
 fsyncs and hashes the files it wrote; rank 0 gathers the hashes, writes the manifest, renames the

@@ -22,6 +22,7 @@ for the last copies, then stops them with a warning.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -216,10 +217,8 @@ class Uploads:
         """
         if self._process is None:
             return True
-        try:
+        with contextlib.suppress(OSError):  # a child that already died has no pipe to close
             self._process.stdin.close()  # the child finishes what it holds, then exits
-        except OSError:
-            pass
         try:
             self._process.wait(timeout_s)
             return True

@@ -126,7 +126,7 @@ def test_checkpoint_restores_weights_optimizer_and_rng_exactly(tmp_path: Path) -
     assert {"model.pt", "optimizer.pt", "trainer_state.json", "rng/rank-00000.pt", "rng/rank-00001.pt"} == set(saved.files)
     assert saved.model_shapes["tok_emb.weight"] == [64, 32]
 
-    # fp32 AdamW under DDP holds 16 bytes per parameter on every rank (DESIGN.md's memory model):
+    # fp32 AdamW under DDP holds 16 bytes per parameter on every rank (the ZeRO paper's memory model):
     # 4 for the weights, 4 for the gradients, 8 for the two moments.
     memory, psi = results[1]["memory"], results[1]["num_params"]
     assert memory.param_bytes == 4 * psi and memory.grad_bytes >= 4 * psi

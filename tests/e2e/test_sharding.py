@@ -1,5 +1,5 @@
 """`orchestrator verify` on the default job: every strategy trains the same model, and holds the
-bytes DESIGN.md's memory model says (which `orchestrator estimate` predicts)."""
+bytes the ZeRO paper's memory model says (which `orchestrator estimate` predicts)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tests.helpers import run_cli
 STRATEGIES = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
 WORLD_SIZE = 2
 
-# DESIGN.md, fp32 Adam: parameters + gradients + optimizer state per rank, in bytes per parameter.
+# The ZeRO paper's model, fp32 Adam: parameters + gradients + optimizer state per rank, in bytes per parameter.
 DESIGN_FP32 = {
     "ddp": lambda n: 16,
     "zero1": lambda n: 8 + 8 / n,

@@ -1,4 +1,4 @@
-"""``orchestrator estimate``: DESIGN.md's memory model against DeepSpeed's own estimators, and a 70B
+"""``orchestrator estimate``: the ZeRO paper's memory model against DeepSpeed's own estimators, and a 70B
 model counted on the meta device in seconds."""
 
 from __future__ import annotations

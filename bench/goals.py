@@ -54,7 +54,7 @@ def main() -> None:
             wall_s, code = timed(["train", f"data.cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'run'}",
                                   "logger.progress=false"], cwd=work, env={"WANDB_MODE": "offline"})
             rows.append(("default job, cold cache", wall_s, DEFAULT_JOB_GOAL_S, code == 0))
-    print(f"| case | wall time | goal | met | exit as expected |\n|---|---:|---:|---|---|")
+    print("| case | wall time | goal | met | exit as expected |\n|---|---:|---:|---|---|")
     for name, wall_s, goal_s, exit_ok in rows:
         print(f"| {name} | {wall_s:.1f} s | {goal_s:.0f} s | {'yes' if wall_s <= goal_s else 'NO'} | "
               f"{'yes' if exit_ok else 'NO'} |")

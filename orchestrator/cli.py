@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from orchestrator import __version__
+from orchestrator.config.hydra_compat import parse_overrides, sweep_points
 from orchestrator.errors import UserError
 
 if TYPE_CHECKING:
@@ -70,9 +71,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_command(args: list[str]) -> int:
     """``orchestrator train``: Hydra's command line, checked first, then run (Hydra's main for sweeps and flags)."""
-    from hydra._internal.utils import get_args_parser
+    from orchestrator.config.hydra_compat import args_parser
 
-    parsed = get_args_parser().parse_args(args)
+    parsed = args_parser().parse_args(args)
     if _plain_run(parsed):
         from hydra.types import RunMode
 
@@ -87,7 +88,7 @@ def train_command(args: list[str]) -> int:
         args, parsed.overrides = [*args, *extra], [*parsed.overrides, *extra]
     if not any(getattr(parsed, flag) for flag in _HYDRA_INFO_FLAGS):
         points = (_search_points(parsed.overrides) if sweeper
-                  else _sweep_points(parsed.overrides, multirun=parsed.multirun))
+                  else sweep_points(parsed.overrides) if parsed.multirun else [parsed.overrides])
         for overrides in points:
             config = _precheck(overrides, prepare=parsed.cfg is None)
             if sweeper and not config.trainer.eval_every:
@@ -137,41 +138,18 @@ def _train_one(cfg: Any) -> int:
     of every start-up. ``run_job`` does the rest of what ``main`` does for a single run: the run dir,
     ``HydraConfig``, job logging, callbacks.
     """
-    from hydra._internal.callbacks import Callbacks
-    from hydra.core.utils import run_job
-    from hydra.types import HydraContext, RunMode
-
     from orchestrator.config.compose import to_config, without_hydra
+    from orchestrator.config.hydra_compat import run_single
 
     _check(to_config(without_hydra(cfg)), prepare=True)
-    cfg.hydra.mode = RunMode.RUN
     _failed_runs.clear()
-    callbacks = Callbacks(cfg)
-    callbacks.on_run_start(config=cfg, config_name="config")
-    result = run_job(hydra_context=HydraContext(config_loader=None, callbacks=callbacks),  # type: ignore[arg-type]
-                     task_function=_train_task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None)
-    callbacks.on_run_end(config=cfg, config_name="config", job_return=result)
-    _ = result.return_value  # raises what the task raised
+    run_single(cfg, _train_task)
     return 1 if _failed_runs else 0
-
-
-def _sweep_points(overrides: list[str], *, multirun: bool) -> list[list[str]]:
-    """Each run's overrides: one run, or every point of a basic ``-m`` sweep."""
-    if not multirun:
-        return [overrides]
-    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
-    from hydra.errors import HydraException
-
-    try:
-        batches = BasicSweeper.split_arguments(_parse_overrides(overrides), max_batch_size=None)
-    except HydraException as exc:
-        raise UserError(str(exc).strip().splitlines()[0]) from None
-    return [list(point) for batch in batches for point in batch]
 
 
 def _search_sweeper(overrides: list[str]) -> str | None:
     """The sweeper the command line picks (``hydra/sweeper=optuna``), unless it is Hydra's basic one."""
-    for override in _parse_overrides(overrides):
+    for override in parse_overrides(overrides):
         if override.key_or_group == "hydra/sweeper" and override.value() != "basic":
             return str(override.value())
     return None
@@ -186,7 +164,7 @@ def _search_points(overrides: list[str]) -> list[list[str]]:
     from optuna.distributions import LogUniformDistribution, UniformDistribution
 
     dimensions: list[list[str]] = []
-    for override in _parse_overrides(overrides):
+    for override in parse_overrides(overrides):
         if override.key_or_group == "hydra.sweeper.storage" and override.value() is not None:
             _check_study_storage()
         if not override.is_sweep_override():
@@ -197,7 +175,7 @@ def _search_points(overrides: list[str]) -> list[list[str]]:
                 warnings.simplefilter("ignore")
                 space = create_optuna_distribution_from_override(override)
         except Exception as exc:  # the plugin asserts on glob(); Optuna raises ValueError on reversed ends
-            raise UserError(f"{override.input_line}: not a search space ({exc or 'use choice, range or interval'})")
+            raise UserError(f"{override.input_line}: not a search space ({exc or 'use choice, range or interval'})") from None
         if hasattr(space, "choices"):
             values = list(space.choices)
         elif isinstance(space, (UniformDistribution, LogUniformDistribution)):
@@ -218,16 +196,6 @@ def _check_study_storage() -> None:
     if int(installed.split(".")[0]) >= 2:
         raise UserError(f"hydra.sweeper.storage: Optuna {version('optuna')} keeps studies in a database only with "
                         f"SQLAlchemy < 2 (installed: {installed}); leave it unset for an in-memory study")
-
-
-def _parse_overrides(overrides: list[str]) -> list[Any]:
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    try:
-        return OverridesParser.create().parse_overrides(overrides)
-    except HydraException as exc:
-        raise UserError(str(exc).strip().splitlines()[0]) from None
 
 
 _failed_runs: list[str] = []

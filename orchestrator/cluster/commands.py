@@ -62,8 +62,8 @@ def submit_command(args: list[str]) -> int:
     """``orchestrator submit [cluster=NAME] [-m] job=NAME [overrides]``: one Ray job per point."""
     from datetime import datetime
 
-    from orchestrator.cli import _sweep_points
     from orchestrator.cluster import jobs
+    from orchestrator.config.hydra_compat import sweep_points
 
     if any(arg in ("-h", "--help") for arg in args):
         print("usage: orchestrator submit [cluster=NAME] [-m] [--follow] job=NAME [group=option ...] [key=value ...]")
@@ -78,7 +78,7 @@ def submit_command(args: list[str]) -> int:
         elif arg not in ("-m", "--multirun", "--follow"):
             overrides.append(arg)
     cluster = jobs.resolve_cluster(name)
-    points = _sweep_points(overrides, multirun=multirun)
+    points = sweep_points(overrides) if multirun else [overrides]
     group = f"sweep-{datetime.now():%Y%m%d-%H%M%S}" if multirun else None
     submitted = jobs.submit(cluster, points, group=group)
     for submission in submitted:

@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
@@ -175,9 +176,8 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
         entrypoint = shlex.join(["python", "-m", "orchestrator", "run-submitted", "--run-dir", run_dir, "--job", job])
         runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": {CONFIG_ENV: resolved}}
         try:
-            _answer(cluster, lambda: jobs.submit_job(entrypoint=entrypoint, submission_id=job_id,
-                                                     runtime_env=runtime_env, metadata=metadata),
-                    timeout_s=SUBMIT_TIMEOUT_S)
+            _answer(cluster, partial(jobs.submit_job, entrypoint=entrypoint, submission_id=job_id,
+                                     runtime_env=runtime_env, metadata=metadata), timeout_s=SUBMIT_TIMEOUT_S)
         except RuntimeError as exc:
             raise UserError(f"cluster={cluster.name}: the job API refused the submission "
                             f"({first_line(exc)})") from None

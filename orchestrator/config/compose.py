@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import (
@@ -25,6 +27,9 @@ from orchestrator.config.store import register
 from orchestrator.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# What save_pretrained writes into a model directory (models/pretrained.py and data/bpe.py read them).
+PRETRAINED_CONFIG_FILE = "config.json"
+PRETRAINED_TOKENIZER_FILE = "tokenizer.json"
 
 
 def compose(overrides: list[str], *, with_hydra: bool = False) -> DictConfig:
@@ -38,6 +43,7 @@ def compose(overrides: list[str], *, with_hydra: bool = False) -> DictConfig:
     from hydra import initialize_config_dir
 
     register()
+    register_resolvers()
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
             return hydra_compose(config_name="config", overrides=overrides, return_hydra_config=with_hydra)
@@ -55,6 +61,7 @@ def without_hydra(cfg: DictConfig) -> DictConfig:
 
 def to_config(cfg: DictConfig) -> Config:
     """Converts a composed config to the typed schema, running every ``__post_init__`` check."""
+    register_resolvers()  # a sweep's runs are composed by Hydra's main, not by compose()
     _reject_unknown_keys(cfg, prefix="")
     try:
         config = OmegaConf.to_object(cfg)
@@ -80,6 +87,38 @@ def load_resolved(text: str) -> Config:
     except OmegaConfBaseException as exc:
         raise UserError(describe_error(exc)) from None
     return to_config(cfg)
+
+
+def register_resolvers() -> None:
+    """Idempotent: the resolvers through which a pretrained directory fills in settings.
+
+    ``conf/model/gpt.yaml`` takes the sizes from ``model.pretrained``'s config.json (``gpt2_config``), and
+    ``conf/data/text.yaml`` picks its tokenizer.json when there is one (``pretrained_tokenizer_or``): the
+    resolved config, the run's config.yaml included, then says which sizes and which tokenizer a run has.
+    Both are lenient (a missing or unreadable file gives the default): the model and the data check the
+    directory and say what is wrong with it.
+    """
+    if not OmegaConf.has_resolver("gpt2_config"):
+        OmegaConf.register_new_resolver("gpt2_config", _gpt2_config_field)
+    if not OmegaConf.has_resolver("pretrained_tokenizer_or"):
+        OmegaConf.register_new_resolver("pretrained_tokenizer_or", _pretrained_tokenizer_or)
+
+
+def _gpt2_config_field(directory: str | None, name: str, default: Any) -> Any:
+    """``directory``'s config.json's integer ``name``, or ``default`` without a directory or such a field."""
+    if not directory:
+        return default
+    try:
+        value = json.loads((Path(directory).expanduser() / PRETRAINED_CONFIG_FILE).read_text()).get(name)
+    except (OSError, ValueError, AttributeError):
+        return default
+    return value if isinstance(value, int) and not isinstance(value, bool) else default
+
+
+def _pretrained_tokenizer_or(directory: str | None, default: str) -> str:
+    """``pretrained`` when ``directory`` holds a tokenizer.json, else ``default``."""
+    found = bool(directory) and (Path(directory).expanduser() / PRETRAINED_TOKENIZER_FILE).is_file()
+    return "pretrained" if found else default
 
 
 def describe_error(exc: BaseException) -> str:

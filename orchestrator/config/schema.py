@@ -48,8 +48,9 @@ class ScheduleName(str, Enum):
 
 
 class TokenizerKind(str, Enum):
-    bpe = "bpe"
-    bytes = "bytes"
+    bpe = "bpe"  # a byte-level BPE of data.vocab_size tokens, trained on the corpus
+    bytes = "bytes"  # the UTF-8 bytes, 256 ids
+    pretrained = "pretrained"  # data.tokenizer_dir's tokenizer.json (model.pretrained's, under data=text)
 
 
 class Offload(str, Enum):
@@ -90,14 +91,54 @@ def _non_negative(prefix: str, *, note: str = "", **values: float) -> None:
 
 
 @dataclass(kw_only=True)
+class LoRAConfig:
+    """Low-rank adapters (LoRA, through the peft library): ``rank`` 0 trains the whole model.
+
+    With ``rank`` > 0, each target module's weight W stays frozen and the model learns
+    W + (alpha / rank) * B @ A, with A (rank x in) and B (out x rank) the only parameters that get
+    gradients and optimizer state. ``target_modules`` are module names or name suffixes (peft's rule:
+    ``q_proj`` matches ``model.layers.0.self_attn.q_proj``); empty means every ``nn.Linear`` in the
+    model's repeated blocks. ``base_dtype: bf16`` keeps the frozen weights in bf16 (needs
+    ``trainer.precision=bf16``): half the base's memory, the adapters and their optimizer state stay fp32.
+    """
+
+    rank: int = 0
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=list)
+    base_dtype: Precision = Precision.fp32
+
+    def __post_init__(self) -> None:
+        _require(self.rank >= 0, f"model.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        _positive("model.lora", alpha=self.alpha)
+        _require(0.0 <= self.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        _require(self.base_dtype is not Precision.fp16,
+                 "model.lora.base_dtype must be fp32 or bf16, got fp16")
+        if self.rank == 0:
+            _require(not self.target_modules and self.base_dtype is Precision.fp32,
+                     "model.lora.target_modules and model.lora.base_dtype need model.lora.rank > 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+
+@dataclass(kw_only=True)
 class ModelConfig:
     name: str = MISSING
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
     input_kind: ClassVar[SampleKind]
 
 
 @dataclass(kw_only=True)
 class GPTConfig(ModelConfig):
-    """Decoder-only transformer. ``vocab_size`` and ``block_size`` default to the data's."""
+    """Decoder-only transformer. ``vocab_size`` and ``block_size`` default to the data's.
+
+    ``pretrained`` is a local GPT-2 directory (what ``orchestrator export`` writes of a ``model=gpt`` run):
+    the sizes come from its ``config.json`` (``model=gpt`` fills them in; a job may repeat them, not change
+    them) and the weights from its safetensors files. ``bias`` stays the job's: GPT-2 files always hold
+    biases, and ``bias=false`` loads them only if they are zero (an export of a GPT without biases).
+    """
 
     name: str = "gpt"
     n_layer: int = 4
@@ -107,6 +148,7 @@ class GPTConfig(ModelConfig):
     bias: bool = False
     vocab_size: Optional[int] = None
     block_size: Optional[int] = None
+    pretrained: Optional[str] = None
     input_kind: ClassVar[SampleKind] = SampleKind.tokens
 
     def __post_init__(self) -> None:
@@ -217,6 +259,9 @@ class TextDataConfig(DataConfig):
     """A text corpus from local files or folders, tokenized once and cached as token files (uint16, uint32 past 65,536 ids).
 
     An empty ``paths`` means the Python standard library's own ``.py`` sources, found at run time.
+    ``tokenizer=pretrained`` tokenizes with ``tokenizer_dir``'s ``tokenizer.json`` (a ``save_pretrained``
+    directory); the vocabulary is then its ``config.json``'s ``vocab_size`` (the model's), or the tokenizer's
+    own size where there is no ``config.json``, and ``vocab_size`` is not used.
     """
 
     name: str = "text"
@@ -224,6 +269,7 @@ class TextDataConfig(DataConfig):
     paths: list[str] = field(default_factory=list)
     suffixes: list[str] = field(default_factory=lambda: [".py", ".txt", ".md", ".rst"])
     tokenizer: TokenizerKind = TokenizerKind.bpe
+    tokenizer_dir: Optional[str] = None
     vocab_size: int = 4096
     seq_len: int = 256
     val_fraction: float = 0.05
@@ -234,6 +280,9 @@ class TextDataConfig(DataConfig):
         _positive("data", seq_len=self.seq_len)
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(self.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {self.max_bytes}")
+        _require(self.tokenizer is not TokenizerKind.pretrained or bool(self.tokenizer_dir),
+                 "data.tokenizer=pretrained needs data.tokenizer_dir=DIR, a directory with a tokenizer.json "
+                 "(data=text sets it to model.pretrained)")
         if self.tokenizer is TokenizerKind.bpe:
             _require(
                 512 <= self.vocab_size <= 262144,
@@ -263,13 +312,73 @@ class MemmapDataConfig(DataConfig):
         return self.seq_len
 
 
+class TargetKind(str, Enum):
+    """What the targets of image or feature-vector data are, which decides the losses that fit (``LOSSES_FOR``)."""
+
+    classes = "classes"  # one integer class id per sample
+    values = "values"  # float targets, k per sample (regression)
+    probabilities = "probabilities"  # float targets in [0, 1], one per label (binary or multi-label)
+
+
+@dataclass(kw_only=True)
+class AugmentConfig:
+    """Random changes to each training sample, drawn anew each time the stream reaches it; eval never sees them.
+
+    ``crop_padding``: shift the image by up to this many pixels each way, the uncovered border filled with
+    its edge pixels (a random crop of the edge-padded image). ``flip``: mirror left-right half the time; off
+    unless asked for, since digits and letters are not mirror-symmetric. ``rotate_degrees``: rotate by an
+    angle drawn from [-d, d]. ``noise_std``: add Gaussian noise, in the units of the normalized inputs. The
+    first three need images shaped (C, H, W); noise fits feature vectors too. Sample ``i`` in epoch ``e`` of
+    a run with seed ``s`` is always changed the same way (its randomness comes from ``(s, e, i)``), so a
+    resumed run sees exactly what an uninterrupted one saw, with no generator state to save.
+    """
+
+    crop_padding: int = 0
+    flip: bool = False
+    rotate_degrees: float = 0.0
+    noise_std: float = 0.0
+
+    def __post_init__(self) -> None:
+        _require(self.crop_padding >= 0, f"data.augment.crop_padding must be >= 0 (0 = off), got {self.crop_padding}")
+        _require(0.0 <= self.rotate_degrees <= 180.0,
+                 f"data.augment.rotate_degrees must be in [0, 180] (0 = off), got {self.rotate_degrees}")
+        _non_negative("data.augment", note=" (0 = off)", noise_std=self.noise_std)
+
+    @property
+    def enabled(self) -> bool:
+        return self.spatial or self.noise_std > 0
+
+    @property
+    def spatial(self) -> bool:
+        """Whether it moves pixels (crop, flip, rotation), which needs images shaped (C, H, W)."""
+        return self.crop_padding > 0 or self.flip or self.rotate_degrees > 0
+
+
 @dataclass(kw_only=True)
 class DigitsDataConfig(DataConfig):
     """scikit-learn's bundled 8x8 handwritten digits (1,797 images, 10 classes)."""
 
     name: str = "digits"
     output_kind: ClassVar[SampleKind] = SampleKind.images
+    targets: ClassVar[TargetKind] = TargetKind.classes
     val_fraction: float = 0.2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+
+    def __post_init__(self) -> None:
+        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+
+
+@dataclass(kw_only=True)
+class DiabetesDataConfig(DataConfig):
+    """scikit-learn's bundled diabetes data: 442 patients, 10 features, one float target (disease progression a
+    year on). Features and target are standardized with the train split's mean and std, so an MSE of 1 is what
+    predicting the mean scores."""
+
+    name: str = "diabetes"
+    output_kind: ClassVar[SampleKind] = SampleKind.images
+    targets: ClassVar[TargetKind] = TargetKind.values
+    val_fraction: float = 0.2
+    augment: AugmentConfig = field(default_factory=AugmentConfig)  # feature vectors: noise_std only
 
     def __post_init__(self) -> None:
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
@@ -277,14 +386,20 @@ class DigitsDataConfig(DataConfig):
 
 @dataclass(kw_only=True)
 class NpzDataConfig(DataConfig):
-    """Arrays from a ``.npz`` file: inputs ``x`` (N, ...) and integer labels ``y`` (N,)."""
+    """Arrays from a ``.npz`` file: inputs ``x`` (N, ...) and targets ``y``.
+
+    ``targets`` says what ``y`` holds: ``classes``, integer class ids (N,); ``values``, floats (N,) or (N, k)
+    for regression; ``probabilities``, floats in [0, 1] (N,) or (N, k), one column per label, for ``bce``.
+    """
 
     name: str = "npz"
     output_kind: ClassVar[SampleKind] = SampleKind.images
     path: str = MISSING
     x_key: str = "x"
     y_key: str = "y"
+    targets: TargetKind = TargetKind.classes
     val_fraction: float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
@@ -301,6 +416,8 @@ class SyntheticDataConfig(DataConfig):
     vocab_size: int = 50304
     image_shape: list[int] = field(default_factory=lambda: [3, 32, 32])
     num_classes: int = 10
+    targets: ClassVar[TargetKind] = TargetKind.classes
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
         _positive("data", num_samples=self.num_samples, seq_len=self.seq_len,
@@ -309,6 +426,8 @@ class SyntheticDataConfig(DataConfig):
             len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
             f"data.image_shape must be [channels, height, width], got {self.image_shape}",
         )
+        _require(self.kind is SampleKind.images or not self.augment.enabled,
+                 "data.augment applies to images and feature vectors; data.kind=tokens yields token ids")
 
     @property
     def output_kind(self) -> SampleKind:
@@ -494,13 +613,56 @@ class EarlyStoppingConfig:
         _non_negative("trainer.early_stopping", min_delta=self.min_delta)
 
 
+class LossName(str, Enum):
+    cross_entropy = "cross_entropy"
+    mse = "mse"
+    l1 = "l1"
+    huber = "huber"
+    bce = "bce"
+
+
+# The losses that fit each kind of target; token data's targets are class ids (the next token).
+LOSSES_FOR: dict[TargetKind, tuple[LossName, ...]] = {
+    TargetKind.classes: (LossName.cross_entropy,),
+    TargetKind.values: (LossName.mse, LossName.l1, LossName.huber),
+    TargetKind.probabilities: (LossName.bce, LossName.mse, LossName.l1, LossName.huber),
+}
+_TARGET_WORDS = {TargetKind.classes: "class ids", TargetKind.values: "float targets",
+                 TargetKind.probabilities: "float targets in [0, 1]"}
+
+
+def loss_problem(loss: LossName, targets: TargetKind, *, data: str, tokens: bool) -> Optional[str]:
+    """Why ``trainer.loss`` cannot score ``data``'s targets, in one line; None when it can.
+
+    Args:
+        loss: the configured loss.
+        targets: what the data's targets are.
+        data: the data's name, for the message.
+        tokens: the data is token ids (a language model's next-token targets).
+    """
+    allowed = LOSSES_FOR[targets]
+    if loss in allowed:
+        return None
+    what = "token ids" if tokens else _TARGET_WORDS[targets]
+    hint = " (bce needs float targets in [0, 1], one column per label)" if loss is LossName.bce else ""
+    return (f"trainer.loss={loss.value} does not fit data={data}, which yields {what}; allowed: "
+            f"{', '.join(name.value for name in allowed)}{hint}")
+
+
 @dataclass(kw_only=True)
 class TrainerConfig:
-    """The training loop. ``global_batch_size`` = ``micro_batch_size`` x accumulation x world size."""
+    """The training loop. ``global_batch_size`` = ``micro_batch_size`` x accumulation x world size.
+
+    ``loss`` scores the model's outputs against the data's targets: ``cross_entropy`` for class ids and tokens,
+    ``mse``, ``l1`` or ``huber`` (quadratic within ``huber_delta``, linear beyond) for float targets, ``bce``
+    (sigmoid per output) for float targets in [0, 1]; ``LOSSES_FOR`` says which fits which.
+    """
 
     max_steps: int = 200
     global_batch_size: int = 32
     micro_batch_size: int = 8
+    loss: LossName = LossName.cross_entropy
+    huber_delta: float = 1.0
     grad_clip: float = 1.0
     precision: Precision = Precision.fp32
     device: Device = Device.auto
@@ -525,7 +687,7 @@ class TrainerConfig:
 
     def __post_init__(self) -> None:
         _positive("trainer", max_steps=self.max_steps, global_batch_size=self.global_batch_size,
-                  micro_batch_size=self.micro_batch_size, log_every=self.log_every)
+                  micro_batch_size=self.micro_batch_size, log_every=self.log_every, huber_delta=self.huber_delta)
         _non_negative("trainer", grad_clip=self.grad_clip, note=" (0 = off)")
         _require(self.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = never), got {self.eval_every}")
         _positive("trainer", eval_batches=self.eval_batches)
@@ -788,6 +950,11 @@ class Config:
             f"model={model.name} trains on {model.input_kind.value} but data={data.name} yields "
             f"{data.output_kind.value}",
         )
+        tokens = data.output_kind is SampleKind.tokens
+        problem = loss_problem(trainer.loss, TargetKind.classes if tokens else data.targets, data=data.name,
+                               tokens=tokens)
+        if problem is not None:
+            raise ValueError(problem)
         seq_len = data.seq_len_or_none
         block_size = getattr(model, "block_size", None)
         if seq_len is not None and block_size is not None:
@@ -809,6 +976,11 @@ class Config:
             f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of "
             f"trainer.micro_batch_size x launcher.num_workers = {trainer.micro_batch_size} x {world}",
         )
+        if model.lora.enabled:
+            _require(model.lora.base_dtype is Precision.fp32 or trainer.precision is Precision.bf16,
+                     f"model.lora.base_dtype=bf16 needs trainer.precision=bf16 (got {trainer.precision.value}): "
+                     f"the frozen bf16 weights compute in bf16")
+            _require(not trainer.freeze, "trainer.freeze and model.lora: with LoRA only the adapters train already")
         _require(
             self.scheduler.warmup_steps <= trainer.max_steps,
             f"scheduler.warmup_steps={self.scheduler.warmup_steps} exceeds trainer.max_steps={trainer.max_steps}",

@@ -27,6 +27,7 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "memmap": schema.MemmapDataConfig,
         "digits": schema.DigitsDataConfig,
         "npz": schema.NpzDataConfig,
+        "diabetes": schema.DiabetesDataConfig,
         "synthetic": schema.SyntheticDataConfig,
     },
     "strategy": {

@@ -15,6 +15,7 @@ from types import ModuleType
 
 from orchestrator.config.schema import (
     DataConfig,
+    DiabetesDataConfig,
     DigitsDataConfig,
     MemmapDataConfig,
     NpzDataConfig,
@@ -33,6 +34,7 @@ _SOURCES: dict[type[DataConfig], str] = {
     TextDataConfig: "text",
     MemmapDataConfig: "memmap",
     DigitsDataConfig: "images",
+    DiabetesDataConfig: "images",
     NpzDataConfig: "images",
     SyntheticDataConfig: "synthetic",
 }
@@ -42,8 +44,8 @@ def _source(cfg: DataConfig) -> ModuleType:
     for config_type, module in _SOURCES.items():
         if isinstance(cfg, config_type):
             return importlib.import_module(f"orchestrator.data.{module}")
-    raise UserError(f"data={cfg.name}: no data source for {type(cfg).__name__}; known: text, memmap, digits, npz, "
-                    f"synthetic")
+    raise UserError(f"data={cfg.name}: no data source for {type(cfg).__name__}; known: text, memmap, digits, "
+                    f"diabetes, npz, synthetic")
 
 
 def prepare_data(cfg: DataConfig) -> DataSpec:
@@ -61,8 +63,9 @@ def prepare_data(cfg: DataConfig) -> DataSpec:
 
     Raises:
         UserError: Bad input, with the key named: a missing or unreadable path, a corpus folder with
-            no matching files, an npz without the configured arrays, data too small for one train and
-            one val sample, token ids that do not fit the vocabulary.
+            no matching files, an npz without the configured arrays or with targets that are not what
+            ``data.targets`` says, data too small for one train and one val sample, token ids that do not
+            fit the vocabulary, ``data.augment`` that does not fit the samples' shape.
     """
     return _source(cfg).prepare(cfg)
 

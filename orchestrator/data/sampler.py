@@ -11,12 +11,26 @@ positions and rank ``r`` takes the ``r``-th run of ``micro_batch_size`` of them.
 - a checkpoint taken at one world size resumes at another on the same stream: one micro-step at
   world 2 with micro-batch 4 reads the same 8 positions (rank 0's 4, then rank 1's) as one
   micro-step at world 1 with micro-batch 8, or two at world 1 with micro-batch 4.
+
+Each draw says which epoch every sample came from, so that per-sample randomness (augmentation)
+can be keyed on ``(seed, epoch, sample id)``: a function of the stream, restored with it.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
+
+
+@dataclass(frozen=True)
+class Draw:
+    """One rank's micro-batch from the stream: the sample ids, the epoch each was drawn in, and the stream's seed."""
+
+    ids: np.ndarray
+    epochs: np.ndarray
+    seed: int
 
 
 class StreamSampler:
@@ -54,13 +68,13 @@ class StreamSampler:
         """The epoch the next micro-step starts in."""
         return self.cursor // self.num_samples
 
-    def next_indices(self) -> np.ndarray:
-        """This rank's ``micro_batch_size`` sample ids for the next micro-step; advances the cursor for all ranks."""
-        indices = self._take(self.cursor + self.rank * self.micro_batch_size, self.micro_batch_size)
+    def next_draw(self) -> Draw:
+        """This rank's ``micro_batch_size`` samples for the next micro-step; advances the cursor for all ranks."""
+        ids, epochs = self._take(self.cursor + self.rank * self.micro_batch_size, self.micro_batch_size)
         self.cursor += self.micro_batch_size * self.world_size
         for epoch in [e for e in self._permutations if e < self.epoch]:
             del self._permutations[epoch]
-        return indices
+        return Draw(ids=ids, epochs=epochs, seed=self.seed)
 
     def state_dict(self) -> dict:
         """The position in the stream, JSON-serializable: ``{"cursor", "num_samples", "seed"}``."""
@@ -86,14 +100,16 @@ class StreamSampler:
         self.seed = int(state["seed"])
         self._permutations.clear()
 
-    def _take(self, start: int, count: int) -> np.ndarray:
-        pieces = []
+    def _take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+        """The sample ids at ``count`` stream positions from ``start``, and the epoch of each."""
+        pieces, epochs = [], []
         while count:
             epoch, offset = divmod(start, self.num_samples)
             taken = min(count, self.num_samples - offset)
             pieces.append(self._permutation(epoch)[offset : offset + taken])
+            epochs.append(np.full(taken, epoch, dtype=np.int64))
             start, count = start + taken, count - taken
-        return np.concatenate(pieces)
+        return np.concatenate(pieces), np.concatenate(epochs)
 
     def _permutation(self, epoch: int) -> np.ndarray:
         if epoch not in self._permutations:

@@ -6,6 +6,7 @@ import numpy as np
 import torch
 
 from orchestrator.config.schema import SampleKind, SyntheticDataConfig
+from orchestrator.data.augment import Augmenter, check_augment
 from orchestrator.data.base import DataBundle
 from orchestrator.data.spec import DataSpec
 
@@ -59,11 +60,12 @@ def prepare(cfg: SyntheticDataConfig) -> DataSpec:
     """
     if cfg.kind is SampleKind.tokens:
         return DataSpec(kind=SampleKind.tokens, vocab_size=cfg.vocab_size, seq_len=cfg.seq_len)
+    check_augment(cfg.augment, tuple(cfg.image_shape))
     return DataSpec(kind=SampleKind.images, input_shape=tuple(cfg.image_shape), num_classes=cfg.num_classes)
 
 
 def load(cfg: SyntheticDataConfig) -> DataBundle:
-    """``num_samples`` train samples and a separate val set of up to 256.
+    """``num_samples`` train samples and a separate val set of up to 256; images augmented per ``data.augment``.
 
     Args:
         cfg: The synthetic data config.
@@ -72,4 +74,5 @@ def load(cfg: SyntheticDataConfig) -> DataBundle:
         spec=prepare(cfg),
         train=SyntheticDataset(cfg, split=_TRAIN_SPLIT, num_samples=cfg.num_samples),
         val=SyntheticDataset(cfg, split=_VAL_SPLIT, num_samples=min(cfg.num_samples, _MAX_VAL_SAMPLES)),
+        augment=Augmenter(cfg.augment) if cfg.augment.enabled else None,
     )

@@ -1,10 +1,12 @@
 """data=text: local text files, tokenized once into cached token files (uint16 ids, uint32 past 65,536).
 
-``prepare`` runs once in the driver: it finds the corpus, trains the tokenizer (bpe) or uses raw bytes,
-encodes the corpus and publishes ``<cache_dir>/text/<key>/`` with ``train.bin``, ``val.bin``, ``meta.json``
-and, for bpe, ``tokenizer.json``. ``key`` hashes everything that decides those bytes (the file list
-with sizes and mtimes, the tokenizer, the split, the format version), so an edited corpus builds a new
-cache and an unchanged one is reused in milliseconds. The cache is built under a temporary name and
+``prepare`` runs once in the driver: it finds the corpus, trains the tokenizer (bpe), opens a pretrained one
+(``data.tokenizer_dir``'s tokenizer.json) or uses raw bytes, encodes the corpus and publishes
+``<cache_dir>/text/<key>/`` with ``train.bin``, ``val.bin``, ``meta.json`` and the tokenizer's files (bpe's
+``tokenizer.json``; a copy of a pretrained tokenizer's, for an export to ship). ``key`` hashes everything that
+decides those bytes (the file list with sizes and mtimes, the tokenizer, a pretrained tokenizer file's content,
+the split, the format version), so an edited corpus or tokenizer builds a new cache and an unchanged one is
+reused in milliseconds. The cache is built under a temporary name and
 renamed into place, so a killed or concurrent prepare never leaves a half-built cache under the key.
 
 Tokenizing uses every core (``orchestrator.data.bpe``).
@@ -28,7 +30,13 @@ import numpy as np
 
 from orchestrator.config.schema import SampleKind, TextDataConfig, TokenizerKind
 from orchestrator.data.base import DataBundle
-from orchestrator.data.bpe import END_OF_TEXT, train_and_encode
+from orchestrator.data.bpe import (
+    END_OF_TEXT,
+    PRETRAINED_TOKENIZER_FILES,
+    TOKENIZER_FILE,
+    PretrainedTokenizer,
+    train_and_encode,
+)
 from orchestrator.data.paths import check_readable, expand_path
 from orchestrator.data.spec import DataSpec
 from orchestrator.data.tokens import (
@@ -44,7 +52,7 @@ from orchestrator.fsutil import fsync_path
 # Bump when the bytes written for the same inputs change, so old caches are not trusted.
 FORMAT_VERSION = 1
 # The bytes tokenizer has no room for a special token (its 256 ids are the bytes), so a blank line
-# marks where one file ends.
+# marks where one file ends; so it does for a pretrained tokenizer without an end-of-text token.
 BYTES_SEPARATOR = "\n\n"
 # Installed packages sit inside the stdlib dir on many installs (and inside user projects, in
 # virtualenvs); they are not the corpus anyone means.
@@ -125,12 +133,20 @@ def cache_dir_for(cfg: TextDataConfig, files: list[Path]) -> Path:
         "format_version": FORMAT_VERSION,
         "files": [(str(path), path.stat().st_size, path.stat().st_mtime_ns) for path in files],
         "tokenizer": cfg.tokenizer.value,
-        "vocab_size": cfg.vocab_size if cfg.tokenizer is TokenizerKind.bpe else 256,
+        "vocab_size": {TokenizerKind.bpe: cfg.vocab_size, TokenizerKind.bytes: 256}.get(cfg.tokenizer),
         "max_bytes": cfg.max_bytes,
         "val_fraction": cfg.val_fraction,
     }
+    if cfg.tokenizer is TokenizerKind.pretrained:
+        content["pretrained"] = pretrained_tokenizer(cfg).fingerprint()
     key = hashlib.sha256(json.dumps(content).encode()).hexdigest()[:20]
     return expand_path(cfg.cache_dir) / "text" / key
+
+
+def pretrained_tokenizer(cfg: TextDataConfig) -> PretrainedTokenizer:
+    """``data.tokenizer_dir``'s tokenizer (``data.tokenizer=pretrained``); UserError when it has no tokenizer.json."""
+    assert cfg.tokenizer_dir, "the schema requires data.tokenizer_dir with data.tokenizer=pretrained"
+    return PretrainedTokenizer(cfg.tokenizer_dir, key=f"data.tokenizer_dir={cfg.tokenizer_dir}")
 
 
 def prepare(cfg: TextDataConfig) -> DataSpec:
@@ -170,8 +186,8 @@ def load(cfg: TextDataConfig) -> DataBundle:
     meta = _read_complete(directory)
     if meta is None:
         raise UserError(
-            f"data.cache_dir: no token cache at {directory}; either the corpus changed since prepare_data ran "
-            f"or data.cache_dir is not shared with this worker's machine"
+            f"data.cache_dir: no token cache at {directory}; either the corpus (or a pretrained tokenizer) "
+            f"changed since prepare_data ran or data.cache_dir is not shared with this worker's machine"
         )
     dtype = recorded_dtype(meta)
     return DataBundle(
@@ -191,8 +207,8 @@ def _read_complete(directory: Path) -> dict | None:
         dtype = recorded_dtype(meta)
         complete = all(count_tokens(directory / f"{s}.bin", dtype=dtype) == meta[f"{s}_tokens"]
                        for s in ("train", "val"))
-        if meta["tokenizer"] == TokenizerKind.bpe.value:
-            complete = complete and (directory / "tokenizer.json").is_file()
+        if meta["tokenizer"] != TokenizerKind.bytes.value:
+            complete = complete and (directory / TOKENIZER_FILE).is_file()
     except (OSError, ValueError, KeyError, TypeError):
         return None
     return meta if complete else None
@@ -205,9 +221,17 @@ def _build(cfg: TextDataConfig, *, files: list[Path], directory: Path) -> None:
     tmp.mkdir()
     try:
         texts = [_read_text(path) for path in files]
+        extra: dict = {}
         if cfg.tokenizer is TokenizerKind.bpe:
-            stream = train_and_encode(texts, vocab_size=cfg.vocab_size, tokenizer_path=tmp / "tokenizer.json")
+            stream = train_and_encode(texts, vocab_size=cfg.vocab_size, tokenizer_path=tmp / TOKENIZER_FILE)
             vocab_size, separator = cfg.vocab_size, END_OF_TEXT
+        elif cfg.tokenizer is TokenizerKind.pretrained:
+            pretrained = pretrained_tokenizer(cfg)
+            stream, vocab_size, end_of_text_id, separator = pretrained.encode(texts, blank_line=BYTES_SEPARATOR)
+            for name in PRETRAINED_TOKENIZER_FILES:  # the tokenizer that made these ids, for an export to ship
+                if (pretrained.directory / name).is_file():
+                    shutil.copyfile(pretrained.directory / name, tmp / name)
+            extra = {"end_of_text_id": end_of_text_id, "tokenizer_dir": str(pretrained.directory)}
         else:
             stream = _byte_tokens(texts)
             vocab_size, separator = 256, BYTES_SEPARATOR
@@ -220,7 +244,7 @@ def _build(cfg: TextDataConfig, *, files: list[Path], directory: Path) -> None:
         }
         write_token_files(tmp, train=stream[: len(stream) - num_val], val=stream[len(stream) - num_val :],
                           vocab_size=vocab_size, tokenizer=cfg.tokenizer.value, corpus=corpus,
-                          format_version=FORMAT_VERSION)
+                          format_version=FORMAT_VERSION, **extra)
         _publish(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -76,6 +76,8 @@ class ModelShape:
     largest_layer_params: int  # the module with the most parameters of its own (ZeRO-3's gather buffer)
     largest_block_params: int  # the largest repeated block (an FSDP2 unit)
     root_params: int  # everything outside the blocks (FSDP2's root unit: embeddings, head, final norm)
+    trainable_params: int | None = None  # those with gradients and optimizer state (LoRA's adapters); None: all
+    frozen_param_bytes: int = 4  # bytes of each frozen parameter (``model.lora.base_dtype``)
     layers: int | None = None  # transformer shape, for activations
     hidden: int | None = None
     heads: int | None = None
@@ -101,7 +103,13 @@ def model_states(strategy: str, offload: str, precision: Precision, shape: Model
     mixed = precision is not Precision.fp32
     table = _BF16 if precision is Precision.bf16 else _MIXED if mixed else _FP32
     replicated, sharded, host = table.get((strategy, offload)) or _MIXED[(strategy, offload)]
-    psi = shape.num_params
+    psi = shape.num_params if shape.trainable_params is None else shape.trainable_params
+    frozen = shape.num_params - psi
+    # Frozen parameters hold their weights only: in their dtype, or DeepSpeed's compute dtype (it casts the
+    # whole module); sharded where the strategy shards parameters, on the host where it offloads them.
+    frozen_bytes = frozen * min(shape.frozen_param_bytes, 2 if mixed and strategy.startswith("zero") else 4)
+    frozen_host = frozen_bytes / world_size if "params" in offload else 0
+    frozen_device = 0 if frozen_host else frozen_bytes / world_size if strategy in ("fsdp2", "zero3") else frozen_bytes
     working = 0
     if strategy == "zero3":
         working = 4 * shape.largest_layer_params
@@ -109,9 +117,9 @@ def model_states(strategy: str, offload: str, precision: Precision, shape: Model
         # Unsharded parameters and gradients in the compute dtype: the root unit (kept between forward
         # and backward), the block being computed and the one prefetched.
         working = 2 * (2 if mixed else 4) * (shape.root_params + 2 * shape.largest_block_params)
-    return ModelStates(sharded=int(replicated * psi + sharded * psi / world_size), working=working,
-                       host=int(host * psi / world_size),
-                       startup_host=0 if _builds_sharded(strategy, psi) else 4 * psi)
+    return ModelStates(sharded=int(replicated * psi + sharded * psi / world_size + frozen_device), working=working,
+                       host=int(host * psi / world_size + frozen_host),
+                       startup_host=0 if _builds_sharded(strategy, shape.num_params) else 4 * shape.num_params)
 
 
 def _builds_sharded(strategy: str, num_params: int) -> bool:
@@ -142,12 +150,16 @@ def describe(config: Config) -> ModelShape:
 
     from orchestrator.data import describe_data
     from orchestrator.models import build_model, describe_model, meta_device, model_blocks
+    from orchestrator.models.lora import lora_for
 
     spec = describe_data(config.data)
+    lora = lora_for(config.model)
     with meta_device():
         model = build_model(config.model, spec)
+        blocks = model_blocks(config.model, model)
+        if lora is not None:
+            lora.add(model, blocks=blocks)
     info = describe_model(config.model, spec, model)
-    blocks = model_blocks(config.model, model)
     in_blocks = {id(p) for block in blocks for p in block.parameters()}
     outside = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
     largest_block = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
@@ -160,8 +172,10 @@ def describe(config: Config) -> ModelShape:
         hf = model.model.config
         transformer = dict(layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=hf.num_attention_heads,
                            vocab=hf.vocab_size)
+    lora_shape = {} if lora is None else dict(trainable_params=info.num_trainable_params,
+                                              frozen_param_bytes=2 if lora.cfg.base_dtype is Precision.bf16 else 4)
     return ModelShape(num_params=info.num_params, largest_layer_params=largest_layer,
-                      largest_block_params=largest_block, root_params=outside, **transformer)
+                      largest_block_params=largest_block, root_params=outside, **lora_shape, **transformer)
 
 
 def estimate(config: Config) -> dict[str, Any]:
@@ -229,7 +243,8 @@ def format_table(result: dict[str, Any], *, job: str) -> str:
     world_sizes = list(result["rows"][0]["world_sizes"])
     lines = [
         f"estimate: job={job}, model={result['model']}, {_count(shape['num_params'])} parameters "
-        f"(largest layer {_count(shape['largest_layer_params'])}), micro-batch {result['micro_batch_size']}"
+        + (f"({_count(shape['trainable_params'])} trainable, LoRA) " if shape["trainable_params"] is not None else "")
+        + f"(largest layer {_count(shape['largest_layer_params'])}), micro-batch {result['micro_batch_size']}"
         + (f" x {result['seq_len']} tokens" if result["seq_len"] else "")
         + f", {result['device_memory_gib']:g} GiB per device"
         + (f", {result['host_memory_gib']:g} GiB host memory per rank" if result["host_memory_gib"] else

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -25,17 +26,13 @@ from orchestrator.config.schema import Config
 from orchestrator.errors import UserError
 from orchestrator.export.layouts import EXPORTS, ModelExport
 from orchestrator.export.safetensors_files import OutTensor, index_json, plan_shards, write_safetensors
-from orchestrator.export.tokenizer import (
-    TOKENIZER_CONFIG_FILE,
-    TOKENIZER_FILE,
-    RunTokenizer,
-    find_tokenizer,
-    tokenizer_config,
-)
+from orchestrator.export.tokenizer import PRETRAINED_TOKENIZER_FILES, RunTokenizer, find_tokenizer
 from orchestrator.fsutil import fsync_path
 from orchestrator.launch import CONFIG_FILE
+from orchestrator.models.lora import LoRA, MergedWeights, lora_for
 from orchestrator.models.pretrained import CONFIG_FILE as MODEL_CONFIG_FILE
 from orchestrator.models.pretrained import INDEX_FILE, SINGLE_FILE
+from orchestrator.models.recipe import WeightSource
 from orchestrator.strategies import check_checkpoint
 from orchestrator.strategies.formats import weights_problem
 from orchestrator.strategies.weights import CheckpointWeights
@@ -47,8 +44,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Where the export came from (checkpoint, step, strategy, dtype). It also marks the directory as an export,
 # which a later export may replace.
 RECORD_FILE = "orchestrator_export.json"
-_EXPORT_FILES = frozenset({MODEL_CONFIG_FILE, SINGLE_FILE, INDEX_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE,
-                           RECORD_FILE})
+# PEFT's names for a LoRA adapter's files.
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
+_EXPORT_FILES = frozenset({MODEL_CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *PRETRAINED_TOKENIZER_FILES,
+                           RECORD_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE})
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -68,6 +68,7 @@ class ExportResult:
     files: list[str]  # the safetensors files
     num_bytes: int  # of the tensors
     tokenizer: str  # one line about the tokenizer
+    lora: str | None = None  # one line about LoRA adapters: merged, or written in PEFT's format
 
 
 def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: int,
@@ -98,36 +99,83 @@ def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: 
     if export is None:
         raise UserError(f"checkpoint={path}: model={config.model.name} has no transformers form; export writes "
                         f"model={' and model='.join(EXPORTS)}")
-    _check_lora(config, merge=merge_lora, source=str(path))
+    lora = lora_for(config.model)
+    if merge_lora and lora is None:
+        raise UserError(f"--merge-lora: {path} has no LoRA adapters (its run's model.lora.rank is 0)")
     # Reads no tensor yet (ZeRO-0/1/2 excepted: DeepSpeed joins the ranks' fp32 partitions here).
-    weights = CheckpointWeights(directory, written_by=saved.strategy, key=f"checkpoint={path}")
+    weights: WeightSource = CheckpointWeights(directory, written_by=saved.strategy, key=f"checkpoint={path}")
+    if lora is not None:
+        weights = MergedWeights(weights, scale=lora.scale, merge=merge_lora)
     model = export(config, weights, source=str(directory))
     tokenizer = find_tokenizer(config.data)
     if tokenizer.warning:
         log.warning("%s", tokenizer.warning)
     target = DTYPES[dtype]
-    tensors = [_cast(tensor, target) for tensor in model.tensors]
-    shards = plan_shards(tensors, max_shard_bytes=max_shard_bytes)
     record = {"checkpoint": str(directory.resolve()), "step": saved.step, "strategy": saved.strategy,
               "world_size": saved.world_size, "model": config.model.name, "dtype": dtype,
               "orchestrator_version": __version__}
-    _write_directory(output, shards=shards, model_config=_model_config(model, tokenizer, target), record=record,
-                     tokenizer=tokenizer, max_length=model.max_length)
+    texts = {RECORD_FILE: json.dumps(record, indent=1) + "\n"}
+    tensors = [_cast(tensor, target) for tensor in model.tensors]
+    adapters = None
+    if isinstance(weights, MergedWeights) and not merge_lora:
+        # The adapters in PEFT's format, over the pretrained directory they were trained on, or over the base
+        # weights written here when the run had none.
+        pretrained = getattr(config.model, "pretrained", None)
+        base = str(Path(pretrained).expanduser().resolve()) if pretrained else str(output.resolve())
+        adapter_tensors, texts[ADAPTER_CONFIG_FILE] = _adapters(lora, weights, model, base=base)
+        adapters = AdapterFiles(tensors=[_cast(tensor, target) for tensor in adapter_tensors], base=base)
+        if pretrained:
+            tensors = []
+    shards = plan_shards(tensors, max_shard_bytes=max_shard_bytes) if tensors else {}
+    if shards:
+        texts[MODEL_CONFIG_FILE] = json.dumps(_model_config(model, tokenizer, target), indent=2) + "\n"
+    if len(shards) > 1:
+        texts[INDEX_FILE] = index_json(shards)
+    if adapters is not None:
+        shards[ADAPTER_FILE] = adapters.tensors
+    texts.update(tokenizer.texts(model_max_length=model.max_length))
+    _write_directory(output, files=shards, texts=texts)
     return ExportResult(output=output, checkpoint=directory, step=saved.step, strategy=saved.strategy,
                         world_size=saved.world_size, model=config.model.name, architecture=model.architecture,
                         num_params=sum(math.prod(t.shape) for t in tensors), dtype=dtype,
-                        files=list(shards), num_bytes=sum(t.num_bytes for t in tensors), tokenizer=tokenizer.note)
+                        files=[name for name in shards if name != ADAPTER_FILE],
+                        num_bytes=sum(t.num_bytes for t in tensors), tokenizer=tokenizer.note,
+                        lora=_lora_note(lora, weights, adapters))
 
 
-def _check_lora(config: Config, *, merge: bool, source: str) -> None:
-    """``--merge-lora`` needs adapters to merge. Merging goes between reading the checkpoint (``weights``) and
-    mapping it to transformers names: each pair folded into the weight it adapts (W + scale * B @ A), the
-    adapters dropped, so every model's export gets it. No model has LoRA adapters yet (``model.lora``)."""
-    lora = getattr(config.model, "lora", None)
-    if merge and lora is None:
-        raise UserError(f"--merge-lora: {source} has no LoRA adapters (model.lora is not set)")
-    if lora is not None:
-        raise UserError(f"{source}: model.lora is set, and export cannot write LoRA adapters or merge them yet")
+@dataclass(frozen=True, kw_only=True)
+class AdapterFiles:
+    tensors: list[OutTensor]
+    base: str  # the directory of the weights they adapt
+
+
+def _adapters(lora: LoRA, weights: MergedWeights, model: ModelExport, *, base: str) -> tuple[list[OutTensor], str]:
+    """The adapters as ``PeftModel.save_pretrained`` writes them: ``base_model.model.<module>.lora_A.weight``
+    under transformers' module names, and ``adapter_config.json``."""
+    from peft import LoraConfig
+
+    shapes, dtypes = weights.source.shapes(), weights.source.dtypes()
+    tensors, targets = [], []
+    for module, stored in sorted(weights.adapters().items()):
+        name = model.module_names[module]
+        targets.append(name)
+        for kind, stored_name in zip(("lora_A", "lora_B"), stored):
+            tensors.append(OutTensor(name=f"base_model.model.{name}.{kind}.weight", shape=tuple(shapes[stored_name]),
+                                     dtype=dtypes[stored_name], read=partial(weights.source.read, stored_name)))
+    config = LoraConfig(r=lora.cfg.rank, lora_alpha=lora.cfg.alpha, lora_dropout=lora.cfg.dropout,
+                        target_modules=targets, bias="none", task_type="CAUSAL_LM", fan_in_fan_out=model.conv1d,
+                        base_model_name_or_path=base, inference_mode=True)
+    settings = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
+    return tensors, json.dumps(settings, indent=2, sort_keys=True) + "\n"
+
+
+def _lora_note(lora: LoRA | None, weights: WeightSource, adapters: AdapterFiles | None) -> str | None:
+    if lora is None:
+        return None
+    count = len(weights.adapters())  # type: ignore[attr-defined]
+    if adapters is None:
+        return f"rank {lora.cfg.rank} on {count} modules, merged into the weights"
+    return f"rank {lora.cfg.rank} on {count} modules, {ADAPTER_FILE} over {adapters.base}"
 
 
 def _run_config(directory: Path) -> Config:
@@ -177,23 +225,15 @@ def _check_output(output: Path) -> None:
                         f"does not write and would delete; move them or choose another directory")
 
 
-def _write_directory(output: Path, *, shards: dict[str, list[OutTensor]], model_config: dict, record: dict,
-                     tokenizer: RunTokenizer, max_length: int) -> None:
-    """Everything into a temporary sibling, then renamed to ``output``."""
+def _write_directory(output: Path, *, files: dict[str, list[OutTensor]], texts: dict[str, str]) -> None:
+    """Every safetensors file and text into a temporary sibling, then renamed to ``output``."""
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = output.with_name(f".{output.name}.export-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        for name, tensors in shards.items():
+        for name, tensors in files.items():
             write_safetensors(tmp / name, tensors)
-        texts = {MODEL_CONFIG_FILE: json.dumps(model_config, indent=2) + "\n",
-                 RECORD_FILE: json.dumps(record, indent=1) + "\n"}
-        if len(shards) > 1:
-            texts[INDEX_FILE] = index_json(shards)
-        if tokenizer.path is not None:
-            texts[TOKENIZER_FILE] = tokenizer.path.read_text()
-            texts[TOKENIZER_CONFIG_FILE] = tokenizer_config(model_max_length=max_length)
         for name, text in texts.items():
             with open(tmp / name, "x") as stream:
                 stream.write(text)

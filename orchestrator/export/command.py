@@ -63,14 +63,21 @@ def parse_size(text: str, *, key: str) -> int:
 
 def format_result(result: ExportResult) -> str:
     """The command's summary: what was read, what was written, how to load it."""
-    files = result.files[0] if len(result.files) == 1 else f"{result.files[0]} ... {result.files[-1]} + index"
+    if not result.files:
+        weights = "none: the adapters' base is the pretrained directory"
+    else:
+        files = result.files[0] if len(result.files) == 1 else f"{result.files[0]} ... {result.files[-1]} + index"
+        weights = (f"{result.dtype}, {len(result.files)} file{'s' if len(result.files) > 1 else ''}, "
+                   f"{format_bytes(result.num_bytes)}: {files}")
     return "\n".join([
         f"exported {result.checkpoint} (step {result.step}, strategy={result.strategy}, "
         f"{result.world_size} rank{'s' if result.world_size > 1 else ''})",
-        f"  model      model={result.model} as {result.architecture}, {result.num_params:,} parameters",
-        f"  weights    {result.dtype}, {len(result.files)} file{'s' if len(result.files) > 1 else ''}, "
-        f"{format_bytes(result.num_bytes)}: {files}",
+        f"  model      model={result.model} as {result.architecture}"
+        + (f", {result.num_params:,} parameters" if result.files else ""),
+        f"  weights    {weights}",
         f"  tokenizer  {result.tokenizer}",
+        *([f"  LoRA       {result.lora}"] if result.lora else []),
         f"  output     {result.output}",
-        f"  load with  transformers.AutoModelForCausalLM.from_pretrained(\"{result.output}\")",
+        f"  load with  transformers.AutoModelForCausalLM.from_pretrained(\"{result.output}\")"
+        + ("  (with peft installed)" if result.lora and "merged" not in result.lora else ""),
     ])

@@ -25,8 +25,7 @@ from orchestrator.errors import UserError
 from orchestrator.export.safetensors_files import OutTensor
 from orchestrator.models import build_model, meta_device
 from orchestrator.models.gpt2_format import gpt2_config, gpt2_layout, gpt2_tensor
-from orchestrator.models.recipe import shape_mismatch, state_shapes
-from orchestrator.strategies.weights import CheckpointWeights
+from orchestrator.models.recipe import WeightSource, shape_mismatch, state_shapes
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,22 +36,28 @@ class ModelExport:
     config: dict[str, Any]  # config.json; bos/eos token ids None where the tokenizer decides them
     tensors: list[OutTensor]  # in the checkpoint's dtypes
     max_length: int  # the longest sequence it was built for
+    module_names: dict[str, str]  # the run's module name -> transformers' (for LoRA adapters)
+    conv1d: bool = False  # its linear layers are GPT-2's Conv1D (weights stored transposed)
 
 
-def gpt_export(config: Config, weights: CheckpointWeights, *, source: str) -> ModelExport:
+def gpt_export(config: Config, weights: WeightSource, *, source: str) -> ModelExport:
     """``model=gpt`` as ``GPT2LMHeadModel``."""
     rows = _shape(weights, "tok_emb.weight", source=source)[0]
     model = _built(config, vocab_size=rows)
     shapes = _in_model_order(model, weights, source=source)
     dtypes = weights.dtypes()
+    layout = gpt2_layout(shapes)
     tensors = [OutTensor(name=entry.name, shape=entry.shape, read=partial(gpt2_tensor, entry, weights.read),
                          dtype=dtypes[entry.source] if entry.source else torch.float32)
-               for entry in gpt2_layout(shapes)]
+               for entry in layout]
+    modules = {entry.source.removesuffix(".weight"): entry.name.removesuffix(".weight")
+               for entry in layout if entry.source and entry.source.endswith(".weight")}
     return ModelExport(architecture="GPT2LMHeadModel", tensors=tensors, max_length=model.block_size,
-                       config=gpt2_config(config.model, vocab_size=rows, block_size=model.block_size))
+                       config=gpt2_config(config.model, vocab_size=rows, block_size=model.block_size),
+                       module_names=modules, conv1d=True)
 
 
-def hf_export(config: Config, weights: CheckpointWeights, *, source: str) -> ModelExport:
+def hf_export(config: Config, weights: WeightSource, *, source: str) -> ModelExport:
     """``model=hf`` as the transformers model it wraps."""
     with _quiet_transformers():  # a stand-in vocabulary of 1 makes configs warn about their token ids
         stand_in = _built(config, vocab_size=1)
@@ -76,7 +81,9 @@ def hf_export(config: Config, weights: CheckpointWeights, *, source: str) -> Mod
         if key not in config.model.config and not config.model.pretrained:
             hf_config[key] = None
     max_length = getattr(hf_model.config, "max_position_embeddings", None) or config.data.seq_len_or_none
-    return ModelExport(architecture=architecture, config=hf_config, tensors=tensors, max_length=max_length)
+    modules = {name: name[len(prefix):] for name, _ in model.named_modules() if name.startswith(prefix)}
+    return ModelExport(architecture=architecture, config=hf_config, tensors=tensors, max_length=max_length,
+                       module_names=modules)
 
 
 EXPORTS: dict[str, Callable[..., ModelExport]] = {"gpt": gpt_export, "hf": hf_export}
@@ -89,14 +96,14 @@ def _built(config: Config, *, vocab_size: int) -> nn.Module:
         return build_model(config.model, data)
 
 
-def _shape(weights: CheckpointWeights, name: str, *, source: str) -> list[int]:
+def _shape(weights: WeightSource, name: str, *, source: str) -> list[int]:
     shapes = weights.shapes()
     if name not in shapes:
         raise UserError(f"{source}: the checkpoint has no {name}: it is not of the model in its run's config.yaml")
     return shapes[name]
 
 
-def _in_model_order(model: nn.Module, weights: CheckpointWeights, *, source: str) -> dict[str, list[int]]:
+def _in_model_order(model: nn.Module, weights: WeightSource, *, source: str) -> dict[str, list[int]]:
     """The checkpoint's tensor shapes in the model's state-dict order (every strategy's export is then the
     same files); ``UserError`` when they are not the model's."""
     shapes = state_shapes(model)

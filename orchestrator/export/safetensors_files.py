@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from orchestrator.models.pretrained import SINGLE_FILE
+
 # safetensors' names for torch dtypes.
 _DTYPES = {
     torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",

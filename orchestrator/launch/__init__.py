@@ -61,9 +61,26 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
             this job must not overwrite or cannot continue.
     """
     run_dir = run_dir.absolute()  # Ray's workers start in working dirs of their own
+    _absolute_inputs(config)
     with own_run_dir(run_dir):
         return _run_owned(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
                           print_summary=print_summary)
+
+
+def _absolute_inputs(config: Config) -> None:
+    """Relative paths of the weights and checkpoints a run reads, made absolute against this working directory:
+    Ray's workers start in working directories of their own."""
+    def absolute(path: str) -> str:
+        local = Path(path).expanduser()
+        return str(local.absolute()) if local.exists() else path
+
+    trainer = config.trainer
+    if trainer.init_from:
+        trainer.init_from = absolute(trainer.init_from)
+    if trainer.resume not in ("auto", "never"):
+        trainer.resume = absolute(trainer.resume)
+    if getattr(config.model, "pretrained", None):
+        config.model.pretrained = absolute(config.model.pretrained)  # type: ignore[attr-defined]
 
 
 def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
@@ -150,6 +167,22 @@ def _crash_summary(run_dir: Path, *, error: str, restarts: int) -> dict[str, Any
     }
 
 
+def _parameters_row(summary: dict[str, Any]) -> str | None:
+    total, trainable = summary.get("num_params"), summary.get("num_trainable_params")
+    if total is None:
+        return None
+    return f"{total:,}" if trainable in (None, total) else f"{total:,} ({trainable:,} trainable)"
+
+
+def _model_state_row(summary: dict[str, Any]) -> str | None:
+    """What this rank's parameters, gradients and optimizer state hold (ZeRO's fp32 master copy apart)."""
+    parts = [(label, summary.get(key)) for label, key in (("params", "param_bytes"), ("grads", "grad_bytes"),
+                                                          ("optimizer", "optimizer_bytes"), ("master", "master_bytes"))]
+    if parts[0][1] is None:
+        return None
+    return ", ".join(f"{label} {format_bytes(value)}" for label, value in parts if value or label != "master")
+
+
 def _print_summary(summary: dict[str, Any]) -> None:
     if summary["status"] != "completed":
         print(f"error: {summary.get('error', 'training failed')}", file=sys.stderr)
@@ -163,10 +196,14 @@ def _print_summary(summary: dict[str, Any]) -> None:
         ("steps", summary["steps"]),
         ("final loss", summary.get("final_loss")),
         ("eval loss", eval_row),
+        ("eval accuracy", f"{summary['final_eval_accuracy']:.2%}" if summary.get("final_eval_accuracy") is not None
+         else None),
         ("tokens/s", f"{summary['tokens_per_s']:,.0f}" if summary.get("tokens_per_s") else None),
         ("step time (median)", f"{summary['step_time_s_median'] * 1000:.1f} ms"
          if summary.get("step_time_s_median") else None),
         ("MFU", f"{mfu:.1%}" if mfu is not None else None),
+        ("parameters", _parameters_row(summary)),
+        ("model state / rank", _model_state_row(summary)),
         ("peak memory / rank", format_bytes(summary["peak_mem_bytes"]) if summary.get("peak_mem_bytes") else None),
         ("workers", f"{summary['world_size']} x {summary.get('device', '?')}, strategy={summary['strategy']}"),
         ("restarts", summary.get("restarts") or None),

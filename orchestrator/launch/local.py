@@ -23,8 +23,13 @@ from typing import TYPE_CHECKING, Any
 
 import psutil
 from torch.distributed import TCPStore
-from torch.distributed.elastic.rendezvous import (RendezvousHandler, RendezvousInfo, RendezvousParameters,
-                                                  RendezvousStoreInfo, rendezvous_handler_registry)
+from torch.distributed.elastic.rendezvous import (
+    RendezvousHandler,
+    RendezvousInfo,
+    RendezvousParameters,
+    RendezvousStoreInfo,
+    rendezvous_handler_registry,
+)
 
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config

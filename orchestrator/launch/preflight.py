@@ -9,7 +9,8 @@ from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
-from orchestrator.models import build_model, meta_device, pretrained_weights
+from orchestrator.models import build_model, meta_device, model_blocks, pretrained_weights
+from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes
 from orchestrator.strategies.formats import resume_problem, weights_problem
 from orchestrator.train import manifest
@@ -46,8 +47,13 @@ def preflight(config: Config) -> None:
         _check_pretrained(config)
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
-        _check_fits(directory, shapes, key=f"trainer.init_from={trainer.init_from}",
-                    problem=weights_problem(written_by=manifest.read_manifest(directory).strategy))
+        saved = manifest.read_manifest(directory)
+        problem = weights_problem(written_by=saved.strategy)
+        if problem is None and any(is_adapter(name) for name in saved.model_shapes or ()):
+            problem = ("it holds LoRA adapters; `orchestrator export --merge-lora` writes the model they make, "
+                       "which model.pretrained=DIR starts from")
+        _check_fits(directory, _model_shapes(config, adapters=False), key=f"trainer.init_from={trainer.init_from}",
+                    problem=problem)
         _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
 
 
@@ -134,10 +140,15 @@ def _check_pretrained(config: Config) -> None:
     check_weights_fit(state_shapes(model), source)
 
 
-def _model_shapes(config: Config) -> dict[str, list[int]]:
+def _model_shapes(config: Config, *, adapters: bool = True) -> dict[str, list[int]]:
+    """The state-dict shapes of the model as it trains (with its LoRA adapters), or without its adapters: what
+    initial weights must have. Checks ``trainer.freeze`` and ``model.lora.target_modules`` on the way."""
     spec = prepare_data(config.data)  # a cache hit after the first call
     with meta_device():
         model = build_model(config.model, spec)
+        lora = lora_for(config.model)
+        if lora is not None and adapters:
+            lora.add(model, blocks=model_blocks(config.model, model))
     freeze_modules(model, config.trainer.freeze)
     return state_shapes(model)
 

@@ -26,8 +26,13 @@ from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, RayLauncherConfig
 from orchestrator.errors import LaunchError, UserError, first_line
 from orchestrator.fsutil import write_atomic
-from orchestrator.launch.ray_compat import (LOOPBACK_IP, init_on_loopback, is_capacity_timeout, keep_loopback,
-                                             quiet_token_setup_warning)
+from orchestrator.launch.ray_compat import (
+    LOOPBACK_IP,
+    init_on_loopback,
+    is_capacity_timeout,
+    keep_loopback,
+    quiet_token_setup_warning,
+)
 
 # Ray Train reads it in its controller: how long a worker group may wait to be placed.
 WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -14,6 +14,7 @@ import os
 import sys
 from typing import Any
 
+TESTED_VERSIONS = ("2.60",)  # Ray major.minor this module is tested against (pinned in pyproject.toml)
 LOOPBACK_IP = "127.0.0.1"
 # Ray's own switch (meant for macOS and Windows): processes that see "0" take loopback as this
 # machine's address. Set for a loopback node's processes, so a job's driver there (a plain

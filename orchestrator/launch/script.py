@@ -36,7 +36,6 @@ from orchestrator.errors import LaunchError
 from orchestrator.fsutil import write_atomic
 from orchestrator.tracking.console import format_duration, format_summary
 
-
 # Runs first in each script process, then execs the script in its place (same pid, the script's own
 # sys.argv). The kernel kills the process when the thread that started it ends, even by SIGKILL: under
 # launcher=local that is the driver (torch elastic's agent runs in it), under launcher=ray the Ray

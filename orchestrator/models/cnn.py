@@ -1,8 +1,8 @@
 """CNN: a small ResNet (He et al. 2016) for small images, 8x8 digits to 32x32 CIFAR.
 
 A 3x3 stem, then one stage of residual blocks per width, halving height and width at the start of every stage
-after the first, then global average pooling and a linear classifier. No 7x7 stem and no max-pool: on images
-this small they would throw away most of the pixels before the first block.
+after the first, then global average pooling and a linear head (class logits, or values for float targets). No
+7x7 stem and no max-pool: on images this small they would throw away most of the pixels before the first block.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ class BasicBlock(nn.Module):
 
 
 class CNN(nn.Module):
-    """Maps images (B, C, H, W) to class logits (B, num_classes)."""
+    """Maps images (B, C, H, W) to (B, num_outputs): class logits, or one value per float target."""
 
-    def __init__(self, cfg: CNNConfig, *, input_shape: tuple[int, int, int], num_classes: int) -> None:
+    def __init__(self, cfg: CNNConfig, *, input_shape: tuple[int, int, int], num_outputs: int) -> None:
         super().__init__()
         channels, height, width = input_shape
         self.stem = nn.Sequential(
@@ -59,7 +59,7 @@ class CNN(nn.Module):
                 in_channels = out_channels
         # A flat list rather than stages, so sharding and checkpointing see every block alike.
         self.blocks = nn.ModuleList(blocks)
-        self.head = nn.Linear(in_channels, num_classes)
+        self.head = nn.Linear(in_channels, num_outputs)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = self.stem(inputs)
@@ -91,7 +91,7 @@ def build_cnn(cfg: CNNConfig, data: DataSpec) -> CNN:
             f"model=cnn needs images shaped (channels, height, width), but the data's samples are shaped "
             f"{data.input_shape}; use model=mlp for feature vectors"
         )
-    return CNN(cfg, input_shape=data.input_shape, num_classes=data.num_classes)
+    return CNN(cfg, input_shape=data.input_shape, num_outputs=data.num_outputs)
 
 
 def cnn_blocks(model: CNN) -> list[nn.Module]:

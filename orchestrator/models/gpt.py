@@ -16,6 +16,8 @@ from torch import nn
 from orchestrator.config.schema import GPTConfig
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
+from orchestrator.models.gpt2_format import gpt2_weights, gpt_pretrained_config
+from orchestrator.models.pretrained import SafetensorsWeights
 
 INIT_STD = 0.02  # GPT-2's
 
@@ -122,17 +124,29 @@ def _init_linear(linear: nn.Linear, *, std: float) -> None:
 
 
 def build_gpt(cfg: GPTConfig, data: DataSpec) -> GPT:
-    """A GPT sized for ``data``: its vocabulary and sequence length unless ``cfg`` sets them.
+    """A GPT sized for ``data``: its vocabulary and sequence length unless ``cfg`` sets them, or
+    ``model.pretrained``'s config.json does.
 
     Args:
         cfg: the model settings.
         data: the token data it trains on.
     """
-    vocab_size = data.model_vocab_size(cfg.vocab_size, key="model.vocab_size")
+    vocab_key, block_key = "model.vocab_size", "model.block_size"
+    if cfg.pretrained:
+        cfg = gpt_pretrained_config(cfg)
+        vocab_key = f"model.pretrained={cfg.pretrained}: config.json's vocab_size"
+        block_key = f"model.pretrained={cfg.pretrained}: config.json's n_positions"
+    vocab_size = data.model_vocab_size(cfg.vocab_size, key=vocab_key)
     block_size = cfg.block_size or data.seq_len
     if data.seq_len > block_size:
-        raise UserError(f"model.block_size={block_size} is shorter than data.seq_len={data.seq_len}")
+        raise UserError(f"{block_key}={block_size} is shorter than data.seq_len={data.seq_len}")
     return GPT(cfg, vocab_size=vocab_size, block_size=block_size)
+
+
+def gpt_pretrained_weights(cfg: GPTConfig, model: GPT) -> SafetensorsWeights | None:
+    """The weights of ``model.pretrained`` (a GPT-2 directory) under GPT's names, or None without one.
+    ``model`` may be a meta-device build: only names and shapes are read (and, without biases, the file's)."""
+    return gpt2_weights(cfg, model) if cfg.pretrained else None
 
 
 def gpt_blocks(model: GPT) -> list[nn.Module]:

@@ -9,19 +9,26 @@ differs is spelling:
   ``gelu_new``; one dropout rate is GPT-2's three (``resid_pdrop``, ``embd_pdrop``, ``attn_pdrop``);
 - GPT-2 always has biases: a GPT built with ``bias=False`` (the default) gets zero biases, the same function;
 - transformers ties ``lm_head.weight`` to ``transformer.wte.weight`` on load, so an export leaves it out.
+
+``orchestrator export`` writes a GPT this way; ``model=gpt model.pretrained=DIR`` reads it back
+(``gpt_pretrained_config`` for the sizes, ``gpt2_weights`` for the tensors, a rank's rows at a time).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import nn
 
 from orchestrator.config.schema import GPTConfig
 from orchestrator.errors import UserError
+from orchestrator.models.pretrained import CONFIG_FILE, SafetensorsWeights, pretrained_dir, read_config
+from orchestrator.models.recipe import state_shapes
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which GPT uses
 _TOP = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f"}
@@ -168,9 +175,56 @@ def gpt_config(gpt2: Mapping[str, Any], *, source: str) -> GPTConfig:
     dropouts = {name: field(name, 0.1) for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
     if len(set(dropouts.values())) > 1:
         raise UserError(f"{source}: {dropouts} differ; model=gpt has one model.dropout for all three")
-    return GPTConfig(n_layer=field("n_layer", 12), n_head=field("n_head", 12), n_embd=n_embd,
-                     dropout=float(dropouts["resid_pdrop"]), bias=True, vocab_size=field("vocab_size", 50257),
-                     block_size=field("n_positions", 1024))
+    try:
+        return GPTConfig(n_layer=field("n_layer", 12), n_head=field("n_head", 12), n_embd=n_embd,
+                         dropout=float(dropouts["resid_pdrop"]), bias=True, vocab_size=field("vocab_size", 50257),
+                         block_size=field("n_positions", 1024))
+    except (TypeError, ValueError) as exc:  # a size that is not a positive integer, say
+        raise UserError(f"{source}: not a GPT-2 config that model=gpt can load ({exc})") from None
+
+
+# GPT's sizes, and what GPT-2's config.json calls them.
+_SIZES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "vocab_size": "vocab_size",
+          "block_size": "n_positions"}
+
+
+def gpt_pretrained_config(cfg: GPTConfig) -> GPTConfig:
+    """``cfg`` with the sizes of ``model.pretrained``'s config.json; ``UserError`` naming the key and the file
+    where ``cfg`` sets one to something else (conf/model/gpt.yaml fills them in from the file)."""
+    assert cfg.pretrained, "only a GPT with model.pretrained has a config.json"
+    directory = pretrained_dir(cfg.pretrained)
+    source = directory / CONFIG_FILE
+    found = gpt_config(read_config(directory), source=f"model.pretrained: {source}")
+    for key, gpt2_key in _SIZES.items():
+        given, value = getattr(cfg, key), getattr(found, key)
+        if given is not None and given != value:
+            raise UserError(f"model.{key}={given} contradicts model.pretrained={cfg.pretrained} ({source}: "
+                            f"{gpt2_key}={value}); leave model.{key} out, or use model=gpt, which takes every size "
+                            f"from config.json")
+    return dataclasses.replace(cfg, **{key: getattr(found, key) for key in _SIZES})
+
+
+def gpt2_weights(cfg: GPTConfig, model: nn.Module) -> SafetensorsWeights:
+    """``model.pretrained``'s GPT-2 tensors under the names of ``model`` (a GPT; meta-device will do), Conv1D
+    weights transposed as they are read.
+
+    A GPT without biases (``model.bias=false``) takes the file's biases only if they are zero, as an export of
+    such a GPT writes them; ``UserError`` naming the file otherwise. Reads those biases, and no other tensor.
+    """
+    assert cfg.pretrained, "only a GPT with model.pretrained has weights to read"
+    layout = gpt2_layout(state_shapes(model))
+    weights = SafetensorsWeights(
+        pretrained_dir(cfg.pretrained),
+        names={entry.source: entry.name for entry in layout if entry.source is not None},
+        aliases={_HEAD: "tok_emb.weight"},  # transformers ties the head on load; so does GPT
+        transposed=frozenset(entry.source for entry in layout if entry.transposed and entry.source is not None),
+    )
+    for entry in layout:
+        bias = weights.read_stored(entry.name) if entry.source is None else None
+        if bias is not None and torch.count_nonzero(bias):
+            raise UserError(f"model.pretrained: {weights.file_of(entry.name)}: {entry.name} is not zero, and "
+                            f"model.bias=false has no biases; use model.bias=true")
+    return weights
 
 
 def _gpt2_module(module: str) -> tuple[str, bool]:

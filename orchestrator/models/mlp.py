@@ -1,4 +1,4 @@
-"""MLP: a fully connected classifier over flattened images or feature vectors."""
+"""MLP: a fully connected classifier or regressor over flattened images or feature vectors."""
 
 from __future__ import annotations
 
@@ -12,16 +12,16 @@ from orchestrator.data.spec import DataSpec
 
 
 class MLP(nn.Module):
-    """Maps samples (B, *input_shape) to class logits (B, num_classes)."""
+    """Maps samples (B, *input_shape) to (B, num_outputs): class logits, or one value per float target."""
 
-    def __init__(self, cfg: MLPConfig, *, in_features: int, num_classes: int) -> None:
+    def __init__(self, cfg: MLPConfig, *, in_features: int, num_outputs: int) -> None:
         super().__init__()
         widths = [in_features, *cfg.hidden_sizes]
         self.hidden = nn.ModuleList(
             nn.Sequential(nn.Linear(width_in, width_out), nn.GELU(), nn.Dropout(cfg.dropout))
             for width_in, width_out in zip(widths[:-1], widths[1:])
         )
-        self.head = nn.Linear(widths[-1], num_classes)
+        self.head = nn.Linear(widths[-1], num_outputs)
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
         x = inputs.flatten(1)
@@ -42,9 +42,9 @@ def build_mlp(cfg: MLPConfig, data: DataSpec) -> MLP:
 
     Args:
         cfg: the model settings.
-        data: the image or feature-vector data it trains on.
+        data: the image or feature-vector data it trains on; its targets set the outputs.
     """
-    return MLP(cfg, in_features=math.prod(data.input_shape), num_classes=data.num_classes)
+    return MLP(cfg, in_features=math.prod(data.input_shape), num_outputs=data.num_outputs)
 
 
 def mlp_blocks(model: MLP) -> list[nn.Module]:

@@ -4,8 +4,9 @@ rank's rows of it) at a time.
 DIR holds ``config.json`` and the weights as safetensors: ``model.safetensors``, or shards listed by
 ``model.safetensors.index.json``. safetensors is a header of names, dtypes, shapes and offsets followed
 by raw bytes: nothing in it can run code, and ``safe_open(...).get_slice(name)[start:stop]`` reads just
-those rows from disk. PyTorch pickles (``pytorch_model.bin``) are never read. Nothing is downloaded: a
-hub id that is not a local directory is an error saying how to get a local copy.
+those rows from disk (and ``[:, start:stop]`` those columns: a tensor stored transposed, as GPT-2's
+``Conv1D`` weights are, gives a rank its rows that way). PyTorch pickles (``pytorch_model.bin``) are never
+read. Nothing is downloaded: a hub id that is not a local directory is an error saying how to get a local copy.
 """
 
 from __future__ import annotations
@@ -64,18 +65,36 @@ class SafetensorsWeights(WeightSource):
         names: model state-dict name -> the name in the files (a prefix added or dropped, say).
         aliases: model names that share a tensor with another name (tied weights), mapped to that name:
             a file may store a tied tensor once.
+        transposed: model names whose tensor the files store transposed (GPT-2's ``Conv1D`` weights, (in,
+            out) for ``nn.Linear``'s (out, in)): read back transposed, a rank's rows read as the file's columns.
         key: the setting named in errors.
     """
 
     def __init__(self, directory: Path, *, names: Mapping[str, str], aliases: Mapping[str, str] | None = None,
-                 key: str = "model.pretrained") -> None:
+                 transposed: frozenset[str] = frozenset(), key: str = "model.pretrained") -> None:
         self.directory = directory
         self.key = key
         self._files = self._file_of_each_tensor()
         self._names = dict(names)
+        self._transposed = transposed
         for alias, target in (aliases or {}).items():
             if self._names.get(alias) not in self._files and self._names.get(target) in self._files:
                 self._names[alias] = self._names[target]
+                if target in transposed:
+                    self._transposed = self._transposed | {alias}
+
+    def read_stored(self, stored: str) -> torch.Tensor | None:
+        """The tensor the files call ``stored`` (one the model need not have), or None where they lack it."""
+        from safetensors import safe_open
+
+        if stored not in self._files:
+            return None
+        with safe_open(str(self._files[stored]), framework="pt") as f:
+            return f.get_tensor(stored)
+
+    def file_of(self, stored: str) -> Path:
+        """The file that holds the tensor the files call ``stored``."""
+        return self._files[stored]
 
     def _file_of_each_tensor(self) -> dict[str, Path]:
         from safetensors import safe_open
@@ -110,7 +129,8 @@ class SafetensorsWeights(WeightSource):
         for path, names in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for name in names:
-                    found[name] = list(f.get_slice(self._names[name]).get_shape())
+                    shape = list(f.get_slice(self._names[name]).get_shape())
+                    found[name] = shape[::-1] if name in self._transposed else shape
         return found
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
@@ -118,6 +138,10 @@ class SafetensorsWeights(WeightSource):
 
         stored = self._names[name]
         with safe_open(str(self._files[stored]), framework="pt") as f:
+            if name in self._transposed:
+                # The model's rows are the file's columns: a slice reads just those, a row of the file at a time.
+                tensor = f.get_tensor(stored) if rows is None else f.get_slice(stored)[:, rows[0]:rows[1]]
+                return tensor.t().contiguous()
             if rows is None:
                 return f.get_tensor(stored)
             return f.get_slice(stored)[rows[0]:rows[1]]

@@ -31,6 +31,34 @@ class WeightSource(ABC):
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor ``name``, or its rows ``[start, stop)`` along the first dimension."""
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        """Every tensor's dtype, by name, without reading any tensor (sources that can tell)."""
+        raise NotImplementedError(f"{type(self).__name__} does not list its dtypes")
+
+    def fresh(self, name: str) -> bool:
+        """Whether the model's own initial value of ``name`` stands (a new adapter): not read from here."""
+        return False
+
+
+class Adapters(ABC):
+    """Trainable adapters added to a built model (``model.lora``), everything else frozen."""
+
+    @abstractmethod
+    def add(self, model: nn.Module, *, blocks: list[nn.Module]) -> None:
+        """Adds the adapters, initialized from torch's global RNG, and freezes every other parameter."""
+
+    @abstractmethod
+    def reset(self, model: nn.Module) -> None:
+        """The adapters' initial values again, after ``to_empty`` and the model's ``init_weights``."""
+
+    @abstractmethod
+    def cast_frozen(self, model: nn.Module) -> None:
+        """Casts the frozen parameters to the dtype they are kept in."""
+
+    @abstractmethod
+    def under_adapters(self, source: WeightSource, *, names: list[str]) -> WeightSource:
+        """``source``'s weights of the model without adapters, under the adapted model's ``names``."""
+
 
 class InMemoryWeights(WeightSource):
     """A state dict already in memory (a checkpoint's consolidated weights)."""
@@ -53,22 +81,35 @@ class ModelRecipe:
     build: builds and initializes the model on the current default device (``torch.device`` context).
     blocks: the model's repeated blocks, which sharding, activation checkpointing and compile wrap.
     initial_state: the weights to start from (``trainer.init_from``, ``model.pretrained``), opened on
-        demand; a strategy reads each tensor, or each rank's rows of it, as it loads it.
+        demand; a strategy reads each tensor, or each rank's rows of it, as it loads it. They are the
+        model's without adapters.
     freeze: names of modules whose parameters do not train.
+    adapters: trainable adapters (LoRA) added after the weights are loaded; the rest is then frozen.
     """
 
     build: Callable[[], nn.Module]
     blocks: Callable[[nn.Module], list[nn.Module]]
     initial_state: Callable[[], WeightSource] | None = None
     freeze: tuple[str, ...] = ()
+    adapters: Adapters | None = None
 
-    def build_complete(self) -> nn.Module:
-        """The model on the current default device with initial weights loaded and modules frozen."""
+    def build_complete(self, *, cast_frozen: bool = True) -> nn.Module:
+        """The model on the current default device with initial weights loaded, adapters added and modules
+        frozen; the frozen parameters cast to their dtype unless ``cast_frozen`` is False (a strategy that
+        casts the whole model itself)."""
         model = self.build()
         if self.initial_state is not None:
             load_weights(model, self.initial_state())
-        freeze_modules(model, self.freeze)
+        self.finish(model, cast_frozen=cast_frozen)
         return model
+
+    def finish(self, model: nn.Module, *, cast_frozen: bool = True) -> None:
+        """Adds the adapters and freezes, on a model whose base weights are in place."""
+        if self.adapters is not None:
+            self.adapters.add(model, blocks=self.blocks(model))
+            if cast_frozen:
+                self.adapters.cast_frozen(model)
+        freeze_modules(model, self.freeze)
 
 
 def state_shapes(model: nn.Module) -> dict[str, list[int]]:
@@ -94,12 +135,14 @@ def load_weights(model: nn.Module, source: WeightSource) -> None:
     """Copies ``source`` into ``model`` one tensor at a time; UserError when it does not fit."""
     check_weights_fit(state_shapes(model), source)
     for name, tensor in model.state_dict(keep_vars=True).items():
-        tensor.copy_(source.read(name))
+        if not source.fresh(name):
+            tensor.copy_(source.read(name))
 
 
 def check_weights_fit(shapes: Mapping[str, list[int]], source: WeightSource) -> None:
-    """UserError when ``source`` does not have the model's state-dict ``shapes``."""
-    problem = shape_mismatch(shapes, source.shapes())
+    """UserError when ``source`` does not have the model's state-dict ``shapes`` (less its ``fresh`` ones)."""
+    problem = shape_mismatch({name: shape for name, shape in shapes.items() if not source.fresh(name)},
+                             source.shapes())
     if problem is not None:
         raise UserError(f"{source.key}: the weights do not fit this model ({problem})")
 

@@ -20,8 +20,8 @@ from torch import nn
 from orchestrator.config.schema import ModelConfig
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
-from orchestrator.models.recipe import WeightSource
 from orchestrator.models import cnn, gpt, hf, lstm, mlp
+from orchestrator.models.recipe import WeightSource
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -29,6 +29,7 @@ class ModelInfo:
     """Sizes and costs of one model, for throughput (MFU) and memory estimates."""
 
     num_params: int  # all parameters, trainable and frozen, tied weights counted once
+    num_trainable_params: int  # those that get gradients (the adapters alone under LoRA)
     num_non_embedding_params: int  # less token and learned position embeddings; == num_params for image models
     flops_per_token: float  # training FLOPs (forward + backward) per token; per sample for image models
     tokens_per_sample: int  # seq_len for language models, 1 for image models
@@ -44,7 +45,8 @@ class _ModelSpec:
 
 _MODELS: dict[str, _ModelSpec] = {
     "cnn": _ModelSpec(build=cnn.build_cnn, blocks=cnn.cnn_blocks, flops_per_token=cnn.cnn_flops_per_token),
-    "gpt": _ModelSpec(build=gpt.build_gpt, blocks=gpt.gpt_blocks, flops_per_token=gpt.gpt_flops_per_token),
+    "gpt": _ModelSpec(build=gpt.build_gpt, blocks=gpt.gpt_blocks, flops_per_token=gpt.gpt_flops_per_token,
+                      pretrained=gpt.gpt_pretrained_weights),
     "hf": _ModelSpec(build=hf.build_hf, blocks=hf.hf_blocks, flops_per_token=hf.hf_flops_per_token,
                      pretrained=hf.hf_pretrained_weights),
     "lstm": _ModelSpec(build=lstm.build_lstm, blocks=lstm.lstm_blocks, flops_per_token=lstm.lstm_flops_per_token),
@@ -120,6 +122,7 @@ def describe_model(cfg: ModelConfig, data: DataSpec, model: nn.Module) -> ModelI
     flops = _spec(cfg).flops_per_token(cfg, data, model, non_embedding_params=non_embedding_params)
     return ModelInfo(
         num_params=num_params,
+        num_trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
         num_non_embedding_params=non_embedding_params,
         flops_per_token=float(flops),
         tokens_per_sample=data.tokens_per_sample,

@@ -22,7 +22,7 @@ from torch.overrides import TorchFunctionMode
 
 from orchestrator.config.schema import Offload, OptimName, Precision, ZeroConfig
 from orchestrator.models.meta import INIT_FILLS
-from orchestrator.models.recipe import ModelRecipe, check_weights_fit, freeze_modules
+from orchestrator.models.recipe import ModelRecipe, check_weights_fit
 from orchestrator.strategies.base import (
     FP16_OVERFLOW,
     LOW_PRECISION,
@@ -76,7 +76,7 @@ class ZeroStrategy(Strategy):
             config = deepspeed_config(self.config, on_gpu=on_gpu)
             model = _build_partitioned(recipe, config, is_main=self.dist.is_main)
         else:
-            model = recipe.build_complete()
+            model = recipe.build_complete(cast_frozen=False)  # DeepSpeed casts the whole model to bf16 itself
         prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
                        compile=self.cfg.compile)
         return model
@@ -190,7 +190,9 @@ def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any], *, is_main: 
             for name, buffer in model.named_buffers():
                 if name in entries:  # a non-persistent buffer is not part of the weights
                     buffer.copy_(source.read(name))
-    freeze_modules(model, recipe.freeze)
+    # Adapters are built whole: they are small, and deepspeed.initialize partitions every parameter not yet
+    # partitioned. DeepSpeed casts the whole model to the training dtype itself.
+    recipe.finish(model, cast_frozen=False)
     return model
 
 

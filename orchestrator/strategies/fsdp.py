@@ -26,7 +26,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.tensor import DTensor
 from torch.distributed.fsdp import (
     CPUOffloadPolicy,
     MixedPrecisionPolicy,
@@ -34,10 +33,11 @@ from torch.distributed.fsdp import (
     fully_shard,
 )
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
 
 from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
 from orchestrator.models.meta import meta_device
-from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_fit, freeze_modules
+from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_fit
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.train import unpickle
@@ -79,6 +79,7 @@ class FSDP2Strategy(TorchStrategy):
         if on_meta:
             with meta_device():
                 model = recipe.build()
+                recipe.finish(model)  # adapters (nothing allocated yet) before sharding wraps the modules
         else:
             model = recipe.build_complete()  # every rank builds the same full model, then keeps its shards
         blocks = prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
@@ -97,9 +98,13 @@ class FSDP2Strategy(TorchStrategy):
         if on_meta:
             model.to_empty(device=home)
             model.init_weights()
+            if recipe.adapters is not None:
+                recipe.adapters.reset(model)  # init_weights drew the adapters as any linear layer
             if recipe.initial_state is not None:
-                load_shards(model, recipe.initial_state(), rank=self.dist.rank, world_size=self.dist.world_size)
-            freeze_modules(model, recipe.freeze)
+                source = recipe.initial_state()
+                if recipe.adapters is not None:
+                    source = recipe.adapters.under_adapters(source, names=list(model.state_dict()))
+                load_shards(model, source, rank=self.dist.rank, world_size=self.dist.world_size)
         else:
             model.to(home)
         return model
@@ -150,6 +155,8 @@ def load_shards(model: nn.Module, source: WeightSource, *, rank: int, world_size
     entries = model.state_dict(keep_vars=True)
     check_weights_fit({name: list(tensor.shape) for name, tensor in entries.items()}, source)
     for name, tensor in entries.items():
+        if source.fresh(name):
+            continue
         if isinstance(tensor, DTensor):
             local = tensor.to_local()
             start = min(rank * -(-tensor.shape[0] // world_size), tensor.shape[0])

@@ -34,7 +34,8 @@ _NAMES = {
     "mem_peak_bytes": "memory/peak_bytes",
 }
 _SUMMARY_KEYS = ("status", "steps", "final_loss", "first_eval_loss", "final_eval_loss", "best_eval_loss",
-                 "tokens_per_s", "step_time_s_median", "mfu", "peak_mem_bytes", "num_params", "restarts", "error")
+                 "tokens_per_s", "step_time_s_median", "mfu", "peak_mem_bytes", "num_params", "restarts", "error",
+                 "final_eval_accuracy", "num_trainable_params")
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 
 

@@ -18,16 +18,16 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 import yaml
 from torch import nn
 
 from orchestrator.config.schema import Config, OnNonFinite
-from orchestrator.data import Dataset, load_data
+from orchestrator.data import load_data
 from orchestrator.data.sampler import StreamSampler, eval_indices
 from orchestrator.distributed import DistContext
 from orchestrator.errors import TrainingError, UserError, first_line
 from orchestrator.models import build_model, describe_model, meta_device, model_blocks, pretrained_weights
+from orchestrator.models.lora import lora_for
 from orchestrator.models.recipe import InMemoryWeights, ModelRecipe, WeightSource, state_shapes
 from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
 from orchestrator.strategies.base import FP16_OVERFLOW
@@ -36,6 +36,7 @@ from orchestrator.tracking.tracker import Tracker
 from orchestrator.tracking.wandb_run import WandbRun, run_metadata
 from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
+from orchestrator.train.losses import build_loss
 from orchestrator.train.optim import build_optimizer, lr_at
 from orchestrator.train.storage import RunStorage, Uploads
 from orchestrator.train.throughput import mfu, peak_flops_per_device
@@ -57,6 +58,7 @@ class TrainState:
     first_eval_loss: float | None = None
     last_eval_loss: float | None = None
     best_eval_loss: float | None = None
+    last_eval_accuracy: float | None = None  # classifiers only
     evals_since_best: int = 0
     stopped_early: bool = False
     nonfinite_skips: int = 0
@@ -85,15 +87,19 @@ class Trainer:
         trainer = config.trainer
         self.data = load_data(config.data)
         spec = self.data.spec
+        self.loss = build_loss(trainer, spec, data_name=config.data.name)
         with meta_device():
             reference = build_model(config.model, spec)  # sizes and shapes, nothing allocated
-        self.model_info = describe_model(config.model, spec, reference)
         recipe = ModelRecipe(
             build=partial(build_model, config.model, spec),
             blocks=partial(model_blocks, config.model),
             initial_state=self._initial_state(trainer.init_from, reference),
             freeze=tuple(trainer.freeze),
+            adapters=lora_for(config.model),
         )
+        with meta_device():
+            recipe.finish(reference)  # the model as it trains: with its adapters
+        self.model_info = describe_model(config.model, spec, reference)
         torch.manual_seed(config.seed)  # identical initial weights on every rank
         self.strategy = build_strategy(config, dist=dist)
         self.strategy.setup(recipe, build_optimizer=partial(build_optimizer, config.optim))
@@ -240,11 +246,11 @@ class Trainer:
         loss_sum = torch.zeros((), device=self.dist.device)
         for micro_step in range(accum):
             fetch_started = time.perf_counter()
-            inputs, targets = self._batch(self.data.train, self.sampler.next_indices())
+            inputs, targets = self._to_device(self.data.train_batch(self.sampler.next_draw()))
             data_time += time.perf_counter() - fetch_started
             with strategy.accumulate(sync=micro_step == accum - 1):
                 with strategy.autocast():
-                    loss = _loss(strategy.model(inputs), targets)
+                    loss = self.loss(strategy.model(inputs), targets)
                 strategy.backward(loss)
             loss_sum += loss.detach()
         loss_mean = self.dist.all_reduce_sum(loss_sum / accum) / self.dist.world_size
@@ -303,21 +309,28 @@ class Trainer:
 
     @torch.no_grad()
     def _evaluate(self, tracker: Tracker) -> None:
-        """Mean loss over the fixed eval batches of all ranks; sets ``stopped_early`` when patience runs out."""
+        """Mean loss (and a classifier's accuracy) over the fixed eval batches of all ranks, never augmented;
+        sets ``stopped_early`` when patience runs out."""
         model = self.strategy.model
         model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.dist.device)
+        totals = torch.zeros(3, dtype=torch.float64, device=self.dist.device)  # loss sum, targets, hits
         for indices in self.eval_batches:
-            inputs, targets = self._batch(self.data.val, indices)
+            inputs, targets = self._to_device(self.data.val.get_batch(indices))
             with self.strategy.autocast():
-                logits = model(inputs)
-            totals[0] += _loss(logits, targets, reduction="sum").double()
+                outputs = model(inputs)
+            totals[0] += self.loss(outputs, targets, reduction="sum").double()
             totals[1] += targets.numel()
+            if self.loss.hits is not None:
+                totals[2] += self.loss.hits(outputs, targets)
         model.train()
-        eval_loss = (self.dist.all_reduce_sum(totals)[0] / totals[1]).item()
+        loss_sum, count, hits = self.dist.all_reduce_sum(totals).tolist()
+        eval_loss = loss_sum / count
         state, patience = self.state, self.config.trainer.early_stopping
         tracker.log_eval(state.step, eval_loss)
         state.last_eval_loss = eval_loss
+        if self.loss.hits is not None:
+            state.last_eval_accuracy = hits / count
+            tracker.message(f"step {state.step}: eval accuracy {state.last_eval_accuracy:.2%}")
         if state.first_eval_loss is None:
             state.first_eval_loss = eval_loss
         if state.best_eval_loss is None or eval_loss < state.best_eval_loss - patience.min_delta:
@@ -331,8 +344,8 @@ class Trainer:
 
     # ---------------------------------------------------------------------------------- plumbing
 
-    def _batch(self, dataset: Dataset, indices: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        inputs, targets = dataset.get_batch(indices)
+    def _to_device(self, batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        inputs, targets = batch
         if self.dist.device.type == "cuda":
             inputs, targets = inputs.pin_memory(), targets.pin_memory()
         return inputs.to(self.dist.device, non_blocking=True), targets.to(self.dist.device, non_blocking=True)
@@ -393,6 +406,7 @@ class Trainer:
             "first_eval_loss": self.state.first_eval_loss,
             "final_eval_loss": self.state.last_eval_loss,
             "best_eval_loss": self.state.best_eval_loss,
+            "final_eval_accuracy": self.state.last_eval_accuracy,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_worker": tokens_per_s / self.dist.world_size if tokens_per_s else None,
             "step_time_s_median": step_time,
@@ -408,6 +422,7 @@ class Trainer:
             "nonfinite_skips": self.state.nonfinite_skips,
             "overflow_skips": self.state.overflow_skips,
             "num_params": self.model_info.num_params,
+            "num_trainable_params": self.model_info.num_trainable_params,
             "flops_per_token": self.model_info.flops_per_token,
             "peak_flops_per_device": self.peak_flops,
             "param_bytes": memory.param_bytes,
@@ -420,8 +435,3 @@ class Trainer:
         if error:
             summary["error"] = error
         return summary
-
-
-def _loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    # Token models give (B, T, V) logits and (B, T) targets, classifiers (B, C) and (B,): flatten both alike.
-    return F.cross_entropy(logits.flatten(0, -2).float(), targets.flatten(), reduction=reduction)

@@ -268,7 +268,7 @@ def _serve(uri: str, run_dir: Path) -> None:
     threading.Thread(target=read, daemon=True).start()
     while True:
         with changed:
-            changed.wait_for(lambda: waiting is not None or closed)
+            changed.wait_for(lambda: waiting is not None or closed)  # noqa: B023 (the shared slot, read live)
             if waiting is None:
                 return
             job, waiting = waiting, None

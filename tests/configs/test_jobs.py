@@ -25,14 +25,34 @@ TINY_MODEL = {
 TINY_DATA = {
     "text": ["data.max_bytes=300000", "data.seq_len=32", "data.vocab_size=512"],
     "digits": [],
+    "diabetes": [],
 }
 
 
-def tiny_overrides(job: str, cache_dir: Path) -> list[str]:
-    config = to_config(compose([f"job={job}"]))
+def needs_pretrained(job: str) -> bool:
+    """Whether the job leaves ``model.pretrained`` for the command line: a fine-tuning job."""
+    model = compose([f"job={job}"]).model
+    return model.name == "hf" and model.pretrained is None and "model_type" not in model.config
+
+
+@pytest.fixture(scope="session")
+def pretrained_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama as save_pretrained writes it (random weights: nothing can be downloaded here)."""
+    transformers = pytest.importorskip("transformers")
+    directory = tmp_path_factory.mktemp("pretrained") / "llama"
+    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
+    transformers.LlamaForCausalLM(config).save_pretrained(directory)
+    return directory
+
+
+def tiny_overrides(job: str, cache_dir: Path, pretrained: Path | None = None) -> list[str]:
+    """The job at tiny size; a fine-tuning job gets the tiny ``pretrained`` directory, whose size it keeps."""
+    model = [f"model.pretrained={pretrained}"] if needs_pretrained(job) else []
+    config = to_config(compose([f"job={job}", *model]))
     workers = min(config.launcher.num_workers, 2)
     return [
-        f"job={job}", "launcher=local", *TINY_MODEL[config.model.name], *TINY_DATA[config.data.name],
+        f"job={job}", "launcher=local", *(model or TINY_MODEL[config.model.name]), *TINY_DATA[config.data.name],
         f"data.cache_dir={cache_dir}" if config.data.name == "text" else "seed=0",
         "trainer.device=cpu", "trainer.max_steps=2", "scheduler.warmup_steps=0",
         f"launcher.num_workers={workers}", f"trainer.global_batch_size={4 * workers}",
@@ -42,14 +62,17 @@ def tiny_overrides(job: str, cache_dir: Path) -> list[str]:
 
 
 def test_there_are_jobs_for_every_model_family() -> None:
-    families = {to_config(compose([f"job={job}"])).model.name for job in JOBS}
+    families = {compose([f"job={job}"]).model.name for job in JOBS}
     assert families == set(TINY_MODEL)
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_job_trains_two_steps_at_tiny_size(job: str, tmp_path: Path, cache_dir: Path) -> None:
+def test_job_trains_two_steps_at_tiny_size(job: str, tmp_path: Path, cache_dir: Path,
+                                           request: pytest.FixtureRequest) -> None:
+    pretrained = request.getfixturevalue("pretrained_llama") if needs_pretrained(job) else None
     run_dir = tmp_path / "run"
-    run_cli("train", *tiny_overrides(job, cache_dir), f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    run_cli("train", *tiny_overrides(job, cache_dir, pretrained), f"hydra.run.dir={run_dir}", cwd=tmp_path,
+            check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert summary["final_eval_loss"] is not None

@@ -10,6 +10,7 @@ import pytest
 
 from tests.helpers import run_cli, train_in_process
 
+
 def _corrupt_checkpoint(tmp_path: Path) -> Path:
     directory = _checkpoint(tmp_path, strategy="ddp")
     (directory / "model.pt").write_bytes(b"not what the manifest says")
@@ -28,10 +29,43 @@ def _npz_without_labels(tmp_path: Path) -> Path:
     return path
 
 
+def _npz_with_float_targets(tmp_path: Path) -> Path:
+    path = tmp_path / "regression.npz"
+    np.savez(path, x=np.zeros((10, 4), dtype=np.float32), y=np.linspace(0.0, 3.0, 10))
+    return path
+
+
 def _tiny_corpus(tmp_path: Path) -> Path:
     path = tmp_path / "tiny.txt"
     path.write_text("too short to hold one sample\n")
     return path
+
+
+def _gpt2(tmp_path: Path, **settings: object) -> Path:
+    """A model=gpt export: block_size 32, vocab_size 300, zero biases unless ``bias=True``."""
+    from tests.unit.test_gpt2_weights import write_gpt2_dir
+
+    write_gpt2_dir(tmp_path / "gpt2", **settings)
+    return tmp_path / "gpt2"
+
+
+def _gpt2_with_tokenizer(tmp_path: Path, *, ids: int | None) -> Path:
+    """``_gpt2`` with a word-level tokenizer.json of ``ids`` ids, or with one that is not a tokenizer (None)."""
+    from tokenizers import Tokenizer, models
+
+    directory = _gpt2(tmp_path)
+    if ids is None:
+        (directory / "tokenizer.json").write_text('{"model": {"type": "nonsense"}}')
+    else:
+        vocab = {f"w{i}": i for i in range(ids - 1)} | {"[UNK]": ids - 1}
+        Tokenizer(models.WordLevel(vocab, unk_token="[UNK]")).save(str(directory / "tokenizer.json"))
+    return directory
+
+
+# Small data that fits _gpt2's block_size: the bytes of part of the stdlib, or a text corpus that data=text tokenizes
+# with model.pretrained's tokenizer.json.
+SMALL_BYTES = ["data.tokenizer=bytes", "data.max_bytes=100000", "data.seq_len=32", "data.cache_dir=CACHE"]
+SMALL_TEXT = ["data=text", lambda tmp: f"data.paths=[{_tiny_corpus(tmp)}]", "data.seq_len=32", "data.cache_dir=CACHE"]
 
 
 CASES = {
@@ -61,6 +95,28 @@ CASES = {
                            "data.y_key"),
     "corpus shorter than one sample": (["data=text", lambda tmp: f"data.paths=[{_tiny_corpus(tmp)}]",
                                         "data.tokenizer=bytes", "data.cache_dir=CACHE"], "data"),
+    # Losses and augmentation
+    "mse on a language model": (["trainer.loss=mse"],
+                                "trainer.loss=mse does not fit data=text, which yields token ids; allowed: cross_entropy"),
+    "cross_entropy on float targets": (["job=diabetes_mlp_cpu", "trainer.loss=cross_entropy"],
+                                       "trainer.loss=cross_entropy does not fit data=diabetes, which yields float "
+                                       "targets; allowed: mse, l1, huber"),
+    "bce on class ids": (["job=digits_mlp_cpu", "trainer.loss=bce"],
+                         "trainer.loss=bce does not fit data=digits, which yields class ids; allowed: cross_entropy"),
+    "unknown loss": (["trainer.loss=focal"],
+                     "trainer.loss: Invalid value 'focal', expected one of [cross_entropy, mse, l1, huber, bce]"),
+    "float npz targets read as class ids": (["model=mlp", "data=npz",
+                                             lambda tmp: f"data.path={_npz_with_float_targets(tmp)}"],
+                                            "float targets need data.targets=values"),
+    "augmentation on token data": (["data.augment.noise_std=0.1"], "data.augment: unknown key; allowed keys:"),
+    "augmentation on synthetic tokens": (["data=synthetic_tokens", "data.augment.flip=true"],
+                                         "data.augment applies to images and feature vectors; data.kind=tokens"),
+    "image augmentation on feature vectors": (["model=mlp", "data=npz", "data.targets=values", "trainer.loss=mse",
+                                               lambda tmp: f"data.path={_npz_with_float_targets(tmp)}",
+                                               "data.augment.flip=true"],
+                                              "data.augment.crop_padding, flip and rotate_degrees need images"),
+    "crop as large as the image": (["job=digits_cnn_cpu", "data.augment.crop_padding=8"],
+                                   "data.augment.crop_padding=8 must be smaller than the images' height and width"),
     # Sharding (strategy=fsdp2 and zero0-3)
     "offload under ddp": (["strategy.offload_optimizer=cpu"], "strategy.offload_optimizer: unknown key"),
     "optimizer offload without zero": (["strategy=zero0", "strategy.offload_optimizer=cpu"],
@@ -97,6 +153,22 @@ CASES = {
     "zero resume at another world size": (["strategy=zero2",
                                            lambda tmp: f"trainer.resume={_checkpoint(tmp, strategy='zero2', world_size=4)}"],
                                           "checkpoints resume at the world size they were written at (4)"),
+    # model=gpt model.pretrained=DIR, and DIR's tokenizer.json for data=text
+    "gpt pretrained that is not gpt-2": (
+        ["model=gpt", lambda tmp: f"model.pretrained={_gpt2(tmp, model_type='llama')}", *SMALL_BYTES],
+        "/gpt2/config.json: model_type='llama', not gpt2"),
+    "gpt size against pretrained": (
+        ["model=gpt", lambda tmp: f"model.pretrained={_gpt2(tmp)}", "model.n_layer=3", *SMALL_BYTES],
+        "model.n_layer=3 contradicts model.pretrained="),
+    "gpt without biases from biases": (
+        ["model=gpt", lambda tmp: f"model.pretrained={_gpt2(tmp, bias=True)}", *SMALL_BYTES],
+        "/gpt2/model.safetensors: transformer.h.0.ln_1.bias is not zero, and model.bias=false has no biases"),
+    "pretrained tokenizer.json that is not one": (
+        ["model=gpt", lambda tmp: f"model.pretrained={_gpt2_with_tokenizer(tmp, ids=None)}", *SMALL_TEXT],
+        "/gpt2/tokenizer.json is not a tokenizer tokenizers can read"),
+    "pretrained tokenizer past the model's vocabulary": (
+        ["model=gpt", lambda tmp: f"model.pretrained={_gpt2_with_tokenizer(tmp, ids=400)}", *SMALL_TEXT],
+        "/gpt2/tokenizer.json has ids up to 399, past the model's vocab_size=300"),
 }
 
 

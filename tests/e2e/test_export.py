@@ -243,7 +243,7 @@ BAD = {
     "model that does not export": (_lstm_run, [], "model=lstm has no transformers form; export writes model=gpt and "
                                                   "model=hf"),
     "merge-lora without adapters": (lambda runs, tmp: runs["ddp"], ["--merge-lora"],
-                                    "--merge-lora: {} has no LoRA adapters (model.lora is not set)"),
+                                    "--merge-lora: {} has no LoRA adapters (its run's model.lora.rank is 0)"),
 }
 
 

@@ -35,7 +35,9 @@ def test_default_job_is_a_small_gpt_on_the_stdlib_with_ddp_on_two_workers() -> N
 
 @pytest.mark.parametrize("job", JOBS)
 def test_every_job_composes_to_the_typed_schema(job: str) -> None:
-    config = load(f"job={job}")
+    # A fine-tuning job takes model.pretrained=DIR on the command line; composing reads no file of it.
+    pretrained = ["model.pretrained=models/some-llama"] if "lora" in job else []
+    config = load(f"job={job}", *pretrained)
     assert config.trainer.global_batch_size % config.launcher.num_workers == 0
 
 
@@ -53,8 +55,8 @@ def test_overrides_reach_the_typed_objects() -> None:
         (["trainer.max_stpes=10"], "trainer.max_stpes: unknown key; allowed keys: checkpoint"),
         (["+trainer.extra=1"], "trainer.extra: unknown key"),
         (["trainer.max_steps=ten"], "trainer.max_steps: Value 'ten'"),
-        (["model=nope"], "model=nope: no such option; choose one of: cnn, gpt2_124m"),
-        (["job=nope"], "job=nope: no such option; choose one of: digits_cnn_cpu"),
+        (["model=nope"], "model=nope: no such option; choose one of: cnn, gpt, gpt2_124m"),
+        (["job=nope"], "job=nope: no such option; choose one of: diabetes_mlp_cpu, digits_cnn_augment_cpu, digits_cnn_cpu"),
         (["optim.name=lion"], "optim.name: Invalid value 'lion', expected one of [sgd, adam, adamw]"),
         (["data=memmap"], "data.path: missing required value"),
         (["trainer.global_batch_size=15"], "trainer.global_batch_size=15 is not divisible by launcher.num_workers=2"),

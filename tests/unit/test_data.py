@@ -15,11 +15,13 @@ import pytest
 import torch
 
 from orchestrator.config.schema import (
+    DiabetesDataConfig,
     DigitsDataConfig,
     MemmapDataConfig,
     NpzDataConfig,
     SampleKind,
     SyntheticDataConfig,
+    TargetKind,
     TextDataConfig,
     TokenizerKind,
 )
@@ -443,8 +445,8 @@ def test_memmap_dtype_comes_from_meta_json_and_defaults_to_uint16(tmp_path):
                                                rf"uint16\)$"),
         ({"vocab_size": 128_256}, rf"{named} has vocab_size=128256 and no dtype, which means uint16, too narrow for "
                                   rf"ids past 65535: add \"dtype\": \"uint32\" if"),
-        ({"vocab_size": 50, "dtype": "uint32"}, rf"^data\.path: .*train\.bin has 42 bytes, not a whole number of "
-                                                rf"uint32 tokens"),
+        ({"vocab_size": 50, "dtype": "uint32"}, r"^data\.path: .*train\.bin has 42 bytes, not a whole number of "
+                                                r"uint32 tokens"),
     ]:
         meta.write_text(json.dumps(content))
         (tmp_path / "train.bin").write_bytes(b"\0" * (42 if content.get("dtype") == "uint32" else 40))
@@ -500,6 +502,49 @@ def test_npz_errors_name_the_key(tmp_path):
     np.savez(tmp_path / "e.npz", x=np.zeros((10, 2)), y=np.zeros(9, dtype=int))
     with pytest.raises(UserError, match=r"data\.y_key='y': .* shaped \(N,\) with N=10"):
         prepare_data(NpzDataConfig(path=str(tmp_path / "e.npz")))
+
+
+def test_npz_float_targets_for_regression_and_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    inputs = rng.normal(size=(40, 5)).astype(np.float32)
+    np.savez(tmp_path / "r.npz", x=inputs, y=inputs.sum(axis=1), multi=rng.integers(0, 2, size=(40, 3)) * 1.0)
+    spec = prepare_data(NpzDataConfig(path=str(tmp_path / "r.npz"), targets=TargetKind.values))
+    assert (spec.targets, spec.target_dim, spec.num_classes, spec.num_outputs) == (TargetKind.values, 1, None, 1)
+    bundle = load_data(NpzDataConfig(path=str(tmp_path / "r.npz"), targets=TargetKind.values))
+    x, y = bundle.train.get_batch(np.arange(3))
+    assert y.shape == (3, 1) and y.dtype == torch.float32 and torch.allclose(y[:, 0], x.sum(dim=1), atol=1e-5)
+
+    labels = NpzDataConfig(path=str(tmp_path / "r.npz"), y_key="multi", targets=TargetKind.probabilities)
+    assert prepare_data(labels).target_dim == 3
+    assert load_data(labels).val.get_batch(np.arange(2))[1].shape == (2, 3)
+
+
+def test_npz_targets_must_be_what_data_targets_says(tmp_path):
+    np.savez(tmp_path / "f.npz", x=np.zeros((10, 2)), y=np.linspace(-2, 2, 10), bad=np.array([np.nan] * 10))
+    with pytest.raises(UserError, match=r"data\.y_key='y': .* must be integers .* got float64 \(10,\); float targets "
+                                        r"need data\.targets=values"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "f.npz")))
+    with pytest.raises(UserError, match=r"data\.targets=probabilities needs targets in \[0, 1\], .* \[-2, 2\]"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "f.npz"), targets=TargetKind.probabilities))
+    with pytest.raises(UserError, match=r"data\.y_key='bad': .* holds NaN or infinite targets"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "f.npz"), y_key="bad", targets=TargetKind.values))
+    np.savez(tmp_path / "g.npz", x=np.zeros((10, 2)), y=np.zeros((10, 2, 2)))
+    with pytest.raises(UserError, match=r"with data\.targets=values .* shaped \(N,\) or \(N, k\) with N=10"):
+        prepare_data(NpzDataConfig(path=str(tmp_path / "g.npz"), targets=TargetKind.values))
+
+
+def test_diabetes_is_standardized_on_the_train_split():
+    cfg = DiabetesDataConfig()
+    spec = prepare_data(cfg)
+    assert (spec.kind, spec.input_shape) == (SampleKind.images, (10,))
+    assert (spec.targets, spec.target_dim) == (TargetKind.values, 1)
+    bundle = load_data(cfg)
+    assert len(bundle.train) + len(bundle.val) == 442 and len(bundle.val) == 88
+    x, y = bundle.train.get_batch(np.arange(len(bundle.train)))
+    assert x.shape == (354, 10) and y.shape == (354, 1) and y.dtype == torch.float32
+    assert torch.allclose(x.mean(0), torch.zeros(10), atol=1e-5) and torch.allclose(x.std(0), torch.ones(10), atol=1e-2)
+    assert abs(y.mean().item()) < 1e-5 and abs(y.std().item() - 1) < 1e-2
+    assert bundle.augment is None
 
 
 # ------------------------------------------------------------------------------------------- synthetic

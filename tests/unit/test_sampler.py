@@ -19,7 +19,7 @@ def make_ranks(num_samples: int, *, world_size: int, micro_batch_size: int, seed
 
 def global_steps(samplers: list[StreamSampler], steps: int) -> list[np.ndarray]:
     """Per micro-step, the ranks' batches concatenated in rank order: the global batch."""
-    return [np.concatenate([s.next_indices() for s in samplers]) for _ in range(steps)]
+    return [np.concatenate([s.next_draw().ids for s in samplers]) for _ in range(steps)]
 
 
 @pytest.mark.parametrize("world_size", [2, 3])
@@ -28,7 +28,7 @@ def test_one_epoch_covers_every_sample_once_with_disjoint_ranks(world_size):
     samplers = make_ranks(num_samples, world_size=world_size, micro_batch_size=micro_batch_size)
     seen = []
     for _ in range(num_samples // (micro_batch_size * world_size)):
-        batches = [s.next_indices() for s in samplers]
+        batches = [s.next_draw().ids for s in samplers]
         assert all(len(b) == micro_batch_size for b in batches)
         step_ids = np.concatenate(batches)
         assert len(set(step_ids.tolist())) == len(step_ids), "two ranks read the same sample in one micro-step"
@@ -39,21 +39,21 @@ def test_one_epoch_covers_every_sample_once_with_disjoint_ranks(world_size):
 
 def test_epochs_are_different_permutations():
     (sampler,) = make_ranks(50, world_size=1, micro_batch_size=50)
-    first, second = sampler.next_indices(), sampler.next_indices()
+    first, second = sampler.next_draw().ids, sampler.next_draw().ids
     assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(50))
     assert not np.array_equal(first, second)
 
 
 def test_same_seed_same_stream_other_seed_other_stream():
     a, b, c = (make_ranks(40, world_size=1, micro_batch_size=8, seed=s)[0] for s in (1, 1, 2))
-    assert np.array_equal(a.next_indices(), b.next_indices())
-    assert not np.array_equal(a.next_indices(), c.next_indices())
+    assert np.array_equal(a.next_draw().ids, b.next_draw().ids)
+    assert not np.array_equal(a.next_draw().ids, c.next_draw().ids)
 
 
 def test_no_shuffle_reads_in_order():
     sampler = StreamSampler(6, micro_batch_size=4, rank=0, world_size=1, seed=0, shuffle=False)
-    assert sampler.next_indices().tolist() == [0, 1, 2, 3]
-    assert sampler.next_indices().tolist() == [4, 5, 0, 1]
+    assert sampler.next_draw().ids.tolist() == [0, 1, 2, 3]
+    assert sampler.next_draw().ids.tolist() == [4, 5, 0, 1]
 
 
 def test_resume_mid_epoch_continues_identically():
@@ -111,9 +111,30 @@ def test_micro_batch_straddling_an_epoch_boundary():
 
 def test_micro_batch_larger_than_the_dataset():
     (sampler,) = make_ranks(3, world_size=1, micro_batch_size=7)
-    batch = sampler.next_indices()
+    batch = sampler.next_draw().ids
     assert len(batch) == 7
     assert sorted(batch[:3].tolist()) == sorted(batch[3:6].tolist()) == [0, 1, 2]
+
+
+def test_draws_name_each_samples_epoch_and_the_streams_seed():
+    """What per-sample randomness (augmentation) is keyed on: a micro-batch straddling two epochs says which
+    sample came from which, and a resumed sampler draws the same (id, epoch) pairs under the checkpoint's seed."""
+    (sampler,) = make_ranks(10, world_size=1, micro_batch_size=4, seed=5)
+    draws = [sampler.next_draw() for _ in range(5)]  # 20 positions: epochs 0 and 1
+    assert [d.epochs.tolist() for d in draws] == [[0] * 4, [0] * 4, [0, 0, 1, 1], [1] * 4, [1] * 4]
+    assert all(d.seed == 5 for d in draws)
+    for epoch in (0, 1):
+        ids = np.concatenate([d.ids[d.epochs == epoch] for d in draws])
+        assert sorted(ids.tolist()) == list(range(10))
+
+    (fresh,) = make_ranks(10, world_size=1, micro_batch_size=4, seed=99)
+    restart = make_ranks(10, world_size=1, micro_batch_size=4, seed=5)[0]
+    for _ in range(2):
+        restart.next_draw()
+    fresh.load_state_dict(restart.state_dict())
+    for expected in draws[2:]:
+        got = fresh.next_draw()
+        assert (got.ids.tolist(), got.epochs.tolist(), got.seed) == (expected.ids.tolist(), expected.epochs.tolist(), 5)
 
 
 def test_resume_on_changed_data_is_refused():

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
+from typing import Any
+
+from orchestrator.errors import UserError, first_line
 
 
 def fsync_path(path: Path) -> None:
@@ -30,3 +34,14 @@ def write_atomic(path: Path, data: str | bytes | memoryview) -> None:
     finally:
         tmp.unlink(missing_ok=True)
     fsync_path(path.parent)
+
+
+def read_json_object(path: Path, *, key: str) -> dict[str, Any]:
+    """The JSON object in ``path``; UserError naming ``key`` and the file when it is unreadable or not an object."""
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise UserError(f"{key}: {path} is not readable JSON ({first_line(exc)})") from None
+    if not isinstance(content, dict):
+        raise UserError(f"{key}: {path} is not a JSON object")
+    return content

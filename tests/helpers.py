@@ -84,3 +84,19 @@ class Payload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def save_tiny_llama(directory: Path, *, vocab_size: int = 4096, layers: int = 2, max_positions: int = 256,
+                    max_shard_size: str | None = None) -> Path:
+    """A tiny Llama as ``save_pretrained`` writes it (made by transformers itself, random weights from seed 0:
+    nothing can be downloaded here); the tied head makes ``lm_head.weight`` absent from the files."""
+    import torch
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
+                                      tie_word_embeddings=True, max_position_embeddings=max_positions)
+    model = transformers.LlamaForCausalLM(config)
+    model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    return directory

@@ -613,6 +613,20 @@ class EarlyStoppingConfig:
         _non_negative("trainer.early_stopping", min_delta=self.min_delta)
 
 
+@dataclass(kw_only=True)
+class ProfileConfig:
+    """A ``torch.profiler`` trace of optimizer steps ``start_step + 1`` to ``start_step + steps`` on every rank,
+    under ``RUN_DIR/profile/`` (``train/profile.py``); ``steps`` 0 = off."""
+
+    start_step: int = 0
+    steps: int = 0
+    record_shapes: bool = False
+
+    def __post_init__(self) -> None:
+        _require(self.start_step >= 0, f"trainer.profile.start_step must be >= 0, got {self.start_step}")
+        _require(self.steps >= 0, f"trainer.profile.steps must be >= 0 (0 = off), got {self.steps}")
+
+
 class LossName(str, Enum):
     cross_entropy = "cross_entropy"
     mse = "mse"
@@ -672,6 +686,7 @@ class TrainerConfig:
     log_every: int = 1
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
     resume: str = "auto"
     # trainer.resume=PATH into a run dir holding newer checkpoints deletes them only when this says so.
     discard_newer_checkpoints: bool = False
@@ -703,6 +718,10 @@ class TrainerConfig:
                      "trainer.freeze needs trainer.init_from (freezing untrained modules is almost surely a mistake)")
         if self.early_stopping.patience:
             _require(self.eval_every > 0, "trainer.early_stopping.patience needs trainer.eval_every > 0")
+        if self.profile.steps:
+            end = self.profile.start_step + self.profile.steps
+            _require(end <= self.max_steps, f"trainer.profile.start_step={self.profile.start_step} + trainer.profile."
+                                            f"steps={self.profile.steps} exceeds trainer.max_steps={self.max_steps}")
         if self.storage is not None:
             _require("://" in self.storage, f"trainer.storage must be a URI (s3://bucket/path, gs://..., "
                                             f"file:///path), got {self.storage!r}")

@@ -24,6 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from orchestrator.data.tokens import MAX_VOCAB_SIZE, token_dtype
 from orchestrator.errors import UserError, first_line
+from orchestrator.fsutil import read_json_object
 
 END_OF_TEXT = "<|endoftext|>"
 # BPE training takes ~7 s on the 31 MB default corpus (Python 3.11 stdlib, 2 CPU cores), so it sees
@@ -148,15 +149,7 @@ class PretrainedTokenizer:
 
     def _json(self, name: str) -> dict[str, Any]:
         path = self.directory / name
-        if not path.is_file():
-            return {}
-        try:
-            content = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise UserError(f"{self.key}: {path} is not readable JSON ({first_line(exc)})") from None
-        if not isinstance(content, dict):
-            raise UserError(f"{self.key}: {path} is not a JSON object")
-        return content
+        return read_json_object(path, key=self.key) if path.is_file() else {}
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the token ids, for the cache key: the tokenizer file's content and the settings read."""

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from orchestrator.errors import UserError
+from orchestrator.fsutil import read_json_object
 from orchestrator.models.recipe import WeightSource
 
 CONFIG_FILE = "config.json"
@@ -48,13 +49,7 @@ def pretrained_dir(path: str, *, key: str = "model.pretrained") -> Path:
 
 def read_config(directory: Path, *, key: str = "model.pretrained") -> dict[str, Any]:
     """``config.json`` as a dict; UserError naming the file when it is not a JSON object."""
-    try:
-        config = json.loads((directory / CONFIG_FILE).read_text())
-    except (OSError, ValueError) as exc:
-        raise UserError(f"{key}: {directory / CONFIG_FILE} is not readable JSON ({exc})") from None
-    if not isinstance(config, dict):
-        raise UserError(f"{key}: {directory / CONFIG_FILE} is not a JSON object")
-    return config
+    return read_json_object(directory / CONFIG_FILE, key=key)
 
 
 class SafetensorsWeights(WeightSource):

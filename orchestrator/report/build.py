@@ -1,9 +1,9 @@
 """``orchestrator report RUN_DIR [RUN_DIR ...] -o report.html``: one HTML file with a run's (or several
 runs') curves, throughput, MFU, memory, every rank's resource use, the runs' summaries and the config
-keys that differ between them.
+keys that differ between them, and a profiled run's top operators (``trainer.profile``).
 
 It reads only the run dirs' files (``config.yaml``, ``metrics.jsonl``, ``resources.jsonl``,
-``summary.json``), so it works on a run in progress (its status says so) and on runs copied from a
+``summary.json``, ``profile/``), so it works on a run in progress (its status says so) and on runs copied from a
 cluster. Everything is inline, charts included (``svg.py``): the file opens with no network.
 """
 
@@ -26,6 +26,9 @@ from orchestrator.tracking.jsonl import read_jsonl
 
 RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
 SCALE_FILE = "scale.json"  # an `orchestrator scale` experiment dir
+# train/profile.py's PROFILE_DIR (a test holds them equal), named here so that a report of runs that were
+# not profiled does not import torch.
+PROFILE_DIR = "profile"
 
 
 @dataclass
@@ -195,6 +198,7 @@ def build_report(paths: list[Path]) -> str:
         sections.append("<h2>Config differences</h2>" + (_table(header, rows) if rows
                                                           else '<p class="note">The runs have the same config.</p>'))
     sections.append('<h2>Training</h2><div class="grid">' + "".join(render(c) for c in charts(runs)) + "</div>")
+    sections.extend(_profile_section(run, titled=len(runs) > 1) for run in runs if (run.path / PROFILE_DIR).is_dir())
     data = {run.name: {"path": str(run.path), "status": run.status, "summary": run.summary} for run in runs}
     generated = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     title = f"orchestrator report: {', '.join(run.name for run in runs[:3])}{' ...' if len(runs) > 3 else ''}"
@@ -224,6 +228,34 @@ def _scaling_section(path: Path) -> str:
             f'worker count{state}</p>')
     return (f"<h2>Scaling: {html.escape(path.name)}</h2>{note}{_table(TABLE_HEADER, table_rows(rows))}"
             f'<div class="grid">{"".join(render(chart) for chart in scale_charts(rows))}</div>')
+
+
+PROFILE_TOP_OPS = 15
+
+
+def _profile_section(run: Run, *, titled: bool) -> str:
+    """A profiled run's (``trainer.profile``) top operators on rank 0 and its trace files."""
+    from orchestrator.train.profile import read_top_ops, trace_files  # imports torch
+
+    title = f"Profile: {html.escape(run.name)}" if titled else "Profile"
+    traces = ", ".join(html.escape(str(path.relative_to(run.path))) for path in trace_files(run.path))
+    hint = (f'<p class="note">Traces (one per rank, Chrome trace format): {traces or "none"}. Open one in '
+            f'<a href="https://ui.perfetto.dev">ui.perfetto.dev</a> (Open trace file) or chrome://tracing; '
+            f'each step is a range named "step N".</p>')
+    top = read_top_ops(run.path, rank=0)
+    if top is None:
+        return f"<h2>{title}</h2>{hint}"
+    steps, cuda = top.get("steps") or [], top.get("device") == "cuda"
+    window = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "no steps"
+    sorted_by = "self CUDA time" if cuda else "self CPU time"
+    note = (f'<p class="note">Rank 0, {html.escape(window)}: the {PROFILE_TOP_OPS} operators with the most '
+            f'{sorted_by}, in ms summed over the profiled steps.</p>')
+    header = ["operator", "calls", "self CPU (ms)", "CPU total (ms)", *(["self CUDA (ms)", "CUDA total (ms)"] * cuda)]
+    keys = ["self_cpu_us", "cpu_total_us", *(["self_cuda_us", "cuda_total_us"] * cuda)]
+    rows = [[str(op.get("name")), str(op.get("calls")),
+             *(f"{op[key] / 1000:.3f}" if isinstance(op.get(key), (int, float)) else "-" for key in keys)]
+            for op in (top.get("ops") or [])[:PROFILE_TOP_OPS] if isinstance(op, dict)]
+    return f"<h2>{title}</h2>{note}{_table(header, rows)}{hint}"
 
 
 def write_report(paths: list[Path], output: Path) -> Path:

@@ -38,6 +38,7 @@ from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.losses import build_loss
 from orchestrator.train.optim import build_optimizer, lr_at
+from orchestrator.train.profile import StepProfiler
 from orchestrator.train.storage import RunStorage, Uploads
 from orchestrator.train.throughput import mfu, peak_flops_per_device
 
@@ -145,14 +146,20 @@ class Trainer:
         tracker = Tracker(self.run_dir, enabled=self.dist.is_main, max_steps=trainer.max_steps,
                           resume_step=self.resumed_from, progress=self.config.logger.progress,
                           wandb=self._wandb_run())
+        profiler = StepProfiler.create(trainer.profile, run_dir=self.run_dir, rank=self.dist.rank,
+                                       device=self.dist.device, next_step=self.state.step + 1)
         error = None
         try:
             if trainer.eval_every and trainer.eval_at_start and self.state.step == 0:
                 self._evaluate(tracker)
             last_saved = self.resumed_from
             while not self._finished():
+                if profiler is not None:
+                    profiler.begin_step(self.state.step + 1)
                 metrics = self._train_step()
                 step = self.state.step
+                if profiler is not None:
+                    profiler.end_step(step)
                 if step % trainer.log_every == 0 or step == trainer.max_steps:
                     tracker.log_step(step, metrics)
                 if step % self.config.logger.resources_every == 0 or step == 1:
@@ -171,6 +178,9 @@ class Trainer:
         except BaseException:
             tracker.close(None)
             raise
+        finally:
+            if profiler is not None:
+                profiler.close()  # a window the run's end cut short: the steps that ran
         summary = self._summary(wall_s=time.perf_counter() - started, error=error or self._diverged())
         tracker.close(summary)
         if self.uploads is not None:

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.config.compose import compose, to_config
-from tests.helpers import REPO, run_cli
+from tests.helpers import REPO, run_cli, save_tiny_llama
 
 JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.yaml"))
 
@@ -38,12 +38,9 @@ def needs_pretrained(job: str) -> bool:
 @pytest.fixture(scope="session")
 def pretrained_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama as save_pretrained writes it (random weights: nothing can be downloaded here)."""
-    transformers = pytest.importorskip("transformers")
-    directory = tmp_path_factory.mktemp("pretrained") / "llama"
-    config = transformers.LlamaConfig(vocab_size=1024, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=4096)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    pytest.importorskip("transformers")
+    return save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "llama", vocab_size=1024, layers=1,
+                           max_positions=4096)
 
 
 def tiny_overrides(job: str, cache_dir: Path, pretrained: Path | None = None) -> list[str]:

@@ -90,6 +90,11 @@ CASES = {
     "negative learning rate": (["optim.lr=-0.1"], "optim.lr must be > 0"),
     "warmup longer than the run": (["trainer.max_steps=10"], "scheduler.warmup_steps=20 exceeds trainer.max_steps=10"),
     "too few checkpoints kept": (["trainer.checkpoint.keep=1"], "trainer.checkpoint.keep must be >= 2"),
+    "profile window past the run": (["trainer.profile.start_step=145", "trainer.profile.steps=10"],
+                                    "trainer.profile.start_step=145 + trainer.profile.steps=10 exceeds "
+                                    "trainer.max_steps=150"),
+    "negative profile steps": (["trainer.profile.steps=-1"], "trainer.profile.steps must be >= 0"),
+    "negative profile start": (["trainer.profile.start_step=-3"], "trainer.profile.start_step must be >= 0"),
     "heads do not divide width": (["model.n_head=5"], "model.n_embd=128 must be divisible by model.n_head=5"),
     "npz without labels": (["model=mlp", "data=npz", lambda tmp: f"data.path={_npz_without_labels(tmp)}"],
                            "data.y_key"),

@@ -17,7 +17,7 @@ from orchestrator.models import build_model, model_blocks
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.strategies import read_model_weights
 from orchestrator.train import manifest
-from tests.helpers import run_cli, tiny_job, train_losses
+from tests.helpers import run_cli, save_tiny_llama, tiny_job, train_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -31,13 +31,7 @@ BATCH = torch.tensor([[3, 17, 200, 5, 99, 42, 7, 128, 64, 1, 250, 33], [0, 1, 2,
 
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("pretrained") / "llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                      max_position_embeddings=256)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory)
-    return directory
+    return save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "llama")
 
 
 def _adapter_params(hidden: int = 32, intermediate: int = 64, kv: int = 16, layers: int = 2) -> int:

@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.strategies import read_model_weights
 from orchestrator.train import manifest
-from tests.helpers import run_cli, train_in_process
+from tests.helpers import run_cli, save_tiny_llama, train_in_process
 
 JOB = ["job=llama_tiny_cpu", "model=hf", "launcher=local", "data.max_bytes=400000", "data.seq_len=32",
        "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=0",
@@ -22,14 +22,7 @@ JOB = ["job=llama_tiny_cpu", "model=hf", "launcher=local", "data.max_bytes=40000
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama as save_pretrained writes it, in several safetensors shards with an index."""
-    import transformers
-
-    directory = tmp_path_factory.mktemp("pretrained") / "llama"
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=4096, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                      max_position_embeddings=256)
-    transformers.LlamaForCausalLM(config).save_pretrained(directory, max_shard_size="100KB")
+    directory = save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "llama", max_shard_size="100KB")
     assert (directory / "model.safetensors.index.json").exists()
     return directory
 

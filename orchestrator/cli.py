@@ -9,6 +9,7 @@ config; sweeps and Hydra's own flags (``--cfg``, ``--help``) through Hydra's ``m
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from orchestrator import __version__
 from orchestrator.config.hydra_compat import parse_overrides, sweep_points
 from orchestrator.errors import UserError
+from orchestrator.rundir import REPORT_FILE, RunDir, RunSummary
 
 if TYPE_CHECKING:
     from orchestrator.config.schema import Config
@@ -142,9 +144,9 @@ def _train_one(cfg: Any) -> int:
     from orchestrator.config.hydra_compat import run_single
 
     _check(to_config(without_hydra(cfg)), prepare=True)
-    _failed_runs.clear()
-    run_single(cfg, _train_task)
-    return 1 if _failed_runs else 0
+    failed_runs: list[str] = []
+    run_single(cfg, _task(failed_runs))
+    return 1 if failed_runs else 0
 
 
 def _search_sweeper(overrides: list[str]) -> str | None:
@@ -198,9 +200,6 @@ def _check_study_storage() -> None:
                         f"SQLAlchemy < 2 (installed: {installed}); leave it unset for an in-memory study")
 
 
-_failed_runs: list[str] = []
-
-
 def _run_hydra(args: list[str], *, search: bool = False) -> int:
     import hydra
 
@@ -208,25 +207,34 @@ def _run_hydra(args: list[str], *, search: bool = False) -> int:
     from orchestrator.config.store import register
 
     register()
-    _failed_runs.clear()
+    failed_runs: list[str] = []
     saved_argv = sys.argv
     sys.argv = ["orchestrator train", *args]
     try:
-        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_train_task)()
+        hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task(failed_runs))()
     finally:
         sys.argv = saved_argv
     # A search that returns has found a best point: its failed trials are results (Optuna state FAIL,
     # summary.json status failed), not errors. With no trial completed the sweeper itself exits 1.
-    return 1 if _failed_runs and not search else 0
+    return 1 if failed_runs and not search else 0
 
 
-def _train_task(cfg: Any) -> float | None:
-    """Hydra's task function: one run, in the run dir Hydra made.
+def _task(failed_runs: list[str]) -> Callable[[Any], float | None]:
+    """``_train_task`` for Hydra, appending the run dir of each run that fails to ``failed_runs``.
+
+    Hydra passes the task only the config, and a search sweeper takes its return value as the objective:
+    the failures of a sweep's runs need this channel of their own.
+    """
+    task = functools.partial(_train_task, failed_runs=failed_runs)
+    return functools.update_wrapper(task, _train_task)  # Hydra names the job after the wrapped function's module
+
+
+def _train_task(cfg: Any, *, failed_runs: list[str]) -> float | None:
+    """Hydra's task function: one run, in the run dir Hydra made; a run that fails is added to ``failed_runs``.
 
     Returns the final eval loss, the objective of a search sweeper; None where there is none, which the
     Optuna sweeper records as a failed trial (state FAIL) before it samples the next point.
     """
-    import json
     import math
 
     from hydra.core.hydra_config import HydraConfig
@@ -234,8 +242,7 @@ def _train_task(cfg: Any) -> float | None:
     from omegaconf import OmegaConf
 
     from orchestrator.config.compose import to_config
-    from orchestrator.fsutil import write_atomic
-    from orchestrator.launch import SUMMARY_FILE, run_job
+    from orchestrator.launch import run_job
     from orchestrator.logs import configure_logging
 
     configure_logging()
@@ -253,13 +260,13 @@ def _train_task(cfg: Any) -> float | None:
         if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.runtime.choices.get("hydra/sweeper") == "basic":
             sys.exit(2)
         # A sampled point the schema rejects (the checks saw only the ends) is a failed trial.
-        summary = {"status": "failed", "error": str(exc), "run_dir": str(run_dir)}
-        if not (run_dir / SUMMARY_FILE).exists():
-            write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
-    if summary["status"] != "completed":
-        _failed_runs.append(summary["run_dir"])
+        summary = RunSummary(status="failed", error=str(exc), run_dir=str(run_dir))
+        if not RunDir(run_dir).summary.exists():
+            summary.write(RunDir(run_dir).summary)
+    if not summary.completed:
+        failed_runs.append(str(run_dir))
         return None  # a failed run's summary still holds the eval loss of its last eval: not an objective
-    loss = summary.get("final_eval_loss")
+    loss = summary.final_eval_loss
     # Optuna's tell() rejects NaN and the sweeper would stop; None is a failed trial.
     return loss if loss is not None and math.isfinite(loss) else None
 
@@ -310,8 +317,8 @@ def report_command(args: list[str]) -> int:
     parser.add_argument("-o", "--output", type=Path, default=None,
                         help="the HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)")
     parsed = parser.parse_args(args)
-    output = parsed.output or (parsed.run_dirs[0] / "report.html" if len(parsed.run_dirs) == 1
-                               else Path("report.html"))
+    output = parsed.output or (RunDir(parsed.run_dirs[0]).report if len(parsed.run_dirs) == 1
+                               else Path(REPORT_FILE))
     print(f"report: {write_report(parsed.run_dirs, output)}")
     return 0
 

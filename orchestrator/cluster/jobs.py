@@ -282,7 +282,7 @@ def run_submitted(args: list[str]) -> int:
     check_environment(config)
     preflight(config)
     summary = run_job(config, run_dir=Path(parsed.run_dir).resolve(), resolved_yaml=resolved, job_name=parsed.job)
-    return 0 if summary["status"] == "completed" else 1
+    return 0 if summary.completed else 1
 
 
 # ---------------------------------------------------------------------------------------------- jobs

@@ -41,6 +41,7 @@ from orchestrator.config.schema import Config, JobKind, RayLauncherConfig, Scale
 from orchestrator.errors import UserError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.report.svg import Chart, Series
+from orchestrator.rundir import REPLACED_DIR, REPORT_FILE, RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_si
 from orchestrator.tracking.jsonl import read_jsonl
 
@@ -203,27 +204,28 @@ def measure(point: Point, out_dir: Path, *, warmup_steps: int) -> dict[str, Any]
     summary = _read_summary(run_dir)
     if summary is None:
         return {**row, "status": "pending"}
-    row["status"], row["error"] = summary.get("status", "failed"), summary.get("error")
-    steps = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r.get("step_time_s") is not None]
+    row["status"], row["error"] = summary.status, summary.error
+    files = RunDir(run_dir)
+    steps = [r for r in read_jsonl(files.metrics) if r.get("step_time_s") is not None]
     timed = [r["step_time_s"] for r in steps if r["step"] > warmup_steps]
     if row["status"] != "completed":
         return row
     if not timed:
-        return {**row, "error": f"no step after scale.warmup_steps={warmup_steps} in {run_dir}/metrics.jsonl"}
+        return {**row, "error": f"no step after scale.warmup_steps={warmup_steps} in {files.metrics}"}
     step_time = statistics.median(timed)
     tokens_per_step = steps[0]["tokens"] / steps[0]["step"]
     tokens_per_s = tokens_per_step / step_time
-    peak_flops = summary.get("peak_flops_per_device")
-    peaks = peak_memory_per_rank(read_jsonl(run_dir / "resources.jsonl"))
+    peak_flops = summary.peak_flops_per_device
+    peaks = peak_memory_per_rank(read_jsonl(files.resources))
     row.update(
         step_time_s=step_time,
         tokens_per_s=tokens_per_s,
         tokens_per_s_per_worker=tokens_per_s / point.workers,
-        mfu=summary["flops_per_token"] * tokens_per_s / (peak_flops * point.workers) if peak_flops else None,
-        peak_mem_bytes=max(peaks.values()) if peaks else summary.get("peak_mem_bytes"),
+        mfu=(summary.flops_per_token * tokens_per_s / (peak_flops * point.workers)
+             if peak_flops and summary.flops_per_token is not None else None),
+        peak_mem_bytes=max(peaks.values()) if peaks else summary.peak_mem_bytes,
         peak_mem_bytes_per_rank=[peaks[rank] for rank in sorted(peaks)],
-        model_state_bytes=sum(summary.get(key) or 0 for key in
-                              ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes")) or None,
+        model_state_bytes=summary.model_state_bytes or None,
     )
     return row
 
@@ -329,12 +331,12 @@ def scale_charts(rows: list[dict[str, Any]]) -> list[Chart]:
 
 
 def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
-    from orchestrator.launch import SUMMARY_FILE, run_job
+    from orchestrator.launch import run_job
 
     assert point.config is not None and point.resolved is not None
     run_dir = out_dir / point.name
     if run_dir.exists():  # a failed or older run of this point: kept aside, not overwritten
-        aside = out_dir / "replaced" / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside = out_dir / REPLACED_DIR / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         aside.parent.mkdir(exist_ok=True)
         shutil.move(str(run_dir), aside)
     print(f"scale: {point.name} ({point.workers} worker(s), {point.strategy}, global batch "
@@ -343,26 +345,27 @@ def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
         summary = run_job(point.config, run_dir=run_dir, resolved_yaml=point.resolved, job_name=job,
                           print_summary=False)
     except Exception as exc:  # noqa: BLE001 - one point's failure (UserError included) is a result, not the end
-        summary = {"status": "failed", "error": first_line(exc)}
+        summary = RunSummary(status="failed", error=first_line(exc))
         run_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
-    if summary["status"] != "completed":
-        print(f"scale: {point.name} failed: {summary.get('error')}", file=sys.stderr, flush=True)
+        summary.write(RunDir(run_dir).summary)
+    if not summary.completed:
+        print(f"scale: {point.name} failed: {summary.error}", file=sys.stderr, flush=True)
 
 
 def _completed(point: Point, out_dir: Path) -> bool:
     """The point's run completed before, with the config it would run now."""
     run_dir = out_dir / point.name
     summary = _read_summary(run_dir)
-    config_file = run_dir / "config.yaml"
-    return (summary is not None and summary.get("status") == "completed" and config_file.exists()
+    config_file = RunDir(run_dir).config
+    return (summary is not None and summary.completed and config_file.exists()
             and config_file.read_text() == point.resolved)
 
 
-def _read_summary(run_dir: Path) -> dict[str, Any] | None:
+def _read_summary(run_dir: Path) -> RunSummary | None:
+    """The point's summary; None while it runs, or when it was killed before writing one."""
     try:
-        return json.loads((run_dir / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return RunSummary.read(RunDir(run_dir).summary)
+    except UserError:  # missing, or cut short
         return None
 
 
@@ -379,7 +382,7 @@ def _write_report(out_dir: Path) -> str | None:
     from orchestrator.report import write_report
 
     try:
-        return str(write_report([out_dir], out_dir / "report.html"))
+        return str(write_report([out_dir], out_dir / REPORT_FILE))
     except Exception as exc:  # noqa: BLE001 - the tables are written: a report that cannot be drawn is a warning
         print(f"warning: the HTML report could not be written ({first_line(exc)})", file=sys.stderr, flush=True)
         return None

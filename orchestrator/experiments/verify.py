@@ -21,6 +21,7 @@ from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Config
 from orchestrator.fsutil import write_atomic
+from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.jsonl import read_jsonl
 
 METRICS = ("loss", "grad_norm")
@@ -50,7 +51,7 @@ def verify_command(overrides: list[str]) -> int:
 
     job = next((o.split("=", 1)[1] for o in overrides if o.startswith("job=")), "default")
     out_dir = Path(settings.output_dir or Path("outputs") / "verify" / job / time.strftime("%Y-%m-%d_%H-%M-%S"))
-    summaries: dict[str, dict[str, Any]] = {}
+    summaries: dict[str, RunSummary] = {}
     for name, config in configs.items():
         print(f"verify: {name} ({settings.steps} steps, {config.launcher.num_workers} workers)", flush=True)
         summaries[name] = run_job(config, run_dir=out_dir / name, job_name=job, print_summary=False,
@@ -59,7 +60,7 @@ def verify_command(overrides: list[str]) -> int:
     series = {name: _series(out_dir / name) for name in configs}
     reference = settings.strategies[0]
     deviations = [largest_deviation(series, reference=reference, metric=m) for m in METRICS]
-    failed = [name for name, summary in summaries.items() if summary["status"] != "completed"]
+    failed = [name for name, summary in summaries.items() if not summary.completed]
     passed = not failed and all(d.value <= settings.tolerance for d in deviations)
     report = format_report(series, summaries, deviations, reference=reference, tolerance=settings.tolerance,
                            passed=passed, failed=failed)
@@ -93,7 +94,7 @@ def _run_overrides(strategy: str, base: Config) -> list[str]:
 
 
 def _series(run_dir: Path) -> dict[int, dict[str, float]]:
-    return {r["step"]: {m: r[m] for m in METRICS} for r in read_jsonl(run_dir / "metrics.jsonl") if "loss" in r}
+    return {r["step"]: {m: r[m] for m in METRICS} for r in read_jsonl(RunDir(run_dir).metrics) if "loss" in r}
 
 
 def largest_deviation(series: dict[str, dict[int, dict[str, float]]], *, reference: str, metric: str) -> Deviation:
@@ -117,12 +118,13 @@ def largest_deviation(series: dict[str, dict[int, dict[str, float]]], *, referen
     return worst
 
 
-def _memory(summary: dict[str, Any]) -> dict[str, Any]:
-    keys = ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes", "num_params", "world_size")
-    return {key: summary.get(key) for key in keys}
+def _memory(summary: RunSummary) -> dict[str, Any]:
+    return {"param_bytes": summary.param_bytes, "grad_bytes": summary.grad_bytes,
+            "optimizer_bytes": summary.optimizer_bytes, "master_bytes": summary.master_bytes,
+            "num_params": summary.num_params, "world_size": summary.world_size}
 
 
-def format_report(series: dict[str, dict[int, dict[str, float]]], summaries: dict[str, dict[str, Any]],
+def format_report(series: dict[str, dict[int, dict[str, float]]], summaries: dict[str, RunSummary],
                   deviations: list[Deviation], *, reference: str, tolerance: float, passed: bool,
                   failed: list[str]) -> str:
     """The side-by-side tables and the verdict, as markdown (it reads as well in a terminal)."""
@@ -138,8 +140,9 @@ def format_report(series: dict[str, dict[int, dict[str, float]]], summaries: dic
     lines += ["| strategy | params MiB | grads MiB | optimizer MiB | master copy MiB | tokens/s |",
               "|---|---:|---:|---:|---:|---:|"]
     for name, summary in summaries.items():
-        memory = [_mib(summary.get(key)) for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes")]
-        tokens = f"{summary['tokens_per_s']:,.0f}" if summary.get("tokens_per_s") else "-"
+        memory = [_mib(value) for value in (summary.param_bytes, summary.grad_bytes, summary.optimizer_bytes,
+                                            summary.master_bytes)]
+        tokens = f"{summary.tokens_per_s:,.0f}" if summary.tokens_per_s else "-"
         lines.append(f"| {name} | {' | '.join(memory)} | {tokens} |")
     lines.append("")
     for d in deviations:

@@ -28,11 +28,11 @@ from orchestrator.export.layouts import EXPORTS, ModelExport
 from orchestrator.export.safetensors_files import OutTensor, index_json, plan_shards, write_safetensors
 from orchestrator.export.tokenizer import PRETRAINED_TOKENIZER_FILES, RunTokenizer, find_tokenizer
 from orchestrator.fsutil import fsync_path
-from orchestrator.launch import CONFIG_FILE
 from orchestrator.models.lora import LoRA, MergedWeights, lora_for
 from orchestrator.models.pretrained import CONFIG_FILE as MODEL_CONFIG_FILE
 from orchestrator.models.pretrained import INDEX_FILE, SINGLE_FILE
 from orchestrator.models.recipe import WeightSource
+from orchestrator.rundir import CONFIG_FILE
 from orchestrator.strategies import check_checkpoint
 from orchestrator.strategies.formats import weights_problem
 from orchestrator.strategies.weights import CheckpointWeights

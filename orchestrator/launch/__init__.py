@@ -5,8 +5,6 @@ This is the driver side, in the process the user started; workers run ``train.wo
 
 from __future__ import annotations
 
-import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -16,12 +14,9 @@ from orchestrator.config.schema import Config, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ownership import own_run_dir
+from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
 from orchestrator.tracking.jsonl import read_jsonl
-
-CONFIG_FILE = "config.yaml"
-SUMMARY_FILE = "summary.json"
-REPORT_FILE = "report.html"
 
 
 def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
@@ -44,7 +39,7 @@ LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
 
 
 def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-            print_summary: bool = True) -> dict[str, Any]:
+            print_summary: bool = True) -> RunSummary:
     """Trains ``config`` with its launcher, writes ``summary.json`` and prints the summary.
 
     A script job (``job.kind=script``) runs the user's script instead: see ``launch/script.py``.
@@ -84,7 +79,7 @@ def _absolute_inputs(config: Config) -> None:
 
 
 def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-               print_summary: bool) -> dict[str, Any]:
+               print_summary: bool) -> RunSummary:
     from orchestrator.launch.preflight import check_run_dir
 
     if config.job.kind is JobKind.script:
@@ -93,50 +88,43 @@ def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: s
         return run_script_job(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
                               print_summary=print_summary)
     check_run_dir(config, run_dir)
+    files = RunDir(run_dir)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / CONFIG_FILE, resolved_yaml)
+    write_atomic(files.config, resolved_yaml)
     _mirror(config, run_dir)
     try:
-        summary = LAUNCHERS[config.launcher.name](config, run_dir)
+        outcome = LAUNCHERS[config.launcher.name](config, run_dir)
     except LaunchError as exc:
-        summary = _crash_summary(run_dir, error=str(exc), restarts=config.trainer.max_restarts)
-    if summary.get("already_complete") and (run_dir / SUMMARY_FILE).exists():
-        print(f"{run_dir} is already complete at step {summary['steps']}: nothing to train", flush=True)
-        summary = json.loads((run_dir / SUMMARY_FILE).read_text())
-        _print_summary(summary)
+        outcome = _crash_summary(files, error=str(exc), restarts=config.trainer.max_restarts)
+    if outcome.get("already_complete") and files.summary.exists():
+        print(f"{run_dir} is already complete at step {outcome['steps']}: nothing to train", flush=True)
+        summary = RunSummary.read(files.summary)
+        _print_summary(summary, report=None)
         return summary
-    summary = {
-        **summary,
+    summary = RunSummary.from_dict({
+        **outcome,
         "job": job_name,
         "launcher": config.launcher.name,
         "strategy": config.strategy.name,
         "world_size": config.launcher.num_workers,
         "wall_s": time.perf_counter() - started,
         "run_dir": str(run_dir),
-    }
-    write_summary(run_dir, summary)
-    summary["report"] = _write_report(run_dir)
+    })
+    summary.write(files.summary)
+    report = _write_report(files)
     _mirror(config, run_dir)
     if print_summary:
-        _print_summary(summary)
+        _print_summary(summary, report=report)
     return summary
 
 
-def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    """``summary.json``, durably; a non-finite number (a diverged loss) is written as null, as in
-    ``metrics.jsonl``: JSON has no NaN, and strict readers reject it."""
-    clean = {key: None if isinstance(value, float) and not math.isfinite(value) else value
-             for key, value in summary.items()}
-    write_atomic(run_dir / SUMMARY_FILE, json.dumps(clean, indent=1) + "\n")
-
-
-def _write_report(run_dir: Path) -> str | None:
+def _write_report(files: RunDir) -> str | None:
     """The run's HTML report, ``RUN_DIR/report.html`` (``orchestrator report``); a failure is a warning."""
     from orchestrator.report import write_report
 
     try:
-        return str(write_report([run_dir], run_dir / REPORT_FILE))
+        return str(write_report([files.path], files.report))
     except Exception as exc:  # the run is done and recorded: a report that cannot be drawn must not undo that
         print(f"warning: the HTML report could not be written ({first_line(exc)})", file=sys.stderr, flush=True)
         return None
@@ -155,9 +143,9 @@ def _mirror(config: Config, run_dir: Path) -> None:
               file=sys.stderr, flush=True)
 
 
-def _crash_summary(run_dir: Path, *, error: str, restarts: int) -> dict[str, Any]:
+def _crash_summary(files: RunDir, *, error: str, restarts: int) -> dict[str, Any]:
     """What is known of a run whose workers crashed: its last logged step, from metrics.jsonl."""
-    steps = [record for record in read_jsonl(run_dir / "metrics.jsonl") if "loss" in record]
+    steps = [record for record in read_jsonl(files.metrics) if "loss" in record]
     return {
         "status": "failed",
         "error": error,
@@ -167,49 +155,47 @@ def _crash_summary(run_dir: Path, *, error: str, restarts: int) -> dict[str, Any
     }
 
 
-def _parameters_row(summary: dict[str, Any]) -> str | None:
-    total, trainable = summary.get("num_params"), summary.get("num_trainable_params")
+def _parameters_row(summary: RunSummary) -> str | None:
+    total, trainable = summary.num_params, summary.num_trainable_params
     if total is None:
         return None
     return f"{total:,}" if trainable in (None, total) else f"{total:,} ({trainable:,} trainable)"
 
 
-def _model_state_row(summary: dict[str, Any]) -> str | None:
+def _model_state_row(summary: RunSummary) -> str | None:
     """What this rank's parameters, gradients and optimizer state hold (ZeRO's fp32 master copy apart)."""
-    parts = [(label, summary.get(key)) for label, key in (("params", "param_bytes"), ("grads", "grad_bytes"),
-                                                          ("optimizer", "optimizer_bytes"), ("master", "master_bytes"))]
+    parts = [("params", summary.param_bytes), ("grads", summary.grad_bytes),
+             ("optimizer", summary.optimizer_bytes), ("master", summary.master_bytes)]
     if parts[0][1] is None:
         return None
     return ", ".join(f"{label} {format_bytes(value)}" for label, value in parts if value or label != "master")
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    if summary["status"] != "completed":
-        print(f"error: {summary.get('error', 'training failed')}", file=sys.stderr)
-        print(f"run dir: {summary['run_dir']}", file=sys.stderr)
+def _print_summary(summary: RunSummary, *, report: str | None) -> None:
+    if not summary.completed:
+        print(f"error: {summary.error or 'training failed'}", file=sys.stderr)
+        print(f"run dir: {summary.run_dir}", file=sys.stderr)
         return
-    first, final = summary.get("first_eval_loss"), summary.get("final_eval_loss")
+    first, final = summary.first_eval_loss, summary.final_eval_loss
     eval_row = f"{first:.4f} -> {final:.4f}" if first is not None and final is not None else None
-    mfu = summary.get("mfu")
+    mfu, accuracy, step_time_s = summary.mfu, summary.final_eval_accuracy, summary.step_time_s_median
     rows = [
-        ("status", summary["status"] + (" (stopped early)" if summary.get("stopped_early") else "")),
-        ("steps", summary["steps"]),
-        ("final loss", summary.get("final_loss")),
+        ("status", summary.status + (" (stopped early)" if summary.stopped_early else "")),
+        ("steps", summary.steps),
+        ("final loss", summary.final_loss),
         ("eval loss", eval_row),
-        ("eval accuracy", f"{summary['final_eval_accuracy']:.2%}" if summary.get("final_eval_accuracy") is not None
-         else None),
-        ("tokens/s", f"{summary['tokens_per_s']:,.0f}" if summary.get("tokens_per_s") else None),
-        ("step time (median)", f"{summary['step_time_s_median'] * 1000:.1f} ms"
-         if summary.get("step_time_s_median") else None),
+        ("eval accuracy", f"{accuracy:.2%}" if accuracy is not None else None),
+        ("tokens/s", f"{summary.tokens_per_s:,.0f}" if summary.tokens_per_s else None),
+        ("step time (median)", f"{step_time_s * 1000:.1f} ms" if step_time_s else None),
         ("MFU", f"{mfu:.1%}" if mfu is not None else None),
         ("parameters", _parameters_row(summary)),
         ("model state / rank", _model_state_row(summary)),
-        ("peak memory / rank", format_bytes(summary["peak_mem_bytes"]) if summary.get("peak_mem_bytes") else None),
-        ("workers", f"{summary['world_size']} x {summary.get('device', '?')}, strategy={summary['strategy']}"),
-        ("restarts", summary.get("restarts") or None),
-        ("wall time", format_duration(summary["wall_s"])),
-        ("run dir", summary["run_dir"]),
-        ("report", summary.get("report")),
-        ("W&B", summary.get("wandb")),
+        ("peak memory / rank", format_bytes(summary.peak_mem_bytes) if summary.peak_mem_bytes else None),
+        ("workers", f"{summary.world_size} x {summary.device or '?'}, strategy={summary.strategy}"),
+        ("restarts", summary.restarts or None),
+        ("wall time", format_duration(summary.wall_s or 0.0)),
+        ("run dir", summary.run_dir),
+        ("report", report),
+        ("W&B", summary.wandb),
     ]
     print(format_summary(rows), flush=True)

@@ -18,8 +18,7 @@ from pathlib import Path
 from typing import Iterator
 
 from orchestrator.errors import UserError
-
-LOCK_FILE = ".lock"
+from orchestrator.rundir import RunDir
 
 
 @contextlib.contextmanager
@@ -27,7 +26,7 @@ def own_run_dir(run_dir: Path) -> Iterator[None]:
     """Holds ``run_dir`` (created if need be) for the duration; ``UserError`` naming the holder when
     another process holds it."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(run_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(RunDir(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -12,6 +12,7 @@ from orchestrator.errors import UserError
 from orchestrator.models import build_model, meta_device, model_blocks, pretrained_weights
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes
+from orchestrator.rundir import RunDir
 from orchestrator.strategies.formats import resume_problem, weights_problem
 from orchestrator.train import manifest
 
@@ -59,8 +60,9 @@ def preflight(config: Config) -> None:
 
 def check_run_dir(config: Config, run_dir: Path) -> None:
     """Refuses to start in a run dir whose checkpoints this job would overwrite or cannot continue."""
-    manifest.recover_replaced(run_dir / "checkpoints")
-    existing = manifest.checkpoint_dirs(run_dir / "checkpoints")
+    checkpoints = RunDir(run_dir).checkpoints
+    manifest.recover_replaced(checkpoints)
+    existing = manifest.checkpoint_dirs(checkpoints)
     resume = config.trainer.resume
     if resume == "never" and config.trainer.storage:
         from orchestrator.train.storage import RunStorage

@@ -19,7 +19,6 @@ A script that exits non-zero fails its worker: the launcher restarts all workers
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import socket
@@ -34,6 +33,7 @@ from typing import IO, Any, Callable, Iterator, TextIO
 from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError
 from orchestrator.fsutil import write_atomic
+from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_duration, format_summary
 
 # Runs first in each script process, then execs the script in its place (same pid, the script's own
@@ -83,7 +83,7 @@ class ScriptCommand:
 
 
 def run_script_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-                   print_summary: bool = True) -> dict[str, Any]:
+                   print_summary: bool = True) -> RunSummary:
     """Runs ``config.job.script`` on the job's workers; writes ``config.yaml`` and ``summary.json``.
 
     Args:
@@ -93,45 +93,45 @@ def run_script_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_nam
         job_name: the ``job=`` choice, if any.
         print_summary: print the summary table (or the error) at the end.
     """
-    from orchestrator.launch import CONFIG_FILE, SUMMARY_FILE
-
+    files = RunDir(run_dir)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(run_dir / CONFIG_FILE, resolved_yaml)
+    write_atomic(files.config, resolved_yaml)
     command = ScriptCommand.from_config(config, run_dir=run_dir)
     try:
         LAUNCHERS[config.launcher.name](config, run_dir, command)
-        outcome: dict[str, Any] = {"status": "completed"}
+        status, error = "completed", None
     except LaunchError as exc:
-        outcome = {"status": "failed", "error": str(exc)}
-    summary = {
-        **outcome,
-        "kind": "script",
-        "script": command.script,
-        "args": command.args,
-        "job": job_name,
-        "launcher": config.launcher.name,
-        "world_size": config.launcher.num_workers,
-        "wall_s": time.perf_counter() - started,
-        "run_dir": str(run_dir),
-    }
-    write_atomic(run_dir / SUMMARY_FILE, json.dumps(summary, indent=1) + "\n")
+        status, error = "failed", str(exc)
+    summary = RunSummary(
+        status=status,
+        error=error,
+        kind="script",
+        script=command.script,
+        args=list(command.args),
+        job=job_name,
+        launcher=config.launcher.name,
+        world_size=config.launcher.num_workers,
+        wall_s=time.perf_counter() - started,
+        run_dir=str(run_dir),
+    )
+    summary.write(files.summary)
     if print_summary:
         _print_summary(summary)
     return summary
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
-    if summary["status"] != "completed":
-        print(f"error: {summary['error']}", file=sys.stderr)
-        print(f"run dir: {summary['run_dir']}", file=sys.stderr)
+def _print_summary(summary: RunSummary) -> None:
+    if not summary.completed:
+        print(f"error: {summary.error}", file=sys.stderr)
+        print(f"run dir: {summary.run_dir}", file=sys.stderr)
         return
     rows = [
-        ("status", summary["status"]),
-        ("script", " ".join([summary["script"], *summary["args"]])),
-        ("workers", f"{summary['world_size']} (launcher={summary['launcher']})"),
-        ("wall time", format_duration(summary["wall_s"])),
-        ("run dir", summary["run_dir"]),
+        ("status", summary.status),
+        ("script", " ".join([summary.script or "", *(summary.args or [])])),
+        ("workers", f"{summary.world_size} (launcher={summary.launcher})"),
+        ("wall time", format_duration(summary.wall_s or 0.0)),
+        ("run dir", summary.run_dir),
     ]
     print(format_summary(rows), flush=True)
 

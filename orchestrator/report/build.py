@@ -21,14 +21,11 @@ import yaml
 from orchestrator import __version__
 from orchestrator.errors import UserError
 from orchestrator.report.svg import PALETTE, Chart, Series, render
+from orchestrator.rundir import PROFILE_DIR, RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_duration, format_si
 from orchestrator.tracking.jsonl import read_jsonl
 
-RUN_FILES = ("metrics.jsonl", "summary.json", "config.yaml")
 SCALE_FILE = "scale.json"  # an `orchestrator scale` experiment dir
-# train/profile.py's PROFILE_DIR (a test holds them equal), named here so that a report of runs that were
-# not profiled does not import torch.
-PROFILE_DIR = "profile"
 
 
 @dataclass
@@ -38,11 +35,11 @@ class Run:
     config: dict[str, Any]
     metrics: list[dict[str, Any]]
     resources: list[dict[str, Any]]
-    summary: dict[str, Any] | None  # None: still running, or killed before it wrote one
+    summary: RunSummary | None  # None: still running, or killed before it wrote one
 
     @property
     def status(self) -> str:
-        return self.summary["status"] if self.summary else "running (or stopped)"
+        return self.summary.status if self.summary else "running (or stopped)"
 
 
 def find_runs(paths: list[Path]) -> list[Path]:
@@ -55,10 +52,10 @@ def find_runs(paths: list[Path]) -> list[Path]:
     for path in paths:
         if not path.is_dir():
             raise UserError(f"{path}: no such directory (give run dirs, or a sweep's dir of run dirs)")
-        if any((path / name).exists() for name in RUN_FILES):
+        if RunDir(path).is_run():
             runs.append(path)
             continue
-        inner = sorted((p for p in path.iterdir() if p.is_dir() and any((p / n).exists() for n in RUN_FILES)),
+        inner = sorted((p for p in path.iterdir() if p.is_dir() and RunDir(p).is_run()),
                        key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
         if not inner:
             raise UserError(f"{path}: not a run dir (no metrics.jsonl, summary.json or config.yaml) "
@@ -68,14 +65,14 @@ def find_runs(paths: list[Path]) -> list[Path]:
 
 
 def load_run(path: Path, name: str) -> Run:
-    config_file, summary_file = path / "config.yaml", path / "summary.json"
+    files = RunDir(path)
     try:
-        config = yaml.safe_load(config_file.read_text()) if config_file.exists() else {}
-        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
-    except (yaml.YAMLError, json.JSONDecodeError) as exc:
+        config = yaml.safe_load(files.config.read_text()) if files.config.exists() else {}
+    except yaml.YAMLError as exc:
         raise UserError(f"{path}: unreadable run file ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
-    return Run(name=name, path=path, config=config or {}, metrics=read_jsonl(path / "metrics.jsonl"),
-               resources=read_jsonl(path / "resources.jsonl"), summary=summary)
+    summary = RunSummary.read(files.summary) if files.summary.exists() else None
+    return Run(name=name, path=path, config=config or {}, metrics=read_jsonl(files.metrics),
+               resources=read_jsonl(files.resources), summary=summary)
 
 
 def run_names(paths: list[Path]) -> list[str]:
@@ -140,21 +137,25 @@ def charts(runs: list[Run]) -> list[Chart]:
 def summary_rows(runs: list[Run]) -> list[list[str]]:
     rows = []
     for run in runs:
-        s = run.summary or {}
+        s = run.summary or RunSummary(status=run.status)
         losses = [m["loss"] for m in run.metrics if m.get("loss") is not None]
         last_step = max((m["step"] for m in run.metrics if "step" in m), default=0)
-        eval_first, eval_last = s.get("first_eval_loss"), s.get("final_eval_loss")
+        eval_first, eval_last = s.first_eval_loss, s.final_eval_loss
         rows.append([
-            run.name, run.status, str(s.get("steps", last_step)),
-            f"{s['final_loss']:.4f}" if s.get("final_loss") is not None else (f"{losses[-1]:.4f}" if losses else "-"),
+            run.name, run.status, str(s.steps if s.steps is not None else last_step),
+            f"{s.final_loss:.4f}" if s.final_loss is not None else (f"{losses[-1]:.4f}" if losses else "-"),
             f"{eval_first:.4f} → {eval_last:.4f}" if eval_first is not None and eval_last is not None else "-",
-            f"{s['tokens_per_s']:,.0f}" if s.get("tokens_per_s") else "-",
-            f"{s['mfu']:.1%}" if s.get("mfu") is not None else "-",
-            format_bytes(s["peak_mem_bytes"]) if s.get("peak_mem_bytes") else "-",
-            f"{s.get('world_size', '-')} × {s.get('device', '?')}, {s.get('strategy', '-')}",
-            format_duration(s["wall_s"]) if s.get("wall_s") else "-",
+            f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else "-",
+            f"{s.mfu:.1%}" if s.mfu is not None else "-",
+            format_bytes(s.peak_mem_bytes) if s.peak_mem_bytes else "-",
+            f"{_or(s.world_size, '-')} × {_or(s.device, '?')}, {_or(s.strategy, '-')}",
+            format_duration(s.wall_s) if s.wall_s else "-",
         ])
     return rows
+
+
+def _or(value: Any, default: str) -> Any:
+    return default if value is None else value
 
 
 SUMMARY_HEADER = ["run", "status", "steps", "final loss", "eval loss", "tokens/s", "MFU", "peak memory / rank",
@@ -199,7 +200,8 @@ def build_report(paths: list[Path]) -> str:
                                                           else '<p class="note">The runs have the same config.</p>'))
     sections.append('<h2>Training</h2><div class="grid">' + "".join(render(c) for c in charts(runs)) + "</div>")
     sections.extend(_profile_section(run, titled=len(runs) > 1) for run in runs if (run.path / PROFILE_DIR).is_dir())
-    data = {run.name: {"path": str(run.path), "status": run.status, "summary": run.summary} for run in runs}
+    data = {run.name: {"path": str(run.path), "status": run.status,
+                       "summary": run.summary.to_dict() if run.summary else None} for run in runs}
     generated = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     title = f"orchestrator report: {', '.join(run.name for run in runs[:3])}{' ...' if len(runs) > 3 else ''}"
     return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"

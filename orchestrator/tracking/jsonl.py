@@ -8,6 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable
 
+from orchestrator.rundir import RunDir
+
 
 def _clean(value: Any) -> Any:
     # JSON has no NaN or Infinity; a non-finite loss is recorded as null rather than breaking readers.
@@ -50,9 +52,10 @@ def set_aside(run_dir: Path, names: Iterable[str]) -> Path | None:
     if not present:
         return None
     number = 0
-    while (run_dir / "replaced" / str(number)).exists():
+    replaced = RunDir(run_dir).replaced
+    while (replaced / str(number)).exists():
         number += 1
-    target = run_dir / "replaced" / str(number)
+    target = replaced / str(number)
     target.mkdir(parents=True)
     for name in present:
         os.replace(run_dir / name, target / name)

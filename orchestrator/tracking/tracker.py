@@ -10,12 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from orchestrator.rundir import WORKER_RECORDS, RunDir
 from orchestrator.tracking.console import Progress
 from orchestrator.tracking.jsonl import JsonlWriter, set_aside, truncate_after_step
 from orchestrator.tracking.wandb_run import WandbRun, wandb_name
-
-METRICS_FILE = "metrics.jsonl"
-RESOURCES_FILE = "resources.jsonl"
 
 
 class Tracker:
@@ -37,12 +35,13 @@ class Tracker:
         if not enabled:
             return
         if resume_step is None:
-            set_aside(run_dir, (METRICS_FILE, RESOURCES_FILE))
+            set_aside(run_dir, WORKER_RECORDS)
         else:
-            for name in (METRICS_FILE, RESOURCES_FILE):
+            for name in WORKER_RECORDS:
                 truncate_after_step(run_dir / name, resume_step)
-        self.metrics = JsonlWriter(run_dir / METRICS_FILE)
-        self.resources = JsonlWriter(run_dir / RESOURCES_FILE)
+        files = RunDir(run_dir)
+        self.metrics = JsonlWriter(files.metrics)
+        self.resources = JsonlWriter(files.resources)
         self.progress = Progress(total=max_steps, initial=resume_step or 0, enabled=progress)
 
     def log_step(self, step: int, metrics: dict[str, Any]) -> None:

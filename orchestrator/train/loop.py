@@ -29,6 +29,7 @@ from orchestrator.errors import TrainingError, UserError, first_line
 from orchestrator.models import build_model, describe_model, meta_device, model_blocks, pretrained_weights
 from orchestrator.models.lora import lora_for
 from orchestrator.models.recipe import InMemoryWeights, ModelRecipe, WeightSource, state_shapes
+from orchestrator.rundir import RunDir
 from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
 from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
@@ -111,7 +112,7 @@ class Trainer:
         self.eval_batches = eval_indices(len(self.data.val), batches=trainer.eval_batches,
                                          micro_batch_size=trainer.micro_batch_size,
                                          rank=dist.rank, world_size=dist.world_size)
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", dist=dist, strategy=self.strategy,
+        self.checkpointer = Checkpointer(RunDir(run_dir).checkpoints, dist=dist, strategy=self.strategy,
                                          strategy_name=config.strategy.name, keep=trainer.checkpoint.keep,
                                          model_shapes=state_shapes(reference))
         self.storage = RunStorage(trainer.storage) if trainer.storage else None
@@ -202,7 +203,7 @@ class Trainer:
         if not self.dist.is_main:
             return None
         config = self.config
-        resolved = self.run_dir / "config.yaml"
+        resolved = RunDir(self.run_dir).config
         return WandbRun(
             self.run_dir, run_id=self.state.wandb_run_id, settings=config.logger,
             name=f"{self.run_dir.parent.name}/{self.run_dir.name}",

@@ -25,8 +25,8 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from orchestrator.config.schema import ProfileConfig
 from orchestrator.fsutil import write_atomic
+from orchestrator.rundir import PROFILE_DIR
 
-PROFILE_DIR = "profile"
 TOP_OPS_KEPT = 50
 STEP_PREFIX = "step "  # the per-step ranges' names: "step 3"
 TRACE_NAME = re.compile(r"rank(\d+)\.json")

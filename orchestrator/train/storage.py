@@ -35,11 +35,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 from orchestrator.errors import UserError, first_line
+from orchestrator.rundir import CHECKPOINTS_DIR, DRIVER_RECORDS, WORKER_RECORDS, RunDir
 from orchestrator.train import manifest
 
-# Written by rank 0 as it trains; config.yaml and summary.json are the driver's.
-WORKER_RECORDS = ("metrics.jsonl", "resources.jsonl")
-DRIVER_RECORDS = ("config.yaml", "summary.json", "report.html")
 CHECK_TIMEOUT_S = 20.0
 
 log = logging.getLogger("orchestrator.train.storage")  # not __name__: the uploader runs this file as __main__
@@ -90,7 +88,7 @@ class RunStorage:
 
     def put_checkpoint(self, directory: Path, *, keep: list[str]) -> None:
         """Copies a complete checkpoint, manifest last, then deletes the storage's checkpoints not in ``keep``."""
-        target = f"{self.root}/checkpoints/{directory.name}"
+        target = f"{self.root}/{CHECKPOINTS_DIR}/{directory.name}"
         self.fs.delete_dir_contents(target, missing_dir_ok=True)
         files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != manifest.MANIFEST)
         folders = {target} | {f"{target}/{p.parent.relative_to(directory).as_posix()}" for p in files
@@ -101,13 +99,13 @@ class RunStorage:
             self._copy(str(path), f"{target}/{path.relative_to(directory).as_posix()}", upload=True)
         for name in self.checkpoint_names():
             if name not in keep:
-                self.fs.delete_dir(f"{self.root}/checkpoints/{name}")
+                self.fs.delete_dir(f"{self.root}/{CHECKPOINTS_DIR}/{name}")
 
     def checkpoint_names(self) -> list[str]:
         """The storage's complete checkpoints (those with a manifest), newest first."""
         import pyarrow.fs as pafs
 
-        listing = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/checkpoints", allow_not_found=True,
+        listing = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{CHECKPOINTS_DIR}", allow_not_found=True,
                                                          recursive=True))
         names = {Path(info.path).parent.name for info in listing if Path(info.path).name == manifest.MANIFEST}
         stepped = [(manifest.step_of(Path(name)), name) for name in names]
@@ -119,7 +117,7 @@ class RunStorage:
         Returns:
             The fetched checkpoint's name, or None when the run dir's own are as new.
         """
-        checkpoints = run_dir / "checkpoints"
+        checkpoints = RunDir(run_dir).checkpoints
         names = self.checkpoint_names()
         if not names:
             return None
@@ -128,7 +126,7 @@ class RunStorage:
         if local and max(local) >= manifest.step_of(Path(names[0])):
             return None
         tmp = checkpoints / f"{names[0]}.fetch-{uuid.uuid4().hex[:8]}.tmp"  # removed by prepare() if cut short
-        self._copy(f"{self.root}/checkpoints/{names[0]}", str(tmp), upload=False)
+        self._copy(f"{self.root}/{CHECKPOINTS_DIR}/{names[0]}", str(tmp), upload=False)
         final = checkpoints / names[0]
         if final.exists():  # a damaged copy of the same step
             shutil.rmtree(final)

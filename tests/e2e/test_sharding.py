@@ -12,6 +12,7 @@ from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Precision
 from orchestrator.experiments.estimate import describe, model_states
 from orchestrator.experiments.verify import Deviation, format_report, largest_deviation
+from orchestrator.rundir import RunSummary
 from tests.helpers import run_cli
 
 STRATEGIES = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
@@ -81,7 +82,7 @@ def test_a_deviation_above_the_tolerance_fails_and_a_missing_step_counts_as_infi
     assert loss == Deviation(metric="loss", value=pytest.approx(2e-4), strategy="zero3", step=2)
     missing = largest_deviation(series, reference="ddp", metric="grad_norm")
     assert missing.value == float("inf") and missing.strategy == "fsdp2" and missing.step == 2
-    text = format_report(series, {name: {} for name in series}, [loss, missing], reference="ddp", tolerance=1e-5,
+    text = format_report(series, {name: RunSummary(status="completed") for name in series}, [loss, missing], reference="ddp", tolerance=1e-5,
                          passed=False, failed=["fsdp2"])
     assert "FAIL" in text and "fsdp2" in text
 

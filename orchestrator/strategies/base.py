@@ -34,6 +34,7 @@ from torch import nn
 from orchestrator.config.schema import Config, Precision
 from orchestrator.distributed import DistContext
 from orchestrator.models.recipe import ModelRecipe
+from orchestrator.train.hashing import FileDigest
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 GradNormGuard = Callable[[float], bool]  # True: apply the update; False: skip it; may raise TrainingError
@@ -152,8 +153,9 @@ class Strategy(ABC):
         """Drops this step's gradients without an update (a step rejected before ``step``)."""
 
     @abstractmethod
-    def save(self, directory: Path) -> list[Path]:
-        """Writes this rank's share of model and optimizer state into ``directory``; returns the files written."""
+    def save(self, directory: Path) -> dict[Path, FileDigest]:
+        """Writes this rank's share of model and optimizer state into ``directory``; returns the files written,
+        each with the digest of the bytes written (``train.hashing``)."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:

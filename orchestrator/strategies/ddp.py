@@ -17,6 +17,7 @@ from orchestrator.config.schema import DDPConfig
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies.base import OptimizerFactory, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
+from orchestrator.train.hashing import FileDigest, save_hashed
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -37,15 +38,13 @@ class SingleStrategy(TorchStrategy):
     def _wrap(self, module: torch.nn.Module) -> torch.nn.Module:
         return module
 
-    def save(self, directory: Path) -> list[Path]:
+    def save(self, directory: Path) -> dict[Path, FileDigest]:
         if not self.dist.is_main:
-            return []
+            return {}
         states = {MODEL_FILE: self.module.state_dict(), OPTIMIZER_FILE: self.optimizer.state_dict()}
         if self.scaler.is_enabled():
             states[SCALER_FILE] = self.scaler.state_dict()
-        for name, state in states.items():
-            torch.save(state, directory / name)
-        return [directory / name for name in states]
+        return {directory / name: save_hashed(state, directory / name) for name, state in states.items()}
 
     def load(self, directory: Path) -> None:
         self.module.load_state_dict(_load(directory / MODEL_FILE))

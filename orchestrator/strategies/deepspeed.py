@@ -37,6 +37,7 @@ from orchestrator.strategies.base import (
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.strategies.deepspeed_config import deepspeed_config
 from orchestrator.train import unpickle
+from orchestrator.train.hashing import FileDigest, read_back, save_hashed
 
 TAG = "ds"
 
@@ -131,15 +132,21 @@ class ZeroStrategy(Strategy):
     def discard_gradients(self) -> None:
         self.engine.zero_grad()
 
-    def save(self, directory: Path) -> list[Path]:
-        self.engine.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+    def save(self, directory: Path) -> dict[Path, FileDigest]:
+        torch_engine = self.engine.checkpoint_engine
+        hashing_engine = _HashingCheckpointEngine(torch_engine)
+        self.engine.checkpoint_engine = hashing_engine
+        try:
+            self.engine.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
+        finally:
+            self.engine.checkpoint_engine = torch_engine
         # DeepSpeed names per-rank files zero_pp_rank_<rank>_...; the rest (model states under
-        # ZeRO-0/1/2, its conversion scripts) rank 0 writes.
+        # ZeRO-0/1/2, its conversion script) rank 0 writes. The script is copied, not saved: read back.
         mine = f"zero_pp_rank_{self.dist.rank}_"
-        written = []
+        written = {}
         for path in sorted(p for p in directory.rglob("*") if p.is_file()):
             if mine in path.name or (self.dist.is_main and "zero_pp_rank_" not in path.name):
-                written.append(path)
+                written[path] = hashing_engine.digests.get(path) or read_back(path)
         return written
 
     def load(self, directory: Path) -> None:
@@ -157,6 +164,25 @@ class ZeroStrategy(Strategy):
         now = _zero_memory(self.engine, stage=self.cfg.stage)
         if now.total_bytes > self._peak.total_bytes:
             self._peak = now
+
+
+class _HashingCheckpointEngine:
+    """DeepSpeed's torch checkpoint engine with ``save`` hashing what it writes (``digests``, by path)."""
+
+    def __init__(self, torch_engine: Any) -> None:
+        from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # heavy: deepspeed
+
+        if type(torch_engine) is not TorchCheckpointEngine:
+            raise ValueError(f"checkpoints need DeepSpeed's TorchCheckpointEngine, not {type(torch_engine).__name__}")
+        self._torch_engine = torch_engine
+        self.digests: dict[Path, FileDigest] = {}
+
+    def save(self, state_dict: Any, path: str) -> None:
+        self.digests[Path(path)] = save_hashed(state_dict, Path(path),
+                                               zipfile=self._torch_engine.zipfile_serialization)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._torch_engine, name)
 
 
 def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any], *, is_main: bool) -> nn.Module:

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any, ContextManager, Iterator
 
 import torch
 import torch.distributed.checkpoint as dcp
 from torch import nn
-from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.state_dict import (
@@ -41,6 +43,7 @@ from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.train import unpickle
+from orchestrator.train.hashing import FileDigest, HashingFile, save_hashed
 
 DCP_DIR = "dcp"
 SCALER_FILE = "scaler.pt"
@@ -121,17 +124,14 @@ class FSDP2Strategy(TorchStrategy):
     def autocast(self) -> ContextManager:
         return contextlib.nullcontext()  # the mixed-precision policy casts parameters and inputs itself
 
-    def save(self, directory: Path) -> list[Path]:
+    def save(self, directory: Path) -> dict[Path, FileDigest]:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
-        dcp.save({"model": model_state, "optim": optimizer_state}, checkpoint_id=directory / DCP_DIR)
-        # DCP's file system writer names each rank's data file __<rank>_<n>.distcp; rank 0 also
-        # writes the .metadata index.
-        written = sorted((directory / DCP_DIR).glob(f"__{self.dist.rank}_*.distcp"))
-        if self.dist.is_main:
-            written.append(directory / DCP_DIR / ".metadata")
-            if self.scaler.is_enabled():
-                torch.save(self.scaler.state_dict(), directory / SCALER_FILE)
-                written.append(directory / SCALER_FILE)
+        # Each rank's writer creates its own data files (__<rank>_<n>.distcp); rank 0's also the .metadata index.
+        writer = _HashingWriter(directory / DCP_DIR)
+        dcp.save({"model": model_state, "optim": optimizer_state}, storage_writer=writer)
+        written = dict(writer.fs.digests)
+        if self.dist.is_main and self.scaler.is_enabled():
+            written[directory / SCALER_FILE] = save_hashed(self.scaler.state_dict(), directory / SCALER_FILE)
         return written
 
     def load(self, directory: Path) -> None:
@@ -143,6 +143,38 @@ class FSDP2Strategy(TorchStrategy):
                        optim_state_dict=state["optim"])
         if self.scaler.is_enabled() and (directory / SCALER_FILE).exists():
             self.scaler.load_state_dict(torch.load(directory / SCALER_FILE, weights_only=True))
+
+
+class _HashingFileSystem(FileSystem):
+    """DCP's local file system, hashing every file it writes (``digests``, by final path)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.digests: dict[Path, FileDigest] = {}
+
+    @contextlib.contextmanager
+    def create_stream(self, path: str | os.PathLike, mode: str) -> Iterator[Any]:
+        if mode == "rb":
+            with super().create_stream(path, mode) as stream:
+                yield stream
+            return
+        assert mode == "wb", f"DCP opened {path} with mode {mode!r}"
+        with HashingFile(Path(path)) as stream:
+            yield stream
+        self.digests[Path(path)] = stream.digest()
+
+    def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
+        super().rename(path, new_path)  # the .metadata index is written under a temporary name
+        self.digests[Path(new_path)] = self.digests.pop(Path(path))
+
+
+class _HashingWriter(FileSystemWriter):
+    """DCP's file system writer, hashing what it writes. It leaves fsync to the checkpoint protocol, which
+    fsyncs every file once it is closed (a ``HashingFile`` has no descriptor for DCP to fsync)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, sync_files=False)
+        self.fs = _HashingFileSystem()
 
 
 @torch.no_grad()

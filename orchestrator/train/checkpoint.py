@@ -1,7 +1,7 @@
 """Atomic, exact checkpoints: one protocol around whatever the strategy writes.
 
 Save: rank 0 makes ``step-N.tmp/``; every rank writes its share (strategy state, its RNG state),
-fsyncs and hashes the files it wrote; rank 0 gathers the hashes, writes the manifest, renames the
+hashing each file's bytes as it writes them (``hashing``), and fsyncs the files; rank 0 gathers the hashes, writes the manifest, renames the
 directory to ``step-N/``, replaces ``latest`` and prunes to the newest ``keep``. A process killed at
 any point leaves the previous checkpoints and possibly a complete new one; ``.tmp`` directories are
 never loaded and are removed on the next start. Verification on resume is shared out across ranks.
@@ -22,7 +22,7 @@ from orchestrator.errors import UserError
 from orchestrator.fsutil import fsync_path, write_atomic
 from orchestrator.models.recipe import shape_mismatch
 from orchestrator.strategies import Strategy
-from orchestrator.train import manifest
+from orchestrator.train import hashing, manifest
 
 log = logging.getLogger(__name__)
 
@@ -128,16 +128,15 @@ class Checkpointer:
 
         written = self.strategy.save(tmp)
         rng_file = tmp / RNG_DIR / f"rank-{self.dist.rank:05d}.pt"
-        torch.save(_rng_state(), rng_file)
-        written.append(rng_file)
+        written[rng_file] = hashing.save_hashed(_rng_state(), rng_file)
         if self.dist.is_main:
-            (tmp / TRAINER_STATE).write_text(json.dumps(trainer_state, indent=1) + "\n")
-            written.append(tmp / TRAINER_STATE)
+            written[tmp / TRAINER_STATE] = hashing.write_hashed(
+                tmp / TRAINER_STATE, (json.dumps(trainer_state, indent=1) + "\n").encode())
         for path in written:
             fsync_path(path)
         for directory in {path.parent for path in written}:
             fsync_path(directory)
-        entries = {str(path.relative_to(tmp)): manifest.file_entry(path) for path in written}
+        entries = {str(path.relative_to(tmp)): digest.entry() for path, digest in written.items()}
         per_rank = self.dist.gather_objects(entries)  # also: every rank has finished writing
 
         if self.dist.is_main:

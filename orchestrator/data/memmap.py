@@ -4,7 +4,6 @@ uint32 ids as ``meta.json``'s ``dtype`` says."""
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +23,7 @@ from orchestrator.data.tokens import (
     token_dtype,
 )
 from orchestrator.errors import UserError
+from orchestrator.fsutil import read_json_object
 
 # Every id is checked against vocab_size in the driver, a chunk of this many tokens (128 MiB of uint16,
 # 256 MiB of uint32) at a time: an id out of range would otherwise fail a worker's embedding lookup
@@ -42,12 +42,7 @@ def read_meta(directory: Path) -> tuple[int, np.dtype]:
         directory: The expanded ``data.path``.
     """
     meta_path = directory / "meta.json"
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, ValueError) as err:
-        raise UserError(f"data.path: cannot read {meta_path} as JSON ({err})") from None
-    if not isinstance(meta, dict):
-        raise UserError(f"data.path: {meta_path} must hold a JSON object with vocab_size, got {meta!r}")
+    meta = read_json_object(meta_path, key="data.path")
     vocab_size = meta.get("vocab_size")
     if not isinstance(vocab_size, int) or not 0 < vocab_size <= MAX_VOCAB_SIZE:
         raise UserError(f"data.path: {meta_path} must hold an integer vocab_size in [1, {MAX_VOCAB_SIZE}], "

@@ -25,7 +25,10 @@ def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | N
 
 
 def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    # A run still writing may have appended half a line: only whole (newline-terminated) lines are records.
+    text = path.read_text()
+    whole = text[: text.rfind("\n") + 1]
+    return [json.loads(line) for line in whole.splitlines() if line.strip()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -146,6 +146,10 @@ class BaseWeights(WeightSource):
         unused = {name: shape for name, shape in stored.items() if name not in set(self._names.values())}
         return {**mapped, **unused}  # an unused tensor is reported as unexpected under its own name
 
+    def dtypes(self) -> dict[str, torch.dtype]:
+        stored = self.source.dtypes()
+        return {name: stored[base] for name, base in self._names.items() if base in stored}
+
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         return self.source.read(self._names[name], rows=rows)
 
@@ -176,7 +180,7 @@ class MergedWeights(WeightSource):
         return {name: shapes[stored] for name, stored in self._names.items()}
 
     def dtypes(self) -> dict[str, torch.dtype]:
-        dtypes = self.source.dtypes()  # type: ignore[attr-defined]
+        dtypes = self.source.dtypes()
         return {name: dtypes[stored] for name, stored in self._names.items()}
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:

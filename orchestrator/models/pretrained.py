@@ -12,7 +12,7 @@ read. Nothing is downloaded: a hub id that is not a local directory is an error 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,10 @@ from orchestrator.fsutil import read_json_object
 from orchestrator.models.recipe import WeightSource
 
 CONFIG_FILE = "config.json"
+# safetensors' dtype names (the header's), as torch dtypes.
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -114,9 +118,19 @@ class SafetensorsWeights(WeightSource):
             raise UserError(f"{self.key}: {self.directory / SINGLE_FILE} is not a safetensors file ({exc})") from None
 
     def shapes(self) -> dict[str, list[int]]:
+        found = {}
+        for name, stored in self._headers():
+            shape = list(stored.get_shape())
+            found[name] = shape[::-1] if name in self._transposed else shape
+        return found
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: _DTYPES[stored.get_dtype()] for name, stored in self._headers()}
+
+    def _headers(self) -> Iterator[tuple[str, Any]]:
+        """Each model name with its stored tensor's lazy slice (shape and dtype from the header, no data)."""
         from safetensors import safe_open
 
-        found: dict[str, list[int]] = {}
         by_file: dict[Path, list[str]] = {}
         for name, stored in self._names.items():
             if stored in self._files:
@@ -124,9 +138,7 @@ class SafetensorsWeights(WeightSource):
         for path, names in by_file.items():
             with safe_open(str(path), framework="pt") as f:
                 for name in names:
-                    shape = list(f.get_slice(self._names[name]).get_shape())
-                    found[name] = shape[::-1] if name in self._transposed else shape
-        return found
+                    yield name, f.get_slice(self._names[name])
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         from safetensors import safe_open

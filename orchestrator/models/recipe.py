@@ -31,9 +31,9 @@ class WeightSource(ABC):
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         """The tensor ``name``, or its rows ``[start, stop)`` along the first dimension."""
 
+    @abstractmethod
     def dtypes(self) -> dict[str, torch.dtype]:
-        """Every tensor's dtype, by name, without reading any tensor (sources that can tell)."""
-        raise NotImplementedError(f"{type(self).__name__} does not list its dtypes")
+        """Every tensor's dtype, by name, without reading any tensor."""
 
     def fresh(self, name: str) -> bool:
         """Whether the model's own initial value of ``name`` stands (a new adapter): not read from here."""
@@ -69,6 +69,9 @@ class InMemoryWeights(WeightSource):
 
     def shapes(self) -> dict[str, list[int]]:
         return {name: list(tensor.shape) for name, tensor in self.state.items()}
+
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {name: tensor.dtype for name, tensor in self.state.items()}
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         tensor = self.state[name]

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Callable
 from orchestrator import __version__
 from orchestrator.config.hydra_compat import parse_overrides, sweep_points
 from orchestrator.errors import UserError
-from orchestrator.rundir import REPORT_FILE, RunDir, RunSummary
+from orchestrator.rundir import REPORT_FILE, RunDir
 
 if TYPE_CHECKING:
     from orchestrator.config.schema import Config
@@ -35,6 +35,8 @@ commands:
                                           orchestrator verify verify.strategies=[ddp,fsdp2,zero1,zero2,zero3]
   estimate per-rank memory of the job under every strategy, and the world size it needs
                                           orchestrator estimate job=llama3_70b_zero3 estimate.world_sizes=[8,64] [--json]
+  search   trials of the job over a search space, concurrently on Ray; ASHA stops the worse early
+                                          orchestrator search job=gpt_tiny_cpu search.num_samples=8 'optim.lr=tag(log,interval(1e-4,1e-2))'
   scale    throughput, scaling efficiency and memory across worker counts x strategies (one run per point)
                                           orchestrator scale job=gpt_tiny_cpu scale.workers=[1,2] scale.strategies=[ddp,zero2]
   report   one HTML file (no network needed) of runs' curves, throughput, MFU, memory and per-rank resources
@@ -84,18 +86,14 @@ def train_command(args: list[str]) -> int:
         cfg = compose(parsed.overrides, with_hydra=True)
         if cfg.hydra.mode in (None, RunMode.RUN):  # not a config that sets hydra.mode=MULTIRUN
             return _train_one(cfg)
-    sweeper = _search_sweeper(parsed.overrides) if parsed.multirun else None
+    _refuse_search_sweeper(parsed.overrides)
     if parsed.multirun:  # a sweep's runs share a W&B group
-        extra = sweep_overrides(parsed.overrides, job_type="search" if sweeper else "sweep")
+        extra = sweep_overrides(parsed.overrides, job_type="sweep")
         args, parsed.overrides = [*args, *extra], [*parsed.overrides, *extra]
     if not any(getattr(parsed, flag) for flag in _HYDRA_INFO_FLAGS):
-        points = (_search_points(parsed.overrides) if sweeper
-                  else sweep_points(parsed.overrides) if parsed.multirun else [parsed.overrides])
-        for overrides in points:
-            config = _precheck(overrides, prepare=parsed.cfg is None)
-            if sweeper and not config.trainer.eval_every:
-                raise UserError(f"hydra/sweeper={sweeper} minimizes the final eval loss: set trainer.eval_every > 0")
-    return _run_hydra(args, search=sweeper is not None)
+        for overrides in sweep_points(parsed.overrides) if parsed.multirun else [parsed.overrides]:
+            _precheck(overrides, prepare=parsed.cfg is None)
+    return _run_hydra(args)
 
 
 def sweep_overrides(overrides: list[str], *, job_type: str) -> list[str]:
@@ -149,58 +147,15 @@ def _train_one(cfg: Any) -> int:
     return 1 if failed_runs else 0
 
 
-def _search_sweeper(overrides: list[str]) -> str | None:
-    """The sweeper the command line picks (``hydra/sweeper=optuna``), unless it is Hydra's basic one."""
+def _refuse_search_sweeper(overrides: list[str]) -> None:
+    """``hydra/sweeper=optuna`` (hydra-optuna-sweeper) is retired: ``orchestrator search`` replaced it."""
     for override in parse_overrides(overrides):
         if override.key_or_group == "hydra/sweeper" and override.value() != "basic":
-            return str(override.value())
-    return None
+            raise UserError(f"hydra/sweeper={override.value()}: the Optuna sweeper is retired; search with "
+                            f"`orchestrator search` (docs/search.md), which runs trials concurrently on Ray")
 
 
-def _search_points(overrides: list[str]) -> list[list[str]]:
-    """What to check before a search whose points are sampled as it goes: every dimension at its first
-    value, then each other choice and each end the sampler can reach, one dimension at a time."""
-    import warnings
-
-    from hydra_plugins.hydra_optuna_sweeper._impl import create_optuna_distribution_from_override
-    from optuna.distributions import LogUniformDistribution, UniformDistribution
-
-    dimensions: list[list[str]] = []
-    for override in parse_overrides(overrides):
-        if override.key_or_group == "hydra.sweeper.storage" and override.value() is not None:
-            _check_study_storage()
-        if not override.is_sweep_override():
-            dimensions.append([override.input_line])
-            continue
-        try:
-            with warnings.catch_warnings():  # Optuna warns about an uneven step; the search warns again
-                warnings.simplefilter("ignore")
-                space = create_optuna_distribution_from_override(override)
-        except Exception as exc:  # the plugin asserts on glob(); Optuna raises ValueError on reversed ends
-            raise UserError(f"{override.input_line}: not a search space ({exc or 'use choice, range or interval'})") from None
-        if hasattr(space, "choices"):
-            values = list(space.choices)
-        elif isinstance(space, (UniformDistribution, LogUniformDistribution)):
-            values = [space.low]  # a float interval is sampled from [low, high): high itself never runs
-        else:
-            values = [space.low, space.high]
-        dimensions.append([f"{override.get_key_element()}={value}" for value in values])
-    base = [values[0] for values in dimensions]
-    return [base] + [base[:i] + [value] + base[i + 1:]
-                     for i, values in enumerate(dimensions) for value in values[1:]]
-
-
-def _check_study_storage() -> None:
-    from importlib.metadata import version
-
-    # The sweeper plugin takes optuna < 3, whose database storage fails an assertion under SQLAlchemy 2.
-    installed = version("sqlalchemy")
-    if int(installed.split(".")[0]) >= 2:
-        raise UserError(f"hydra.sweeper.storage: Optuna {version('optuna')} keeps studies in a database only with "
-                        f"SQLAlchemy < 2 (installed: {installed}); leave it unset for an in-memory study")
-
-
-def _run_hydra(args: list[str], *, search: bool = False) -> int:
+def _run_hydra(args: list[str]) -> int:
     import hydra
 
     from orchestrator.config.compose import CONF_DIR
@@ -214,31 +169,19 @@ def _run_hydra(args: list[str], *, search: bool = False) -> int:
         hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")(_task(failed_runs))()
     finally:
         sys.argv = saved_argv
-    # A search that returns has found a best point: its failed trials are results (Optuna state FAIL,
-    # summary.json status failed), not errors. With no trial completed the sweeper itself exits 1.
-    return 1 if failed_runs and not search else 0
+    return 1 if failed_runs else 0
 
 
-def _task(failed_runs: list[str]) -> Callable[[Any], float | None]:
-    """``_train_task`` for Hydra, appending the run dir of each run that fails to ``failed_runs``.
-
-    Hydra passes the task only the config, and a search sweeper takes its return value as the objective:
-    the failures of a sweep's runs need this channel of their own.
-    """
+def _task(failed_runs: list[str]) -> Callable[[Any], None]:
+    """``_train_task`` for Hydra, appending the run dir of each run that fails to ``failed_runs``
+    (Hydra passes the task only the config: the failures of a sweep's runs need this channel of their own)."""
     task = functools.partial(_train_task, failed_runs=failed_runs)
     return functools.update_wrapper(task, _train_task)  # Hydra names the job after the wrapped function's module
 
 
-def _train_task(cfg: Any, *, failed_runs: list[str]) -> float | None:
-    """Hydra's task function: one run, in the run dir Hydra made; a run that fails is added to ``failed_runs``.
-
-    Returns the final eval loss, the objective of a search sweeper; None where there is none, which the
-    Optuna sweeper records as a failed trial (state FAIL) before it samples the next point.
-    """
-    import math
-
+def _train_task(cfg: Any, *, failed_runs: list[str]) -> None:
+    """Hydra's task function: one run, in the run dir Hydra made; a run that fails is added to ``failed_runs``."""
     from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
     from omegaconf import OmegaConf
 
     from orchestrator.config.compose import to_config
@@ -257,18 +200,9 @@ def _train_task(cfg: Any, *, failed_runs: list[str]) -> float | None:
         )
     except UserError as exc:  # found only once Hydra named the run dir: still before any worker
         print(f"error: {exc}", file=sys.stderr)
-        if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.runtime.choices.get("hydra/sweeper") == "basic":
-            sys.exit(2)
-        # A sampled point the schema rejects (the checks saw only the ends) is a failed trial.
-        summary = RunSummary(status="failed", error=str(exc), run_dir=str(run_dir))
-        if not RunDir(run_dir).summary.exists():
-            summary.write(RunDir(run_dir).summary)
+        sys.exit(2)
     if not summary.completed:
         failed_runs.append(str(run_dir))
-        return None  # a failed run's summary still holds the eval loss of its last eval: not an objective
-    loss = summary.final_eval_loss
-    # Optuna's tell() rejects NaN and the sweeper would stop; None is a failed trial.
-    return loss if loss is not None and math.isfinite(loss) else None
 
 
 def verify_command(args: list[str]) -> int:
@@ -291,6 +225,13 @@ def estimate_command(args: list[str]) -> int:
     from orchestrator.experiments.estimate import estimate_command as run_estimate
 
     return run_estimate(args)
+
+
+def search_command(args: list[str]) -> int:
+    """``orchestrator search``: trials over a search space on Ray Tune (``search/command.py``)."""
+    from orchestrator.search.command import search_command as run_search
+
+    return run_search(args)
 
 
 def scale_command(args: list[str]) -> int:
@@ -360,6 +301,7 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "verify": verify_command,
     "estimate": estimate_command,
     "scale": scale_command,
+    "search": search_command,
     "report": report_command,
     "export": export_command,
     "cluster": cluster_command,

@@ -92,6 +92,10 @@ class RunDir:
         return any((self.path / name).exists() for name in RUN_FILES)
 
 
+# RunSummary.status of a search trial whose scheduler stopped it before trainer.max_steps (its
+# last checkpoint is complete); the others are completed and failed.
+STOPPED_BY_SEARCH = "stopped_early_by_search"
+
 # Written only when set: a run without an error, a W&B run or a script has no such key at all.
 _OMITTED_WHEN_NONE = frozenset({"error", "wandb", "kind", "script", "args"})
 
@@ -107,7 +111,7 @@ class RunSummary:
     version) are kept in ``extra`` and written back unchanged. Values are not type-checked on read.
     """
 
-    status: str  # completed or failed
+    status: str  # completed, failed, or STOPPED_BY_SEARCH
     error: str | None = None
     kind: str | None = None  # "script" for a script job, else unset
     script: str | None = None

@@ -22,9 +22,9 @@ from orchestrator.rundir import RunDir
 
 
 @contextlib.contextmanager
-def own_run_dir(run_dir: Path) -> Iterator[None]:
+def own_run_dir(run_dir: Path, *, key: str = "hydra.run.dir") -> Iterator[None]:
     """Holds ``run_dir`` (created if need be) for the duration; ``UserError`` naming the holder when
-    another process holds it."""
+    another process holds it. ``key`` is the setting that names the directory (a search's is search.output_dir)."""
     run_dir.mkdir(parents=True, exist_ok=True)
     fd = os.open(RunDir(run_dir).lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
@@ -32,8 +32,8 @@ def own_run_dir(run_dir: Path) -> Iterator[None]:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"hydra.run.dir={run_dir} is in use by another run ({holder}); wait for it to end or "
-                        f"choose another hydra.run.dir") from None
+        raise UserError(f"{key}={run_dir} is in use by another run ({holder}); wait for it to end or "
+                        f"choose another {key}") from None
     try:
         record = {"pid": os.getpid(), "host": socket.gethostname(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}

@@ -188,11 +188,12 @@ def config_differences(runs: list[Run]) -> tuple[list[str], list[list[str]]]:
 # ------------------------------------------------------------------------------------------ page
 
 
-def build_report(paths: list[Path]) -> str:
-    """The report's HTML for the run dirs (or dirs of run dirs) ``paths``."""
+def build_report(paths: list[Path], *, sections: list[str] | None = None) -> str:
+    """The report's HTML for the run dirs (or dirs of run dirs) ``paths``; ``sections`` (HTML, escaped by their
+    maker) come first: a search's own section (``search/results.py``)."""
     run_dirs = find_runs(paths)
     runs = [load_run(path, name) for path, name in zip(run_dirs, run_names(run_dirs))]
-    sections = [_scaling_section(path) for path in paths if (path / SCALE_FILE).exists()]
+    sections = [*(sections or []), *(_scaling_section(path) for path in paths if (path / SCALE_FILE).exists())]
     sections.append(f"<h2>Runs</h2>{_table(SUMMARY_HEADER, summary_rows(runs))}")
     if len(runs) > 1:
         header, rows = config_differences(runs)
@@ -260,11 +261,11 @@ def _profile_section(run: Run, *, titled: bool) -> str:
     return f"<h2>{title}</h2>{note}{_table(header, rows)}{hint}"
 
 
-def write_report(paths: list[Path], output: Path) -> Path:
+def write_report(paths: list[Path], output: Path, *, sections: list[str] | None = None) -> Path:
     """Builds the report and writes it atomically to ``output``."""
     from orchestrator.fsutil import write_atomic
 
-    text = build_report(paths)
+    text = build_report(paths, sections=sections)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, text)
     return output

@@ -224,4 +224,4 @@ def test_unknown_command(tmp_path: Path) -> None:
     result = run_cli("trian", cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == ("error: unknown command 'trian'; commands: "
-                                    "train, verify, estimate, scale, report, export, cluster, submit, jobs")
+                                    "train, verify, estimate, scale, search, report, export, cluster, submit, jobs")

@@ -2,9 +2,9 @@
 
 A shown command is a line starting with ``$ `` inside a code block, or a line of a ```bash block.
 
-- ``orchestrator train | verify | scale | estimate | submit`` (or ``python -m orchestrator ...``): each
-  run the command would make is composed and converted to the typed schema with the project's own
-  ``compose`` / ``to_config`` (every point of a ``-m`` sweep; for ``verify`` and ``scale`` each strategy
+- ``orchestrator train | verify | scale | estimate | submit | search`` (or ``python -m orchestrator ...``):
+  each run the command would make is composed and converted to the typed schema with the project's own
+  ``compose`` / ``to_config`` (every point of a ``-m`` sweep or a search; for ``verify`` and ``scale`` each strategy
   they name), less the run-only overrides (``hydra.run.dir=``, ``hydra.sweep.dir=``) and ``cluster=NAME``
   (whose ``conf/cluster/NAME.yaml`` must exist). A wrong key, group, option or job name fails here.
   Where the docs show the command's ``error:`` line, a command the config layer refuses must be refused
@@ -43,7 +43,7 @@ from tests.helpers import REPO
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SKIP_MARK = re.compile(r"<!--\s*docs-test:\s*skip\b(.*?)-->")
 FENCE = re.compile(r"^\s*```\s*(\S*)")
-COMPOSED = {"train", "verify", "scale", "estimate", "submit"}
+COMPOSED = {"train", "verify", "scale", "estimate", "submit", "search"}
 RUN_ONLY = ("hydra.run.", "hydra.sweep.")  # where a run's files go: nothing to compose
 HYDRA_VALUE_FLAGS = {"--cfg", "-c", "--package", "-p"}  # Hydra flags that take the next argument
 CHECKED_DIRS = ("tests", "jobs", "conf", "bench", "cluster", "docs", "examples", "orchestrator")
@@ -178,11 +178,11 @@ def _compose_runs(command: str, args: list[str], *, error: str | None) -> None:
             skip_next = True
         elif arg.startswith("-"):
             continue  # --cfg's value aside, flags do not change the config (--help, --follow, --json)
-        elif arg.startswith("cluster=") and command in ("submit", "scale"):
+        elif arg.startswith("cluster=") and command in ("submit", "scale", "search"):
             _check_cluster(arg.partition("=")[2])
         elif not arg.startswith(RUN_ONLY):
             overrides.append(arg)
-    for point in _points(overrides) if multirun else [overrides]:
+    for point in _points(overrides) if multirun or command == "search" else [overrides]:
         config, refused = _composed(tuple(point))
         if refused is not None:
             assert error is not None, f"{point} does not compose: {refused}"
@@ -278,7 +278,8 @@ def test_the_docs_show_commands_of_every_kind() -> None:
     """The extraction itself works: a doc change that hid every command from this test would fail here."""
     argvs = [argv for shown in SHOWN if not shown.skip for argv in _commands(shown)]
     programs = {(_orchestrator_args(argv) or [argv[0]])[0] for argv in argvs}
-    assert {"train", "verify", "scale", "estimate", "submit", "export", "report", "cluster", "jobs", "make"} <= programs
+    assert {"train", "verify", "scale", "estimate", "search", "submit", "export", "report", "cluster", "jobs",
+            "make"} <= programs
     assert any(shown.error for shown in SHOWN), "no shown error line was found"
     assert all(shown.skip for shown in SHOWN if shown.skip is not None), "a docs-test: skip mark without a reason"
 

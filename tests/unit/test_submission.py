@@ -201,6 +201,23 @@ def test_the_entrypoint_quotes_every_argument(api: FakeJobAPI, tmp_path: Path) -
     assert not pwned.exists()
 
 
+def test_a_search_is_checked_here_and_submitted_as_one_job(api: FakeJobAPI, tmp_path: Path) -> None:
+    from orchestrator.search.command import submit_search
+
+    cluster = Cluster(name="fake", address=api.url, token_file=None, storage=str(tmp_path / "shared"))
+    search = ["job=gpt_tiny_cpu", "launcher.num_workers=1", "search.num_samples=8",
+              "optim.lr=tag(log,interval(1e-4,1e-2))"]
+    with pytest.raises(UserError, match="model.n_layer=range"):  # refused before anything is sent
+        submit_search(cluster, [*search, "model.n_layer=range(3,3)"])
+    assert not api.submissions
+
+    job_id, search_dir = submit_search(cluster, search)
+    [body] = api.submissions
+    assert body["submission_id"] == job_id and search_dir == f"{tmp_path}/shared/search/gpt_tiny_cpu"
+    assert shlex.split(body["entrypoint"]) == ["python", "-m", "orchestrator", "search", *search,
+                                               f"search.output_dir={search_dir}", "launcher.address=auto"]
+
+
 @pytest.mark.parametrize("call", [jobs.client, jobs.list_jobs, lambda cluster: jobs.job_info(cluster, "some-job"),
                                   lambda cluster: jobs.job_logs(cluster, "some-job", follow=True)],
                          ids=["client", "list", "status", "logs-follow"])

@@ -10,6 +10,12 @@ checkpoint (the whole protocol: files, fsync, hashes, manifest, rename) and ``fi
 ``Checkpointer.restore`` read it back (verification shared across ranks, then the load), after its
 files were dropped from the page cache. Times are rank 0's, barrier to barrier.
 
+Then two asynchronous saves (``trainer.checkpoint.async_save``) of the same state: the time training
+is blocked by each is the ``save`` call (the host copy) plus the ``commit`` call that completes it at a
+step boundary once the background write is done (manifest, rename, ``latest``); the time the
+background write took is reported beside it. The first copies into fresh host memory, the second
+into the buffers the first left (what every save after a run's first does).
+
 Then, in the same run and under the same directory, one file of the checkpoint's size is written
 and fsynced (sequential write bandwidth), dropped from the page cache with
 ``posix_fadvise(DONTNEED)`` and read back (sequential read bandwidth); it is read a second time from
@@ -89,8 +95,26 @@ def _measure(dist, strategy_name: str, layers: int, width: int, root: str) -> di
     checkpointer.restore(found)
     dist.barrier()
     load_s = time.perf_counter() - start
+    background = Checkpointer(Path(root) / f"{strategy_name}-async", dist=dist, strategy=strategy,
+                              strategy_name=strategy_name, keep=2, model_shapes={}, background=True)
+    blocked_s, write_s, polls = [], [], []
+    for step in (2, 3):
+        dist.barrier()
+        start = time.perf_counter()
+        assert background.save(step, {"step": step}) is None
+        saved_s = time.perf_counter() - start
+        while True:  # a training loop's step boundaries, every 10 ms
+            time.sleep(0.01)
+            poll_start = time.perf_counter()
+            committed = background.commit(wait=False)
+            polls.append(time.perf_counter() - poll_start)
+            if committed is not None:
+                break
+        write_s.append(poll_start - start)
+        blocked_s.append(saved_s + polls.pop())
     return {"save_s": save_s, "load_s": load_s, "bytes": manifest.read_manifest(directory).total_bytes,
-            "files": len(manifest.read_manifest(directory).files)}
+            "files": len(manifest.read_manifest(directory).files), "blocked_s": blocked_s, "write_s": write_s,
+            "poll_s": sum(polls) / max(len(polls), 1)}
 
 
 def disk_bandwidth(directory: Path, size_bytes: int) -> tuple[float, float, float]:
@@ -134,17 +158,21 @@ def main() -> None:
     print(f"model: GPT {args.layers} x {args.width}, {params / 1e9:.2f}B parameters, AdamW; 2 ranks; "
           f"checkpoints under {root}\n")
     print("| strategy | checkpoint GiB | files | save s | load s | save GB/s | disk write GB/s | save / disk write "
-          "| load GB/s | disk read GB/s (cold / cached) |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| load GB/s | disk read GB/s (cold / cached) | async: blocked s (1st / 2nd save) | blocked / save "
+          "(2nd) | background write s (1st / 2nd) | poll ms |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for name in args.strategies.split(","):
             m = run_ranks(_measure, name, args.layers, args.width, str(root))[0]
             shutil.rmtree(root / name)
+            shutil.rmtree(root / f"{name}-async")
             write_bps, cold_bps, cached_bps = disk_bandwidth(root, m["bytes"])
             save_bps, load_bps = m["bytes"] / m["save_s"], m["bytes"] / m["load_s"]
             print(f"| {name} | {m['bytes'] / GIB:.2f} | {m['files']} | {m['save_s']:.2f} | {m['load_s']:.2f} "
                   f"| {save_bps / 1e9:.2f} | {write_bps / 1e9:.2f} | {save_bps / write_bps:.0%} | {load_bps / 1e9:.2f} "
-                  f"| {cold_bps / 1e9:.2f} / {cached_bps / 1e9:.2f} |", flush=True)
+                  f"| {cold_bps / 1e9:.2f} / {cached_bps / 1e9:.2f} "
+                  f"| {m['blocked_s'][0]:.2f} / {m['blocked_s'][1]:.2f} | {m['blocked_s'][1] / m['save_s']:.1%} "
+                  f"| {m['write_s'][0]:.1f} / {m['write_s'][1]:.1f} | {m['poll_s'] * 1e3:.1f} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

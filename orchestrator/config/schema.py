@@ -592,6 +592,9 @@ class CheckpointConfig:
     every: int = 100
     keep: int = 2
     at_end: bool = True
+    # Training waits only for a host copy of the state; the files are written in the background
+    # (docs/checkpoints.md). ("async" itself is a Python keyword, so no dataclass field can have that name.)
+    async_save: bool = True
 
     def __post_init__(self) -> None:
         _require(self.every >= 0, f"trainer.checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
@@ -884,6 +887,61 @@ class ScaleConfig:
                  f"scale.warmup_steps={self.warmup_steps} must be >= 0 and below scale.steps={self.steps}")
 
 
+class SearchAlgorithm(str, Enum):
+    optuna = "optuna"  # Optuna's TPE sampler, through Ray Tune's OptunaSearch
+    random = "random"  # independent random samples
+    grid = "grid"  # every combination of the choices and int ranges, once
+
+
+class SearchScheduler(str, Enum):
+    asha = "asha"  # asynchronous successive halving: stops the worse trials at each rung
+    median = "median"  # stops a trial whose eval is worse than the median of the others' at that step
+    none = "none"  # every trial runs to trainer.max_steps
+
+
+class SearchMode(str, Enum):
+    min = "min"
+    max = "max"
+
+
+# What the training loop reports at each eval (eval_accuracy for classifiers only).
+SEARCH_METRICS = ("eval_loss", "eval_accuracy")
+
+
+@dataclass(kw_only=True)
+class SearchConfig:
+    """``orchestrator search``: trials of the job over ``space``, run concurrently on Ray, worse ones stopped early.
+
+    ``space`` maps a key (``optim.lr``) or a group (``optim``) to a Hydra sweep expression: ``choice(a,b)``,
+    ``range(lo,hi[,step])`` (integers), ``interval(lo,hi)`` (uniform), ``tag(log,interval(lo,hi))``
+    (log-uniform); the command line adds dimensions in the same syntax. ``num_samples`` unset runs the
+    whole grid under ``algorithm=grid`` and is required otherwise; ``max_concurrent`` 0 runs as many
+    trials at once as the cluster fits. ``grace_steps`` (0: ``trainer.eval_every``) is how far every
+    trial gets before the scheduler may stop it; ASHA keeps 1 / ``reduction_factor`` at each rung.
+    """
+
+    space: dict[str, str] = field(default_factory=dict)
+    num_samples: Optional[int] = None
+    max_concurrent: int = 0
+    metric: str = "eval_loss"
+    mode: SearchMode = SearchMode.min
+    algorithm: SearchAlgorithm = SearchAlgorithm.optuna
+    scheduler: SearchScheduler = SearchScheduler.asha
+    grace_steps: int = 0
+    reduction_factor: int = 2
+    output_dir: Optional[str] = None  # default outputs/search/<job>
+
+    def __post_init__(self) -> None:
+        if self.num_samples is not None:
+            _require(self.num_samples >= 1, f"search.num_samples must be >= 1, got {self.num_samples}")
+        _require(self.max_concurrent >= 0,
+                 f"search.max_concurrent must be >= 0 (0 = as many as the cluster fits), got {self.max_concurrent}")
+        _require(self.metric in SEARCH_METRICS, f"search.metric={self.metric}: the training loop reports "
+                                                f"{' and '.join(SEARCH_METRICS)} at each eval; choose one")
+        _require(self.grace_steps >= 0, f"search.grace_steps must be >= 0 (0 = trainer.eval_every), got {self.grace_steps}")
+        _require(self.reduction_factor >= 2, f"search.reduction_factor must be >= 2, got {self.reduction_factor}")
+
+
 @dataclass(kw_only=True)
 class EstimateConfig:
     """``orchestrator estimate``: per-rank memory of the job under every strategy, before launch."""
@@ -957,6 +1015,7 @@ class Config:
     estimate: EstimateConfig = field(default_factory=EstimateConfig)
     scale: ScaleConfig = field(default_factory=ScaleConfig)
     job: JobConfig = field(default_factory=JobConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
     seed: int = 1337
 
     def __post_init__(self) -> None:

@@ -40,6 +40,8 @@ WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 START_ATTEMPTS = 4
 # Where Ray's State API clients (in actors too) find the dashboard.
 API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"
+# Ray Train's record of the checkpoints a run registered, in its experiment directory (the run dir).
+RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 # Ray Train's own console chatter (worker group started, results reported) and Ray's usage stats.
 _QUIET = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
@@ -80,6 +82,10 @@ def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any
     # node died while the group was placed) is retried, and no capacity fails the run in capacity_timeout_s.
     failure_config = FailureConfig(max_failures=config.trainer.max_restarts,
                                    controller_failure_limit=START_ATTEMPTS - 1)
+    # Ray Train starts from the run dir's list of the checkpoints registered before, and refuses to start
+    # when one of them is gone: a run continued after its driver died, whose older checkpoints were pruned
+    # (trainer.checkpoint.keep). The loop finds the checkpoint to continue from itself; Ray's list starts anew.
+    (run_dir / RAY_TRAIN_SNAPSHOT_FILE).unlink(missing_ok=True)
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,
@@ -179,6 +185,7 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     from ray.train.collective import broadcast_from_rank_zero
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
+    from orchestrator.launch.trial_channel import eval_reporter
     from orchestrator.train.worker import run_worker
 
     rank = ray.train.get_context().get_world_rank()
@@ -190,7 +197,8 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
 
     restarts = broadcast_from_rank_zero(_count_start(Path(loop_config["run_dir"]), loop_config["launch"])
                                         if rank == 0 else None)
-    return run_worker(loop_config["config"], loop_config["run_dir"], restarts=restarts, on_checkpoint=register)
+    return run_worker(loop_config["config"], loop_config["run_dir"], restarts=restarts, on_checkpoint=register,
+                      on_eval=eval_reporter(loop_config["run_dir"]))
 
 
 def _count_start(run_dir: Path, launch: str) -> int:

@@ -35,8 +35,11 @@ from orchestrator.config.schema import Config, Precision
 from orchestrator.distributed import DistContext
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.train.hashing import FileDigest
+from orchestrator.train.staging import HostStaging
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
+# Writes a snapshot's files (in a background thread, while training goes on); returns them with their digests.
+PendingWrite = Callable[[], dict[Path, FileDigest]]
 GradNormGuard = Callable[[float], bool]  # True: apply the update; False: skip it; may raise TrainingError
 
 LOW_PRECISION = {Precision.bf16: torch.bfloat16, Precision.fp16: torch.float16}
@@ -125,6 +128,7 @@ class Strategy(ABC):
         self.dist = dist
         self.precision = config.trainer.precision
         self.accum_steps = config.grad_accum_steps
+        self.staging = HostStaging()  # asynchronous checkpoints' host copy, reused from save to save
 
     @abstractmethod
     def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
@@ -156,6 +160,12 @@ class Strategy(ABC):
     def save(self, directory: Path) -> dict[Path, FileDigest]:
         """Writes this rank's share of model and optimizer state into ``directory``; returns the files written,
         each with the digest of the bytes written (``train.hashing``)."""
+
+    @abstractmethod
+    def snapshot(self, directory: Path) -> PendingWrite:
+        """Copies this rank's share of model and optimizer state into host memory (collective where ``save``
+        is); returns the function that writes that copy into ``directory`` as ``save`` would, safe to run in
+        a background thread while training goes on, and that performs no collective on the training group."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:

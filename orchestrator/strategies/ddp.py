@@ -7,15 +7,16 @@ the unwrapped module: a checkpoint that any strategy and ``trainer.init_from`` c
 from __future__ import annotations
 
 import contextlib
+from functools import partial
 from pathlib import Path
-from typing import ContextManager
+from typing import Any, ContextManager
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from orchestrator.config.schema import DDPConfig
 from orchestrator.models.recipe import ModelRecipe
-from orchestrator.strategies.base import OptimizerFactory, TorchStrategy
+from orchestrator.strategies.base import OptimizerFactory, PendingWrite, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.train.hashing import FileDigest, save_hashed
 
@@ -39,12 +40,19 @@ class SingleStrategy(TorchStrategy):
         return module
 
     def save(self, directory: Path) -> dict[Path, FileDigest]:
+        return _write(directory, self._states())
+
+    def snapshot(self, directory: Path) -> PendingWrite:
+        return partial(_write, directory, self.staging.stage(self._states()))
+
+    def _states(self) -> dict[str, Any]:
+        """What rank 0 writes, by file name (nothing on other ranks: they hold the same)."""
         if not self.dist.is_main:
             return {}
         states = {MODEL_FILE: self.module.state_dict(), OPTIMIZER_FILE: self.optimizer.state_dict()}
         if self.scaler.is_enabled():
             states[SCALER_FILE] = self.scaler.state_dict()
-        return {directory / name: save_hashed(state, directory / name) for name, state in states.items()}
+        return states
 
     def load(self, directory: Path) -> None:
         self.module.load_state_dict(_load(directory / MODEL_FILE))
@@ -76,6 +84,10 @@ class DDPStrategy(SingleStrategy):
         if sync or not isinstance(self.model, DistributedDataParallel):
             return contextlib.nullcontext()
         return self.model.no_sync()
+
+
+def _write(directory: Path, states: dict[str, Any]) -> dict[Path, FileDigest]:
+    return {directory / name: save_hashed(state, directory / name) for name, state in states.items()}
 
 
 def _load(path: Path) -> dict:

@@ -29,6 +29,7 @@ from orchestrator.strategies.base import (
     GradNormGuard,
     MemoryReport,
     OptimizerFactory,
+    PendingWrite,
     StepOutcome,
     Strategy,
     squared_norm,
@@ -38,6 +39,7 @@ from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.strategies.deepspeed_config import deepspeed_config
 from orchestrator.train import unpickle
 from orchestrator.train.hashing import FileDigest, read_back, save_hashed
+from orchestrator.train.staging import HostStaging
 
 TAG = "ds"
 
@@ -133,21 +135,35 @@ class ZeroStrategy(Strategy):
         self.engine.zero_grad()
 
     def save(self, directory: Path) -> dict[Path, FileDigest]:
+        return self._save(directory, staging=None)()
+
+    def snapshot(self, directory: Path) -> PendingWrite:
+        return self._save(directory, staging=self.staging)
+
+    def _save(self, directory: Path, *, staging: HostStaging | None) -> PendingWrite:
+        """DeepSpeed's ``save_checkpoint`` through a checkpoint engine that hashes what it writes, or (given
+        ``staging``) keeps a host copy of each state it is handed, written later by the function returned."""
         torch_engine = self.engine.checkpoint_engine
-        hashing_engine = _HashingCheckpointEngine(torch_engine)
-        self.engine.checkpoint_engine = hashing_engine
+        engine = _HashingCheckpointEngine(torch_engine, keep=staging is not None)
+        self.engine.checkpoint_engine = engine
         try:
             self.engine.save_checkpoint(str(directory), tag=TAG, client_state={}, save_latest=False)
         finally:
             self.engine.checkpoint_engine = torch_engine
-        # DeepSpeed names per-rank files zero_pp_rank_<rank>_...; the rest (model states under
-        # ZeRO-0/1/2, its conversion script) rank 0 writes. The script is copied, not saved: read back.
-        mine = f"zero_pp_rank_{self.dist.rank}_"
-        written = {}
-        for path in sorted(p for p in directory.rglob("*") if p.is_file()):
-            if mine in path.name or (self.dist.is_main and "zero_pp_rank_" not in path.name):
-                written[path] = hashing_engine.digests.get(path) or read_back(path)
-        return written
+        if staging is not None:
+            engine.kept = staging.stage(engine.kept)  # one copy of every state DeepSpeed handed over
+        # DeepSpeed's state files went through the engine: per-rank ones are named zero_pp_rank_<rank>_...,
+        # the rest (model states under ZeRO-0/1/2) rank 0 writes. Its conversion scripts rank 0 copies in
+        # place, past the engine: those are read back.
+        copied = []
+        if self.dist.is_main:
+            copied = [p for p in sorted(directory.rglob("*")) if p.is_file() and "zero_pp_rank_" not in p.name
+                      and p not in engine.digests and p not in engine.kept]
+
+        def write() -> dict[Path, FileDigest]:
+            return {**engine.write_kept(), **{path: read_back(path) for path in copied}}
+
+        return write
 
     def load(self, directory: Path) -> None:
         check_zero(directory)
@@ -167,19 +183,33 @@ class ZeroStrategy(Strategy):
 
 
 class _HashingCheckpointEngine:
-    """DeepSpeed's torch checkpoint engine with ``save`` hashing what it writes (``digests``, by path)."""
+    """DeepSpeed's torch checkpoint engine with ``save`` hashing what it writes (``digests``, by path); or,
+    with ``keep``, keeping what it is handed (``kept``) for ``write_kept`` to write later."""
 
-    def __init__(self, torch_engine: Any) -> None:
+    def __init__(self, torch_engine: Any, *, keep: bool) -> None:
         from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine  # heavy: deepspeed
 
         if type(torch_engine) is not TorchCheckpointEngine:
             raise ValueError(f"checkpoints need DeepSpeed's TorchCheckpointEngine, not {type(torch_engine).__name__}")
         self._torch_engine = torch_engine
+        self._keep = keep
         self.digests: dict[Path, FileDigest] = {}
+        self.kept: dict[Path, Any] = {}
 
     def save(self, state_dict: Any, path: str) -> None:
-        self.digests[Path(path)] = save_hashed(state_dict, Path(path),
-                                               zipfile=self._torch_engine.zipfile_serialization)
+        if self._keep:
+            self.kept[Path(path)] = state_dict
+        else:
+            self.digests[Path(path)] = save_hashed(state_dict, Path(path),
+                                                   zipfile=self._torch_engine.zipfile_serialization)
+
+    def write_kept(self) -> dict[Path, FileDigest]:
+        """Writes what ``save`` kept, in the order DeepSpeed saved it; returns every file this engine wrote."""
+        while self.kept:
+            path = next(iter(self.kept))
+            self.digests[path] = save_hashed(self.kept.pop(path), path,
+                                             zipfile=self._torch_engine.zipfile_serialization)
+        return self.digests
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._torch_engine, name)

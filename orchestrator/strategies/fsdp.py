@@ -11,6 +11,7 @@ allow-lists first (``SafeReader``, ``SafePlanner``).
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import os
 from pathlib import Path
@@ -23,6 +24,7 @@ from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, F
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
 from torch.distributed.checkpoint.planner import ReadItem
+from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
@@ -40,10 +42,11 @@ from torch.distributed.tensor import DTensor
 from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
 from orchestrator.models.meta import meta_device
 from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_fit
-from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, TorchStrategy
+from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, PendingWrite, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.train import unpickle
 from orchestrator.train.hashing import FileDigest, HashingFile, save_hashed
+from orchestrator.train.staging import HostStaging
 
 DCP_DIR = "dcp"
 SCALER_FILE = "scaler.pt"
@@ -74,6 +77,7 @@ class FSDP2Strategy(TorchStrategy):
     def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
         self.module = self.model = self.build_model(recipe)
         self.optimizer = build_optimizer(self.model)
+        self._background_group: torch.distributed.ProcessGroup | None = None  # asynchronous saves' (snapshot)
 
     def build_model(self, recipe: ModelRecipe) -> nn.Module:
         """The model sharded over the ranks, initialized, before any optimizer exists."""
@@ -125,13 +129,43 @@ class FSDP2Strategy(TorchStrategy):
         return contextlib.nullcontext()  # the mixed-precision policy casts parameters and inputs itself
 
     def save(self, directory: Path) -> dict[Path, FileDigest]:
+        writer = _HashingWriter(directory / DCP_DIR)
+        dcp.save(self._dcp_state(), storage_writer=writer)
+        return self._written(directory, writer, self._scaler_state())
+
+    def snapshot(self, directory: Path) -> PendingWrite:
+        """DCP's own asynchronous save: the state staged into host memory now, written by DCP's thread.
+
+        DCP's thread plans and commits the save with collectives of its own (gathering the ranks' plans
+        and the index), so it runs them over a gloo group of its own rather than the training group,
+        which the main thread keeps using meanwhile.
+        """
+        if self._background_group is None and torch.distributed.is_initialized():
+            self._background_group = torch.distributed.new_group(backend="gloo")  # collective: every rank, once
+        writer = _HashingWriter(directory / DCP_DIR)
+        future = dcp.async_save(self._dcp_state(), storage_writer=writer, process_group=self._background_group,
+                                async_stager=_Stager(self.staging))
+        scaler_state = copy.deepcopy(self._scaler_state())  # plain numbers
+
+        def write() -> dict[Path, FileDigest]:
+            future.result()
+            return self._written(directory, writer, scaler_state)
+
+        return write
+
+    def _dcp_state(self) -> dict[str, Any]:
         model_state, optimizer_state = get_state_dict(self.model, self.optimizer)
         # Each rank's writer creates its own data files (__<rank>_<n>.distcp); rank 0's also the .metadata index.
-        writer = _HashingWriter(directory / DCP_DIR)
-        dcp.save({"model": model_state, "optim": optimizer_state}, storage_writer=writer)
+        return {"model": model_state, "optim": optimizer_state}
+
+    def _scaler_state(self) -> dict[str, Any] | None:
+        return self.scaler.state_dict() if self.dist.is_main and self.scaler.is_enabled() else None
+
+    def _written(self, directory: Path, writer: _HashingWriter,
+                 scaler_state: dict[str, Any] | None) -> dict[Path, FileDigest]:
         written = dict(writer.fs.digests)
-        if self.dist.is_main and self.scaler.is_enabled():
-            written[directory / SCALER_FILE] = save_hashed(self.scaler.state_dict(), directory / SCALER_FILE)
+        if scaler_state is not None:
+            written[directory / SCALER_FILE] = save_hashed(scaler_state, directory / SCALER_FILE)
         return written
 
     def load(self, directory: Path) -> None:
@@ -166,6 +200,25 @@ class _HashingFileSystem(FileSystem):
     def rename(self, path: str | os.PathLike, new_path: str | os.PathLike) -> None:
         super().rename(path, new_path)  # the .metadata index is written under a temporary name
         self.digests[Path(new_path)] = self.digests.pop(Path(path))
+
+
+class _Stager(AsyncStager):
+    """DCP's staging step done by ``HostStaging``: a host copy into buffers kept from save to save. It is
+    finished when ``stage`` returns (DCP's own stager on CPU would allocate fresh memory every save)."""
+
+    _synchronize_after_execute = False
+
+    def __init__(self, staging: HostStaging) -> None:
+        self.staging = staging
+
+    def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
+        return self.staging.stage(state_dict)
+
+    def synchronize_staging(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 class _HashingWriter(FileSystemWriter):

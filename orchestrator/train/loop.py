@@ -29,7 +29,7 @@ from orchestrator.errors import TrainingError, UserError, first_line
 from orchestrator.models import build_model, describe_model, meta_device, model_blocks, pretrained_weights
 from orchestrator.models.lora import lora_for
 from orchestrator.models.recipe import InMemoryWeights, ModelRecipe, WeightSource, state_shapes
-from orchestrator.rundir import RunDir
+from orchestrator.rundir import STOPPED_BY_SEARCH, RunDir
 from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
 from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
@@ -63,6 +63,7 @@ class TrainState:
     last_eval_accuracy: float | None = None  # classifiers only
     evals_since_best: int = 0
     stopped_early: bool = False
+    stopped_by_search: bool = False  # a search's scheduler stopped the trial (on_eval)
     nonfinite_skips: int = 0
     nonfinite_in_a_row: int = 0
     overflow_skips: int = 0
@@ -80,12 +81,15 @@ class Trainer:
         restarts: how many times the launcher restarted the workers; a restart resumes this run.
         on_checkpoint: called on every rank after each complete checkpoint, with its directory and
             step (Ray Train registers it, so a restart knows where the run stands).
+        on_eval: a search trial's: called on rank 0 after each eval with the step and the eval's metrics;
+            its answer (False: the search stops the run here) is shared with every rank.
     """
 
     def __init__(self, config: Config, *, run_dir: Path, dist: DistContext, restarts: int,
-                 on_checkpoint: Callable[[Path, int], None] | None = None) -> None:
+                 on_checkpoint: Callable[[Path, int], None] | None = None,
+                 on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> None:
         self.config, self.run_dir, self.dist, self.restarts = config, run_dir, dist, restarts
-        self.on_checkpoint = on_checkpoint
+        self.on_checkpoint, self.on_eval = on_checkpoint, on_eval
         trainer = config.trainer
         self.data = load_data(config.data)
         spec = self.data.spec
@@ -114,7 +118,8 @@ class Trainer:
                                          rank=dist.rank, world_size=dist.world_size)
         self.checkpointer = Checkpointer(RunDir(run_dir).checkpoints, dist=dist, strategy=self.strategy,
                                          strategy_name=config.strategy.name, keep=trainer.checkpoint.keep,
-                                         model_shapes=state_shapes(reference))
+                                         model_shapes=state_shapes(reference),
+                                         background=trainer.checkpoint.async_save)
         self.storage = RunStorage(trainer.storage) if trainer.storage else None
         self.uploads = Uploads(trainer.storage, run_dir) if trainer.storage and dist.is_main else None
         self.state = TrainState()
@@ -128,11 +133,22 @@ class Trainer:
     # ------------------------------------------------------------------------------------ the loop
 
     def _save(self) -> None:
+        self._commit(wait=True)  # at most one save in flight
         directory = self.checkpointer.save(self.state.step, asdict(self.state))
+        if directory is not None:
+            self._saved(directory)
+
+    def _commit(self, *, wait: bool) -> None:
+        """Completes a save written in the background, if every rank has written it (``wait``: once it has)."""
+        directory = self.checkpointer.commit(wait=wait)
+        if directory is not None:
+            self._saved(directory)
+
+    def _saved(self, directory: Path) -> None:
         if self.uploads is not None:
             self.uploads.submit(directory, keep=[d.name for d in manifest.checkpoint_dirs(self.checkpointer.root)])
         if self.on_checkpoint is not None:
-            self.on_checkpoint(directory, self.state.step)
+            self.on_checkpoint(directory, manifest.step_of(directory))
 
     def fit(self) -> dict[str, Any]:
         """Trains to the end; returns the run summary (``failed`` with the reason for a training error)."""
@@ -142,8 +158,8 @@ class Trainer:
             self._resume()
         except UserError as exc:
             return self._summary(wall_s=0.0, error=str(exc))
-        if self._finished():
-            return {"status": "completed", "already_complete": True, "steps": self.state.step}
+        if self._finished():  # what the checkpoint knows of the run: a driver that died at the end wrote no summary
+            return {**self._summary(wall_s=0.0), "already_complete": True}
         tracker = Tracker(self.run_dir, enabled=self.dist.is_main, max_steps=trainer.max_steps,
                           resume_step=self.resumed_from, progress=self.config.logger.progress,
                           wandb=self._wandb_run())
@@ -161,6 +177,7 @@ class Trainer:
                 step = self.state.step
                 if profiler is not None:
                     profiler.end_step(step)
+                self._commit(wait=False)
                 if step % trainer.log_every == 0 or step == trainer.max_steps:
                     tracker.log_step(step, metrics)
                 if step % self.config.logger.resources_every == 0 or step == 1:
@@ -182,6 +199,10 @@ class Trainer:
         finally:
             if profiler is not None:
                 profiler.close()  # a window the run's end cut short: the steps that ran
+        try:
+            self._commit(wait=True)  # the run ends with its last save complete
+        except TrainingError as exc:
+            error = error or str(exc)
         summary = self._summary(wall_s=time.perf_counter() - started, error=error or self._diverged())
         tracker.close(summary)
         if self.uploads is not None:
@@ -213,7 +234,8 @@ class Trainer:
         )
 
     def _finished(self) -> bool:
-        return self.state.step >= self.config.trainer.max_steps or self.state.stopped_early
+        state = self.state
+        return state.step >= self.config.trainer.max_steps or state.stopped_early or state.stopped_by_search
 
     def _train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
@@ -352,6 +374,13 @@ class Trainer:
         if state.stopped_early:
             tracker.message(f"early stopping at step {state.step}: eval loss has not improved for "
                             f"{patience.patience} evaluations (best {state.best_eval_loss:.4f})")
+        if self.on_eval is not None:
+            accuracy = state.last_eval_accuracy
+            metrics = {"eval_loss": eval_loss, **({"eval_accuracy": accuracy} if accuracy is not None else {})}
+            go_on = self.dist.broadcast_object(self.on_eval(state.step, metrics) if self.dist.is_main else None)
+            if not go_on and not self._finished():
+                state.stopped_by_search = True
+                tracker.message(f"stopped by the search's scheduler at step {state.step}")
 
     # ---------------------------------------------------------------------------------- plumbing
 
@@ -411,7 +440,7 @@ class Trainer:
         tokens_per_s = self.tokens_per_step / step_time if step_time else None
         memory = self.strategy.memory()
         summary = {
-            "status": "failed" if error else "completed",
+            "status": "failed" if error else STOPPED_BY_SEARCH if self.state.stopped_by_search else "completed",
             "steps": self.state.step,
             "final_loss": self.last_loss,
             "first_eval_loss": self.state.first_eval_loss,

@@ -19,7 +19,8 @@ from orchestrator.train.loop import Trainer
 
 
 def run_worker(config: Config, run_dir: str, *, restarts: int | None = None,
-               on_checkpoint: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
+               on_checkpoint: Callable[[Path, int], None] | None = None,
+               on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
     """Trains ``config`` as one rank of the job; returns the run summary (the same on every rank).
 
     Errors that a restart cannot fix (a non-finite loss, weights that do not fit) come back as a
@@ -30,7 +31,7 @@ def run_worker(config: Config, run_dir: str, *, restarts: int | None = None,
         config: the job.
         run_dir: the run directory, shared by all ranks.
         restarts: how many times the workers were restarted (torch elastic's count when None).
-        on_checkpoint: see ``Trainer``.
+        on_checkpoint, on_eval: see ``Trainer``.
     """
     dist = DistContext.from_env(config.trainer.device)
     _setup_process(config, dist)
@@ -39,7 +40,7 @@ def run_worker(config: Config, run_dir: str, *, restarts: int | None = None,
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     try:
         return Trainer(config, run_dir=Path(run_dir), dist=dist, restarts=restarts,
-                       on_checkpoint=on_checkpoint).fit()
+                       on_checkpoint=on_checkpoint, on_eval=on_eval).fit()
     except (TrainingError, UserError) as exc:
         return {"status": "failed", "error": str(exc), "restarts": restarts}
     finally:

@@ -15,8 +15,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
 from orchestrator import __version__
-from orchestrator.config.hydra_compat import parse_overrides, sweep_points
+from orchestrator.cluster import commands as cluster_commands
+from orchestrator.config.checks import check_environment
+from orchestrator.config.compose import CONF_DIR, compose, to_config, without_hydra
+from orchestrator.config.hydra_compat import args_parser, parse_overrides, run_single, sweep_points
+from orchestrator.config.store import register
 from orchestrator.errors import UserError
+from orchestrator.experiments.estimate import estimate_command as run_estimate
+from orchestrator.experiments.scale import scale_command as run_scale
+from orchestrator.experiments.verify import verify_command as run_verify
+from orchestrator.launch import run_job
+from orchestrator.logs import configure_logging
+from orchestrator.report import write_report
 from orchestrator.rundir import REPORT_FILE, RunDir, RunSummary
 
 if TYPE_CHECKING:
@@ -73,13 +83,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_command(args: list[str]) -> int:
     """``orchestrator train``: Hydra's command line, checked first, then run (Hydra's main for sweeps and flags)."""
-    from orchestrator.config.hydra_compat import args_parser
-
     parsed = args_parser().parse_args(args)
     if _plain_run(parsed):
         from hydra.types import RunMode
-
-        from orchestrator.config.compose import compose
 
         cfg = compose(parsed.overrides, with_hydra=True)
         if cfg.hydra.mode in (None, RunMode.RUN):  # not a config that sets hydra.mode=MULTIRUN
@@ -109,18 +115,14 @@ def sweep_overrides(overrides: list[str], *, job_type: str) -> list[str]:
 
 
 def _precheck(overrides: list[str], *, prepare: bool) -> Config:
-    from orchestrator.config.compose import compose, to_config
-
     return _check(to_config(compose(overrides)), prepare=prepare)
 
 
 def _check(config: Config, *, prepare: bool) -> Config:
     """Checks the job against this machine; with ``prepare``, prepares its data and checks its model."""
-    from orchestrator.config.checks import check_environment
-
     check_environment(config)
     if prepare:
-        from orchestrator.launch.preflight import preflight
+        from orchestrator.launch.preflight import preflight  # lazy: imports torch
 
         preflight(config)
     return config
@@ -140,9 +142,6 @@ def _train_one(cfg: Any) -> int:
     of every start-up. ``run_job`` does the rest of what ``main`` does for a single run: the run dir,
     ``HydraConfig``, job logging, callbacks.
     """
-    from orchestrator.config.compose import to_config, without_hydra
-    from orchestrator.config.hydra_compat import run_single
-
     _check(to_config(without_hydra(cfg)), prepare=True)
     failed_runs: list[str] = []
     run_single(cfg, _task(failed_runs))
@@ -203,9 +202,6 @@ def _check_study_storage() -> None:
 def _run_hydra(args: list[str], *, search: bool = False) -> int:
     import hydra
 
-    from orchestrator.config.compose import CONF_DIR
-    from orchestrator.config.store import register
-
     register()
     failed_runs: list[str] = []
     saved_argv = sys.argv
@@ -241,10 +237,6 @@ def _train_task(cfg: Any, *, failed_runs: list[str]) -> float | None:
     from hydra.types import RunMode
     from omegaconf import OmegaConf
 
-    from orchestrator.config.compose import to_config
-    from orchestrator.launch import run_job
-    from orchestrator.logs import configure_logging
-
     configure_logging()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
@@ -276,9 +268,6 @@ def verify_command(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
-    from orchestrator.experiments.verify import verify_command as run_verify
-    from orchestrator.logs import configure_logging
-
     configure_logging()
     return run_verify(args)
 
@@ -288,8 +277,6 @@ def estimate_command(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
-    from orchestrator.experiments.estimate import estimate_command as run_estimate
-
     return run_estimate(args)
 
 
@@ -298,9 +285,6 @@ def scale_command(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
-    from orchestrator.experiments.scale import scale_command as run_scale
-    from orchestrator.logs import configure_logging
-
     configure_logging()
     return run_scale(args)
 
@@ -308,8 +292,6 @@ def scale_command(args: list[str]) -> int:
 def report_command(args: list[str]) -> int:
     """``orchestrator report RUN_DIR [RUN_DIR ...] [-o FILE]``: the HTML report of the runs."""
     import argparse
-
-    from orchestrator.report import write_report
 
     parser = argparse.ArgumentParser(prog="orchestrator report",
                                      description="One self-contained HTML file of one or more runs.")
@@ -325,34 +307,9 @@ def report_command(args: list[str]) -> int:
 
 def export_command(args: list[str]) -> int:
     """``orchestrator export RUN_DIR_OR_CHECKPOINT -o DIR``: the model as a directory transformers loads."""
-    from orchestrator.export import export_command as run_export
+    from orchestrator.export import export_command as run_export  # lazy: imports torch
 
     return run_export(args)
-
-
-def cluster_command(args: list[str]) -> int:
-    from orchestrator.cluster.commands import cluster_command as run
-
-    return run(args)
-
-
-def submit_command(args: list[str]) -> int:
-    from orchestrator.cluster.commands import submit_command as run
-
-    return run(args)
-
-
-def jobs_command(args: list[str]) -> int:
-    from orchestrator.cluster.commands import jobs_command as run
-
-    return run(args)
-
-
-def run_submitted_command(args: list[str]) -> int:
-    """The entrypoint of a job ``submit`` sent to a cluster (not for direct use)."""
-    from orchestrator.cluster.commands import run_submitted_command as run
-
-    return run(args)
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -362,8 +319,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "scale": scale_command,
     "report": report_command,
     "export": export_command,
-    "cluster": cluster_command,
-    "submit": submit_command,
-    "jobs": jobs_command,
-    "run-submitted": run_submitted_command,
+    "cluster": cluster_commands.cluster_command,
+    "submit": cluster_commands.submit_command,
+    "jobs": cluster_commands.jobs_command,
+    "run-submitted": cluster_commands.run_submitted_command,
 }

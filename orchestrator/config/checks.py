@@ -10,10 +10,10 @@ import os
 import socket
 from pathlib import Path
 
+from orchestrator.checkpoints.manifest import candidates
+from orchestrator.config.paths import check_data_paths
 from orchestrator.config.schema import Config, Device, JobConfig, JobKind, RayLauncherConfig
-from orchestrator.data.paths import check_data_paths
 from orchestrator.errors import UserError
-from orchestrator.train.manifest import candidates
 
 
 def check_environment(config: Config) -> None:

@@ -21,6 +21,7 @@ from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Config
 from orchestrator.fsutil import write_atomic
+from orchestrator.launch import run_job
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.jsonl import read_jsonl
 
@@ -37,8 +38,7 @@ class Deviation:
 
 def verify_command(overrides: list[str]) -> int:
     """Runs the verification; exit status 0 when every strategy agrees within the tolerance."""
-    from orchestrator.launch import run_job
-    from orchestrator.launch.preflight import preflight
+    from orchestrator.launch.preflight import preflight  # lazy: imports torch
 
     base = to_config(compose(overrides))
     settings = base.verify

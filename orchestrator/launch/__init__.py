@@ -14,20 +14,23 @@ from orchestrator.config.schema import Config, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ownership import own_run_dir
+from orchestrator.launch.ray import launch_ray
+from orchestrator.launch.script import run_script_job
+from orchestrator.report import write_report
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
 from orchestrator.tracking.jsonl import read_jsonl
+from orchestrator.train.storage import put_driver_records
 
 
 def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
+    # lazy: imports torch (launcher=ray runs need none in the driver)
     from orchestrator.launch.local import launch_local
 
     return launch_local(config, run_dir)
 
 
 def _launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
-    from orchestrator.launch.ray import launch_ray
-
     return launch_ray(config, run_dir)
 
 
@@ -80,11 +83,9 @@ def _absolute_inputs(config: Config) -> None:
 
 def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
                print_summary: bool) -> RunSummary:
-    from orchestrator.launch.preflight import check_run_dir
+    from orchestrator.launch.preflight import check_run_dir  # lazy: imports torch
 
     if config.job.kind is JobKind.script:
-        from orchestrator.launch.script import run_script_job
-
         return run_script_job(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
                               print_summary=print_summary)
     check_run_dir(config, run_dir)
@@ -121,8 +122,6 @@ def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: s
 
 def _write_report(files: RunDir) -> str | None:
     """The run's HTML report, ``RUN_DIR/report.html`` (``orchestrator report``); a failure is a warning."""
-    from orchestrator.report import write_report
-
     try:
         return str(write_report([files.path], files.report))
     except Exception as exc:  # the run is done and recorded: a report that cannot be drawn must not undo that
@@ -134,8 +133,6 @@ def _mirror(config: Config, run_dir: Path) -> None:
     """The driver's records (config.yaml, summary.json) to ``trainer.storage``; a failed copy is a warning."""
     if not config.trainer.storage:
         return
-    from orchestrator.train.storage import put_driver_records
-
     try:
         put_driver_records(config.trainer.storage, run_dir, timeout_s=config.trainer.storage_timeout_s)
     except Exception as exc:  # the run dir holds them: a store that is down costs the copy, not the run

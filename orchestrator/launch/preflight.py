@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
 from orchestrator.data import prepare_data
@@ -13,8 +14,10 @@ from orchestrator.models import build_model, meta_device, model_blocks, pretrain
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes
 from orchestrator.rundir import RunDir
+from orchestrator.strategies import check_checkpoint
+from orchestrator.strategies.deepspeed_config import deepspeed_config, unknown_keys
 from orchestrator.strategies.formats import resume_problem, weights_problem
-from orchestrator.train import manifest
+from orchestrator.train.storage import RunStorage
 
 
 def preflight(config: Config) -> None:
@@ -32,8 +35,6 @@ def preflight(config: Config) -> None:
                             "keeps its own")
         return
     if config.trainer.storage:
-        from orchestrator.train.storage import RunStorage
-
         RunStorage(config.trainer.storage).check()
     if isinstance(config.strategy, ZeroConfig):
         _check_deepspeed(config)
@@ -65,8 +66,6 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
     existing = manifest.checkpoint_dirs(checkpoints)
     resume = config.trainer.resume
     if resume == "never" and config.trainer.storage:
-        from orchestrator.train.storage import RunStorage
-
         stored = RunStorage(config.trainer.storage).checkpoint_names()
         if stored:
             raise UserError(f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
@@ -118,8 +117,6 @@ def _check_deepspeed(config: Config) -> None:
     """The generated DeepSpeed config with the overrides, as DeepSpeed itself parses it."""
     on_gpu = uses_gpu(config)
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
-    from orchestrator.strategies.deepspeed_config import deepspeed_config, unknown_keys
-
     unknown = unknown_keys(deepspeed_config(config, on_gpu=on_gpu))
     if unknown:
         raise UserError(f"strategy.deepspeed_overrides: {', '.join(unknown)} "
@@ -158,8 +155,6 @@ def _model_shapes(config: Config, *, adapters: bool = True) -> dict[str, list[in
 def _check_safe(directory: Path, *, key: str) -> None:
     """Refuses a checkpoint that would run code when loaded (the workers check again as they load). After
     ``_check_fits``: a checkpoint this job cannot use is refused for that, before any pickle is read."""
-    from orchestrator.strategies import check_checkpoint
-
     try:
         check_checkpoint(directory)
     except UserError as exc:

@@ -179,7 +179,7 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     from ray.train.collective import broadcast_from_rank_zero
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    from orchestrator.train.worker import run_worker
+    from orchestrator.train.worker import run_worker  # lazy: imports torch; runs in the Ray worker
 
     rank = ray.train.get_context().get_world_rank()
 

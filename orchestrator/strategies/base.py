@@ -31,10 +31,10 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
+from orchestrator.checkpoints.hashing import FileDigest
 from orchestrator.config.schema import Config, Precision
 from orchestrator.distributed import DistContext
 from orchestrator.models.recipe import ModelRecipe
-from orchestrator.train.hashing import FileDigest
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 GradNormGuard = Callable[[float], bool]  # True: apply the update; False: skip it; may raise TrainingError
@@ -155,7 +155,7 @@ class Strategy(ABC):
     @abstractmethod
     def save(self, directory: Path) -> dict[Path, FileDigest]:
         """Writes this rank's share of model and optimizer state into ``directory``; returns the files written,
-        each with the digest of the bytes written (``train.hashing``)."""
+        each with the digest of the bytes written (``checkpoints.hashing``)."""
 
     @abstractmethod
     def load(self, directory: Path) -> None:

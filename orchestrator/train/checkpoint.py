@@ -17,12 +17,12 @@ from typing import Any, Callable
 
 import torch
 
+from orchestrator.checkpoints import hashing, manifest
 from orchestrator.distributed import DistContext
 from orchestrator.errors import UserError
 from orchestrator.fsutil import fsync_path, write_atomic
 from orchestrator.models.recipe import shape_mismatch
 from orchestrator.strategies import Strategy
-from orchestrator.train import hashing, manifest
 
 log = logging.getLogger(__name__)
 

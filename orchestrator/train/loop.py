@@ -21,6 +21,7 @@ import torch
 import yaml
 from torch import nn
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.schema import Config, OnNonFinite
 from orchestrator.data import load_data
 from orchestrator.data.sampler import StreamSampler, eval_indices
@@ -35,7 +36,6 @@ from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
 from orchestrator.tracking.tracker import Tracker
 from orchestrator.tracking.wandb_run import WandbRun, run_metadata
-from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.losses import build_loss
 from orchestrator.train.optim import build_optimizer, lr_at

@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Config
 from orchestrator.distributed import DistContext
 from orchestrator.models import build_model, model_blocks
 from orchestrator.models.recipe import ModelRecipe, state_shapes
 from orchestrator.strategies import build_strategy
-from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer
 from orchestrator.train.optim import build_optimizer
 from tests.distributed.ranks import run_ranks

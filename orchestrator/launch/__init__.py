@@ -75,8 +75,8 @@ def _absolute_inputs(config: Config) -> None:
     trainer = config.trainer
     if trainer.init_from:
         trainer.init_from = absolute(trainer.init_from)
-    if trainer.resume not in ("auto", "never"):
-        trainer.resume = absolute(trainer.resume)
+    if (resume := trainer.resume_from.path) is not None:
+        trainer.resume = absolute(resume)
     if getattr(config.model, "pretrained", None):
         config.model.pretrained = absolute(config.model.pretrained)  # type: ignore[attr-defined]
 

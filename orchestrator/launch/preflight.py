@@ -40,11 +40,11 @@ def preflight(config: Config) -> None:
         _check_deepspeed(config)
     shapes = _model_shapes(config)
     trainer = config.trainer
-    if trainer.resume not in ("auto", "never"):
-        directory = manifest.resolve_checkpoint(trainer.resume, key="trainer.resume")
-        _check_fits(directory, shapes, key=f"trainer.resume={trainer.resume}",
+    if (resume := trainer.resume_from.path) is not None:
+        directory = manifest.resolve_checkpoint(resume, key="trainer.resume")
+        _check_fits(directory, shapes, key=f"trainer.resume={resume}",
                     problem=_resume_problem(config, manifest.read_manifest(directory)))
-        _check_safe(directory, key=f"trainer.resume={trainer.resume}")
+        _check_safe(directory, key=f"trainer.resume={resume}")
     if getattr(config.model, "pretrained", None):
         _check_pretrained(config)
     if trainer.init_from:
@@ -64,18 +64,18 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
     checkpoints = RunDir(run_dir).checkpoints
     manifest.recover_replaced(checkpoints)
     existing = manifest.checkpoint_dirs(checkpoints)
-    resume = config.trainer.resume
-    if resume == "never" and config.trainer.storage:
+    resume = config.trainer.resume_from
+    if resume.never and config.trainer.storage:
         stored = RunStorage(config.trainer.storage).checkpoint_names()
         if stored:
             raise UserError(f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
                             f"checkpoints (newest {stored[0]}); continue it with trainer.resume=auto or use another "
                             f"trainer.storage")
-    if existing and resume not in ("auto", "never"):
+    if existing and resume.path is not None:
         _check_no_newer(config, run_dir, existing)
-    if not existing or resume not in ("auto", "never"):
+    if not existing or resume.path is not None:
         return
-    if resume == "never":
+    if resume.never:
         raise UserError(f"trainer.resume=never but hydra.run.dir={run_dir} already holds checkpoints "
                         f"(newest {existing[0].name}); continue it with trainer.resume=auto or use another "
                         f"hydra.run.dir")

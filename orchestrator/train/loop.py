@@ -375,8 +375,8 @@ class Trainer:
                                        key=f"trainer.init_from={path}")
 
     def _resume(self) -> None:
-        resume = self.config.trainer.resume
-        if self.storage is not None and (resume != "never" or self.restarts > 0):
+        resume = self.config.trainer.resume_from
+        if self.storage is not None and (not resume.never or self.restarts > 0):
             self._fetch_from_storage()
         directory = self.checkpointer.find_resume(resume, restarted=self.restarts > 0)
         if directory is not None:

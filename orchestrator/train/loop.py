@@ -39,7 +39,7 @@ from orchestrator.tracking.wandb_run import WandbRun, run_metadata
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.losses import build_loss
 from orchestrator.train.optim import build_optimizer, lr_at
-from orchestrator.train.profile import StepProfiler
+from orchestrator.train.profile import StepProfiler, trace_files
 from orchestrator.train.storage import RunStorage, Uploads
 from orchestrator.train.throughput import mfu, peak_flops_per_device
 
@@ -182,6 +182,9 @@ class Trainer:
         finally:
             if profiler is not None:
                 profiler.close()  # a window the run's end cut short: the steps that ran
+        if profiler is not None and profiler.steps:  # the same steps on every rank
+            self.dist.barrier()  # every rank's trace is written
+            tracker.save_traces(trace_files(self.run_dir))
         summary = self._summary(wall_s=time.perf_counter() - started, error=error or self._diverged())
         tracker.close(summary)
         if self.uploads is not None:

@@ -12,25 +12,24 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from orchestrator import __version__
 from orchestrator.cluster import commands as cluster_commands
 from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import CONF_DIR, compose, to_config, without_hydra
 from orchestrator.config.hydra_compat import args_parser, parse_overrides, run_single, sweep_points
+from orchestrator.config.schema import Config
 from orchestrator.config.store import register
 from orchestrator.errors import UserError
 from orchestrator.experiments.estimate import estimate_command as run_estimate
 from orchestrator.experiments.scale import scale_command as run_scale
 from orchestrator.experiments.verify import verify_command as run_verify
 from orchestrator.launch import run_job
+from orchestrator.launch.prepared import PreparedJob, prepare_composed
 from orchestrator.logs import configure_logging
 from orchestrator.report import write_report
 from orchestrator.rundir import REPORT_FILE, RunDir, RunSummary
-
-if TYPE_CHECKING:
-    from orchestrator.config.schema import Config
 
 USAGE = f"""orchestrator {__version__}: distributed PyTorch training from one Hydra config
 
@@ -115,16 +114,13 @@ def sweep_overrides(overrides: list[str], *, job_type: str) -> list[str]:
 
 
 def _precheck(overrides: list[str], *, prepare: bool) -> Config:
-    return _check(to_config(compose(overrides)), prepare=prepare)
-
-
-def _check(config: Config, *, prepare: bool) -> Config:
-    """Checks the job against this machine; with ``prepare``, prepares its data and checks its model."""
-    check_environment(config)
+    """Checks one run of the command line against this machine; with ``prepare``, prepares it too (its data,
+    its model on the meta device, the checkpoints it names)."""
+    cfg = compose(overrides)
     if prepare:
-        from orchestrator.launch.preflight import preflight  # lazy: imports torch
-
-        preflight(config)
+        return prepare_composed(cfg, job_name=None).config
+    config = to_config(cfg)
+    check_environment(config)
     return config
 
 
@@ -142,9 +138,9 @@ def _train_one(cfg: Any) -> int:
     of every start-up. ``run_job`` does the rest of what ``main`` does for a single run: the run dir,
     ``HydraConfig``, job logging, callbacks.
     """
-    _check(to_config(without_hydra(cfg)), prepare=True)
+    job = prepare_composed(without_hydra(cfg), job_name=cfg.hydra.runtime.choices.get("job"))
     failed_runs: list[str] = []
-    run_single(cfg, _task(failed_runs))
+    run_single(cfg, _task(failed_runs, prepared=job))
     return 1 if failed_runs else 0
 
 
@@ -215,17 +211,17 @@ def _run_hydra(args: list[str], *, search: bool = False) -> int:
     return 1 if failed_runs and not search else 0
 
 
-def _task(failed_runs: list[str]) -> Callable[[Any], float | None]:
+def _task(failed_runs: list[str], *, prepared: PreparedJob | None = None) -> Callable[[Any], float | None]:
     """``_train_task`` for Hydra, appending the run dir of each run that fails to ``failed_runs``.
 
     Hydra passes the task only the config, and a search sweeper takes its return value as the objective:
     the failures of a sweep's runs need this channel of their own.
     """
-    task = functools.partial(_train_task, failed_runs=failed_runs)
+    task = functools.partial(_train_task, failed_runs=failed_runs, prepared=prepared)
     return functools.update_wrapper(task, _train_task)  # Hydra names the job after the wrapped function's module
 
 
-def _train_task(cfg: Any, *, failed_runs: list[str]) -> float | None:
+def _train_task(cfg: Any, *, failed_runs: list[str], prepared: PreparedJob | None) -> float | None:
     """Hydra's task function: one run, in the run dir Hydra made; a run that fails is added to ``failed_runs``.
 
     Returns the final eval loss, the objective of a search sweeper; None where there is none, which the
@@ -235,18 +231,13 @@ def _train_task(cfg: Any, *, failed_runs: list[str]) -> float | None:
 
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
-    from omegaconf import OmegaConf
 
     configure_logging()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run_job(
-            to_config(cfg),
-            run_dir=run_dir,
-            resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            job_name=hydra_cfg.runtime.choices.get("job"),
-        )
+        job = prepared or prepare_composed(cfg, job_name=hydra_cfg.runtime.choices.get("job"))
+        summary = run_job(job, run_dir=run_dir)
     except UserError as exc:  # found only once Hydra named the run dir: still before any worker
         print(f"error: {exc}", file=sys.stderr)
         if hydra_cfg.mode != RunMode.MULTIRUN or hydra_cfg.runtime.choices.get("hydra/sweeper") == "basic":

@@ -30,10 +30,10 @@ from urllib.parse import urlparse
 
 from orchestrator.cluster.local import load_state
 from orchestrator.cluster.named import DEFAULT_CLUSTER, Cluster, load_cluster, read_token
-from orchestrator.config.checks import check_environment
-from orchestrator.config.compose import CONF_DIR, compose, load_resolved, to_config
+from orchestrator.config.compose import CONF_DIR, compose, to_config
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch import run_job
+from orchestrator.launch.prepared import prepare_resolved
 from orchestrator.logs import configure_logging
 
 PROJECT_DIR = CONF_DIR.parent
@@ -262,9 +262,6 @@ def run_submitted(args: list[str]) -> int:
     """The entrypoint of a submitted job, on the cluster: the resolved config from the runtime_env, trained."""
     import argparse
 
-    # lazy: imports torch, which `orchestrator submit` and `jobs` never need
-    from orchestrator.launch.preflight import preflight
-
     parser = argparse.ArgumentParser(prog="orchestrator run-submitted")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--job", default=None)
@@ -273,10 +270,8 @@ def run_submitted(args: list[str]) -> int:
     if not resolved:
         raise UserError(f"run-submitted runs jobs sent by `orchestrator submit`: {CONFIG_ENV} is not set")
     configure_logging()
-    config = load_resolved(resolved)
-    check_environment(config)
-    preflight(config)
-    summary = run_job(config, run_dir=Path(parsed.run_dir).resolve(), resolved_yaml=resolved, job_name=parsed.job)
+    job = prepare_resolved(resolved, job_name=parsed.job)
+    summary = run_job(job, run_dir=Path(parsed.run_dir).resolve())
     return 0 if summary.completed else 1
 
 

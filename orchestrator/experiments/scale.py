@@ -33,11 +33,11 @@ from typing import Any, ContextManager
 from omegaconf import OmegaConf
 
 from orchestrator.cluster import jobs
-from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import CONF_DIR, compose, to_config
 from orchestrator.config.schema import Config, JobKind, RayLauncherConfig, ScaleMode
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch import run_job
+from orchestrator.launch.prepared import PreparedJob, prepare
 from orchestrator.launch.ray import ray_session
 from orchestrator.report import write_report
 from orchestrator.report.scale import COLUMNS, markdown_table, write_outputs
@@ -53,6 +53,7 @@ class Point:
     global_batch_size: int
     config: Config | None = None
     resolved: str | None = None  # the resolved config, as the run saves it (config.yaml)
+    job: PreparedJob | None = None  # once prepared
     error: str | None = None  # why it cannot run; None when it can
 
     @property
@@ -85,15 +86,13 @@ def scale_command(args: list[str]) -> int:
 
 def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, out_dir: Path) -> int:
     """Every point of ``base.scale`` in turn, in this process (each run through the job's launcher)."""
-    from orchestrator.launch.preflight import preflight  # lazy: imports torch
-
     settings, mode = base.scale, base.scale.mode.value
     points = [plan_point(base, overrides, strategy=strategy, workers=workers, group=group)
               for strategy in settings.strategies for workers in sorted(settings.workers)]
     for point in points:  # every point is checked before the first one runs
-        if point.config is not None:
+        if point.config is not None and point.resolved is not None:
             try:
-                preflight(point.config)
+                point.job = prepare(point.config, resolved_yaml=point.resolved, job_name=job)
             except UserError as exc:
                 point.config, point.error = None, str(exc)
     if all(point.error for point in points):
@@ -106,7 +105,7 @@ def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, 
     with _launcher_session(base):
         for point in points:
             if point.error is None and not _completed(point, out_dir):
-                _run_point(point, out_dir, job=job, steps=settings.steps)
+                _run_point(point, out_dir, steps=settings.steps)
             rows = [measure(p, out_dir, warmup_steps=settings.warmup_steps) for p in points]
             write_outputs(out_dir, meta, rows)
 
@@ -172,8 +171,7 @@ def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: in
     ]
     try:
         cfg = compose(point_overrides)
-        point.config = to_config(cfg)
-        check_environment(point.config)
+        point.config = to_config(cfg)  # checked against the machine when prepared, with every other point
     except UserError as exc:
         point.config, point.error = None, str(exc)
         return point
@@ -236,8 +234,8 @@ def peak_memory_per_rank(resources: list[dict[str, Any]]) -> dict[int, int]:
 # ------------------------------------------------------------------------------------------ running
 
 
-def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
-    assert point.config is not None and point.resolved is not None
+def _run_point(point: Point, out_dir: Path, *, steps: int) -> None:
+    assert point.job is not None
     run_dir = out_dir / point.name
     if run_dir.exists():  # a failed or older run of this point: kept aside, not overwritten
         aside = out_dir / REPLACED_DIR / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -246,8 +244,7 @@ def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
     print(f"scale: {point.name} ({point.workers} worker(s), {point.strategy}, global batch "
           f"{point.global_batch_size}, {steps} steps)", flush=True)
     try:
-        summary = run_job(point.config, run_dir=run_dir, resolved_yaml=point.resolved, job_name=job,
-                          print_summary=False)
+        summary = run_job(point.job, run_dir=run_dir, print_summary=False)
     except Exception as exc:  # noqa: BLE001 - one point's failure (UserError included) is a result, not the end
         summary = RunSummary(status="failed", error=first_line(exc))
         run_dir.mkdir(parents=True, exist_ok=True)

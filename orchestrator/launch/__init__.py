@@ -14,6 +14,7 @@ from orchestrator.config.schema import Config, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ownership import own_run_dir
+from orchestrator.launch.prepared import PreparedJob
 from orchestrator.launch.ray import launch_ray
 from orchestrator.launch.script import run_script_job
 from orchestrator.report import write_report
@@ -41,17 +42,14 @@ LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
 }
 
 
-def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-            print_summary: bool = True) -> RunSummary:
-    """Trains ``config`` with its launcher, writes ``summary.json`` and prints the summary.
+def run_job(job: PreparedJob, *, run_dir: Path, print_summary: bool = True) -> RunSummary:
+    """Trains the job with its launcher, writes ``summary.json`` and prints the summary.
 
     A script job (``job.kind=script``) runs the user's script instead: see ``launch/script.py``.
 
     Args:
-        config: the validated job (the CLI has run the preflight checks).
+        job: the job, prepared (``launch.prepared``).
         run_dir: the run directory; an existing one is continued per ``trainer.resume``.
-        resolved_yaml: the resolved config, saved as ``config.yaml``.
-        job_name: the ``job=`` choice, if any.
         print_summary: print the summary table (or the error) at the end.
 
     Raises:
@@ -59,10 +57,9 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
             this job must not overwrite or cannot continue.
     """
     run_dir = run_dir.absolute()  # Ray's workers start in working dirs of their own
-    _absolute_inputs(config)
+    _absolute_inputs(job.config)
     with own_run_dir(run_dir):
-        return _run_owned(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
-                          print_summary=print_summary)
+        return _run_owned(job, run_dir=run_dir, print_summary=print_summary)
 
 
 def _absolute_inputs(config: Config) -> None:
@@ -81,18 +78,19 @@ def _absolute_inputs(config: Config) -> None:
         config.model.pretrained = absolute(config.model.pretrained)  # type: ignore[attr-defined]
 
 
-def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-               print_summary: bool) -> RunSummary:
+def _run_owned(job: PreparedJob, *, run_dir: Path, print_summary: bool) -> RunSummary:
     from orchestrator.launch.preflight import check_run_dir  # lazy: imports torch
 
+    config, job_name = job.config, job.job_name
     if config.job.kind is JobKind.script:
-        return run_script_job(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
+        return run_script_job(config, run_dir=run_dir, resolved_yaml=job.resolved_yaml, job_name=job_name,
                               print_summary=print_summary)
-    check_run_dir(config, run_dir)
+    assert job.model_shapes is not None
+    check_run_dir(config, run_dir, model_shapes=job.model_shapes)
     files = RunDir(run_dir)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(files.config, resolved_yaml)
+    write_atomic(files.config, job.resolved_yaml)
     _mirror(config, run_dir)
     try:
         outcome = LAUNCHERS[config.launcher.name](config, run_dir)

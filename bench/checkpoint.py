@@ -52,12 +52,12 @@ def _measure(dist, strategy_name: str, layers: int, width: int, root: str) -> di
     import torch
     import torch.nn.functional as F
 
+    from orchestrator.checkpoints import manifest
     from orchestrator.config.compose import compose, to_config
     from orchestrator.data import load_data
     from orchestrator.models import build_model, model_blocks
     from orchestrator.models.recipe import ModelRecipe
     from orchestrator.strategies import build_strategy
-    from orchestrator.train import manifest
     from orchestrator.train.checkpoint import Checkpointer, first_valid
     from orchestrator.train.optim import build_optimizer
 

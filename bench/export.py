@@ -45,11 +45,11 @@ def build_checkpoint(run_dir: Path) -> Path:
     import torch
     from omegaconf import OmegaConf
 
+    from orchestrator.checkpoints import manifest
     from orchestrator.config.compose import compose, load_resolved, without_hydra
     from orchestrator.data.spec import DataSpec
     from orchestrator.models import build_model
     from orchestrator.models.recipe import state_shapes
-    from orchestrator.train import manifest
 
     checkpoint = run_dir / "checkpoints" / manifest.step_dir_name(1)
     if (checkpoint / manifest.MANIFEST).exists():
@@ -72,9 +72,9 @@ def whole_dict_export(run_dir: str, out: str) -> None:
     """The non-streaming way: every tensor in memory, then one save_file per shard (here one file)."""
     from safetensors.torch import save_file
 
+    from orchestrator.checkpoints import manifest
     from orchestrator.models.gpt2_format import gpt_to_gpt2
     from orchestrator.strategies import read_model_weights
-    from orchestrator.train import manifest
 
     checkpoint = manifest.resolve_checkpoint(run_dir, key="bench")
     state = gpt_to_gpt2(read_model_weights(checkpoint, written_by="ddp"))

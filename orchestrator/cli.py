@@ -12,15 +12,25 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 from orchestrator import __version__
-from orchestrator.config.hydra_compat import parse_overrides, sweep_points
+from orchestrator.cluster import commands as cluster_commands
+from orchestrator.config.checks import check_environment
+from orchestrator.config.compose import CONF_DIR, compose, to_config, without_hydra
+from orchestrator.config.hydra_compat import args_parser, parse_overrides, run_single, sweep_points
+from orchestrator.config.schema import Config
+from orchestrator.config.store import register
 from orchestrator.errors import UserError
+from orchestrator.experiments.estimate import estimate_command as run_estimate
+from orchestrator.experiments.scale import scale_command as run_scale
+from orchestrator.experiments.verify import verify_command as run_verify
+from orchestrator.launch import run_job
+from orchestrator.launch.prepared import PreparedJob, prepare_composed
+from orchestrator.logs import configure_logging
+from orchestrator.report import write_report
 from orchestrator.rundir import REPORT_FILE, RunDir
-
-if TYPE_CHECKING:
-    from orchestrator.config.schema import Config
+from orchestrator.search.command import search_command as run_search
 
 USAGE = f"""orchestrator {__version__}: distributed PyTorch training from one Hydra config
 
@@ -75,13 +85,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def train_command(args: list[str]) -> int:
     """``orchestrator train``: Hydra's command line, checked first, then run (Hydra's main for sweeps and flags)."""
-    from orchestrator.config.hydra_compat import args_parser
-
     parsed = args_parser().parse_args(args)
     if _plain_run(parsed):
         from hydra.types import RunMode
-
-        from orchestrator.config.compose import compose
 
         cfg = compose(parsed.overrides, with_hydra=True)
         if cfg.hydra.mode in (None, RunMode.RUN):  # not a config that sets hydra.mode=MULTIRUN
@@ -107,20 +113,13 @@ def sweep_overrides(overrides: list[str], *, job_type: str) -> list[str]:
 
 
 def _precheck(overrides: list[str], *, prepare: bool) -> Config:
-    from orchestrator.config.compose import compose, to_config
-
-    return _check(to_config(compose(overrides)), prepare=prepare)
-
-
-def _check(config: Config, *, prepare: bool) -> Config:
-    """Checks the job against this machine; with ``prepare``, prepares its data and checks its model."""
-    from orchestrator.config.checks import check_environment
-
-    check_environment(config)
+    """Checks one run of the command line against this machine; with ``prepare``, prepares it too (its data,
+    its model on the meta device, the checkpoints it names)."""
+    cfg = compose(overrides)
     if prepare:
-        from orchestrator.launch.preflight import preflight
-
-        preflight(config)
+        return prepare_composed(cfg, job_name=None).config
+    config = to_config(cfg)
+    check_environment(config)
     return config
 
 
@@ -138,12 +137,9 @@ def _train_one(cfg: Any) -> int:
     of every start-up. ``run_job`` does the rest of what ``main`` does for a single run: the run dir,
     ``HydraConfig``, job logging, callbacks.
     """
-    from orchestrator.config.compose import to_config, without_hydra
-    from orchestrator.config.hydra_compat import run_single
-
-    _check(to_config(without_hydra(cfg)), prepare=True)
+    job = prepare_composed(without_hydra(cfg), job_name=cfg.hydra.runtime.choices.get("job"))
     failed_runs: list[str] = []
-    run_single(cfg, _task(failed_runs))
+    run_single(cfg, _task(failed_runs, prepared=job))
     return 1 if failed_runs else 0
 
 
@@ -158,9 +154,6 @@ def _refuse_search_sweeper(overrides: list[str]) -> None:
 def _run_hydra(args: list[str]) -> int:
     import hydra
 
-    from orchestrator.config.compose import CONF_DIR
-    from orchestrator.config.store import register
-
     register()
     failed_runs: list[str] = []
     saved_argv = sys.argv
@@ -172,32 +165,24 @@ def _run_hydra(args: list[str]) -> int:
     return 1 if failed_runs else 0
 
 
-def _task(failed_runs: list[str]) -> Callable[[Any], None]:
+def _task(failed_runs: list[str], *, prepared: PreparedJob | None = None) -> Callable[[Any], None]:
     """``_train_task`` for Hydra, appending the run dir of each run that fails to ``failed_runs``
-    (Hydra passes the task only the config: the failures of a sweep's runs need this channel of their own)."""
-    task = functools.partial(_train_task, failed_runs=failed_runs)
+    (Hydra passes the task only the config: the failures of a sweep's runs need this channel of their own).
+    ``prepared``: a single run's job, prepared before Hydra made its run dir."""
+    task = functools.partial(_train_task, failed_runs=failed_runs, prepared=prepared)
     return functools.update_wrapper(task, _train_task)  # Hydra names the job after the wrapped function's module
 
 
-def _train_task(cfg: Any, *, failed_runs: list[str]) -> None:
+def _train_task(cfg: Any, *, failed_runs: list[str], prepared: PreparedJob | None) -> None:
     """Hydra's task function: one run, in the run dir Hydra made; a run that fails is added to ``failed_runs``."""
     from hydra.core.hydra_config import HydraConfig
-    from omegaconf import OmegaConf
-
-    from orchestrator.config.compose import to_config
-    from orchestrator.launch import run_job
-    from orchestrator.logs import configure_logging
 
     configure_logging()
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        summary = run_job(
-            to_config(cfg),
-            run_dir=run_dir,
-            resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-            job_name=hydra_cfg.runtime.choices.get("job"),
-        )
+        job = prepared or prepare_composed(cfg, job_name=hydra_cfg.runtime.choices.get("job"))
+        summary = run_job(job, run_dir=run_dir)
     except UserError as exc:  # found only once Hydra named the run dir: still before any worker
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
@@ -210,9 +195,6 @@ def verify_command(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
-    from orchestrator.experiments.verify import verify_command as run_verify
-    from orchestrator.logs import configure_logging
-
     configure_logging()
     return run_verify(args)
 
@@ -222,15 +204,11 @@ def estimate_command(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
-    from orchestrator.experiments.estimate import estimate_command as run_estimate
-
     return run_estimate(args)
 
 
 def search_command(args: list[str]) -> int:
     """``orchestrator search``: trials over a search space on Ray Tune (``search/command.py``)."""
-    from orchestrator.search.command import search_command as run_search
-
     return run_search(args)
 
 
@@ -239,9 +217,6 @@ def scale_command(args: list[str]) -> int:
     if any(arg in ("-h", "--help") for arg in args):
         print(USAGE)
         return 0
-    from orchestrator.experiments.scale import scale_command as run_scale
-    from orchestrator.logs import configure_logging
-
     configure_logging()
     return run_scale(args)
 
@@ -249,8 +224,6 @@ def scale_command(args: list[str]) -> int:
 def report_command(args: list[str]) -> int:
     """``orchestrator report RUN_DIR [RUN_DIR ...] [-o FILE]``: the HTML report of the runs."""
     import argparse
-
-    from orchestrator.report import write_report
 
     parser = argparse.ArgumentParser(prog="orchestrator report",
                                      description="One self-contained HTML file of one or more runs.")
@@ -266,34 +239,9 @@ def report_command(args: list[str]) -> int:
 
 def export_command(args: list[str]) -> int:
     """``orchestrator export RUN_DIR_OR_CHECKPOINT -o DIR``: the model as a directory transformers loads."""
-    from orchestrator.export import export_command as run_export
+    from orchestrator.export import export_command as run_export  # lazy: imports torch
 
     return run_export(args)
-
-
-def cluster_command(args: list[str]) -> int:
-    from orchestrator.cluster.commands import cluster_command as run
-
-    return run(args)
-
-
-def submit_command(args: list[str]) -> int:
-    from orchestrator.cluster.commands import submit_command as run
-
-    return run(args)
-
-
-def jobs_command(args: list[str]) -> int:
-    from orchestrator.cluster.commands import jobs_command as run
-
-    return run(args)
-
-
-def run_submitted_command(args: list[str]) -> int:
-    """The entrypoint of a job ``submit`` sent to a cluster (not for direct use)."""
-    from orchestrator.cluster.commands import run_submitted_command as run
-
-    return run(args)
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
@@ -304,8 +252,8 @@ COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "search": search_command,
     "report": report_command,
     "export": export_command,
-    "cluster": cluster_command,
-    "submit": submit_command,
-    "jobs": jobs_command,
-    "run-submitted": run_submitted_command,
+    "cluster": cluster_commands.cluster_command,
+    "submit": cluster_commands.submit_command,
+    "jobs": cluster_commands.jobs_command,
+    "run-submitted": cluster_commands.run_submitted_command,
 }

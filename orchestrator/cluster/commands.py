@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
+from orchestrator.cluster import jobs, local
+from orchestrator.cluster.jobs import run_submitted
+from orchestrator.config.hydra_compat import sweep_points
 from orchestrator.errors import UserError
 
 
@@ -17,8 +20,6 @@ class _Parser(argparse.ArgumentParser):
 
 def cluster_command(args: list[str]) -> int:
     """``orchestrator cluster up | status | down``: a Ray cluster of several nodes on this machine."""
-    from orchestrator.cluster import local
-
     parser = _Parser(prog="orchestrator cluster", description="A Ray cluster on this machine, token-authenticated.")
     commands = parser.add_subparsers(dest="action", required=True)
     up = commands.add_parser("up", help="start a head and N-1 worker nodes")
@@ -62,9 +63,6 @@ def submit_command(args: list[str]) -> int:
     """``orchestrator submit [cluster=NAME] [-m] job=NAME [overrides]``: one Ray job per point."""
     from datetime import datetime
 
-    from orchestrator.cluster import jobs
-    from orchestrator.config.hydra_compat import sweep_points
-
     if any(arg in ("-h", "--help") for arg in args):
         print("usage: orchestrator submit [cluster=NAME] [-m] [--follow] job=NAME [group=option ...] [key=value ...]")
         return 0
@@ -99,8 +97,6 @@ def submit_command(args: list[str]) -> int:
 
 def jobs_command(args: list[str]) -> int:
     """``orchestrator jobs list | status ID | logs ID [--follow] | stop ID``."""
-    from orchestrator.cluster import jobs
-
     parser = _Parser(prog="orchestrator jobs", description="Jobs on a Ray cluster (conf/cluster/NAME.yaml).")
     commands = parser.add_subparsers(dest="action", required=True)
     commands.add_parser("list")
@@ -142,6 +138,4 @@ def jobs_command(args: list[str]) -> int:
 
 
 def run_submitted_command(args: list[str]) -> int:
-    from orchestrator.cluster.jobs import run_submitted
-
     return run_submitted(args)

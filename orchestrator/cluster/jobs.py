@@ -28,9 +28,13 @@ from pathlib import Path
 from typing import Any, Callable, TypeVar
 from urllib.parse import urlparse
 
+from orchestrator.cluster.local import load_state
 from orchestrator.cluster.named import DEFAULT_CLUSTER, Cluster, load_cluster, read_token
-from orchestrator.config.compose import CONF_DIR
+from orchestrator.config.compose import CONF_DIR, compose, to_config
 from orchestrator.errors import UserError, first_line
+from orchestrator.launch import run_job
+from orchestrator.launch.prepared import prepare_resolved
+from orchestrator.logs import configure_logging
 
 PROJECT_DIR = CONF_DIR.parent
 CONFIG_ENV = "ORCHESTRATOR_JOB_CONFIG"
@@ -64,8 +68,6 @@ class Submission:
 
 def resolve_cluster(name: str) -> Cluster:
     """A cluster started on this machine by ``cluster up --name NAME`` as started, else conf/cluster/NAME.yaml."""
-    from orchestrator.cluster.local import load_state
-
     state = load_state(name)
     return state.as_cluster() if state is not None else load_cluster(name)
 
@@ -146,8 +148,6 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
         UserError: a point's config is invalid, or the cluster cannot take jobs.
     """
     from omegaconf import OmegaConf
-
-    from orchestrator.config.compose import compose, to_config
 
     storage = _storage(cluster)
     # A URI: each run dir is the job's own (in its working dir on the cluster), mirrored to the URI.
@@ -250,8 +250,6 @@ def _choice(overrides: list[str], group: str) -> str | None:
 def _storage(cluster: Cluster) -> str:
     """Where the cluster's runs go: the cluster's ``storage`` (a shared path or a URI), or this checkout's
     outputs/ for a cluster started here."""
-    from orchestrator.cluster.local import load_state
-
     if cluster.storage:
         return cluster.storage.rstrip("/")
     if load_state(cluster.name) is not None:
@@ -264,12 +262,6 @@ def run_submitted(args: list[str]) -> int:
     """The entrypoint of a submitted job, on the cluster: the resolved config from the runtime_env, trained."""
     import argparse
 
-    from orchestrator.config.checks import check_environment
-    from orchestrator.config.compose import load_resolved
-    from orchestrator.launch import run_job
-    from orchestrator.launch.preflight import preflight
-    from orchestrator.logs import configure_logging
-
     parser = argparse.ArgumentParser(prog="orchestrator run-submitted")
     parser.add_argument("--run-dir", required=True)
     parser.add_argument("--job", default=None)
@@ -278,10 +270,8 @@ def run_submitted(args: list[str]) -> int:
     if not resolved:
         raise UserError(f"run-submitted runs jobs sent by `orchestrator submit`: {CONFIG_ENV} is not set")
     configure_logging()
-    config = load_resolved(resolved)
-    check_environment(config)
-    preflight(config)
-    summary = run_job(config, run_dir=Path(parsed.run_dir).resolve(), resolved_yaml=resolved, job_name=parsed.job)
+    job = prepare_resolved(resolved, job_name=parsed.job)
+    summary = run_job(job, run_dir=Path(parsed.run_dir).resolve())
     return 0 if summary.completed else 1
 
 

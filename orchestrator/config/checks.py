@@ -10,10 +10,10 @@ import os
 import socket
 from pathlib import Path
 
+from orchestrator.checkpoints.manifest import candidates
+from orchestrator.config.paths import check_data_paths
 from orchestrator.config.schema import Config, Device, JobConfig, JobKind, RayLauncherConfig
-from orchestrator.data.paths import check_data_paths
 from orchestrator.errors import UserError
-from orchestrator.train.manifest import candidates
 
 
 def check_environment(config: Config) -> None:
@@ -41,8 +41,8 @@ def _check_script(job: JobConfig) -> None:
 def _check_training_inputs(config: Config) -> None:
     check_data_paths(config.data)
     # Existence only: verifying (hashing) a checkpoint and matching it to the model is the preflight's job.
-    if config.trainer.resume not in ("auto", "never"):
-        candidates(config.trainer.resume, key="trainer.resume")
+    if (resume := config.trainer.resume_from.path) is not None:
+        candidates(resume, key="trainer.resume")
     if config.trainer.init_from:
         if getattr(config.model, "pretrained", None):
             raise UserError("trainer.init_from and model.pretrained both name the initial weights; set one")

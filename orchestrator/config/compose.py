@@ -23,7 +23,7 @@ from omegaconf.errors import (
 )
 
 from orchestrator.config.schema import Config
-from orchestrator.config.store import register
+from orchestrator.config.store import SCHEMAS, register, schema_for
 from orchestrator.errors import UserError
 
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
@@ -75,8 +75,6 @@ def to_config(cfg: DictConfig) -> Config:
 
 def load_resolved(text: str) -> Config:
     """A resolved config (a run's config.yaml, a submitted job's) back to the typed schema, checked again."""
-    from orchestrator.config.store import SCHEMAS, schema_for
-
     raw = OmegaConf.create(text)
     cfg = OmegaConf.structured(Config)
     for group in SCHEMAS:

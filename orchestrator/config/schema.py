@@ -34,6 +34,31 @@ class OnNonFinite(str, Enum):
     skip = "skip"
 
 
+@dataclass(frozen=True)
+class Resume:
+    """``trainer.resume`` parsed once: ``auto`` (this run dir's newest valid checkpoint, if any), ``never``
+    (a fresh start; a run dir holding checkpoints is refused), or ``path`` (a checkpoint, a
+    ``checkpoints/`` dir or a run dir, which must hold a valid checkpoint)."""
+
+    AUTO: ClassVar[str] = "auto"
+    NEVER: ClassVar[str] = "never"
+
+    value: str
+
+    @property
+    def auto(self) -> bool:
+        return self.value == self.AUTO
+
+    @property
+    def never(self) -> bool:
+        return self.value == self.NEVER
+
+    @property
+    def path(self) -> str | None:
+        """The checkpoint path the run starts from; None for ``auto`` and ``never``."""
+        return None if self.value in (self.AUTO, self.NEVER) else self.value
+
+
 class OptimName(str, Enum):
     sgd = "sgd"
     adam = "adam"
@@ -690,7 +715,7 @@ class TrainerConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     profile: ProfileConfig = field(default_factory=ProfileConfig)
-    resume: str = "auto"
+    resume: str = Resume.AUTO  # read it as ``resume_from``
     # trainer.resume=PATH into a run dir holding newer checkpoints deletes them only when this says so.
     discard_newer_checkpoints: bool = False
     init_from: Optional[str] = None
@@ -702,6 +727,10 @@ class TrainerConfig:
     peak_tflops: Optional[float] = None
     storage: Optional[str] = None  # a URI the run is mirrored to and resumed from (train/storage.py)
     storage_timeout_s: float = 600.0  # how long the end of a run waits for its last copies to trainer.storage
+
+    @property
+    def resume_from(self) -> Resume:
+        return Resume(self.resume)
 
     def __post_init__(self) -> None:
         _positive("trainer", max_steps=self.max_steps, global_batch_size=self.global_batch_size,

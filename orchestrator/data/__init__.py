@@ -5,7 +5,7 @@
 ``prepare_data`` built. ``check_data_paths`` is the CLI's first, millisecond check of the paths.
 
 The modules behind each data config import torch, tokenizers or scikit-learn, so they are imported
-inside the functions: importing this package, or ``orchestrator.data.paths``, stays cheap.
+inside the functions: importing this package, or ``orchestrator.config.paths``, stays cheap.
 """
 
 from __future__ import annotations
@@ -13,17 +13,19 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
+from orchestrator.config.paths import check_data_paths
 from orchestrator.config.schema import (
     DataConfig,
     DiabetesDataConfig,
     DigitsDataConfig,
     MemmapDataConfig,
     NpzDataConfig,
+    SampleKind,
     SyntheticDataConfig,
     TextDataConfig,
+    TokenizerKind,
 )
 from orchestrator.data.base import DataBundle, Dataset
-from orchestrator.data.paths import check_data_paths
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
 
@@ -78,8 +80,6 @@ def describe_data(cfg: DataConfig) -> DataSpec:
     Used by ``orchestrator estimate``, which must answer in seconds for any job.
     """
     if isinstance(cfg, TextDataConfig):
-        from orchestrator.config.schema import SampleKind, TokenizerKind
-
         vocab_size = cfg.vocab_size if cfg.tokenizer is TokenizerKind.bpe else 256
         return DataSpec(kind=SampleKind.tokens, vocab_size=vocab_size, seq_len=cfg.seq_len)
     return prepare_data(cfg)

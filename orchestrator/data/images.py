@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from orchestrator.config.paths import check_readable, expand_path
 from orchestrator.config.schema import DiabetesDataConfig, DigitsDataConfig, NpzDataConfig, SampleKind, TargetKind
 from orchestrator.data.augment import Augmenter, check_augment
 from orchestrator.data.base import DataBundle
-from orchestrator.data.paths import check_readable, expand_path
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.config.paths import check_data_paths, expand_path
 from orchestrator.config.schema import MemmapDataConfig, SampleKind
 from orchestrator.data.base import DataBundle
-from orchestrator.data.paths import check_data_paths, expand_path
 from orchestrator.data.spec import DataSpec
 from orchestrator.data.tokens import (
     DEFAULT_DTYPE,

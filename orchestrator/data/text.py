@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from orchestrator.config.paths import check_readable, expand_path
 from orchestrator.config.schema import SampleKind, TextDataConfig, TokenizerKind
 from orchestrator.data.base import DataBundle
 from orchestrator.data.bpe import (
@@ -37,7 +38,6 @@ from orchestrator.data.bpe import (
     PretrainedTokenizer,
     train_and_encode,
 )
-from orchestrator.data.paths import check_readable, expand_path
 from orchestrator.data.spec import DataSpec
 from orchestrator.data.tokens import (
     TokenDataset,

@@ -34,7 +34,9 @@ import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Config, GPTConfig, HFConfig, Precision
+from orchestrator.data import describe_data
 
 GIB = 2**30
 SEARCH_WORLD_SIZES = [2**k for k in range(17)]  # up to 65,536 ranks
@@ -126,7 +128,7 @@ def _builds_sharded(strategy: str, num_params: int) -> bool:
     """Whether a rank builds only its shards (on the device): ZeRO-3 under ``deepspeed.zero.Init``, FSDP2
     on the meta device (``strategy.init_device=auto`` from ``META_INIT_MIN_PARAMS`` parameters). Every
     other plan builds the whole fp32 model in each rank's host memory first."""
-    from orchestrator.strategies.fsdp import META_INIT_MIN_PARAMS
+    from orchestrator.strategies.fsdp import META_INIT_MIN_PARAMS  # lazy: imports torch
 
     return strategy == "zero3" or (strategy == "fsdp2" and num_params >= META_INIT_MIN_PARAMS)
 
@@ -148,9 +150,8 @@ def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, preci
 def describe(config: Config) -> ModelShape:
     """Builds the job's model on the meta device and measures what memory depends on."""
 
-    from orchestrator.data import describe_data
-    from orchestrator.models import build_model, describe_model, meta_device, model_blocks
-    from orchestrator.models.lora import lora_for
+    from orchestrator.models import build_model, describe_model, meta_device, model_blocks  # lazy: imports torch
+    from orchestrator.models.lora import lora_for  # lazy: imports torch and peft
 
     spec = describe_data(config.data)
     lora = lora_for(config.model)
@@ -283,8 +284,6 @@ def _count(n: int) -> str:
 
 def estimate_command(args: list[str]) -> int:
     """``orchestrator estimate [--json] [overrides]``."""
-    from orchestrator.config.compose import compose, to_config
-
     as_json = "--json" in args
     overrides = [a for a in args if a != "--json"]
     config = to_config(compose(overrides))

@@ -21,9 +21,6 @@ runs. Run again, the same command skips every point whose run completed with the
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import shutil
 import statistics
 import sys
@@ -35,21 +32,18 @@ from typing import Any, ContextManager
 
 from omegaconf import OmegaConf
 
-from orchestrator.config.checks import check_environment
+from orchestrator.cluster import jobs
 from orchestrator.config.compose import CONF_DIR, compose, to_config
 from orchestrator.config.schema import Config, JobKind, RayLauncherConfig, ScaleMode
 from orchestrator.errors import UserError, first_line
-from orchestrator.fsutil import write_atomic
-from orchestrator.report.svg import Chart, Series
+from orchestrator.launch import run_job
+from orchestrator.launch.prepared import PreparedJob, prepare
+from orchestrator.launch.ray import ray_session
+from orchestrator.report import write_report
+from orchestrator.report.scale import COLUMNS, markdown_table, write_outputs
 from orchestrator.rundir import REPLACED_DIR, REPORT_FILE, RunDir, RunSummary
-from orchestrator.tracking.console import format_bytes, format_si
 from orchestrator.tracking.jsonl import read_jsonl
-
-RESULTS_FILE = "scale.json"
-COLUMNS = ("strategy", "workers", "status", "global_batch_size", "grad_accum_steps", "step_time_s",
-           "tokens_per_s", "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes",
-           "model_state_bytes", "run_dir", "error")
-PLOTS = {"scale_throughput": "throughput.svg", "scale_efficiency": "efficiency.svg", "scale_memory": "memory.svg"}
+from orchestrator.tracking.wandb_run import log_experiment
 
 
 @dataclass
@@ -59,6 +53,7 @@ class Point:
     global_batch_size: int
     config: Config | None = None
     resolved: str | None = None  # the resolved config, as the run saves it (config.yaml)
+    job: PreparedJob | None = None  # once prepared
     error: str | None = None  # why it cannot run; None when it can
 
     @property
@@ -91,15 +86,13 @@ def scale_command(args: list[str]) -> int:
 
 def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, out_dir: Path) -> int:
     """Every point of ``base.scale`` in turn, in this process (each run through the job's launcher)."""
-    from orchestrator.launch.preflight import preflight
-
     settings, mode = base.scale, base.scale.mode.value
     points = [plan_point(base, overrides, strategy=strategy, workers=workers, group=group)
               for strategy in settings.strategies for workers in sorted(settings.workers)]
     for point in points:  # every point is checked before the first one runs
-        if point.config is not None:
+        if point.config is not None and point.resolved is not None:
             try:
-                preflight(point.config)
+                point.job = prepare(point.config, resolved_yaml=point.resolved, job_name=job)
             except UserError as exc:
                 point.config, point.error = None, str(exc)
     if all(point.error for point in points):
@@ -112,14 +105,12 @@ def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, 
     with _launcher_session(base):
         for point in points:
             if point.error is None and not _completed(point, out_dir):
-                _run_point(point, out_dir, job=job, steps=settings.steps)
+                _run_point(point, out_dir, steps=settings.steps)
             rows = [measure(p, out_dir, warmup_steps=settings.warmup_steps) for p in points]
             write_outputs(out_dir, meta, rows)
 
     print(markdown_table(rows, mode=mode), flush=True)
     if base.logger.name == "wandb":
-        from orchestrator.tracking.wandb_run import log_experiment
-
         location = log_experiment(out_dir, settings=base.logger, group=group, name=f"{group}/summary",
                                   rows=rows, columns=list(COLUMNS[:-2]), meta=meta)
         if location:
@@ -132,8 +123,6 @@ def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, 
 def _submit(name: str, overrides: list[str], *, job: str, group: str, output_dir: str, follow: bool) -> int:
     """The experiment as one Ray job on the cluster: its driver runs there, each point a Ray Train run there,
     the experiment dir on the cluster's shared storage (a relative ``scale.output_dir`` is under it)."""
-    from orchestrator.cluster import jobs
-
     cluster = jobs.resolve_cluster(name)
     storage = jobs.shared_storage(cluster, purpose="orchestrator scale")
     out_dir = output_dir if Path(output_dir).is_absolute() else f"{storage}/{output_dir}"
@@ -182,8 +171,7 @@ def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: in
     ]
     try:
         cfg = compose(point_overrides)
-        point.config = to_config(cfg)
-        check_environment(point.config)
+        point.config = to_config(cfg)  # checked against the machine when prepared, with every other point
     except UserError as exc:
         point.config, point.error = None, str(exc)
         return point
@@ -240,100 +228,14 @@ def peak_memory_per_rank(resources: list[dict[str, Any]]) -> dict[int, int]:
     return peaks
 
 
-def with_efficiency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each completed row's efficiency against its strategy's smallest completed worker count."""
-    baselines: dict[str, dict[str, Any]] = {}
-    for row in sorted(rows, key=lambda r: r["workers"]):
-        if row["tokens_per_s_per_worker"] is not None:
-            baselines.setdefault(row["strategy"], row)
-    for row in rows:
-        base = baselines.get(row["strategy"])
-        if row["tokens_per_s_per_worker"] is not None and base is not None:
-            row["efficiency"] = row["tokens_per_s_per_worker"] / base["tokens_per_s_per_worker"]
-            row["baseline_workers"] = base["workers"]
-    return rows
-
-
 # ------------------------------------------------------------------------------------------ outputs
-
-
-def write_outputs(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
-    """scale.json, scale.csv, scale.md and the plots, each written whole (atomically)."""
-    rows = with_efficiency(rows)
-    complete = all(row["status"] not in ("pending", "running") for row in rows)
-    write_atomic(out_dir / RESULTS_FILE, json.dumps({**meta, "complete": complete, "updated": time.time(),
-                                                     "points": rows}, indent=1) + "\n")
-    text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    writer.writerows({key: "" if row.get(key) is None else row[key] for key in COLUMNS} for row in rows)
-    write_atomic(out_dir / "scale.csv", text.getvalue())
-    write_atomic(out_dir / "scale.md", markdown_table(rows, mode=meta["mode"]) + "\n")
-    from orchestrator.report.svg import standalone
-
-    for chart in scale_charts(rows):
-        write_atomic(out_dir / PLOTS[chart.key], standalone(chart))
-
-
-TABLE_HEADER = ["strategy", "workers", "global batch", "accum", "step time", "tokens/s", "tokens/s/worker",
-                "efficiency", "MFU", "peak mem/rank", "status"]
-
-
-def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
-    """The rows as the markdown table and the HTML report show them."""
-    def cell(value: Any, form: str) -> str:
-        return "-" if value is None else format(value, form)
-
-    return [[row["strategy"], str(row["workers"]), str(row["global_batch_size"]), cell(row["grad_accum_steps"], "d"),
-             "-" if row["step_time_s"] is None else f"{row['step_time_s'] * 1000:.1f} ms",
-             cell(row["tokens_per_s"], ",.0f"), cell(row["tokens_per_s_per_worker"], ",.0f"),
-             cell(row["efficiency"], ".0%"), cell(row["mfu"], ".1%"),
-             format_bytes(row["peak_mem_bytes"]) if row["peak_mem_bytes"] else "-",
-             row["status"] + (f": {first_line(row['error'])}" if row.get("error") else "")]
-            for row in rows]
-
-
-def markdown_table(rows: list[dict[str, Any]], *, mode: str) -> str:
-    rows = with_efficiency(rows)
-    lines = [f"| {' | '.join(TABLE_HEADER)} |", "|---|" + "---:|" * (len(TABLE_HEADER) - 2) + "---|"]
-    lines += [f"| {' | '.join(cells)} |" for cells in table_rows(rows)]
-    counts = {row["strategy"]: row["baseline_workers"] for row in rows if row.get("baseline_workers")}
-    if len(set(counts.values())) == 1:
-        against = f"the same strategy at {next(iter(counts.values()))} worker(s)"
-    else:
-        against = ", ".join(f"{name} at {count}" for name, count in counts.items()) or "the smallest worker count"
-    lines += ["", f"{mode} scaling; efficiency = tokens/s per worker against {against}"]
-    return "\n".join(lines)
-
-
-def scale_charts(rows: list[dict[str, Any]]) -> list[Chart]:
-    """Throughput, efficiency and peak memory per rank against workers, one line per strategy."""
-    strategies = list(dict.fromkeys(row["strategy"] for row in rows))
-
-    def lines(key: str, scale: float = 1.0) -> list[Series]:
-        return [Series(name, [(row["workers"], row[key] * scale) for row in rows
-                              if row["strategy"] == name and row.get(key) is not None]) for name in strategies]
-
-    counts = sorted({row["workers"] for row in rows})
-    largest = max((row["peak_mem_bytes"] or 0 for row in rows), default=0)
-    unit, size = ("GiB", float(1 << 30)) if largest >= 10 << 30 else ("MiB", float(1 << 20))
-    return [
-        Chart("scale_throughput", "Throughput", "workers", "tokens/s", lines("tokens_per_s"), y_format=format_si,
-              markers=True, x_ticks=counts),
-        Chart("scale_efficiency", "Scaling efficiency", "workers", "%", lines("efficiency", 100.0), markers=True,
-              x_ticks=counts),
-        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size),
-              markers=True, x_ticks=counts),
-    ]
 
 
 # ------------------------------------------------------------------------------------------ running
 
 
-def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
-    from orchestrator.launch import run_job
-
-    assert point.config is not None and point.resolved is not None
+def _run_point(point: Point, out_dir: Path, *, steps: int) -> None:
+    assert point.job is not None
     run_dir = out_dir / point.name
     if run_dir.exists():  # a failed or older run of this point: kept aside, not overwritten
         aside = out_dir / REPLACED_DIR / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -342,8 +244,7 @@ def _run_point(point: Point, out_dir: Path, *, job: str, steps: int) -> None:
     print(f"scale: {point.name} ({point.workers} worker(s), {point.strategy}, global batch "
           f"{point.global_batch_size}, {steps} steps)", flush=True)
     try:
-        summary = run_job(point.config, run_dir=run_dir, resolved_yaml=point.resolved, job_name=job,
-                          print_summary=False)
+        summary = run_job(point.job, run_dir=run_dir, print_summary=False)
     except Exception as exc:  # noqa: BLE001 - one point's failure (UserError included) is a result, not the end
         summary = RunSummary(status="failed", error=first_line(exc))
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -373,14 +274,10 @@ def _launcher_session(base: Config) -> ContextManager[None]:
     """One Ray for the whole sweep under ``launcher=ray`` (each point would otherwise start its own)."""
     if not isinstance(base.launcher, RayLauncherConfig):
         return nullcontext()
-    from orchestrator.launch.ray import ray_session
-
     return ray_session(base.launcher)
 
 
 def _write_report(out_dir: Path) -> str | None:
-    from orchestrator.report import write_report
-
     try:
         return str(write_report([out_dir], out_dir / REPORT_FILE))
     except Exception as exc:  # noqa: BLE001 - the tables are written: a report that cannot be drawn is a warning

@@ -15,12 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import OmegaConf
-
-from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Config
 from orchestrator.fsutil import write_atomic
+from orchestrator.launch import run_job
+from orchestrator.launch.prepared import prepare_composed
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.jsonl import read_jsonl
 
@@ -37,27 +36,20 @@ class Deviation:
 
 def verify_command(overrides: list[str]) -> int:
     """Runs the verification; exit status 0 when every strategy agrees within the tolerance."""
-    from orchestrator.launch import run_job
-    from orchestrator.launch.preflight import preflight
-
     base = to_config(compose(overrides))
     settings = base.verify
-    points = {name: [*overrides, *_run_overrides(name, base)] for name in settings.strategies}
-    configs: dict[str, Config] = {}
-    for name, point in points.items():  # every run is checked before the first one starts
-        configs[name] = to_config(compose(point))
-        check_environment(configs[name])
-        preflight(configs[name])
-
     job = next((o.split("=", 1)[1] for o in overrides if o.startswith("job=")), "default")
+    # Every run is checked before the first one starts.
+    jobs = {name: prepare_composed(compose([*overrides, *_run_overrides(name, base)]), job_name=job)
+            for name in settings.strategies}
+
     out_dir = Path(settings.output_dir or Path("outputs") / "verify" / job / time.strftime("%Y-%m-%d_%H-%M-%S"))
     summaries: dict[str, RunSummary] = {}
-    for name, config in configs.items():
-        print(f"verify: {name} ({settings.steps} steps, {config.launcher.num_workers} workers)", flush=True)
-        summaries[name] = run_job(config, run_dir=out_dir / name, job_name=job, print_summary=False,
-                                  resolved_yaml=OmegaConf.to_yaml(compose(points[name]), resolve=True))
+    for name, prepared in jobs.items():
+        print(f"verify: {name} ({settings.steps} steps, {prepared.config.launcher.num_workers} workers)", flush=True)
+        summaries[name] = run_job(prepared, run_dir=out_dir / name, print_summary=False)
 
-    series = {name: _series(out_dir / name) for name in configs}
+    series = {name: _series(out_dir / name) for name in jobs}
     reference = settings.strategies[0]
     deviations = [largest_deviation(series, reference=reference, metric=m) for m in METRICS]
     failed = [name for name, summary in summaries.items() if not summary.completed]

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from orchestrator import __version__
+from orchestrator.checkpoints import manifest
 from orchestrator.config.compose import load_resolved
 from orchestrator.config.schema import Config
 from orchestrator.errors import UserError
@@ -36,7 +37,6 @@ from orchestrator.rundir import CONFIG_FILE
 from orchestrator.strategies import check_checkpoint
 from orchestrator.strategies.formats import weights_problem
 from orchestrator.strategies.weights import CheckpointWeights
-from orchestrator.train import manifest
 
 log = logging.getLogger(__name__)
 

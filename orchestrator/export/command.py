@@ -9,6 +9,7 @@ from pathlib import Path
 
 from orchestrator.errors import UserError
 from orchestrator.export.build import DTYPES, ExportResult, export_checkpoint
+from orchestrator.logs import configure_logging
 from orchestrator.tracking.console import format_bytes
 
 DEFAULT_MAX_SHARD_SIZE = "5GB"
@@ -28,8 +29,6 @@ class _Parser(argparse.ArgumentParser):
 def export_command(args: list[str]) -> int:
     """``orchestrator export RUN_DIR_OR_CHECKPOINT -o DIR [--dtype fp32|bf16|fp16] [--max-shard-size 5GB]
     [--merge-lora]``."""
-    from orchestrator.logs import configure_logging
-
     parser = _Parser(prog="orchestrator export",
                      description="A checkpoint of any strategy as a transformers model directory: safetensors "
                                  "shards, config.json, the run's tokenizer.")

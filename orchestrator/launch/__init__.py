@@ -14,20 +14,24 @@ from orchestrator.config.schema import Config, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ownership import own_run_dir
+from orchestrator.launch.prepared import PreparedJob
+from orchestrator.launch.ray import launch_ray
+from orchestrator.launch.script import run_script_job
+from orchestrator.report import write_report
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
 from orchestrator.tracking.jsonl import read_jsonl
+from orchestrator.train.storage import put_driver_records
 
 
 def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
+    # lazy: imports torch (launcher=ray runs need none in the driver)
     from orchestrator.launch.local import launch_local
 
     return launch_local(config, run_dir)
 
 
 def _launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
-    from orchestrator.launch.ray import launch_ray
-
     return launch_ray(config, run_dir)
 
 
@@ -38,17 +42,14 @@ LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
 }
 
 
-def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-            print_summary: bool = True) -> RunSummary:
-    """Trains ``config`` with its launcher, writes ``summary.json`` and prints the summary.
+def run_job(job: PreparedJob, *, run_dir: Path, print_summary: bool = True) -> RunSummary:
+    """Trains the job with its launcher, writes ``summary.json`` and prints the summary.
 
     A script job (``job.kind=script``) runs the user's script instead: see ``launch/script.py``.
 
     Args:
-        config: the validated job (the CLI has run the preflight checks).
+        job: the job, prepared (``launch.prepared``).
         run_dir: the run directory; an existing one is continued per ``trainer.resume``.
-        resolved_yaml: the resolved config, saved as ``config.yaml``.
-        job_name: the ``job=`` choice, if any.
         print_summary: print the summary table (or the error) at the end.
 
     Raises:
@@ -56,10 +57,9 @@ def run_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str 
             this job must not overwrite or cannot continue.
     """
     run_dir = run_dir.absolute()  # Ray's workers start in working dirs of their own
-    _absolute_inputs(config)
+    _absolute_inputs(job.config)
     with own_run_dir(run_dir):
-        return _run_owned(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
-                          print_summary=print_summary)
+        return _run_owned(job, run_dir=run_dir, print_summary=print_summary)
 
 
 def _absolute_inputs(config: Config) -> None:
@@ -72,26 +72,25 @@ def _absolute_inputs(config: Config) -> None:
     trainer = config.trainer
     if trainer.init_from:
         trainer.init_from = absolute(trainer.init_from)
-    if trainer.resume not in ("auto", "never"):
-        trainer.resume = absolute(trainer.resume)
+    if (resume := trainer.resume_from.path) is not None:
+        trainer.resume = absolute(resume)
     if getattr(config.model, "pretrained", None):
         config.model.pretrained = absolute(config.model.pretrained)  # type: ignore[attr-defined]
 
 
-def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-               print_summary: bool) -> RunSummary:
-    from orchestrator.launch.preflight import check_run_dir
+def _run_owned(job: PreparedJob, *, run_dir: Path, print_summary: bool) -> RunSummary:
+    from orchestrator.launch.preflight import check_run_dir  # lazy: imports torch
 
+    config, job_name = job.config, job.job_name
     if config.job.kind is JobKind.script:
-        from orchestrator.launch.script import run_script_job
-
-        return run_script_job(config, run_dir=run_dir, resolved_yaml=resolved_yaml, job_name=job_name,
+        return run_script_job(config, run_dir=run_dir, resolved_yaml=job.resolved_yaml, job_name=job_name,
                               print_summary=print_summary)
-    check_run_dir(config, run_dir)
+    assert job.model_shapes is not None
+    check_run_dir(config, run_dir, model_shapes=job.model_shapes)
     files = RunDir(run_dir)
     started = time.perf_counter()
     run_dir.mkdir(parents=True, exist_ok=True)
-    write_atomic(files.config, resolved_yaml)
+    write_atomic(files.config, job.resolved_yaml)
     _mirror(config, run_dir)
     try:
         outcome = LAUNCHERS[config.launcher.name](config, run_dir)
@@ -121,8 +120,6 @@ def _run_owned(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: s
 
 def _write_report(files: RunDir) -> str | None:
     """The run's HTML report, ``RUN_DIR/report.html`` (``orchestrator report``); a failure is a warning."""
-    from orchestrator.report import write_report
-
     try:
         return str(write_report([files.path], files.report))
     except Exception as exc:  # the run is done and recorded: a report that cannot be drawn must not undo that
@@ -134,8 +131,6 @@ def _mirror(config: Config, run_dir: Path) -> None:
     """The driver's records (config.yaml, summary.json) to ``trainer.storage``; a failed copy is a warning."""
     if not config.trainer.storage:
         return
-    from orchestrator.train.storage import put_driver_records
-
     try:
         put_driver_records(config.trainer.storage, run_dir, timeout_s=config.trainer.storage_timeout_s)
     except Exception as exc:  # the run dir holds them: a store that is down costs the copy, not the run

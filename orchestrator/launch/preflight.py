@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
 from orchestrator.data import prepare_data
@@ -13,39 +14,40 @@ from orchestrator.models import build_model, meta_device, model_blocks, pretrain
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes
 from orchestrator.rundir import RunDir
+from orchestrator.strategies import check_checkpoint
+from orchestrator.strategies.deepspeed_config import deepspeed_config, unknown_keys
 from orchestrator.strategies.formats import resume_problem, weights_problem
-from orchestrator.train import manifest
+from orchestrator.train.storage import RunStorage
 
 
-def preflight(config: Config) -> None:
-    """Prepares the data (cached), builds the model on the meta device, and checks named checkpoints.
+def preflight(config: Config) -> dict[str, list[int]] | None:
+    """Prepares the data (cached), builds the model on the meta device (once), and checks named checkpoints.
 
     Catches, in the driver and in seconds, what only the built model can tell: a model that does not
     fit the data, a ``trainer.freeze`` name that is not a module, a ``trainer.resume`` or
     ``trainer.init_from`` checkpoint that is damaged, of another model, or of an unreadable format, a
     ``trainer.storage`` that cannot be written. A script job brings its own model, data and checkpoints:
     nothing here applies to it.
+
+    Returns:
+        The model's state-dict shapes as it trains (with its LoRA adapters); None for a script job.
     """
     if config.job.kind is JobKind.script:
         if config.trainer.storage:
             raise UserError("trainer.storage mirrors orchestrator's own checkpoints; a script job (job.kind=script) "
                             "keeps its own")
-        return
+        return None
     if config.trainer.storage:
-        from orchestrator.train.storage import RunStorage
-
         RunStorage(config.trainer.storage).check()
     if isinstance(config.strategy, ZeroConfig):
         _check_deepspeed(config)
-    shapes = _model_shapes(config)
+    shapes, base_shapes = _model_shapes(config)
     trainer = config.trainer
-    if trainer.resume not in ("auto", "never"):
-        directory = manifest.resolve_checkpoint(trainer.resume, key="trainer.resume")
-        _check_fits(directory, shapes, key=f"trainer.resume={trainer.resume}",
+    if (resume := trainer.resume_from.path) is not None:
+        directory = manifest.resolve_checkpoint(resume, key="trainer.resume")
+        _check_fits(directory, shapes, key=f"trainer.resume={resume}",
                     problem=_resume_problem(config, manifest.read_manifest(directory)))
-        _check_safe(directory, key=f"trainer.resume={trainer.resume}")
-    if getattr(config.model, "pretrained", None):
-        _check_pretrained(config)
+        _check_safe(directory, key=f"trainer.resume={resume}")
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
         saved = manifest.read_manifest(directory)
@@ -53,30 +55,34 @@ def preflight(config: Config) -> None:
         if problem is None and any(is_adapter(name) for name in saved.model_shapes or ()):
             problem = ("it holds LoRA adapters; `orchestrator export --merge-lora` writes the model they make, "
                        "which model.pretrained=DIR starts from")
-        _check_fits(directory, _model_shapes(config, adapters=False), key=f"trainer.init_from={trainer.init_from}",
-                    problem=problem)
+        _check_fits(directory, base_shapes, key=f"trainer.init_from={trainer.init_from}", problem=problem)
         _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
+    return shapes
 
 
-def check_run_dir(config: Config, run_dir: Path) -> None:
-    """Refuses to start in a run dir whose checkpoints this job would overwrite or cannot continue."""
+def check_run_dir(config: Config, run_dir: Path, *, model_shapes: dict[str, list[int]]) -> None:
+    """Refuses to start in a run dir whose checkpoints this job would overwrite or cannot continue.
+
+    Args:
+        config: the job.
+        run_dir: where it runs.
+        model_shapes: the model's state-dict shapes as it trains (``preflight``'s).
+    """
     checkpoints = RunDir(run_dir).checkpoints
     manifest.recover_replaced(checkpoints)
     existing = manifest.checkpoint_dirs(checkpoints)
-    resume = config.trainer.resume
-    if resume == "never" and config.trainer.storage:
-        from orchestrator.train.storage import RunStorage
-
+    resume = config.trainer.resume_from
+    if resume.never and config.trainer.storage:
         stored = RunStorage(config.trainer.storage).checkpoint_names()
         if stored:
             raise UserError(f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
                             f"checkpoints (newest {stored[0]}); continue it with trainer.resume=auto or use another "
                             f"trainer.storage")
-    if existing and resume not in ("auto", "never"):
+    if existing and resume.path is not None:
         _check_no_newer(config, run_dir, existing)
-    if not existing or resume not in ("auto", "never"):
+    if not existing or resume.path is not None:
         return
-    if resume == "never":
+    if resume.never:
         raise UserError(f"trainer.resume=never but hydra.run.dir={run_dir} already holds checkpoints "
                         f"(newest {existing[0].name}); continue it with trainer.resume=auto or use another "
                         f"hydra.run.dir")
@@ -85,7 +91,7 @@ def check_run_dir(config: Config, run_dir: Path) -> None:
             saved = manifest.verify_in_driver(directory)
         except manifest.CheckpointError:
             continue  # damaged: the workers skip it
-        _check_fits(directory, _model_shapes(config), key=f"hydra.run.dir={run_dir}",
+        _check_fits(directory, model_shapes, key=f"hydra.run.dir={run_dir}",
                     problem=_resume_problem(config, saved))
         _check_safe(directory, key=f"hydra.run.dir={run_dir}")
         return
@@ -118,8 +124,6 @@ def _check_deepspeed(config: Config) -> None:
     """The generated DeepSpeed config with the overrides, as DeepSpeed itself parses it."""
     on_gpu = uses_gpu(config)
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
-    from orchestrator.strategies.deepspeed_config import deepspeed_config, unknown_keys
-
     unknown = unknown_keys(deepspeed_config(config, on_gpu=on_gpu))
     if unknown:
         raise UserError(f"strategy.deepspeed_overrides: {', '.join(unknown)} "
@@ -133,33 +137,27 @@ def _check_deepspeed(config: Config) -> None:
                             f"strategy={config.strategy.name}; use trainer.precision=bf16 or fp32")
 
 
-def _check_pretrained(config: Config) -> None:
-    """``model.pretrained``'s files hold every tensor the model needs, in its shape (headers only: no tensor read)."""
-    spec = prepare_data(config.data)
-    with meta_device():
-        model = build_model(config.model, spec)
-    source = pretrained_weights(config.model, model)
-    check_weights_fit(state_shapes(model), source)
-
-
-def _model_shapes(config: Config, *, adapters: bool = True) -> dict[str, list[int]]:
-    """The state-dict shapes of the model as it trains (with its LoRA adapters), or without its adapters: what
-    initial weights must have. Checks ``trainer.freeze`` and ``model.lora.target_modules`` on the way."""
+def _model_shapes(config: Config) -> tuple[dict[str, list[int]], dict[str, list[int]]]:
+    """The model built once on the meta device: its state-dict shapes as it trains (with its LoRA adapters),
+    and without its adapters (what initial weights must have). Checks on the way that ``model.pretrained``'s
+    files hold every tensor the model needs, in its shape (headers only: no tensor read), and that
+    ``trainer.freeze`` and ``model.lora.target_modules`` name modules of the model."""
     spec = prepare_data(config.data)  # a cache hit after the first call
     with meta_device():
         model = build_model(config.model, spec)
+        base = state_shapes(model)
+        if getattr(config.model, "pretrained", None):
+            check_weights_fit(base, pretrained_weights(config.model, model))
         lora = lora_for(config.model)
-        if lora is not None and adapters:
+        if lora is not None:
             lora.add(model, blocks=model_blocks(config.model, model))
     freeze_modules(model, config.trainer.freeze)
-    return state_shapes(model)
+    return state_shapes(model), base
 
 
 def _check_safe(directory: Path, *, key: str) -> None:
     """Refuses a checkpoint that would run code when loaded (the workers check again as they load). After
     ``_check_fits``: a checkpoint this job cannot use is refused for that, before any pickle is read."""
-    from orchestrator.strategies import check_checkpoint
-
     try:
         check_checkpoint(directory)
     except UserError as exc:

@@ -33,6 +33,7 @@ from orchestrator.launch.ray_compat import (
     keep_loopback,
     quiet_token_setup_warning,
 )
+from orchestrator.launch.trial_channel import eval_reporter
 
 # Ray Train reads it in its controller: how long a worker group may wait to be placed.
 WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
@@ -185,8 +186,7 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
     from ray.train.collective import broadcast_from_rank_zero
     from ray.train.v2.api.report_config import CheckpointUploadMode
 
-    from orchestrator.launch.trial_channel import eval_reporter
-    from orchestrator.train.worker import run_worker
+    from orchestrator.train.worker import run_worker  # lazy: imports torch; runs in the Ray worker
 
     rank = ray.train.get_context().get_world_rank()
 

@@ -30,9 +30,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator, TextIO
 
+from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError
 from orchestrator.fsutil import write_atomic
+from orchestrator.launch.ray import run_on_ray
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_duration, format_summary
 
@@ -64,8 +66,6 @@ class ScriptCommand:
 
     @classmethod
     def from_config(cls, config: Config, *, run_dir: Path) -> ScriptCommand:
-        from orchestrator.config.checks import uses_gpu
-
         job = config.job
         assert job.script is not None  # the schema requires it for script jobs
         # Accelerate runs each process alone on CPUs unless told to use them (`accelerate launch` tells it).
@@ -143,7 +143,7 @@ def _launch_local(config: Config, run_dir: Path, command: ScriptCommand) -> None
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
-    from orchestrator.launch.local import first_failure, launch_config
+    from orchestrator.launch.local import first_failure, launch_config  # lazy: imports torch
 
     # Threads as the training workers get them (trainer.threads_per_worker, 0 = cores / workers) unless
     # OMP_NUM_THREADS is set: N processes must not oversubscribe the cores.
@@ -177,8 +177,6 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 
 
 def _launch_ray(config: Config, run_dir: Path, command: ScriptCommand) -> None:
-    from orchestrator.launch.ray import run_on_ray
-
     run_on_ray(config, run_dir, worker=_ray_worker, loop_config={"command": command})
 
 

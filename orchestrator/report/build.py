@@ -20,12 +20,12 @@ import yaml
 
 from orchestrator import __version__
 from orchestrator.errors import UserError
+from orchestrator.fsutil import write_atomic
+from orchestrator.report.scale import RESULTS_FILE, TABLE_HEADER, scale_charts, table_rows, with_efficiency
 from orchestrator.report.svg import PALETTE, Chart, Series, render
 from orchestrator.rundir import PROFILE_DIR, RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_duration, format_si
 from orchestrator.tracking.jsonl import read_jsonl
-
-SCALE_FILE = "scale.json"  # an `orchestrator scale` experiment dir
 
 
 @dataclass
@@ -193,7 +193,7 @@ def build_report(paths: list[Path], *, sections: list[str] | None = None) -> str
     maker) come first: a search's own section (``search/results.py``)."""
     run_dirs = find_runs(paths)
     runs = [load_run(path, name) for path, name in zip(run_dirs, run_names(run_dirs))]
-    sections = [*(sections or []), *(_scaling_section(path) for path in paths if (path / SCALE_FILE).exists())]
+    sections = [*(sections or []), *(_scaling_section(path) for path in paths if (path / RESULTS_FILE).exists())]
     sections.append(f"<h2>Runs</h2>{_table(SUMMARY_HEADER, summary_rows(runs))}")
     if len(runs) > 1:
         header, rows = config_differences(runs)
@@ -215,12 +215,10 @@ def build_report(paths: list[Path], *, sections: list[str] | None = None) -> str
 
 def _scaling_section(path: Path) -> str:
     """An ``orchestrator scale`` experiment's table and plots (its ``scale.json``)."""
-    from orchestrator.experiments.scale import TABLE_HEADER, scale_charts, table_rows, with_efficiency
-
     try:
-        results = json.loads((path / SCALE_FILE).read_text())
+        results = json.loads((path / RESULTS_FILE).read_text())
     except json.JSONDecodeError as exc:
-        raise UserError(f"{path / SCALE_FILE}: unreadable ({exc})") from None
+        raise UserError(f"{path / RESULTS_FILE}: unreadable ({exc})") from None
     rows = with_efficiency(results["points"])
     state = "" if results.get("complete") else " (in progress)"
     # Every field read from the file is escaped: scale.json is data, and a run dir may come from anyone.
@@ -238,7 +236,7 @@ PROFILE_TOP_OPS = 15
 
 def _profile_section(run: Run, *, titled: bool) -> str:
     """A profiled run's (``trainer.profile``) top operators on rank 0 and its trace files."""
-    from orchestrator.train.profile import read_top_ops, trace_files  # imports torch
+    from orchestrator.train.profile import read_top_ops, trace_files  # lazy: imports torch
 
     title = f"Profile: {html.escape(run.name)}" if titled else "Profile"
     traces = ", ".join(html.escape(str(path.relative_to(run.path))) for path in trace_files(run.path))
@@ -263,8 +261,6 @@ def _profile_section(run: Run, *, titled: bool) -> str:
 
 def write_report(paths: list[Path], output: Path, *, sections: list[str] | None = None) -> Path:
     """Builds the report and writes it atomically to ``output``."""
-    from orchestrator.fsutil import write_atomic
-
     text = build_report(paths, sections=sections)
     output.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(output, text)

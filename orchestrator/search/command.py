@@ -13,6 +13,7 @@ from __future__ import annotations
 import sys
 from typing import TYPE_CHECKING
 
+from orchestrator.cluster import jobs
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch.ownership import own_run_dir
 from orchestrator.launch.ray import ray_session
@@ -63,7 +64,7 @@ def search_command(args: list[str]) -> int:
             print(f"search: {record.num_samples} trials of {record.job}, {plan.max_concurrent} at a time, "
                   f"{plan.settings.algorithm.value} / {plan.settings.scheduler.value}; search dir {plan.search_dir}",
                   flush=True)
-            from orchestrator.search.driver import run_trials  # Ray Tune: imported once the checks have passed
+            from orchestrator.search.driver import run_trials  # lazy: imports Ray Tune, once the checks have passed
 
             run_trials(plan, record)
     return _results(plan, SearchRecord.read(plan.search_dir / RECORD_FILE))
@@ -108,8 +109,6 @@ def _results(plan: SearchPlan, record: SearchRecord) -> int:
 
 
 def _submit(name: str, overrides: list[str], *, follow: bool) -> int:
-    from orchestrator.cluster import jobs
-
     cluster = jobs.resolve_cluster(name)
     job_id, search_dir = submit_search(cluster, overrides)
     print(f"submitted {job_id}  search dir {search_dir}", flush=True)
@@ -130,8 +129,6 @@ def submit_search(cluster: Cluster, overrides: list[str]) -> tuple[str, str]:
     Raises:
         UserError: bad input, or a cluster that cannot take the job.
     """
-    from orchestrator.cluster import jobs
-
     plan = plan_search(overrides, check_machine=False)
     storage = jobs.shared_storage(cluster, purpose="orchestrator search")
     output_dir = plan.settings.output_dir or f"search/{plan.job or 'default'}"

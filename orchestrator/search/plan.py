@@ -117,7 +117,7 @@ def plan_search(overrides: list[str], *, check_machine: bool = True) -> SearchPl
     points = check_points(base, space)
     configs = [to_config(compose(point)) for point in points]  # every choice and end, against the schema
     if check_machine:
-        from orchestrator.launch.preflight import preflight
+        from orchestrator.launch.preflight import preflight  # lazy: imports torch
 
         for point_config in configs:
             check_environment(point_config)

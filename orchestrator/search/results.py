@@ -15,6 +15,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.config.compose import compose, without_hydra
 from orchestrator.fsutil import write_atomic
+from orchestrator.report import write_report
 from orchestrator.report.svg import PALETTE, Chart, Series, render
 from orchestrator.rundir import RunDir
 from orchestrator.search.plan import SearchPlan
@@ -93,8 +94,6 @@ def search_section(search_dir: Path, record: SearchRecord) -> str:
 
 def write_search_report(search_dir: Path, record: SearchRecord) -> Path:
     """``<search dir>/report.html``: the search section, then every trial's run as ``orchestrator report`` shows it."""
-    from orchestrator.report import write_report
-
     return write_report([search_dir], search_dir / REPORT_FILE, sections=[search_section(search_dir, record)])
 
 

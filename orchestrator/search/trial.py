@@ -23,6 +23,7 @@ from orchestrator.config.compose import compose, to_config
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch import run_job
 from orchestrator.launch.preflight import preflight
+from orchestrator.launch.prepared import PreparedJob
 from orchestrator.launch.trial_channel import open_channel
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.search.space import Dimension, trial_overrides
@@ -52,9 +53,10 @@ def train_trial(settings: TrialSettings, run_dir: Path, params: dict[str, Any]) 
     """Composes, checks and trains one trial in ``run_dir`` (continued from its checkpoints if it has any)."""
     cfg = compose(trial_overrides(settings.base, settings.space, params))
     config = to_config(cfg)
-    preflight(config)
-    return run_job(config, run_dir=run_dir, resolved_yaml=OmegaConf.to_yaml(cfg, resolve=True),
-                   job_name=settings.job, print_summary=False)
+    # The search's driver checked every trial against the machine before the first one started; the
+    # trial's actor prepares its data and builds its model, as ``launch.prepared.prepare`` would.
+    job = PreparedJob(config, OmegaConf.to_yaml(cfg, resolve=True), settings.job, preflight(config))
+    return run_job(job, run_dir=run_dir, print_summary=False)
 
 
 class SearchTrial(tune.Trainable):

@@ -31,11 +31,11 @@ from typing import Callable, ContextManager, Iterable
 import torch
 from torch import nn
 
+from orchestrator.checkpoints.hashing import FileDigest
+from orchestrator.checkpoints.staging import HostStaging
 from orchestrator.config.schema import Config, Precision
 from orchestrator.distributed import DistContext
 from orchestrator.models.recipe import ModelRecipe
-from orchestrator.train.hashing import FileDigest
-from orchestrator.train.staging import HostStaging
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 # Writes a snapshot's files (in a background thread, while training goes on); returns them with their digests.
@@ -159,7 +159,7 @@ class Strategy(ABC):
     @abstractmethod
     def save(self, directory: Path) -> dict[Path, FileDigest]:
         """Writes this rank's share of model and optimizer state into ``directory``; returns the files written,
-        each with the digest of the bytes written (``train.hashing``)."""
+        each with the digest of the bytes written (``checkpoints.hashing``)."""
 
     @abstractmethod
     def snapshot(self, directory: Path) -> PendingWrite:

@@ -14,11 +14,11 @@ from typing import Any, ContextManager
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from orchestrator.checkpoints.hashing import FileDigest, save_hashed
 from orchestrator.config.schema import DDPConfig
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies.base import OptimizerFactory, PendingWrite, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
-from orchestrator.train.hashing import FileDigest, save_hashed
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"

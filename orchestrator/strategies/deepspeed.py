@@ -5,7 +5,7 @@ config generated from the job (``deepspeed_config.py``). Gradient accumulation i
 strategy marks the last micro-batch as DeepSpeed's accumulation boundary and steps the engine once.
 Checkpoints are DeepSpeed's own files, written with ``save_latest=False`` inside orchestrator's
 atomic protocol (DeepSpeed's ``latest`` file is never written or read). DeepSpeed loads them with
-``weights_only=False``, so each is walked through ``train.unpickle``'s allow-list before DeepSpeed
+``weights_only=False``, so each is walked through ``checkpoints.unpickle``'s allow-list before DeepSpeed
 opens it: a file naming anything but tensors and DeepSpeed's plain records is refused.
 """
 
@@ -20,6 +20,9 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from orchestrator.checkpoints import unpickle
+from orchestrator.checkpoints.hashing import FileDigest, read_back, save_hashed
+from orchestrator.checkpoints.staging import HostStaging
 from orchestrator.config.schema import Offload, OptimName, Precision, ZeroConfig
 from orchestrator.models.meta import INIT_FILLS
 from orchestrator.models.recipe import ModelRecipe, check_weights_fit
@@ -37,9 +40,6 @@ from orchestrator.strategies.base import (
 )
 from orchestrator.strategies.blocks import prepare_blocks
 from orchestrator.strategies.deepspeed_config import deepspeed_config
-from orchestrator.train import unpickle
-from orchestrator.train.hashing import FileDigest, read_back, save_hashed
-from orchestrator.train.staging import HostStaging
 
 TAG = "ds"
 

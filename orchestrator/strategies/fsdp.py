@@ -4,7 +4,7 @@ Parameters, gradients and optimizer state are sharded over the ranks (ZeRO-3's l
 all-gathers a block's parameters just before using it and reduce-scatters its gradients right after.
 Checkpoints go through ``torch.distributed.checkpoint``: every rank writes its own shards, and they
 load at any world size. They are read as data: DCP unpickles its ``.metadata`` index with plain
-``pickle`` and its non-tensor items with ``weights_only=False``, so both go through ``train.unpickle``'s
+``pickle`` and its non-tensor items with ``weights_only=False``, so both go through ``checkpoints.unpickle``'s
 allow-lists first (``SafeReader``, ``SafePlanner``).
 """
 
@@ -39,14 +39,14 @@ from torch.distributed.fsdp import (
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
+from orchestrator.checkpoints import unpickle
+from orchestrator.checkpoints.hashing import FileDigest, HashingFile, save_hashed
+from orchestrator.checkpoints.staging import HostStaging
 from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
 from orchestrator.models.meta import meta_device
 from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_fit
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, PendingWrite, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
-from orchestrator.train import unpickle
-from orchestrator.train.hashing import FileDigest, HashingFile, save_hashed
-from orchestrator.train.staging import HostStaging
 
 DCP_DIR = "dcp"
 SCALER_FILE = "scaler.pt"

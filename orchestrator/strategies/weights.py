@@ -73,7 +73,7 @@ class CheckpointWeights(WeightSource):
 
 
 def _replicated(directory: Path) -> dict[str, _Stored]:
-    from orchestrator.strategies.ddp import MODEL_FILE
+    from orchestrator.strategies.ddp import MODEL_FILE  # lazy: imports torch
 
     state = torch.load(directory / MODEL_FILE, map_location="cpu", mmap=True, weights_only=True)
     return {name: _Stored(shape=tuple(tensor.shape), dtype=tensor.dtype, read=partial(_itself, tensor))
@@ -83,7 +83,10 @@ def _replicated(directory: Path) -> dict[str, _Stored]:
 def _dcp(directory: Path) -> dict[str, _Stored]:
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from orchestrator.strategies.fsdp import DCP_DIR, read_dcp_metadata
+    from orchestrator.strategies.fsdp import (  # lazy: imports torch.distributed's FSDP and DCP
+        DCP_DIR,
+        read_dcp_metadata,
+    )
 
     prefix = "model."
     metadata = read_dcp_metadata(directory / DCP_DIR)
@@ -98,7 +101,7 @@ def _dcp(directory: Path) -> dict[str, _Stored]:
 def _read_dcp_tensor(dcp_dir: Path, key: str, entry: object) -> torch.Tensor:
     import torch.distributed.checkpoint as dcp
 
-    from orchestrator.strategies.fsdp import SafePlanner, SafeReader
+    from orchestrator.strategies.fsdp import SafePlanner, SafeReader  # lazy: imports torch.distributed's FSDP and DCP
 
     tensor = torch.empty(entry.size, dtype=entry.properties.dtype)  # type: ignore[attr-defined]
     with warnings.catch_warnings():  # "no process group: loading in one process", which is the intent
@@ -110,7 +113,7 @@ def _read_dcp_tensor(dcp_dir: Path, key: str, entry: object) -> torch.Tensor:
 def _zero(directory: Path) -> dict[str, _Stored]:
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    from orchestrator.strategies.deepspeed import TAG, check_zero
+    from orchestrator.strategies.deepspeed import TAG, check_zero  # lazy: imports deepspeed
 
     check_zero(directory)
     # zero_to_fp32 prints its progress and draws progress bars: not the command's output.

@@ -71,6 +71,11 @@ class Tracker:
             self.wandb.log(step, {f"resources/rank{rank}/{key}": value for rank, sample in enumerate(per_rank)
                                   for key, value in sample.items() if isinstance(value, (int, float))})
 
+    def save_traces(self, traces: list[Path]) -> None:
+        """The run's profiler traces (``trainer.profile``), one per rank, to its W&B run."""
+        if self.wandb is not None:
+            self.wandb.save_traces(traces)
+
     def message(self, text: str) -> None:
         if self.enabled:
             self.progress.write(text)

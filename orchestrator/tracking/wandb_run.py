@@ -17,6 +17,7 @@ from __future__ import annotations
 import netrc
 import os
 import platform
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,9 @@ _SUMMARY_KEYS = ("status", "steps", "final_loss", "first_eval_loss", "final_eval
                  "tokens_per_s", "step_time_s_median", "mfu", "peak_mem_bytes", "num_params", "restarts", "error",
                  "final_eval_accuracy", "num_trainable_params")
 PROJECT_DIR = Path(__file__).resolve().parents[2]
+# Where W&B's PyTorch-profiler integration (wandb.profiler.torch_trace_handler) keeps traces in a run's files.
+TRACES_DIR = "pytorch_traces"
+TRACE_SUFFIX = ".pt.trace.json"
 
 
 def wandb_name(key: str) -> str:
@@ -109,6 +113,19 @@ class WandbRun:
         try:
             self.run.log({"trainer/step": step, **values}, step=step)
             self._next_step = step
+        except Exception as exc:  # noqa: BLE001
+            self._fail(exc)
+
+    def save_traces(self, traces: list[Path]) -> None:
+        """Profiler traces into the W&B run's files, where W&B's own PyTorch-profiler integration puts them
+        (``pytorch_traces/*.pt.trace.json``: the run page shows them); uploaded with the run, or by ``wandb sync``."""
+        if self.run is None or not traces:
+            return
+        try:
+            target = Path(self.run.dir) / TRACES_DIR
+            target.mkdir(exist_ok=True)
+            for trace in traces:
+                shutil.copyfile(trace, target / f"{trace.stem}{TRACE_SUFFIX}")
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
 

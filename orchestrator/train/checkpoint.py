@@ -28,13 +28,14 @@ from typing import Any, Callable
 
 import torch
 
+from orchestrator.checkpoints import hashing, manifest
+from orchestrator.config.schema import Resume
 from orchestrator.distributed import DistContext
 from orchestrator.errors import TrainingError, UserError
 from orchestrator.fsutil import fsync_path, write_atomic
 from orchestrator.models.recipe import shape_mismatch
 from orchestrator.strategies import Strategy
 from orchestrator.strategies.base import PendingWrite
-from orchestrator.train import hashing, manifest
 
 log = logging.getLogger(__name__)
 
@@ -70,12 +71,12 @@ class Checkpointer:
 
     # -------------------------------------------------------------------------------------- resume
 
-    def find_resume(self, resume: str, *, restarted: bool) -> Path | None:
+    def find_resume(self, resume: Resume, *, restarted: bool) -> Path | None:
         """The checkpoint to resume from, the same on every rank.
 
         Args:
-            resume: ``auto`` (this run's newest valid checkpoint, or none), ``never``, or a path (a
-                checkpoint, a ``checkpoints/`` dir or a run dir, which must hold a valid checkpoint).
+            resume: ``trainer.resume``: ``auto`` (this run's newest valid checkpoint, or none), ``never``,
+                or a path (a checkpoint, a ``checkpoints/`` dir or a run dir, which must hold a valid checkpoint).
             restarted: the launcher restarted the workers: this run's own newest checkpoint comes
                 first, and ``resume`` only applies when the run has saved none yet.
         """
@@ -85,13 +86,14 @@ class Checkpointer:
             own = first_valid(self._own_checkpoints, dist=self.dist)
             if own is not None:
                 return own
-        if resume == "never":
+        if resume.never:
             return None
-        if resume == "auto":
+        if resume.path is None:
             return first_valid(self._own_checkpoints, dist=self.dist)
-        found = first_valid(lambda: manifest.candidates(resume, key="trainer.resume"), dist=self.dist)
+        path = resume.path
+        found = first_valid(lambda: manifest.candidates(path, key="trainer.resume"), dist=self.dist)
         if found is None:
-            raise UserError(f"trainer.resume={resume}: no valid checkpoint there")
+            raise UserError(f"trainer.resume={path}: no valid checkpoint there")
         return found
 
     def _own_checkpoints(self) -> list[Path]:

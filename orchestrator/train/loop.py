@@ -21,6 +21,7 @@ import torch
 import yaml
 from torch import nn
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.schema import Config, OnNonFinite
 from orchestrator.data import load_data
 from orchestrator.data.sampler import StreamSampler, eval_indices
@@ -35,11 +36,10 @@ from orchestrator.strategies.base import FP16_OVERFLOW
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
 from orchestrator.tracking.tracker import Tracker
 from orchestrator.tracking.wandb_run import WandbRun, run_metadata
-from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer, first_valid
 from orchestrator.train.losses import build_loss
 from orchestrator.train.optim import build_optimizer, lr_at
-from orchestrator.train.profile import StepProfiler
+from orchestrator.train.profile import StepProfiler, trace_files
 from orchestrator.train.storage import RunStorage, Uploads
 from orchestrator.train.throughput import mfu, peak_flops_per_device
 
@@ -199,6 +199,9 @@ class Trainer:
         finally:
             if profiler is not None:
                 profiler.close()  # a window the run's end cut short: the steps that ran
+        if profiler is not None and profiler.steps:  # the same steps on every rank
+            self.dist.barrier()  # every rank's trace is written
+            tracker.save_traces(trace_files(self.run_dir))
         try:
             self._commit(wait=True)  # the run ends with its last save complete
         except TrainingError as exc:
@@ -404,8 +407,8 @@ class Trainer:
                                        key=f"trainer.init_from={path}")
 
     def _resume(self) -> None:
-        resume = self.config.trainer.resume
-        if self.storage is not None and (resume != "never" or self.restarts > 0):
+        resume = self.config.trainer.resume_from
+        if self.storage is not None and (not resume.never or self.restarts > 0):
             self._fetch_from_storage()
         directory = self.checkpointer.find_resume(resume, restarted=self.restarts > 0)
         if directory is not None:

@@ -34,9 +34,9 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
+from orchestrator.checkpoints import manifest
 from orchestrator.errors import UserError, first_line
 from orchestrator.rundir import CHECKPOINTS_DIR, DRIVER_RECORDS, WORKER_RECORDS, RunDir
-from orchestrator.train import manifest
 
 CHECK_TIMEOUT_S = 20.0
 

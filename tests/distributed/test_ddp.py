@@ -9,13 +9,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.compose import compose, to_config
-from orchestrator.config.schema import Config
+from orchestrator.config.schema import Config, Resume
 from orchestrator.distributed import DistContext
 from orchestrator.models import build_model, model_blocks
 from orchestrator.models.recipe import ModelRecipe, state_shapes
 from orchestrator.strategies import build_strategy
-from orchestrator.train import manifest
 from orchestrator.train.checkpoint import Checkpointer
 from orchestrator.train.optim import build_optimizer
 from tests.distributed.ranks import run_ranks
@@ -102,7 +102,7 @@ def _checkpoint_round_trip(dist: DistContext, root: str) -> dict:
     saved_optimizer = strategy.optimizer.state_dict()["state"][0]["exp_avg"].clone()
     one_step()  # move everything away, then restore the newest checkpoint
     torch.rand(10)
-    state = checkpointer.restore(checkpointer.find_resume("auto", restarted=False))
+    state = checkpointer.restore(checkpointer.find_resume(Resume("auto"), restarted=False))
     return {
         "state": state,
         "weights_equal": all(torch.equal(saved_weights[k], v) for k, v in strategy.module.state_dict().items()),

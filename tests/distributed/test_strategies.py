@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from orchestrator.config.compose import compose, to_config
+from orchestrator.config.schema import Resume
 from orchestrator.data import load_data, prepare_data
 from orchestrator.distributed import DistContext
 from orchestrator.models import build_model, model_blocks
@@ -117,7 +118,7 @@ def _train(dist: DistContext, strategy_name: str, root: str, *, steps: int, save
         assert len(compiled) == config.model.n_layer, strategy_name
         assert all("Block" in type(m._checkpoint_wrapped_module).__name__ for m in compiled), strategy_name
     if restore:
-        checkpointer.restore(checkpointer.find_resume("auto", restarted=False))
+        checkpointer.restore(checkpointer.find_resume(Resume("auto"), restarted=False))
     inputs, targets = _batch()
     per_rank = inputs.shape[0] // dist.world_size
     mine = slice(dist.rank * per_rank, (dist.rank + 1) * per_rank)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import manifest
+from orchestrator.checkpoints import manifest
 from tests.helpers import run_cli
 
 # A name of each kind of file a strategy's checkpoint holds (beside the trainer state and one RNG file per rank).

@@ -13,12 +13,12 @@ import torch
 from omegaconf import OmegaConf
 from safetensors import safe_open
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.compose import compose, load_resolved, without_hydra
 from orchestrator.data import prepare_data
 from orchestrator.export import export_checkpoint
 from orchestrator.models import build_model
 from orchestrator.strategies import read_model_weights
-from orchestrator.train import manifest
 from tests.e2e.test_untrusted_checkpoints import POISONS
 from tests.helpers import run_cli, tiny_job
 

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.compose import load_resolved
 from orchestrator.data import prepare_data
 from orchestrator.experiments.estimate import describe, model_states
 from orchestrator.models import build_model, model_blocks
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.strategies import read_model_weights
-from orchestrator.train import manifest
 from tests.helpers import run_cli, save_tiny_llama, tiny_job, train_losses
 
 transformers = pytest.importorskip("transformers")

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.checkpoints import manifest
 from orchestrator.strategies import read_model_weights
-from orchestrator.train import manifest
 from tests.helpers import run_cli, save_tiny_llama, train_in_process
 
 JOB = ["job=llama_tiny_cpu", "model=hf", "launcher=local", "data.max_bytes=400000", "data.seq_len=32",

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import psutil
 
-from orchestrator.train import manifest
+from orchestrator.checkpoints import manifest
 from tests.helpers import CLI, MAX_STEPS, run_cli, train_losses
 from tests.helpers import resume_job as job
 

@@ -11,9 +11,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+from orchestrator.checkpoints import manifest
 from orchestrator.launch.ownership import own_run_dir
 from orchestrator.rundir import LOCK_FILE
-from orchestrator.train import manifest
 from tests.helpers import CLI, read_jsonl, run_cli, train_losses
 from tests.helpers import resume_job as job
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.train import manifest
+from orchestrator.checkpoints import manifest
 from tests.e2e.test_resume import kill_group, last_step, start, wait_for
 from tests.helpers import MAX_STEPS, resume_job, run_cli, tiny_job, train_losses
 

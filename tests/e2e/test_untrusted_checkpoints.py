@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from orchestrator.checkpoints import manifest, unpickle
 from orchestrator.strategies import check_checkpoint, read_model_weights
-from orchestrator.train import manifest, unpickle
 from tests.helpers import Payload, run_cli, tiny_job, train_in_process
 
 STRATEGIES = ("ddp", "fsdp2", "zero3")

@@ -38,9 +38,10 @@ def _history(records: list[dict]) -> dict[int, dict[str, float]]:
 
 @pytest.fixture(scope="module")
 def offline_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
-    """A 2-worker run with W&B offline and a (sentinel) W&B key in its environment."""
+    """A 2-worker run with W&B offline and a (sentinel) W&B key in its environment, steps 3-4 profiled."""
     root = tmp_path_factory.mktemp("wandb")
-    result = run_cli("train", *tiny_job(cache_dir), "logger.resources_every=5", f"hydra.run.dir={root / 'run'}",
+    result = run_cli("train", *tiny_job(cache_dir), "logger.resources_every=5", "trainer.profile.start_step=2",
+                     "trainer.profile.steps=2", f"hydra.run.dir={root / 'run'}",
                      cwd=root, env=OFFLINE, check=True)
     return root / "run", result
 
@@ -74,6 +75,14 @@ def test_the_offline_wandb_run_holds_the_same_losses_and_every_ranks_resources(o
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["wandb"].startswith(f"wandb sync {run_dir / 'wandb' / 'offline-run-'}")
     assert f"W&B                 {summary['wandb']}" in result.stdout
+
+
+def test_every_ranks_profiler_trace_is_in_the_wandb_runs_files(offline_run) -> None:
+    run_dir, _ = offline_run
+    [files] = [run / "files" for run in (run_dir / "wandb").glob("offline-run-*")]
+    for rank in (0, 1):
+        saved = files / "pytorch_traces" / f"rank{rank}.pt.trace.json"  # where W&B's profiler integration looks
+        assert json.loads(saved.read_text()) == json.loads((run_dir / "profile" / f"rank{rank}.json").read_text())
 
 
 def test_a_wandb_key_is_written_nowhere(offline_run) -> None:

@@ -340,7 +340,7 @@ def test_text_errors_name_the_key(tmp_path, corpus):
 
 def test_check_data_paths_is_light():
     code = (
-        "import sys, orchestrator.data.paths; "
+        "import sys, orchestrator.config.paths; "
         "heavy = {'torch', 'numpy', 'tokenizers', 'sklearn'} & set(sys.modules); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={**os.environ, "PYTHONPATH": str(REPO)})

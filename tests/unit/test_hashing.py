@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train import hashing, manifest
+from orchestrator.checkpoints import hashing, manifest
 
 
 @pytest.mark.parametrize("zipfile", [True, False], ids=["zip", "legacy"])

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
+from orchestrator.checkpoints import manifest
 from orchestrator.errors import UserError
-from orchestrator.train import manifest
 
 
 def make_checkpoint(root: Path, step: int, payload: bytes = b"weights", *, strategy: str = "ddp",

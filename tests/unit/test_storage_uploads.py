@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.train import manifest
+from orchestrator.checkpoints import manifest
 from orchestrator.train.storage import RunStorage, Uploads
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train import unpickle
+from orchestrator.checkpoints import unpickle
 from tests.helpers import Payload
 
 

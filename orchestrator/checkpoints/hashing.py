@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from orchestrator.train import manifest
+from orchestrator.checkpoints import manifest
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 
 from orchestrator.cluster.local import load_state
 from orchestrator.cluster.named import DEFAULT_CLUSTER, Cluster, load_cluster, read_token
-from orchestrator.config.compose import CONF_DIR, compose, to_config
+from orchestrator.config.compose import CONF_DIR, compose, override_value, to_config
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch import run_job
 from orchestrator.launch.prepared import prepare_resolved
@@ -155,7 +155,7 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
     stamp = datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
     prepared = []
     for index, overrides in enumerate(points):
-        job = _choice(overrides, "job") or "default"
+        job = override_value(overrides, "job") or "default"
         suffix = uuid.uuid4().hex[:6]
         job_id = f"orchestrator-{job}-{stamp}-{suffix}".replace("_", "-")
         name = f"{job}/{stamp}" + (f"/{index}" if len(points) > 1 else f"-{suffix}")
@@ -219,6 +219,16 @@ def shared_storage(cluster: Cluster, *, purpose: str) -> str:
     return storage
 
 
+def follow_or_hint(cluster: Cluster, job_id: str, *, follow_it: bool) -> int:
+    """Follows a submitted job to its end (exit status 0 when it succeeded), or prints how to."""
+    if not follow_it:
+        print(f"follow: orchestrator jobs logs {job_id} --follow --cluster {cluster.name}")
+        return 0
+    status = follow(cluster, job_id)
+    print(f"{job_id}: {status}", flush=True)
+    return 0 if status == "SUCCEEDED" else 1
+
+
 def follow(cluster: Cluster, job_id: str) -> str:
     """Prints the job's output until it ends; returns its final status."""
     job_logs(cluster, job_id, follow=True)
@@ -229,7 +239,7 @@ def _cluster_overrides(overrides: list[str], group: str | None) -> list[str]:
     """On a cluster the Ray launcher joins it (``auto``); a sweep's points share ``logger.group`` (W&B's group,
     with ``job_type`` sweep)."""
     extra = []
-    joins = _choice(overrides, "launcher") in (None, "ray")
+    joins = override_value(overrides, "launcher") in (None, "ray")
     if joins and not any(o.startswith("launcher.address=") for o in overrides):
         extra.append("launcher.address=auto")
     if group and not any(o.startswith("logger.group=") for o in overrides):
@@ -237,14 +247,6 @@ def _cluster_overrides(overrides: list[str], group: str | None) -> list[str]:
     if group and not any(o.startswith("logger.job_type=") for o in overrides):
         extra.append("logger.job_type=sweep")
     return extra
-
-
-def _choice(overrides: list[str], group: str) -> str | None:
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") == group:
-            return value
-    return None
 
 
 def _storage(cluster: Cluster) -> str:
@@ -381,7 +383,6 @@ def wait(cluster: Cluster, job_id: str, *, timeout_s: float | None = None) -> st
 
 def format_time(ms: int | None) -> str:
     return datetime.fromtimestamp(ms / 1000).strftime("%Y-%m-%d %H:%M:%S") if ms else "-"
-
 
 
 def default_cluster() -> str:

@@ -51,6 +51,15 @@ def compose(overrides: list[str], *, with_hydra: bool = False) -> DictConfig:
         raise UserError(describe_error(exc)) from None
 
 
+def override_value(overrides: list[str], key: str) -> str | None:
+    """The value a command line's override gives ``key`` (a group, ``job``, or a dotted key), if one does."""
+    for override in overrides:
+        name, _, value = override.partition("=")
+        if name.lstrip("+~") == key:
+            return value
+    return None
+
+
 def without_hydra(cfg: DictConfig) -> DictConfig:
     """The job's own config: ``cfg`` less its ``hydra`` node."""
     job = copy.deepcopy(cfg)

@@ -33,7 +33,7 @@ from typing import Any, ContextManager
 from omegaconf import OmegaConf
 
 from orchestrator.cluster import jobs
-from orchestrator.config.compose import CONF_DIR, compose, to_config
+from orchestrator.config.compose import CONF_DIR, compose, override_value, to_config
 from orchestrator.config.schema import Config, JobKind, RayLauncherConfig, ScaleMode
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch import run_job
@@ -74,7 +74,7 @@ def scale_command(args: list[str]) -> int:
         raise UserError("job.kind=script: orchestrator scale times orchestrator's own training loop, and a "
                         "script job's steps are the script's")
     _check_strategies(settings.strategies)
-    job = _choice(overrides, "job") or "default"
+    job = override_value(overrides, "job") or "default"
     mode = settings.mode.value
     group = base.logger.group or f"scale-{job}-{mode}"
     if cluster is not None:
@@ -130,12 +130,7 @@ def _submit(name: str, overrides: list[str], *, job: str, group: str, output_dir
     job_id = jobs.submit_experiment(cluster, "scale", arguments, job=job,
                                     metadata={"run_dir": out_dir, "group": group})
     print(f"submitted {job_id}  experiment dir {out_dir}", flush=True)
-    if not follow:
-        print(f"follow: orchestrator jobs logs {job_id} --follow --cluster {name}")
-        return 0
-    status = jobs.follow(cluster, job_id)
-    print(f"{job_id}: {status}", flush=True)
-    return 0 if status == "SUCCEEDED" else 1
+    return jobs.follow_or_hint(cluster, job_id, follow_it=follow)
 
 
 def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: int, group: str) -> Point:
@@ -290,11 +285,3 @@ def _check_strategies(names: list[str]) -> None:
     for name in names:
         if name not in known:
             raise UserError(f"scale.strategies: unknown strategy {name!r}; choose from {', '.join(known)}")
-
-
-def _choice(overrides: list[str], group: str) -> str | None:
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") == group:
-            return value
-    return None

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config.compose import compose, to_config
+from orchestrator.config.compose import compose, override_value, to_config
 from orchestrator.config.schema import Config
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch import run_job
@@ -38,7 +38,7 @@ def verify_command(overrides: list[str]) -> int:
     """Runs the verification; exit status 0 when every strategy agrees within the tolerance."""
     base = to_config(compose(overrides))
     settings = base.verify
-    job = next((o.split("=", 1)[1] for o in overrides if o.startswith("job=")), "default")
+    job = override_value(overrides, "job") or "default"
     # Every run is checked before the first one starts.
     jobs = {name: prepare_composed(compose([*overrides, *_run_overrides(name, base)]), job_name=job)
             for name in settings.strategies}

@@ -112,12 +112,7 @@ def _submit(name: str, overrides: list[str], *, follow: bool) -> int:
     cluster = jobs.resolve_cluster(name)
     job_id, search_dir = submit_search(cluster, overrides)
     print(f"submitted {job_id}  search dir {search_dir}", flush=True)
-    if not follow:
-        print(f"follow: orchestrator jobs logs {job_id} --follow --cluster {name}")
-        return 0
-    status = jobs.follow(cluster, job_id)
-    print(f"{job_id}: {status}", flush=True)
-    return 0 if status == "SUCCEEDED" else 1
+    return jobs.follow_or_hint(cluster, job_id, follow_it=follow)
 
 
 def submit_search(cluster: Cluster, overrides: list[str]) -> tuple[str, str]:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config.checks import check_environment, uses_gpu, visible_gpu_count
-from orchestrator.config.compose import compose, to_config
+from orchestrator.config.compose import compose, override_value, to_config
 from orchestrator.config.hydra_compat import parse_overrides
 from orchestrator.config.schema import (
     Config,
@@ -108,7 +108,7 @@ def plan_search(overrides: list[str], *, check_machine: bool = True) -> SearchPl
     base, space = split_command(overrides, dict(settings.space))
     # The trials train the job; the search's settings stay with the search (and may change when it continues).
     base = [override for override in base if not override.lstrip("+~").startswith("search.")]
-    job = _choice(base, "job")
+    job = override_value(base, "job")
     _check_job(config, space)
     num_samples = _num_samples(settings, space)
     # Absolute: the trials' actors start in working directories of their own.
@@ -175,14 +175,6 @@ def _trial_settings(base: list[str], *, group: str) -> list[str]:
     wanted = {"logger.group": group, "logger.job_type": "search", "logger.progress": "false"}
     keys = {override.partition("=")[0].lstrip("+~") for override in base}
     return [f"{key}={value}" for key, value in wanted.items() if key not in keys]
-
-
-def _choice(overrides: list[str], group: str) -> str | None:
-    for override in overrides:
-        key, _, value = override.partition("=")
-        if key.lstrip("+~") == group:
-            return value
-    return None
 
 
 def _format(resources: dict[str, float], *, names: dict[str, float] | None = None) -> str:

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orchestrator.checkpoints import manifest
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import SampleKind
 from orchestrator.data.spec import DataSpec
@@ -21,7 +22,6 @@ from orchestrator.models import build_model, model_blocks
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies import build_strategy
 from orchestrator.strategies.fsdp import read_dcp_metadata
-from orchestrator.train import manifest
 from orchestrator.train.checkpoint import HOLD_ENV, Checkpointer
 from orchestrator.train.optim import build_optimizer
 from tests.distributed.ranks import run_ranks

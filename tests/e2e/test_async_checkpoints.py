@@ -20,7 +20,7 @@ from typing import Callable
 
 import pytest
 
-from orchestrator.train import manifest
+from orchestrator.checkpoints import manifest
 from orchestrator.train.checkpoint import HOLD_ENV
 from tests.helpers import CLI, MAX_STEPS, run_cli, train_losses
 from tests.helpers import resume_job as job

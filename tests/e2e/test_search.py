@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from orchestrator.checkpoints import manifest
 from orchestrator.rundir import STOPPED_BY_SEARCH
-from orchestrator.train import manifest
 from tests.helpers import CLI, read_jsonl, run_cli
 
 pytestmark = pytest.mark.serial

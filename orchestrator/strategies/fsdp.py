@@ -214,12 +214,6 @@ class _Stager(AsyncStager):
     def stage(self, state_dict: dict[str, Any]) -> dict[str, Any]:
         return self.staging.stage(state_dict)
 
-    def synchronize_staging(self) -> None:
-        pass
-
-    def close(self) -> None:
-        pass
-
 
 class _HashingWriter(FileSystemWriter):
     """DCP's file system writer, hashing what it writes. It leaves fsync to the checkpoint protocol, which

@@ -32,6 +32,7 @@ run: setup
 # Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
 test: setup
 	$(BIN)/ruff check orchestrator tests bench
+	$(BIN)/ruff format --check orchestrator tests bench
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); \
 		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS); \

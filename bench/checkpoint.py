@@ -62,13 +62,28 @@ def _measure(dist, strategy_name: str, layers: int, width: int, root: str) -> di
     from orchestrator.train.optim import build_optimizer
 
     os.environ["DS_ACCELERATOR"] = "cpu"
-    config = to_config(compose([
-        "model=gpt_tiny", f"model.n_layer={layers}", f"model.n_embd={width}", f"model.n_head={width // 128}",
-        "data=synthetic_tokens", "data.vocab_size=4096", "data.seq_len=64", "optim=adamw",
-        f"strategy={strategy_name}", "scheduler.warmup_steps=0", "trainer.global_batch_size=2",
-        "trainer.micro_batch_size=1"]))
+    config = to_config(
+        compose(
+            [
+                "model=gpt_tiny",
+                f"model.n_layer={layers}",
+                f"model.n_embd={width}",
+                f"model.n_head={width // 128}",
+                "data=synthetic_tokens",
+                "data.vocab_size=4096",
+                "data.seq_len=64",
+                "optim=adamw",
+                f"strategy={strategy_name}",
+                "scheduler.warmup_steps=0",
+                "trainer.global_batch_size=2",
+                "trainer.micro_batch_size=1",
+            ]
+        )
+    )
     data = load_data(config.data)
-    recipe = ModelRecipe(build=partial(build_model, config.model, data.spec), blocks=partial(model_blocks, config.model))
+    recipe = ModelRecipe(
+        build=partial(build_model, config.model, data.spec), blocks=partial(model_blocks, config.model)
+    )
     torch.manual_seed(0)
     strategy = build_strategy(config, dist=dist)
     strategy.setup(recipe, build_optimizer=partial(build_optimizer, config.optim))
@@ -78,8 +93,9 @@ def _measure(dist, strategy_name: str, layers: int, width: int, root: str) -> di
     strategy.backward(loss)
     strategy.step(lr=1e-4, max_norm=1.0, guard=math.isfinite)
 
-    checkpointer = Checkpointer(Path(root) / strategy_name, dist=dist, strategy=strategy,
-                                strategy_name=strategy_name, keep=2, model_shapes={})
+    checkpointer = Checkpointer(
+        Path(root) / strategy_name, dist=dist, strategy=strategy, strategy_name=strategy_name, keep=2, model_shapes={}
+    )
     dist.barrier()
     start = time.perf_counter()
     directory = checkpointer.save(1, {"step": 1})
@@ -95,8 +111,15 @@ def _measure(dist, strategy_name: str, layers: int, width: int, root: str) -> di
     checkpointer.restore(found)
     dist.barrier()
     load_s = time.perf_counter() - start
-    background = Checkpointer(Path(root) / f"{strategy_name}-async", dist=dist, strategy=strategy,
-                              strategy_name=strategy_name, keep=2, model_shapes={}, background=True)
+    background = Checkpointer(
+        Path(root) / f"{strategy_name}-async",
+        dist=dist,
+        strategy=strategy,
+        strategy_name=strategy_name,
+        keep=2,
+        model_shapes={},
+        background=True,
+    )
     blocked_s, write_s, polls = [], [], []
     for step in (2, 3):
         dist.barrier()
@@ -112,9 +135,15 @@ def _measure(dist, strategy_name: str, layers: int, width: int, root: str) -> di
                 break
         write_s.append(poll_start - start)
         blocked_s.append(saved_s + polls.pop())
-    return {"save_s": save_s, "load_s": load_s, "bytes": manifest.read_manifest(directory).total_bytes,
-            "files": len(manifest.read_manifest(directory).files), "blocked_s": blocked_s, "write_s": write_s,
-            "poll_s": sum(polls) / max(len(polls), 1)}
+    return {
+        "save_s": save_s,
+        "load_s": load_s,
+        "bytes": manifest.read_manifest(directory).total_bytes,
+        "files": len(manifest.read_manifest(directory).files),
+        "blocked_s": blocked_s,
+        "write_s": write_s,
+        "poll_s": sum(polls) / max(len(polls), 1),
+    }
 
 
 def disk_bandwidth(directory: Path, size_bytes: int) -> tuple[float, float, float]:
@@ -125,7 +154,7 @@ def disk_bandwidth(directory: Path, size_bytes: int) -> tuple[float, float, floa
     with open(path, "wb") as f:
         left = size_bytes
         while left > 0:
-            left -= f.write(block[:min(left, CHUNK_BYTES)])
+            left -= f.write(block[: min(left, CHUNK_BYTES)])
         f.flush()
         os.fsync(f.fileno())
     write_s = time.perf_counter() - start
@@ -150,16 +179,23 @@ def main() -> None:
     parser.add_argument("--strategies", default="ddp,fsdp2,zero3")
     parser.add_argument("--layers", type=int, default=12)
     parser.add_argument("--width", type=int, default=1280, help="n_embd (a multiple of 128)")
-    parser.add_argument("--dir", default=None, help="where checkpoints are written (default: a new directory "
-                                                    "in the system's temporary directory)")
+    parser.add_argument(
+        "--dir",
+        default=None,
+        help="where checkpoints are written (default: a new directory in the system's temporary directory)",
+    )
     args = parser.parse_args()
     params = args.layers * 12 * args.width**2 + args.layers * 13 * args.width + 4096 * args.width + 64 * args.width
     root = Path(tempfile.mkdtemp(prefix="bench-checkpoint-", dir=args.dir))
-    print(f"model: GPT {args.layers} x {args.width}, {params / 1e9:.2f}B parameters, AdamW; 2 ranks; "
-          f"checkpoints under {root}\n")
-    print("| strategy | checkpoint GiB | files | save s | load s | save GB/s | disk write GB/s | save / disk write "
-          "| load GB/s | disk read GB/s (cold / cached) | async: blocked s (1st / 2nd save) | blocked / save "
-          "(2nd) | background write s (1st / 2nd) | poll ms |")
+    print(
+        f"model: GPT {args.layers} x {args.width}, {params / 1e9:.2f}B parameters, AdamW; 2 ranks; "
+        f"checkpoints under {root}\n"
+    )
+    print(
+        "| strategy | checkpoint GiB | files | save s | load s | save GB/s | disk write GB/s | save / disk write "
+        "| load GB/s | disk read GB/s (cold / cached) | async: blocked s (1st / 2nd save) | blocked / save "
+        "(2nd) | background write s (1st / 2nd) | poll ms |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     try:
         for name in args.strategies.split(","):
@@ -168,11 +204,14 @@ def main() -> None:
             shutil.rmtree(root / f"{name}-async")
             write_bps, cold_bps, cached_bps = disk_bandwidth(root, m["bytes"])
             save_bps, load_bps = m["bytes"] / m["save_s"], m["bytes"] / m["load_s"]
-            print(f"| {name} | {m['bytes'] / GIB:.2f} | {m['files']} | {m['save_s']:.2f} | {m['load_s']:.2f} "
-                  f"| {save_bps / 1e9:.2f} | {write_bps / 1e9:.2f} | {save_bps / write_bps:.0%} | {load_bps / 1e9:.2f} "
-                  f"| {cold_bps / 1e9:.2f} / {cached_bps / 1e9:.2f} "
-                  f"| {m['blocked_s'][0]:.2f} / {m['blocked_s'][1]:.2f} | {m['blocked_s'][1] / m['save_s']:.1%} "
-                  f"| {m['write_s'][0]:.1f} / {m['write_s'][1]:.1f} | {m['poll_s'] * 1e3:.1f} |", flush=True)
+            print(
+                f"| {name} | {m['bytes'] / GIB:.2f} | {m['files']} | {m['save_s']:.2f} | {m['load_s']:.2f} "
+                f"| {save_bps / 1e9:.2f} | {write_bps / 1e9:.2f} | {save_bps / write_bps:.0%} | {load_bps / 1e9:.2f} "
+                f"| {cold_bps / 1e9:.2f} / {cached_bps / 1e9:.2f} "
+                f"| {m['blocked_s'][0]:.2f} / {m['blocked_s'][1]:.2f} | {m['blocked_s'][1] / m['save_s']:.1%} "
+                f"| {m['write_s'][0]:.1f} / {m['write_s'][1]:.1f} | {m['poll_s'] * 1e3:.1f} |",
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

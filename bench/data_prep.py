@@ -57,8 +57,9 @@ def child(cache_dir: str, *, num_cores: int, max_bytes: int, one_file: bool) -> 
 
     stdlib = OmegaConf.load(REPO / "conf/data/stdlib.yaml")
     stdlib.pop("defaults")
-    cfg = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(TextDataConfig), stdlib,
-                                              {"cache_dir": cache_dir, "max_bytes": max_bytes}))
+    cfg = OmegaConf.to_object(
+        OmegaConf.merge(OmegaConf.structured(TextDataConfig), stdlib, {"cache_dir": cache_dir, "max_bytes": max_bytes})
+    )
     if one_file:
         corpus = Path(cache_dir) / "corpus.txt"
         corpus.write_bytes(b"".join(path.read_bytes() for path in orchestrator.data.text.find_corpus_files(cfg)))
@@ -86,9 +87,18 @@ def child(cache_dir: str, *, num_cores: int, max_bytes: int, one_file: bool) -> 
     cpu_s = after.ru_utime - usage.ru_utime + after.ru_stime - usage.ru_stime
     (meta_path,) = Path(cache_dir).glob("text/*/meta.json")
     num_bytes = json.loads(meta_path.read_text())["corpus"]["num_bytes"]
-    print(json.dumps({"num_bytes": num_bytes, "prepare_s": prepare_s, "cpu_s": cpu_s,
-                      "encode_s": sum(encode_s) if encode_s else None,
-                      "cores": len(os.sched_getaffinity(0)), "code": str(Path(orchestrator.__file__).parents[1])}))
+    print(
+        json.dumps(
+            {
+                "num_bytes": num_bytes,
+                "prepare_s": prepare_s,
+                "cpu_s": cpu_s,
+                "encode_s": sum(encode_s) if encode_s else None,
+                "cores": len(os.sched_getaffinity(0)),
+                "code": str(Path(orchestrator.__file__).parents[1]),
+            }
+        )
+    )
 
 
 def run(variant: str, *, tmp: Path, max_bytes: int, one_file: bool, baseline: Path | None) -> dict:
@@ -97,9 +107,20 @@ def run(variant: str, *, tmp: Path, max_bytes: int, one_file: bool, baseline: Pa
     source = baseline if variant.endswith("baseline") else REPO
     with tempfile.TemporaryDirectory(dir=tmp) as cache_dir:
         result = subprocess.run(
-            [sys.executable, str(Path(__file__).resolve()), "--child", cache_dir, "--cores", str(num_cores),
-             "--max-bytes", str(max_bytes), *(["--one-file"] if one_file else [])],
-            env={**os.environ, "PYTHONPATH": str(source)}, capture_output=True, text=True,
+            [
+                sys.executable,
+                str(Path(__file__).resolve()),
+                "--child",
+                cache_dir,
+                "--cores",
+                str(num_cores),
+                "--max-bytes",
+                str(max_bytes),
+                *(["--one-file"] if one_file else []),
+            ],
+            env={**os.environ, "PYTHONPATH": str(source)},
+            capture_output=True,
+            text=True,
         )
     if result.returncode:
         raise RuntimeError(f"{variant} exited {result.returncode}:\n{result.stderr}")
@@ -128,12 +149,16 @@ def main() -> int:
     load_average = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as name:
         for round_ in range(args.rounds):
-            for variant in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
-                result = run(variant, tmp=Path(name), max_bytes=args.max_bytes, one_file=args.one_file,
-                             baseline=args.baseline)
+            for variant in variants[round_ % len(variants) :] + variants[: round_ % len(variants)]:
+                result = run(
+                    variant, tmp=Path(name), max_bytes=args.max_bytes, one_file=args.one_file, baseline=args.baseline
+                )
                 results[variant].append(result)
-                print(f"round {round_ + 1}/{args.rounds} {variant}: {result['prepare_s']:.2f} s", file=sys.stderr,
-                      flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {variant}: {result['prepare_s']:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
 
     num_bytes = results[variants[0]][0]["num_bytes"]
 
@@ -144,8 +169,9 @@ def main() -> int:
     def cores_busy(variant: str) -> str:
         return f"{statistics.median(r['cpu_s'] / r['prepare_s'] for r in results[variant]):.2f}"
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     corpus = "the default corpus as one file" if args.one_file else "the default corpus"
     lines = [
         f"### Data preparation: {corpus}, cold cache ({date.today()}, {platform.node() or 'host'}, "
@@ -155,8 +181,11 @@ def main() -> int:
         "| variant | CPUs | prepare MB/s (median) | encode MB/s (median) | cores busy (median) "
         "| prepare s, all rounds |",
         "|---|---:|---:|---:|---:|---|",
-        *(f"| {v} | {results[v][0]['cores']} | {rate(v, 'prepare_s')} | {rate(v, 'encode_s')} | {cores_busy(v)} | "
-          f"{', '.join(format(r['prepare_s'], '.1f') for r in results[v])} |" for v in variants),
+        *(
+            f"| {v} | {results[v][0]['cores']} | {rate(v, 'prepare_s')} | {rate(v, 'encode_s')} | {cores_busy(v)} | "
+            f"{', '.join(format(r['prepare_s'], '.1f') for r in results[v])} |"
+            for v in variants
+        ),
         "",
     ]
     print("\n".join(lines))

@@ -35,8 +35,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("orchestrator")
-OVERRIDES = ["model=gpt_1p3b", "model.n_layer=18", "data=synthetic_tokens", "data.vocab_size=50304",
-             "data.seq_len=1024", "strategy=ddp", "launcher=local", "launcher.num_workers=1", "trainer.device=cpu"]
+OVERRIDES = [
+    "model=gpt_1p3b",
+    "model.n_layer=18",
+    "data=synthetic_tokens",
+    "data.vocab_size=50304",
+    "data.seq_len=1024",
+    "strategy=ddp",
+    "launcher=local",
+    "launcher.num_workers=1",
+    "trainer.device=cpu",
+]
 GB = 10**9
 
 
@@ -63,8 +72,9 @@ def build_checkpoint(run_dir: Path) -> Path:
     model = build_model(config.model, DataSpec(kind=config.model.input_kind, vocab_size=50304, seq_len=1024))
     torch.save(model.state_dict(), checkpoint / "model.pt")
     files = {"model.pt": manifest.file_entry(checkpoint / "model.pt")}
-    manifest.write_manifest(checkpoint, files=files, step=1, world_size=1, strategy="ddp",
-                            model_shapes=state_shapes(model))
+    manifest.write_manifest(
+        checkpoint, files=files, step=1, world_size=1, strategy="ddp", model_shapes=state_shapes(model)
+    )
     return checkpoint
 
 
@@ -115,8 +125,12 @@ def measure(command: list[str]) -> dict[str, float]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--work", type=Path, default=Path("/tmp/orchestrator-bench-export"),
-                        help="where the checkpoint (kept between invocations) and the exports go")
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=Path("/tmp/orchestrator-bench-export"),
+        help="where the checkpoint (kept between invocations) and the exports go",
+    )
     parser.add_argument("--append", type=Path, default=None, help="append the table to this markdown file")
     parser.add_argument("--whole-dict", nargs=2, metavar=("RUN_DIR", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--build", type=Path, metavar="RUN_DIR", help=argparse.SUPPRESS)
@@ -134,8 +148,10 @@ def main() -> None:
     subprocess.run([sys.executable, __file__, "--build", str(run_dir)], check=True)
     checkpoint = run_dir / "checkpoints" / "step-00000001"
     size = (checkpoint / "model.pt").stat().st_size
-    print(f"checkpoint {checkpoint}: {size / GB:.2f} GB ({time.perf_counter() - start:.0f} s to build or find)",
-          flush=True)
+    print(
+        f"checkpoint {checkpoint}: {size / GB:.2f} GB ({time.perf_counter() - start:.0f} s to build or find)",
+        flush=True,
+    )
     out = args.work / "out"
     variants = {
         "export fp32": [str(CLI), "export", str(run_dir), "-o", str(out)],
@@ -149,16 +165,22 @@ def main() -> None:
             results[name].append(measure(variants[name]))
             print(f"  {name}: {results[name][-1]}", flush=True)
     shutil.rmtree(out, ignore_errors=True)
-    lines = [f"### export of a 1.01B GPT (ddp checkpoint, {size / GB:.2f} GB) - {date.today()}, "
-             f"{platform.node()}, {os.cpu_count()} CPUs, {args.rounds} round(s)", "",
-             "| variant | wall s (median) | peak anonymous GB | peak RSS GB (incl. mmap'd page cache) |",
-             "|---|---|---|---|"]
+    lines = [
+        f"### export of a 1.01B GPT (ddp checkpoint, {size / GB:.2f} GB) - {date.today()}, "
+        f"{platform.node()}, {os.cpu_count()} CPUs, {args.rounds} round(s)",
+        "",
+        "| variant | wall s (median) | peak anonymous GB | peak RSS GB (incl. mmap'd page cache) |",
+        "|---|---|---|---|",
+    ]
     for name, rows in results.items():
+
         def median(key: str, rows: list[dict[str, float]] = rows) -> float:
             return statistics.median(row[key] for row in rows)
 
-        lines.append(f"| {name} | {median('wall_s'):.1f} | {median('peak_anon_bytes') / GB:.2f} | "
-                     f"{median('peak_rss_bytes') / GB:.2f} |")
+        lines.append(
+            f"| {name} | {median('wall_s'):.1f} | {median('peak_anon_bytes') / GB:.2f} | "
+            f"{median('peak_rss_bytes') / GB:.2f} |"
+        )
     table = "\n".join(lines) + "\n"
     print(table)
     if args.append:

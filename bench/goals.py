@@ -51,13 +51,18 @@ def main() -> None:
             wall_s, code = timed(["train", *overrides], cwd=work, env={})
             rows.append((f"bad input: {name}", wall_s, BAD_INPUT_GOAL_S, code == 2))
         if not args.skip_default:
-            wall_s, code = timed(["train", f"data.cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'run'}",
-                                  "logger.progress=false"], cwd=work, env={"WANDB_MODE": "offline"})
+            wall_s, code = timed(
+                ["train", f"data.cache_dir={work / 'cache'}", f"hydra.run.dir={work / 'run'}", "logger.progress=false"],
+                cwd=work,
+                env={"WANDB_MODE": "offline"},
+            )
             rows.append(("default job, cold cache", wall_s, DEFAULT_JOB_GOAL_S, code == 0))
     print("| case | wall time | goal | met | exit as expected |\n|---|---:|---:|---|---|")
     for name, wall_s, goal_s, exit_ok in rows:
-        print(f"| {name} | {wall_s:.1f} s | {goal_s:.0f} s | {'yes' if wall_s <= goal_s else 'NO'} | "
-              f"{'yes' if exit_ok else 'NO'} |")
+        print(
+            f"| {name} | {wall_s:.1f} s | {goal_s:.0f} s | {'yes' if wall_s <= goal_s else 'NO'} | "
+            f"{'yes' if exit_ok else 'NO'} |"
+        )
 
 
 if __name__ == "__main__":

@@ -60,8 +60,7 @@ STRATEGIES = ("ddp", "fsdp2", "zero1", "zero3")
 COMPILE_SUFFIX = "+compile"
 ALL_MODES = (*STRATEGIES, *(s + COMPILE_SUFFIX for s in STRATEGIES))
 
-HEADER = ["model", "mode", "step time (ms)", "tokens/s", "MFU", "peak allocated (GiB)", "peak reserved (GiB)",
-          "status"]
+HEADER = ["model", "mode", "step time (ms)", "tokens/s", "MFU", "peak allocated (GiB)", "peak reserved (GiB)", "status"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -81,10 +80,14 @@ class Variant:
 
 def variants(models: list[str], modes: list[str]) -> list[Variant]:
     """The matrix, cheapest first: eager before compiled, ZeRO-3 (slowest to build) last of each, small models first."""
-    chosen = [Variant(model=model, strategy=mode.removesuffix(COMPILE_SUFFIX), compiled=mode.endswith(COMPILE_SUFFIX))
-              for model in models for mode in modes]
-    return sorted(chosen, key=lambda v: (v.compiled, v.strategy == "zero3", models.index(v.model),
-                                         STRATEGIES.index(v.strategy)))
+    chosen = [
+        Variant(model=model, strategy=mode.removesuffix(COMPILE_SUFFIX), compiled=mode.endswith(COMPILE_SUFFIX))
+        for model in models
+        for mode in modes
+    ]
+    return sorted(
+        chosen, key=lambda v: (v.compiled, v.strategy == "zero3", models.index(v.model), STRATEGIES.index(v.strategy))
+    )
 
 
 def extras_for(variant: Variant, extras: list[str]) -> list[str]:
@@ -108,14 +111,31 @@ def command(variant: Variant, *, args: argparse.Namespace, num_workers: int, run
     else:
         device = ["trainer.device=cuda", "trainer.precision=bf16", "data.seq_len=1024", "data.vocab_size=50304"]
     return [
-        sys.executable, "-m", "orchestrator", "train", "launcher=local", "logger=jsonl", "data=synthetic_tokens",
-        f"model={spec.config}", *device, f"strategy={variant.strategy}", *spec.overrides,
-        f"strategy.compile={str(variant.compiled).lower()}", f"optim.lr={spec.lr}",
-        f"launcher.num_workers={num_workers}", f"trainer.micro_batch_size={spec.micro_batch_size}",
-        f"trainer.global_batch_size={spec.micro_batch_size * num_workers}", f"trainer.max_steps={args.steps}",
-        f"scheduler.warmup_steps={min(10, args.steps)}", "trainer.eval_every=0", "trainer.checkpoint.every=0",
-        "trainer.checkpoint.at_end=false", "trainer.resume=never", "logger.progress=false",
-        f"hydra.run.dir={run_dir}", *extras_for(variant, args.extra),
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "train",
+        "launcher=local",
+        "logger=jsonl",
+        "data=synthetic_tokens",
+        f"model={spec.config}",
+        *device,
+        f"strategy={variant.strategy}",
+        *spec.overrides,
+        f"strategy.compile={str(variant.compiled).lower()}",
+        f"optim.lr={spec.lr}",
+        f"launcher.num_workers={num_workers}",
+        f"trainer.micro_batch_size={spec.micro_batch_size}",
+        f"trainer.global_batch_size={spec.micro_batch_size * num_workers}",
+        f"trainer.max_steps={args.steps}",
+        f"scheduler.warmup_steps={min(10, args.steps)}",
+        "trainer.eval_every=0",
+        "trainer.checkpoint.every=0",
+        "trainer.checkpoint.at_end=false",
+        "trainer.resume=never",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extras_for(variant, args.extra),
     ]
 
 
@@ -132,9 +152,14 @@ def run(variant: Variant, *, args: argparse.Namespace, num_workers: int, out: Pa
     run_dir, log = out / variant.name, out / f"{variant.name}.log"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     with open(log, "w") as log_file:
-        process = subprocess.Popen(command(variant, args=args, num_workers=num_workers, run_dir=run_dir),
-                                   stdout=log_file, stderr=subprocess.STDOUT, cwd=out, env=env,
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command(variant, args=args, num_workers=num_workers, run_dir=run_dir),
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            cwd=out,
+            env=env,
+            start_new_session=True,
+        )
         try:
             process.wait(timeout=timeout_s)
             timed_out = False
@@ -144,12 +169,20 @@ def run(variant: Variant, *, args: argparse.Namespace, num_workers: int, out: Pa
     summary = _read_json(run_dir / "summary.json")
     resources = _read_jsonl(run_dir / "resources.jsonl")
     if timed_out:
-        return Outcome(status="timed out", summary=summary, resources=resources,
-                       error=f"killed after {timeout_s:.0f} s; {failure_reason(summary, log) or 'no error logged'}")
+        return Outcome(
+            status="timed out",
+            summary=summary,
+            resources=resources,
+            error=f"killed after {timeout_s:.0f} s; {failure_reason(summary, log) or 'no error logged'}",
+        )
     if process.returncode == 0 and summary.get("status") == "completed":
         return Outcome(status="completed", summary=summary, resources=resources)
-    return Outcome(status="failed", summary=summary, resources=resources,
-                   error=f"exit {process.returncode}: {failure_reason(summary, log) or 'no error logged'}")
+    return Outcome(
+        status="failed",
+        summary=summary,
+        resources=resources,
+        error=f"exit {process.returncode}: {failure_reason(summary, log) or 'no error logged'}",
+    )
 
 
 def _kill_group(process: subprocess.Popen) -> None:
@@ -186,7 +219,7 @@ def failure_reason(summary: dict, log: Path, *, max_chars: int = 300) -> str:
 
 def _one_line(text: str, max_chars: int) -> str:
     text = " ".join(str(text).split()).replace("|", "/")  # a table cell
-    return text if len(text) <= max_chars else text[:max_chars - 3] + "..."
+    return text if len(text) <= max_chars else text[: max_chars - 3] + "..."
 
 
 def _read_json(path: Path) -> dict:
@@ -211,19 +244,30 @@ def row(variant: Variant, outcome: Outcome) -> str:
         allocated = max((r.get("gpu_mem_peak_bytes", 0) for r in outcome.resources), default=0)
         allocated = allocated or s.get("peak_mem_bytes") or 0  # on the CPU: peak RSS
         reserved = max((r.get("gpu_mem_reserved_bytes", 0) for r in outcome.resources), default=0)
-        cells = [f"{s['step_time_s_median'] * 1e3:.1f}", f"{s['tokens_per_s']:,.0f}",
-                 f"{s['mfu']:.1%}" if s.get("mfu") is not None else "-", f"{allocated / 2**30:.2f}",
-                 f"{reserved / 2**30:.2f}" if reserved else "-", "completed"]
+        cells = [
+            f"{s['step_time_s_median'] * 1e3:.1f}",
+            f"{s['tokens_per_s']:,.0f}",
+            f"{s['mfu']:.1%}" if s.get("mfu") is not None else "-",
+            f"{allocated / 2**30:.2f}",
+            f"{reserved / 2**30:.2f}" if reserved else "-",
+            "completed",
+        ]
     return "| " + " | ".join([variant.model, variant.mode, *cells]) + " |"
 
 
 def commit_of_checkout() -> str:
     """This checkout's short commit (``+`` when files differ from it); ``unknown`` without git or a repository."""
     try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              timeout=30)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO,
-                               capture_output=True, text=True, timeout=30)
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True, timeout=30
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     if head.returncode != 0 or not head.stdout.strip():
@@ -233,8 +277,10 @@ def commit_of_checkout() -> str:
 
 def gpus() -> tuple[int, str, str]:
     """(visible GPUs, the first one's name, torch version), asked in a child process: this one holds no CUDA context."""
-    probe = ("import torch; n = torch.cuda.device_count(); "
-             "print(n); print(torch.cuda.get_device_name(0) if n else '-'); print(torch.__version__)")
+    probe = (
+        "import torch; n = torch.cuda.device_count(); "
+        "print(n); print(torch.cuda.get_device_name(0) if n else '-'); print(torch.__version__)"
+    )
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     count, name, version = result.stdout.strip().splitlines()[-3:]
     return int(count), name, version
@@ -249,23 +295,42 @@ def parse_list(text: str, known: tuple[str, ...] | dict, what: str) -> list[str]
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default=None, help=f"comma-separated, of {','.join(MODELS)} "
-                                                       "(default: gpt2_124m,gpt_1p3b; tiny with --smoke)")
-    parser.add_argument("--modes", default=",".join(ALL_MODES), help="comma-separated strategies, each eager or "
-                                                                      f"with {COMPILE_SUFFIX} (default: all 8)")
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--models",
+        default=None,
+        help=f"comma-separated, of {','.join(MODELS)} (default: gpt2_124m,gpt_1p3b; tiny with --smoke)",
+    )
+    parser.add_argument(
+        "--modes",
+        default=",".join(ALL_MODES),
+        help=f"comma-separated strategies, each eager or with {COMPILE_SUFFIX} (default: all 8)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="training steps per run (default 30; 2 with --smoke)")
     parser.add_argument("--run-timeout", type=float, default=150.0, help="seconds before a run is killed")
-    parser.add_argument("--budget", type=float, default=460.0,
-                        help="seconds for the whole matrix: no run starts after, and none runs past it "
-                             "(the default fits the 16 default runs, start-up and install into 10 minutes)")
-    parser.add_argument("--extra", action="append", default=[], metavar="[MODEL|MODE:]OVERRIDE",
-                        help="a config override for every run, or for one model's or mode's runs; repeatable")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=460.0,
+        help="seconds for the whole matrix: no run starts after, and none runs past it "
+        "(the default fits the 16 default runs, start-up and install into 10 minutes)",
+    )
+    parser.add_argument(
+        "--extra",
+        action="append",
+        default=[],
+        metavar="[MODEL|MODE:]OVERRIDE",
+        help="a config override for every run, or for one model's or mode's runs; repeatable",
+    )
     parser.add_argument("--out", type=Path, default=None, help="where run dirs and logs go (default: a new temp dir)")
     parser.add_argument("--commit", default=None, help="the commit for the title (default: git's, else unknown)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="tiny sizes on the CPU, 1 worker, fp32: checks this script, measures nothing")
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="tiny sizes on the CPU, 1 worker, fp32: checks this script, measures nothing",
+    )
     parser.add_argument("--append", type=Path, default=None, help="append the finished table to this markdown file")
     args = parser.parse_args()
     args.steps = args.steps or (2 if args.smoke else 30)
@@ -282,8 +347,10 @@ def main() -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(f"run dirs and logs under {out}", file=sys.stderr, flush=True)
 
-    title = (f"### GPU: tokens/s and MFU (`bench/gpu.py`, {date.today()}, {platform.node()}, {num_workers} x {device}, "
-             f"torch {torch_version}, commit {args.commit or commit_of_checkout()}, {args.steps} steps per run)")
+    title = (
+        f"### GPU: tokens/s and MFU (`bench/gpu.py`, {date.today()}, {platform.node()}, {num_workers} x {device}, "
+        f"torch {torch_version}, commit {args.commit or commit_of_checkout()}, {args.steps} steps per run)"
+    )
     lines = [title, "", "| " + " | ".join(HEADER) + " |", "|---|---|" + "---:|" * 5 + "---|"]
     print("\n".join(lines), flush=True)
     deadline = time.monotonic() + args.budget
@@ -298,8 +365,11 @@ def main() -> int:
         print(lines[-1], flush=True)
         statuses.append(outcome.status)
         if outcome.status in ("failed", "timed out"):
-            print(f"{variant.name}: {outcome.status}; run dir {out / variant.name}, log {out / variant.name}.log",
-                  file=sys.stderr, flush=True)
+            print(
+                f"{variant.name}: {outcome.status}; run dir {out / variant.name}, log {out / variant.name}.log",
+                file=sys.stderr,
+                flush=True,
+            )
     if args.append:
         with open(args.append, "a") as f:
             f.write("\n" + "\n".join(lines) + "\n")

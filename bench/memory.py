@@ -39,47 +39,77 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "memory"
-        command = [sys.executable, "-m", "orchestrator", "scale", "launcher=local", "logger=jsonl", *overrides,
-                   f"scale.strategies=[{args.strategies}]", f"scale.workers=[{args.workers}]",
-                   f"scale.steps={args.steps}", "scale.warmup_steps=1", f"scale.output_dir={out}"]
+        command = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "scale",
+            "launcher=local",
+            "logger=jsonl",
+            *overrides,
+            f"scale.strategies=[{args.strategies}]",
+            f"scale.workers=[{args.workers}]",
+            f"scale.steps={args.steps}",
+            "scale.warmup_steps=1",
+            f"scale.output_dir={out}",
+        ]
         result = subprocess.run(command, capture_output=True, text=True)
         if not (out / "scale.json").exists():
             raise SystemExit(f"orchestrator scale failed ({result.returncode}):\n{result.stderr[-2000:]}")
         points = json.loads((out / "scale.json").read_text())["points"]
-        summaries = {(p["strategy"], p["workers"]): json.loads((out / p["run_dir"] / "summary.json").read_text())
-                     for p in points if p["status"] == "completed"}
+        summaries = {
+            (p["strategy"], p["workers"]): json.loads((out / p["run_dir"] / "summary.json").read_text())
+            for p in points
+            if p["status"] == "completed"
+        }
 
     shape = describe(to_config(compose(overrides)))
     rows = []
     for point in points:
         summary = summaries.get((point["strategy"], point["workers"]))
         if summary is None:
-            rows.append(f"| {point['strategy']} | {point['workers']} | {point['status']}: {point.get('error')} |"
-                        + " |" * 6)
+            rows.append(
+                f"| {point['strategy']} | {point['workers']} | {point['status']}: {point.get('error')} |" + " |" * 6
+            )
             continue
-        config = to_config(compose([*overrides, f"strategy={point['strategy']}",
-                                    f"launcher.num_workers={point['workers']}",
-                                    f"trainer.global_batch_size={point['global_batch_size']}"]))
+        config = to_config(
+            compose(
+                [
+                    *overrides,
+                    f"strategy={point['strategy']}",
+                    f"launcher.num_workers={point['workers']}",
+                    f"trainer.global_batch_size={point['global_batch_size']}",
+                ]
+            )
+        )
         offload = getattr(config.strategy, "offload_optimizer", "none")
-        predicted = model_states(point["strategy"], getattr(offload, "value", offload), config.trainer.precision,
-                                 shape, point["workers"]).sharded
+        predicted = model_states(
+            point["strategy"], getattr(offload, "value", offload), config.trainer.precision, shape, point["workers"]
+        ).sharded
         parts = [summary[key] for key in ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes")]
         measured = sum(parts)
-        rows.append(f"| {point['strategy']} | {point['workers']} | "
-                    + " | ".join(f"{part / 2**20:.2f}" for part in parts)
-                    + f" | {measured / 2**20:.2f} | {predicted / 2**20:.2f} | {measured / predicted:.3f} | "
-                    f"{point['peak_mem_bytes'] / 2**20:.0f} |")
+        rows.append(
+            f"| {point['strategy']} | {point['workers']} | "
+            + " | ".join(f"{part / 2**20:.2f}" for part in parts)
+            + f" | {measured / 2**20:.2f} | {predicted / 2**20:.2f} | {measured / predicted:.3f} | "
+            f"{point['peak_mem_bytes'] / 2**20:.0f} |"
+        )
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
-    title = (f"### Memory: model states per rank, measured against the estimate ({date.today()}, {platform.node()}, "
-             f"{shape.num_params:,} parameters, {config.trainer.precision.value}, commit {commit})")
-    table = "\n".join([
-        title, "",
-        "| strategy | workers | params MiB | grads MiB | optimizer MiB | master MiB | measured MiB | estimate MiB "
-        "| measured / estimate | peak memory / rank MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        *rows,
-    ])
+    title = (
+        f"### Memory: model states per rank, measured against the estimate ({date.today()}, {platform.node()}, "
+        f"{shape.num_params:,} parameters, {config.trainer.precision.value}, commit {commit})"
+    )
+    table = "\n".join(
+        [
+            title,
+            "",
+            "| strategy | workers | params MiB | grads MiB | optimizer MiB | master MiB | measured MiB | estimate MiB "
+            "| measured / estimate | peak memory / rank MiB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            *rows,
+        ]
+    )
     print(table)
     if args.append:
         with open(args.append, "a") as f:

@@ -62,8 +62,9 @@ def hand_written(out: str, steps: int, *, accelerate: bool) -> None:
     config = default_job()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(os.environ["LOCAL_WORLD_SIZE"])))
     spec = prepare_data(config.data)
-    tokens = np.memmap(cache_dir_for(config.data, find_corpus_files(config.data)) / "train.bin", dtype=np.uint16,
-                       mode="r")
+    tokens = np.memmap(
+        cache_dir_for(config.data, find_corpus_files(config.data)) / "train.bin", dtype=np.uint16, mode="r"
+    )
     seq = config.data.seq_len
     torch.manual_seed(config.seed)
     model = build_model(config.model, spec)
@@ -83,7 +84,7 @@ def hand_written(out: str, steps: int, *, accelerate: bool) -> None:
     for _ in range(steps):
         for micro in range(ACCUM):
             starts = generator.integers(0, len(tokens) - seq - 1, size=MICRO)
-            windows = torch.from_numpy(np.stack([tokens[s:s + seq + 1] for s in starts]).astype(np.int64))
+            windows = torch.from_numpy(np.stack([tokens[s : s + seq + 1] for s in starts]).astype(np.int64))
             inputs, targets = windows[:, :-1], windows[:, 1:]
             if accelerate:
                 with accelerator.accumulate(model):
@@ -123,14 +124,37 @@ def run(variant: str, tmp: Path, steps: int) -> list[float]:
     out = tmp / f"{re.sub(r'[^A-Za-z0-9]+', '-', variant)}-{time.monotonic_ns()}"
     env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": os.environ.get("WANDB_MODE", "offline")}
     if variant.startswith("orchestrator"):
-        command = [sys.executable, "-m", "orchestrator", "train", "strategy=ddp", "launcher=local",
-                   "trainer.device=cpu", f"trainer.max_steps={steps}", "trainer.eval_every=0",
-                   "trainer.checkpoint.every=0", "trainer.checkpoint.at_end=false", "logger.progress=false",
-                   f"hydra.run.dir={out}", *(["logger=jsonl"] if "jsonl" in variant else [])]
+        command = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "train",
+            "strategy=ddp",
+            "launcher=local",
+            "trainer.device=cpu",
+            f"trainer.max_steps={steps}",
+            "trainer.eval_every=0",
+            "trainer.checkpoint.every=0",
+            "trainer.checkpoint.at_end=false",
+            "logger.progress=false",
+            f"hydra.run.dir={out}",
+            *(["logger=jsonl"] if "jsonl" in variant else []),
+        ]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
-                   "--loop", "accelerate" if variant == "Accelerate" else "ddp", "--out", str(out),
-                   "--steps", str(steps)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc-per-node=2",
+            __file__,
+            "--loop",
+            "accelerate" if variant == "Accelerate" else "ddp",
+            "--out",
+            str(out),
+            "--steps",
+            str(steps),
+        ]
     result = subprocess.run(command, cwd=tmp, env=env, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{variant} failed ({result.returncode}):\n{result.stderr[-3000:]}")
@@ -158,15 +182,19 @@ def main() -> int:
 
         prepare_data(default_job().data)  # the token cache, before any timing
         for round_ in range(args.rounds):
-            for variant in VARIANTS[round_ % len(VARIANTS):] + VARIANTS[:round_ % len(VARIANTS)]:
-                times = run(variant, tmp, args.steps)[args.warmup:]
+            for variant in VARIANTS[round_ % len(VARIANTS) :] + VARIANTS[: round_ % len(VARIANTS)]:
+                times = run(variant, tmp, args.steps)[args.warmup :]
                 medians[variant].append(statistics.median(times))
-                print(f"round {round_ + 1}/{args.rounds} {variant}: {medians[variant][-1] * 1000:.1f} ms",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {variant}: {medians[variant][-1] * 1000:.1f} ms",
+                    file=sys.stderr,
+                    flush=True,
+                )
     median = {variant: statistics.median(values) for variant, values in medians.items()}
     raw = median["raw DDP"]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         f"### Overhead: step time against raw DDP and Accelerate ({date.today()}, {platform.node() or 'host'}, "
         f"{os.cpu_count()} CPUs, commit {commit}, 2 workers, {args.steps} steps, {args.warmup} warm-up, "
@@ -174,8 +202,11 @@ def main() -> int:
         "",
         "| variant | step time (ms, median of rounds) | / raw DDP | rounds (ms) |",
         "|---|---:|---:|---|",
-        *(f"| {v} | {median[v] * 1000:.1f} | {median[v] / raw:.3f} | "
-          f"{', '.join(f'{t * 1000:.1f}' for t in medians[v])} |" for v in VARIANTS),
+        *(
+            f"| {v} | {median[v] * 1000:.1f} | {median[v] / raw:.3f} | "
+            f"{', '.join(f'{t * 1000:.1f}' for t in medians[v])} |"
+            for v in VARIANTS
+        ),
         "",
         f"Goal: orchestrator / raw DDP <= 1.02 (measured {median['orchestrator'] / raw:.3f}; "
         f"{median['orchestrator logger=jsonl'] / raw:.3f} without W&B), and no slower than Accelerate "

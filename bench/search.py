@@ -43,11 +43,25 @@ VARIANTS = {
 
 def search_args(cache_dir: str, search_dir: Path) -> list[str]:
     return [
-        "search", "job=gpt_tiny_cpu", f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "data.seq_len=32",
-        f"trainer.max_steps={MAX_STEPS}", "trainer.global_batch_size=8", "trainer.micro_batch_size=8",
-        "trainer.eval_every=10", "trainer.eval_batches=2", "trainer.checkpoint.every=0", "scheduler.warmup_steps=2",
-        "logger=jsonl", "launcher.num_workers=1", "strategy=none", "search.algorithm=random",
-        f"search.num_samples={TRIALS}", "optim.lr=tag(log,interval(1e-5,1e-2))", f"search.output_dir={search_dir}",
+        "search",
+        "job=gpt_tiny_cpu",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=32",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=8",
+        "trainer.eval_every=10",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint.every=0",
+        "scheduler.warmup_steps=2",
+        "logger=jsonl",
+        "launcher.num_workers=1",
+        "strategy=none",
+        "search.algorithm=random",
+        f"search.num_samples={TRIALS}",
+        "optim.lr=tag(log,interval(1e-5,1e-2))",
+        f"search.output_dir={search_dir}",
     ]
 
 
@@ -55,15 +69,19 @@ def run(variant: str, tmp: Path, cache_dir: str, round_: int) -> dict[str, float
     """One search: wall time, steps run over all trials, best eval loss."""
     search_dir = tmp / f"{round_}-{variant.replace(', ', '-').replace('=', '')}"
     started = time.perf_counter()
-    result = subprocess.run([str(CLI), *search_args(cache_dir, search_dir), *VARIANTS[variant]], cwd=tmp,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        [str(CLI), *search_args(cache_dir, search_dir), *VARIANTS[variant]], cwd=tmp, capture_output=True, text=True
+    )
     wall_s = time.perf_counter() - started
     if result.returncode != 0:
         sys.exit(f"{variant}: exit {result.returncode}\n{result.stdout[-2000:]}\n{result.stderr[-2000:]}")
     trials = json.loads((search_dir / "search.json").read_text())["trials"]
-    return {"wall_s": wall_s, "steps": sum(t["steps"] or 0 for t in trials),
-            "stopped": sum(t["status"] == "stopped_early_by_search" for t in trials),
-            "best": min(t["value"] for t in trials if t["value"] is not None)}
+    return {
+        "wall_s": wall_s,
+        "steps": sum(t["steps"] or 0 for t in trials),
+        "stopped": sum(t["status"] == "stopped_early_by_search" for t in trials),
+        "best": min(t["value"] for t in trials if t["value"] is not None),
+    }
 
 
 def main() -> int:
@@ -77,26 +95,42 @@ def main() -> int:
     cache_dir = os.path.expanduser("~/.cache/orchestrator")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
-        subprocess.run([str(CLI), "train", *search_args(cache_dir, tmp / "warm")[1:-2], "trainer.max_steps=2",
-                        "launcher=local", f"hydra.run.dir={tmp / 'warm'}"], cwd=tmp, check=True,
-                       capture_output=True)  # the data cache, built once before any timing
+        subprocess.run(
+            [
+                str(CLI),
+                "train",
+                *search_args(cache_dir, tmp / "warm")[1:-2],
+                "trainer.max_steps=2",
+                "launcher=local",
+                f"hydra.run.dir={tmp / 'warm'}",
+            ],
+            cwd=tmp,
+            check=True,
+            capture_output=True,
+        )  # the data cache, built once before any timing
         for round_ in range(args.rounds):
-            for variant in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
+            for variant in variants[round_ % len(variants) :] + variants[: round_ % len(variants)]:
                 results[variant].append(run(variant, tmp, cache_dir, round_))
-                print(f"round {round_ + 1}/{args.rounds} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {variant}: {results[variant][-1]}", file=sys.stderr, flush=True
+                )
     wall = {variant: statistics.median(r["wall_s"] for r in rows) for variant, rows in results.items()}
     serial = wall[variants[0]]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         f"### Search: {TRIALS} trials of a tiny job ({date.today()}, {platform.node() or 'host'}, {os.cpu_count()} CPUs, "
         f"commit {commit}, {args.rounds} round(s))",
         "",
         "| variant | wall s (median) | vs one at a time | steps run | trials stopped | best eval loss | all rounds (s) |",
         "|---|---:|---:|---:|---:|---:|---|",
-        *(f"| {v} | {wall[v]:.1f} | {serial / wall[v]:.2f}x | {results[v][-1]['steps']:.0f} of {TRIALS * MAX_STEPS} | "
-          f"{results[v][-1]['stopped']:.0f} | {results[v][-1]['best']:.4f} | "
-          f"{', '.join(format(r['wall_s'], '.1f') for r in results[v])} |" for v in variants),
+        *(
+            f"| {v} | {wall[v]:.1f} | {serial / wall[v]:.2f}x | {results[v][-1]['steps']:.0f} of {TRIALS * MAX_STEPS} | "
+            f"{results[v][-1]['stopped']:.0f} | {results[v][-1]['best']:.4f} | "
+            f"{', '.join(format(r['wall_s'], '.1f') for r in results[v])} |"
+            for v in variants
+        ),
         "",
     ]
     print("\n".join(lines))

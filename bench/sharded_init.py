@@ -24,8 +24,15 @@ from pathlib import Path
 
 import psutil
 
-MODEL = ["model=gpt_tiny", "model.n_layer=20", "model.n_embd=2048", "model.n_head=16", "data=synthetic_tokens",
-         "data.vocab_size=4096", "data.seq_len=128"]
+MODEL = [
+    "model=gpt_tiny",
+    "model.n_layer=20",
+    "model.n_embd=2048",
+    "model.n_head=16",
+    "data=synthetic_tokens",
+    "data.vocab_size=4096",
+    "data.seq_len=128",
+]
 GIB = 2**30
 
 
@@ -43,11 +50,24 @@ def _measure(dist, strategy_name: str, steps: int, lora_rank: int) -> dict[str, 
 
     os.environ["DS_ACCELERATOR"] = "cpu"
     optim = [f"model.lora.rank={lora_rank}", "optim=adamw"] if lora_rank else ["optim=sgd"]
-    config = to_config(compose([*MODEL, *optim, f"strategy={strategy_name}", "scheduler.warmup_steps=0",
-                                "trainer.global_batch_size=2", "trainer.micro_batch_size=1"]))
+    config = to_config(
+        compose(
+            [
+                *MODEL,
+                *optim,
+                f"strategy={strategy_name}",
+                "scheduler.warmup_steps=0",
+                "trainer.global_batch_size=2",
+                "trainer.micro_batch_size=1",
+            ]
+        )
+    )
     data = load_data(config.data)
-    recipe = ModelRecipe(build=partial(build_model, config.model, data.spec), blocks=partial(model_blocks, config.model),
-                         adapters=lora_for(config.model))
+    recipe = ModelRecipe(
+        build=partial(build_model, config.model, data.spec),
+        blocks=partial(model_blocks, config.model),
+        adapters=lora_for(config.model),
+    )
     torch.manual_seed(0)
     strategy = build_strategy(config, dist=dist)
     before = psutil.Process().memory_info().rss
@@ -81,8 +101,11 @@ def main() -> None:
         for rank, m in enumerate(run_ranks(_measure, name, args.steps, args.lora)):
             growth = (m["setup_peak"] - m["before"]) / full
             step = "-" if math.isnan(m["step_peak"]) else f"{m['step_peak'] / GIB:.2f} GiB"
-            print(f"| {name} | {rank} | {m['before'] / GIB:.2f} GiB | {m['setup_peak'] / GIB:.2f} GiB | {growth:.2f} "
-                  f"| {step} |", flush=True)
+            print(
+                f"| {name} | {rank} | {m['before'] / GIB:.2f} GiB | {m['setup_peak'] / GIB:.2f} GiB | {growth:.2f} "
+                f"| {step} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -52,8 +52,9 @@ def bare_step(out: str) -> None:
     if not dist.is_initialized():
         dist.init_process_group("gloo")
     torch.manual_seed(0)
-    model = DistributedDataParallel(GPT(GPTConfig(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD),
-                                        vocab_size=VOCAB, block_size=SEQ))
+    model = DistributedDataParallel(
+        GPT(GPTConfig(n_layer=N_LAYER, n_head=N_HEAD, n_embd=N_EMBD), vocab_size=VOCAB, block_size=SEQ)
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
     for micro in range(ACCUM):
         tokens = torch.randint(VOCAB, (MICRO, SEQ + 1))
@@ -76,12 +77,20 @@ def bare_ray(out: str, workers: int) -> None:
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1",
-             logging_level=logging.WARNING)
-    TorchTrainer(lambda config: bare_step(config["out"]), train_loop_config={"out": out},
-                 scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
-                 torch_config=TorchConfig(backend="gloo"),
-                 run_config=RunConfig(storage_path=str(Path(out).parent / "ray"))).fit()
+    ray.init(
+        address="local",
+        num_cpus=os.cpu_count(),
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level=logging.WARNING,
+    )
+    TorchTrainer(
+        lambda config: bare_step(config["out"]),
+        train_loop_config={"out": out},
+        scaling_config=ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1}),
+        torch_config=TorchConfig(backend="gloo"),
+        run_config=RunConfig(storage_path=str(Path(out).parent / "ray")),
+    ).fit()
     ray.shutdown()
 
 
@@ -101,14 +110,35 @@ def run(variant: str, tmp: Path, workers: int, cache_dir: str) -> float:
         launcher = variant.split("launcher=")[1].split(",")[0]
         logger = "wandb" if variant.endswith("W&B offline") else "jsonl"
         env["WANDB_MODE"] = "offline"
-        command = [sys.executable, "-m", "orchestrator", "train", f"launcher={launcher}",
-                   f"launcher.num_workers={workers}", "trainer.device=cpu", "trainer.max_steps=2",
-                   "trainer.eval_every=0", "trainer.checkpoint.every=0", "trainer.checkpoint.at_end=false",
-                   "scheduler.warmup_steps=0", f"logger={logger}", "logger.progress=false",
-                   f"data.cache_dir={cache_dir}", f"hydra.run.dir={out}"]
+        command = [
+            sys.executable,
+            "-m",
+            "orchestrator",
+            "train",
+            f"launcher={launcher}",
+            f"launcher.num_workers={workers}",
+            "trainer.device=cpu",
+            "trainer.max_steps=2",
+            "trainer.eval_every=0",
+            "trainer.checkpoint.every=0",
+            "trainer.checkpoint.at_end=false",
+            "scheduler.warmup_steps=0",
+            f"logger={logger}",
+            "logger.progress=false",
+            f"data.cache_dir={cache_dir}",
+            f"hydra.run.dir={out}",
+        ]
     elif variant == "bare torchrun":
-        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={workers}",
-                   __file__, "--bare-step", str(out)]
+        command = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={workers}",
+            __file__,
+            "--bare-step",
+            str(out),
+        ]
     else:
         command = [sys.executable, __file__, "--bare-ray", str(out), "--workers", str(workers)]
     started = time.time()
@@ -134,23 +164,32 @@ def main() -> int:
         bare_ray(args.bare_ray, args.workers)
         return 0
 
-    variants = ["orchestrator launcher=local", "bare torchrun", "orchestrator launcher=ray", "bare Ray TorchTrainer",
-                "orchestrator launcher=local, W&B offline"]
+    variants = [
+        "orchestrator launcher=local",
+        "bare torchrun",
+        "orchestrator launcher=ray",
+        "bare Ray TorchTrainer",
+        "orchestrator launcher=local, W&B offline",
+    ]
     times: dict[str, list[float]] = {variant: [] for variant in variants}
     cache_dir = os.path.expanduser("~/.cache/orchestrator")
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         run(variants[0], tmp, args.workers, cache_dir)  # warm-up: data cache, page cache
         for round_ in range(args.rounds):
-            for variant in variants[round_ % len(variants):] + variants[:round_ % len(variants)]:
+            for variant in variants[round_ % len(variants) :] + variants[: round_ % len(variants)]:
                 times[variant].append(run(variant, tmp, args.workers, cache_dir))
-                print(f"round {round_ + 1}/{args.rounds} {variant}: {times[variant][-1]:.2f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {variant}: {times[variant][-1]:.2f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
     median = {variant: statistics.median(values) for variant, values in times.items()}
     local_gap = median[variants[0]] - median[variants[1]]
     ray_gap = median[variants[2]] - median[variants[3]]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip()
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+    ).stdout.strip()
     lines = [
         f"### Start-up: time to the first step ({date.today()}, {platform.node() or 'host'}, "
         f"{os.cpu_count()} CPUs, commit {commit}, {args.workers} workers, {args.rounds} rounds interleaved)",

@@ -24,10 +24,22 @@ DEFAULT_STRATEGIES = "ddp,fsdp2,zero1,zero2,zero3"
 
 
 def run_once(strategy: str, overrides: list[str], steps: int, run_dir: Path) -> dict:
-    command = [sys.executable, "-m", "orchestrator", "train", *overrides, f"strategy={strategy}",
-               f"trainer.max_steps={steps}", "trainer.eval_every=0", "trainer.checkpoint.every=0",
-               "trainer.checkpoint.at_end=false", "trainer.resume=never", "logger.progress=false",
-               f"scheduler.warmup_steps={min(10, steps)}", f"hydra.run.dir={run_dir}"]
+    command = [
+        sys.executable,
+        "-m",
+        "orchestrator",
+        "train",
+        *overrides,
+        f"strategy={strategy}",
+        f"trainer.max_steps={steps}",
+        "trainer.eval_every=0",
+        "trainer.checkpoint.every=0",
+        "trainer.checkpoint.at_end=false",
+        "trainer.resume=never",
+        "logger.progress=false",
+        f"scheduler.warmup_steps={min(10, steps)}",
+        f"hydra.run.dir={run_dir}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True)
     if result.returncode != 0:
         raise SystemExit(f"{strategy} failed ({result.returncode}):\n{result.stderr[-2000:]}")
@@ -46,14 +58,17 @@ def main() -> int:
     memory: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for round_ in range(args.rounds):
-            order = strategies[round_ % len(strategies):] + strategies[:round_ % len(strategies)]
+            order = strategies[round_ % len(strategies) :] + strategies[: round_ % len(strategies)]
             for name in order:
                 summary = run_once(name, overrides, args.steps, Path(tmp) / f"{name}-{round_}")
                 times[name].append(summary["step_time_s_median"])
                 tokens[name].append(summary.get("tokens_per_s") or 0.0)
                 memory[name] = summary
-                print(f"round {round_ + 1}/{args.rounds} {name}: {summary['step_time_s_median'] * 1e3:.1f} ms/step",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"round {round_ + 1}/{args.rounds} {name}: {summary['step_time_s_median'] * 1e3:.1f} ms/step",
+                    file=sys.stderr,
+                    flush=True,
+                )
     reference = statistics.median(times[strategies[0]])
     print(f"| strategy | step time (ms, median) | vs {strategies[0]} | tokens/s | model states MiB/rank |")
     print("|---|---:|---:|---:|---:|")
@@ -61,8 +76,10 @@ def main() -> int:
         step = statistics.median(times[name])
         summary = memory[name]
         states = sum(summary.get(k) or 0 for k in ("param_bytes", "grad_bytes", "optimizer_bytes", "master_bytes"))
-        print(f"| {name} | {step * 1e3:.1f} | {step / reference:.2f}x | {statistics.median(tokens[name]):,.0f} | "
-              f"{states / 2**20:.2f} |")
+        print(
+            f"| {name} | {step * 1e3:.1f} | {step / reference:.2f}x | {statistics.median(tokens[name]):,.0f} | "
+            f"{states / 2**20:.2f} |"
+        )
     return 0
 
 

@@ -108,8 +108,11 @@ def sweep_overrides(overrides: list[str], *, job_type: str) -> list[str]:
 
     job = next((o.partition("=")[2] for o in overrides if o.partition("=")[0].lstrip("+~") == "job"), "default")
     extra = {"logger.group": f"{job}-{job_type}-{datetime.now():%Y%m%d-%H%M%S}", "logger.job_type": job_type}
-    return [f"{key}={value}" for key, value in extra.items()
-            if not any(o.partition("=")[0].lstrip("+~") == key for o in overrides)]
+    return [
+        f"{key}={value}"
+        for key, value in extra.items()
+        if not any(o.partition("=")[0].lstrip("+~") == key for o in overrides)
+    ]
 
 
 def _precheck(overrides: list[str], *, prepare: bool) -> Config:
@@ -125,8 +128,16 @@ def _precheck(overrides: list[str], *, prepare: bool) -> Config:
 
 def _plain_run(parsed: Any) -> bool:
     """One run of the packaged config, no Hydra flag but the overrides."""
-    flags = (*_HYDRA_INFO_FLAGS, "multirun", "cfg", "package", "config_path", "config_name", "config_dir",
-             "experimental_rerun")
+    flags = (
+        *_HYDRA_INFO_FLAGS,
+        "multirun",
+        "cfg",
+        "package",
+        "config_path",
+        "config_name",
+        "config_dir",
+        "experimental_rerun",
+    )
     return not any(getattr(parsed, flag) for flag in flags)
 
 
@@ -147,8 +158,10 @@ def _refuse_search_sweeper(overrides: list[str]) -> None:
     """``hydra/sweeper=optuna`` (hydra-optuna-sweeper) is retired: ``orchestrator search`` replaced it."""
     for override in parse_overrides(overrides):
         if override.key_or_group == "hydra/sweeper" and override.value() != "basic":
-            raise UserError(f"hydra/sweeper={override.value()}: the Optuna sweeper is retired; search with "
-                            f"`orchestrator search` (docs/search.md), which runs trials concurrently on Ray")
+            raise UserError(
+                f"hydra/sweeper={override.value()}: the Optuna sweeper is retired; search with "
+                f"`orchestrator search` (docs/search.md), which runs trials concurrently on Ray"
+            )
 
 
 def _run_hydra(args: list[str]) -> int:
@@ -225,14 +238,19 @@ def report_command(args: list[str]) -> int:
     """``orchestrator report RUN_DIR [RUN_DIR ...] [-o FILE]``: the HTML report of the runs."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="orchestrator report",
-                                     description="One self-contained HTML file of one or more runs.")
+    parser = argparse.ArgumentParser(
+        prog="orchestrator report", description="One self-contained HTML file of one or more runs."
+    )
     parser.add_argument("run_dirs", nargs="+", type=Path, help="run dirs, or dirs of run dirs (a sweep's)")
-    parser.add_argument("-o", "--output", type=Path, default=None,
-                        help="the HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)")
+    parser.add_argument(
+        "-o",
+        "--output",
+        type=Path,
+        default=None,
+        help="the HTML file (default: RUN_DIR/report.html for one run, ./report.html for several)",
+    )
     parsed = parser.parse_args(args)
-    output = parsed.output or (RunDir(parsed.run_dirs[0]).report if len(parsed.run_dirs) == 1
-                               else Path(REPORT_FILE))
+    output = parsed.output or (RunDir(parsed.run_dirs[0]).report if len(parsed.run_dirs) == 1 else Path(REPORT_FILE))
     print(f"report: {write_report(parsed.run_dirs, output)}")
     return 0
 

@@ -161,8 +161,7 @@ class RunSummary:
     @property
     def model_state_bytes(self) -> int:
         """One rank's parameters, gradients, optimizer state and fp32 master copy, together."""
-        return sum(value or 0 for value in (self.param_bytes, self.grad_bytes, self.optimizer_bytes,
-                                            self.master_bytes))
+        return sum(value or 0 for value in (self.param_bytes, self.grad_bytes, self.optimizer_bytes, self.master_bytes))
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunSummary:
@@ -180,11 +179,16 @@ class RunSummary:
     def to_dict(self) -> dict[str, Any]:
         """The file's content: non-finite numbers (a diverged loss) as None, as in ``metrics.jsonl``
         (JSON has no NaN, and strict readers reject it)."""
-        content = {name: getattr(self, name) for name in _field_names()
-                   if name not in _OMITTED_WHEN_NONE or getattr(self, name) is not None}
+        content = {
+            name: getattr(self, name)
+            for name in _field_names()
+            if name not in _OMITTED_WHEN_NONE or getattr(self, name) is not None
+        }
         content.update(self.extra)
-        return {key: None if isinstance(value, float) and not math.isfinite(value) else value
-                for key, value in content.items()}
+        return {
+            key: None if isinstance(value, float) and not math.isfinite(value) else value
+            for key, value in content.items()
+        }
 
     def write(self, path: Path) -> None:
         """Writes the summary to ``path`` (a ``summary.json``), durably."""

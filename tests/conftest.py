@@ -16,10 +16,20 @@ os.environ["WANDB_MODE"] = "disabled"
 # The longest test files, longest first (measured): under `make test`'s `--dist loadfile
 # --no-loadscope-reorder` files start in this order, and the last file to start decides when the
 # parallel part ends; one of these started last would run alone.
-LONGEST_FIRST = ("tests/ray/test_cluster.py", "tests/configs/test_jobs.py", "tests/e2e/test_sharding.py",
-                 "tests/e2e/test_resume.py", "tests/distributed/test_strategies.py", "tests/e2e/test_train.py",
-                 "tests/e2e/test_wandb.py", "tests/e2e/test_scale.py", "tests/e2e/test_storage.py",
-                 "tests/e2e/test_untrusted_checkpoints.py", "tests/e2e/test_export.py", "tests/e2e/test_bad_input.py")
+LONGEST_FIRST = (
+    "tests/ray/test_cluster.py",
+    "tests/configs/test_jobs.py",
+    "tests/e2e/test_sharding.py",
+    "tests/e2e/test_resume.py",
+    "tests/distributed/test_strategies.py",
+    "tests/e2e/test_train.py",
+    "tests/e2e/test_wandb.py",
+    "tests/e2e/test_scale.py",
+    "tests/e2e/test_storage.py",
+    "tests/e2e/test_untrusted_checkpoints.py",
+    "tests/e2e/test_export.py",
+    "tests/e2e/test_bad_input.py",
+)
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

@@ -13,14 +13,18 @@ REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("orchestrator")
 
 
-def run_cli(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
-            check: bool = False) -> subprocess.CompletedProcess:
+def run_cli(
+    *args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None, check: bool = False
+) -> subprocess.CompletedProcess:
     """Runs the installed ``orchestrator`` console script and returns its completed process."""
-    result = subprocess.run([str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout,
-                            env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [str(CLI), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})}
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"orchestrator {' '.join(args)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise AssertionError(
+            f"orchestrator {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
@@ -42,20 +46,41 @@ MAX_STEPS = 40
 def tiny_job(cache_dir: Path) -> list[str]:
     """A 2-worker DDP GPT job that trains in a few seconds on two CPU cores (torch elastic: no Ray start-up)."""
     return [
-        "job=gpt_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
-        "data.seq_len=32", "trainer.max_steps=20", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
-        "trainer.eval_every=10", "trainer.eval_batches=2", "trainer.checkpoint.every=10", "logger.progress=false",
+        "job=gpt_tiny_cpu",
+        "launcher=local",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=32",
+        "trainer.max_steps=20",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        "trainer.eval_every=10",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint.every=10",
+        "logger.progress=false",
     ]
 
 
 def resume_job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """A 2-rank DDP GPT with dropout (so RNG state matters), a checkpoint every 10 steps: the resume tests' job."""
     return [
-        "train", "job=gpt_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
-        "data.seq_len=64", "model.dropout=0.1", f"trainer.max_steps={MAX_STEPS}", "trainer.global_batch_size=16",
-        "trainer.micro_batch_size=4", "trainer.eval_every=20", "trainer.eval_batches=2",
-        "trainer.checkpoint.every=10", "scheduler.warmup_steps=5", "logger.progress=false",
-        f"hydra.run.dir={run_dir}", *extra,
+        "train",
+        "job=gpt_tiny_cpu",
+        "launcher=local",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=64",
+        "model.dropout=0.1",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.global_batch_size=16",
+        "trainer.micro_batch_size=4",
+        "trainer.eval_every=20",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint.every=10",
+        "scheduler.warmup_steps=5",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
@@ -89,17 +114,30 @@ class Payload:
         return os.system, (f"touch {self.marker}",)
 
 
-def save_tiny_llama(directory: Path, *, vocab_size: int = 4096, layers: int = 2, max_positions: int = 256,
-                    max_shard_size: str | None = None) -> Path:
+def save_tiny_llama(
+    directory: Path,
+    *,
+    vocab_size: int = 4096,
+    layers: int = 2,
+    max_positions: int = 256,
+    max_shard_size: str | None = None,
+) -> Path:
     """A tiny Llama as ``save_pretrained`` writes it (made by transformers itself, random weights from seed 0:
     nothing can be downloaded here); the tied head makes ``lm_head.weight`` absent from the files."""
     import torch
     import transformers
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
-                                      num_hidden_layers=layers, num_attention_heads=2, num_key_value_heads=1,
-                                      tie_word_embeddings=True, max_position_embeddings=max_positions)
+    config = transformers.LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=max_positions,
+    )
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(directory, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return directory

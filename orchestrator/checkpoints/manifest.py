@@ -78,8 +78,15 @@ def file_entry(path: Path) -> dict:
     return {"size": path.stat().st_size, "sha256": sha256_of(path)}
 
 
-def write_manifest(directory: Path, *, files: dict[str, dict], step: int, world_size: int, strategy: str,
-                   model_shapes: dict[str, list[int]]) -> None:
+def write_manifest(
+    directory: Path,
+    *,
+    files: dict[str, dict],
+    step: int,
+    world_size: int,
+    strategy: str,
+    model_shapes: dict[str, list[int]],
+) -> None:
     """Writes ``manifest.json`` for the files (relative path -> ``file_entry``) every rank wrote."""
     manifest = {
         "format_version": FORMAT_VERSION,
@@ -100,8 +107,13 @@ def read_manifest(directory: Path) -> Manifest:
     try:
         raw = json.loads(manifest_path.read_text())
         version = raw["format_version"]
-        manifest = Manifest(step=int(raw["step"]), world_size=int(raw["world_size"]), strategy=str(raw["strategy"]),
-                            files=dict(raw["files"]), model_shapes=raw.get("model", {}).get("shapes"))
+        manifest = Manifest(
+            step=int(raw["step"]),
+            world_size=int(raw["world_size"]),
+            strategy=str(raw["strategy"]),
+            files=dict(raw["files"]),
+            model_shapes=raw.get("model", {}).get("shapes"),
+        )
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({exc})") from None
     if version != FORMAT_VERSION:
@@ -146,16 +158,19 @@ def _check_inventory(directory: Path, files: dict[str, dict]) -> None:
             mode = path.lstat().st_mode
             relative = path.relative_to(directory).as_posix()
             if stat.S_ISLNK(mode):
-                raise CheckpointError(f"{directory}: {relative} is a symbolic link "
-                                      f"(a checkpoint holds regular files only)")
+                raise CheckpointError(
+                    f"{directory}: {relative} is a symbolic link (a checkpoint holds regular files only)"
+                )
             if stat.S_ISREG(mode):
                 found.add(relative)
             elif not stat.S_ISDIR(mode):
                 raise CheckpointError(f"{directory}: {relative} is not a regular file")
     unlisted = sorted(found - set(files) - {MANIFEST})
     if unlisted:
-        raise CheckpointError(f"{directory}: {unlisted[0]} is not in the manifest"
-                              f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}")
+        raise CheckpointError(
+            f"{directory}: {unlisted[0]} is not in the manifest"
+            f"{f' (and {len(unlisted) - 1} more)' if len(unlisted) > 1 else ''}"
+        )
 
 
 def checkpoint_dirs(root: Path) -> list[Path]:
@@ -172,7 +187,7 @@ def recover_replaced(root: Path) -> None:
     if not root.is_dir():
         return
     for aside in root.glob(f"step-*{REPLACED_SUFFIX}"):
-        final = aside.with_name(aside.name[:-len(REPLACED_SUFFIX)])
+        final = aside.with_name(aside.name[: -len(REPLACED_SUFFIX)])
         if step_of(final) is None:
             continue
         if final.exists():

@@ -33,7 +33,7 @@ class HostStaging:
         """A copy of ``state`` that shares no memory with it (the previous copy's buffers are reused)."""
         copier = _Copier(self._buffers)
         staged = copier.copy(state)
-        del self._buffers[copier.used:]  # a layout that shrank: let the rest go
+        del self._buffers[copier.used :]  # a layout that shrank: let the rest go
         if copier.on_gpu:
             torch.cuda.synchronize()  # the device-to-host copies were issued non-blocking
         return staged
@@ -52,8 +52,9 @@ class _Copier:
     def copy(self, value: Any) -> Any:
         if _is_dtensor(value):
             local = self.tensor(value.to_local())
-            return type(value).from_local(local, value.device_mesh, value.placements, run_check=False,
-                                      shape=value.shape, stride=value.stride())
+            return type(value).from_local(
+                local, value.device_mesh, value.placements, run_check=False, shape=value.shape, stride=value.stride()
+            )
         if isinstance(value, torch.Tensor):
             return self.tensor(value)
         if isinstance(value, _IMMUTABLE):

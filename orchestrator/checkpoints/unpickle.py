@@ -31,20 +31,49 @@ from orchestrator.errors import UserError
 Global = tuple[str, str]
 
 # torch.save of tensors and containers of them (the rebuild functions take only storages and numbers).
-TORCH_TENSORS: frozenset[Global] = frozenset({
-    ("collections", "OrderedDict"),
-    ("torch", "Size"),
-    ("torch", "Tensor"),
-    ("torch.nn.parameter", "Parameter"),
-    ("torch._utils", "_rebuild_tensor_v2"),
-    ("torch._utils", "_rebuild_parameter"),
-    ("torch._tensor", "_rebuild_from_type_v2"),
-    ("torch.serialization", "_get_layout"),
-    *(("torch", f"{kind}Storage") for kind in (
-        "Float", "Double", "Half", "BFloat16", "Long", "Int", "Short", "Char", "Byte", "Bool", "Untyped")),
-    *(("torch", dtype) for dtype in (
-        "float32", "float64", "float16", "bfloat16", "int64", "int32", "int16", "int8", "uint8", "bool")),
-})
+TORCH_TENSORS: frozenset[Global] = frozenset(
+    {
+        ("collections", "OrderedDict"),
+        ("torch", "Size"),
+        ("torch", "Tensor"),
+        ("torch.nn.parameter", "Parameter"),
+        ("torch._utils", "_rebuild_tensor_v2"),
+        ("torch._utils", "_rebuild_parameter"),
+        ("torch._tensor", "_rebuild_from_type_v2"),
+        ("torch.serialization", "_get_layout"),
+        *(
+            ("torch", f"{kind}Storage")
+            for kind in (
+                "Float",
+                "Double",
+                "Half",
+                "BFloat16",
+                "Long",
+                "Int",
+                "Short",
+                "Char",
+                "Byte",
+                "Bool",
+                "Untyped",
+            )
+        ),
+        *(
+            ("torch", dtype)
+            for dtype in (
+                "float32",
+                "float64",
+                "float16",
+                "bfloat16",
+                "int64",
+                "int32",
+                "int16",
+                "int8",
+                "uint8",
+                "bool",
+            )
+        ),
+    }
+)
 # DeepSpeed's model and optimizer state files (ZeRO stages 0-3): tensors plus a few plain records.
 DEEPSPEED: frozenset[Global] = TORCH_TENSORS | {
     ("deepspeed.runtime.fp16.loss_scaler", "LossScaler"),
@@ -57,9 +86,19 @@ DCP_METADATA: frozenset[Global] = TORCH_TENSORS | {
     ("pathlib", "PosixPath"),
     ("pathlib", "WindowsPath"),
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
-    *(("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
-        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING")),
+    *(
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorProperties",
+            "TensorStorageMetadata",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    ),
 }
 
 

@@ -24,14 +24,16 @@ def cluster_command(args: list[str]) -> int:
     commands = parser.add_subparsers(dest="action", required=True)
     up = commands.add_parser("up", help="start a head and N-1 worker nodes")
     up.add_argument("--nodes", type=int, default=3)
-    up.add_argument("--cpus-per-node", type=int, default=None,
-                    help="logical CPUs each node offers (default: cores / nodes)")
+    up.add_argument(
+        "--cpus-per-node", type=int, default=None, help="logical CPUs each node offers (default: cores / nodes)"
+    )
     up.add_argument("--host", default="127.0.0.1", help="the address nodes bind (non-loopback needs token auth)")
     up.add_argument("--port", type=int, default=6379, help="the head's GCS port")
     up.add_argument("--dashboard-port", type=int, default=8265, help="dashboard and job API, on 127.0.0.1")
     up.add_argument("--no-auth", action="store_true", help="no token authentication (loopback only)")
-    up.add_argument("--storage", default=None,
-                    help="where submitted runs write their run dirs (default: the checkout's outputs/)")
+    up.add_argument(
+        "--storage", default=None, help="where submitted runs write their run dirs (default: the checkout's outputs/)"
+    )
     for name in ("status", "down"):
         commands.add_parser(name)
     for sub in commands.choices.values():
@@ -39,15 +41,25 @@ def cluster_command(args: list[str]) -> int:
     parsed = parser.parse_args(args)
 
     if parsed.action == "up":
-        state = local.up(name=parsed.name, nodes=parsed.nodes, cpus_per_node=parsed.cpus_per_node, host=parsed.host,
-                         port=parsed.port, dashboard_port=parsed.dashboard_port, auth=not parsed.no_auth,
-                         storage=parsed.storage)
-        print(f"cluster {state.name!r} is up: {len(state.nodes)} nodes x {state.cpus_per_node} CPUs\n"
-              f"  dashboard / job API  {state.dashboard_url}\n"
-              f"  Ray address          {state.gcs_address}   (launcher.address={state.gcs_address})\n"
-              f"  token                {state.token_file or 'none (--no-auth)'}\n"
-              f"  submit               orchestrator submit cluster={state.name} job=NAME\n"
-              f"  stop                 orchestrator cluster down --name {state.name}", flush=True)
+        state = local.up(
+            name=parsed.name,
+            nodes=parsed.nodes,
+            cpus_per_node=parsed.cpus_per_node,
+            host=parsed.host,
+            port=parsed.port,
+            dashboard_port=parsed.dashboard_port,
+            auth=not parsed.no_auth,
+            storage=parsed.storage,
+        )
+        print(
+            f"cluster {state.name!r} is up: {len(state.nodes)} nodes x {state.cpus_per_node} CPUs\n"
+            f"  dashboard / job API  {state.dashboard_url}\n"
+            f"  Ray address          {state.gcs_address}   (launcher.address={state.gcs_address})\n"
+            f"  token                {state.token_file or 'none (--no-auth)'}\n"
+            f"  submit               orchestrator submit cluster={state.name} job=NAME\n"
+            f"  stop                 orchestrator cluster down --name {state.name}",
+            flush=True,
+        )
         return 0
     if parsed.action == "down":
         stopped = local.down(parsed.name)
@@ -120,9 +132,15 @@ def jobs_command(args: list[str]) -> int:
         return 0
     if parsed.action == "status":
         info = jobs.job_info(cluster, parsed.job_id)
-        report = {"id": parsed.job_id, "status": str(info.status.value), "message": info.message,
-                  "entrypoint": info.entrypoint, "metadata": info.metadata,
-                  "started": jobs.format_time(info.start_time), "ended": jobs.format_time(info.end_time)}
+        report = {
+            "id": parsed.job_id,
+            "status": str(info.status.value),
+            "message": info.message,
+            "entrypoint": info.entrypoint,
+            "metadata": info.metadata,
+            "started": jobs.format_time(info.start_time),
+            "ended": jobs.format_time(info.end_time),
+        }
         if parsed.json:
             print(json.dumps(report, indent=1))
         else:

@@ -41,13 +41,48 @@ CONFIG_ENV = "ORCHESTRATOR_JOB_CONFIG"
 # Never uploaded, whatever .gitignore says: Ray leaves out what any of its patterns or .gitignore's
 # match, so a negation in .gitignore cannot bring one of these back. A pattern without a slash matches
 # a file or directory of that name at any depth.
-BUILD_EXCLUDES = [".venv", ".git", "outputs", "multirun", "wandb", ".cache", "**/__pycache__", ".pytest_cache",
-                  ".ruff_cache", "*.egg-info", ".whl"]
+BUILD_EXCLUDES = [
+    ".venv",
+    ".git",
+    "outputs",
+    "multirun",
+    "wandb",
+    ".cache",
+    "**/__pycache__",
+    ".pytest_cache",
+    ".ruff_cache",
+    "*.egg-info",
+    ".whl",
+]
 # Credentials: env files, netrc, keys and certificates, cloud and ssh config, token files (Ray's
 # auth_token, a cluster's token, hf_token.txt; not tokens.py or synthetic_tokens.yaml, which jobs need).
-SECRET_EXCLUDES = [".env*", ".netrc", "_netrc", "*.pem", "*.key", "*.p12", "*.pfx", "id_rsa*", "id_ecdsa*",
-                   "id_ed25519*", ".aws", ".ssh", ".gnupg", ".config", ".kube", ".docker", ".git-credentials",
-                   ".pypirc", "*credentials*", "*secret*", "*token", "*token.*", "*token_*", "*token-*", "*TOKEN*"]
+SECRET_EXCLUDES = [
+    ".env*",
+    ".netrc",
+    "_netrc",
+    "*.pem",
+    "*.key",
+    "*.p12",
+    "*.pfx",
+    "id_rsa*",
+    "id_ecdsa*",
+    "id_ed25519*",
+    ".aws",
+    ".ssh",
+    ".gnupg",
+    ".config",
+    ".kube",
+    ".docker",
+    ".git-credentials",
+    ".pypirc",
+    "*credentials*",
+    "*secret*",
+    "*token",
+    "*token.*",
+    "*token_*",
+    "*token-*",
+    "*TOKEN*",
+]
 EXCLUDES = BUILD_EXCLUDES + SECRET_EXCLUDES
 META_PREFIX = "orchestrator."
 CONNECT_TIMEOUT_S = 5.0
@@ -88,8 +123,9 @@ def client(cluster: Cluster) -> Any:
     for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
         logging.getLogger(name).setLevel(logging.ERROR)
     try:
-        return _answer(cluster, lambda: JobSubmissionClient(cluster.address, headers=headers),
-                       timeout_s=RESPONSE_TIMEOUT_S)
+        return _answer(
+            cluster, lambda: JobSubmissionClient(cluster.address, headers=headers), timeout_s=RESPONSE_TIMEOUT_S
+        )
     except AuthenticationError as exc:
         raise UserError(_refused(cluster, exc)) from None
     except (ConnectionError, RuntimeError) as exc:
@@ -105,8 +141,9 @@ def _probe(cluster: Cluster) -> None:
     except OSError as exc:
         local = url.hostname in ("127.0.0.1", "localhost")
         hint = f"; is it up? `orchestrator cluster up --name {cluster.name}`" if local else ""
-        raise UserError(f"cluster={cluster.name}: nothing answers at {cluster.address} "
-                        f"({exc.strerror or exc}){hint}") from None
+        raise UserError(
+            f"cluster={cluster.name}: nothing answers at {cluster.address} ({exc.strerror or exc}){hint}"
+        ) from None
 
 
 def _answer(cluster: Cluster, request: Callable[[], T], *, timeout_s: float) -> T:
@@ -129,16 +166,20 @@ def _answer(cluster: Cluster, request: Callable[[], T], *, timeout_s: float) -> 
     thread.start()
     thread.join(timeout_s)
     if thread.is_alive():
-        raise UserError(f"cluster={cluster.name}: {cluster.address} accepted the connection but did not answer "
-                        f"within {timeout_s:g} s; is it a Ray dashboard, and is the head overloaded?")
+        raise UserError(
+            f"cluster={cluster.name}: {cluster.address} accepted the connection but did not answer "
+            f"within {timeout_s:g} s; is it a Ray dashboard, and is the head overloaded?"
+        )
     if "error" in outcome:
         raise outcome["error"]
     return outcome["value"]
 
 
 def _refused(cluster: Cluster, exc: BaseException) -> str:
-    return (f"cluster={cluster.name}: {cluster.address} refused the request ({first_line(exc)}; "
-            f"token file {cluster.token_file})")
+    return (
+        f"cluster={cluster.name}: {cluster.address} refused the request ({first_line(exc)}; "
+        f"token file {cluster.token_file})"
+    )
 
 
 def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> list[Submission]:
@@ -160,33 +201,49 @@ def submit(cluster: Cluster, points: list[list[str]], *, group: str | None) -> l
         job_id = f"orchestrator-{job}-{stamp}-{suffix}".replace("_", "-")
         name = f"{job}/{stamp}" + (f"/{index}" if len(points) > 1 else f"-{suffix}")
         run_dir = f"outputs/{name}" if remote else f"{storage}/{name}"
-        point = [*overrides, *_cluster_overrides(overrides, group),
-                 *([f"trainer.storage={storage}/{name}"] if remote else [])]
+        point = [
+            *overrides,
+            *_cluster_overrides(overrides, group),
+            *([f"trainer.storage={storage}/{name}"] if remote else []),
+        ]
         cfg = compose(point)
         config = to_config(cfg)
         prepared.append((job_id, run_dir, point, job, OmegaConf.to_yaml(cfg, resolve=True), config))
     jobs = client(cluster)
     submitted = []
     for job_id, run_dir, point, job, resolved, config in prepared:
-        metadata = {f"{META_PREFIX}job": job, f"{META_PREFIX}run_dir": config.trainer.storage or run_dir,
-                    f"{META_PREFIX}strategy": config.strategy.name, f"{META_PREFIX}workers": str(config.launcher.num_workers)}
+        metadata = {
+            f"{META_PREFIX}job": job,
+            f"{META_PREFIX}run_dir": config.trainer.storage or run_dir,
+            f"{META_PREFIX}strategy": config.strategy.name,
+            f"{META_PREFIX}workers": str(config.launcher.num_workers),
+        }
         if group:
             metadata[f"{META_PREFIX}group"] = group
         # Ray runs the entrypoint in a shell: each argument quoted (a storage path may hold a space or a `;`).
         entrypoint = shlex.join(["python", "-m", "orchestrator", "run-submitted", "--run-dir", run_dir, "--job", job])
         runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES, "env_vars": {CONFIG_ENV: resolved}}
         try:
-            _answer(cluster, partial(jobs.submit_job, entrypoint=entrypoint, submission_id=job_id,
-                                     runtime_env=runtime_env, metadata=metadata), timeout_s=SUBMIT_TIMEOUT_S)
+            _answer(
+                cluster,
+                partial(
+                    jobs.submit_job,
+                    entrypoint=entrypoint,
+                    submission_id=job_id,
+                    runtime_env=runtime_env,
+                    metadata=metadata,
+                ),
+                timeout_s=SUBMIT_TIMEOUT_S,
+            )
         except RuntimeError as exc:
-            raise UserError(f"cluster={cluster.name}: the job API refused the submission "
-                            f"({first_line(exc)})") from None
+            raise UserError(f"cluster={cluster.name}: the job API refused the submission ({first_line(exc)})") from None
         submitted.append(Submission(job_id=job_id, run_dir=config.trainer.storage or run_dir, overrides=point))
     return submitted
 
 
-def submit_experiment(cluster: Cluster, command: str, overrides: list[str], *, job: str,
-                      metadata: dict[str, str]) -> str:
+def submit_experiment(
+    cluster: Cluster, command: str, overrides: list[str], *, job: str, metadata: dict[str, str]
+) -> str:
     """Submits ``orchestrator COMMAND OVERRIDES`` as one Ray job: its driver runs on the cluster, and
     each run it makes joins the cluster (``launcher.address=auto``) as a Ray Train run. Returns the job id.
 
@@ -200,11 +257,20 @@ def submit_experiment(cluster: Cluster, command: str, overrides: list[str], *, j
     runtime_env = {"working_dir": str(PROJECT_DIR), "excludes": EXCLUDES}
     jobs = client(cluster)
     try:
-        _answer(cluster, lambda: jobs.submit_job(
-            entrypoint=entrypoint, submission_id=job_id, runtime_env=runtime_env,
-            metadata={f"{META_PREFIX}job": job, f"{META_PREFIX}command": command,
-                      **{f"{META_PREFIX}{key}": value for key, value in metadata.items()}}),
-            timeout_s=SUBMIT_TIMEOUT_S)
+        _answer(
+            cluster,
+            lambda: jobs.submit_job(
+                entrypoint=entrypoint,
+                submission_id=job_id,
+                runtime_env=runtime_env,
+                metadata={
+                    f"{META_PREFIX}job": job,
+                    f"{META_PREFIX}command": command,
+                    **{f"{META_PREFIX}{key}": value for key, value in metadata.items()},
+                },
+            ),
+            timeout_s=SUBMIT_TIMEOUT_S,
+        )
     except RuntimeError as exc:
         raise UserError(f"cluster={cluster.name}: the job API refused the submission ({first_line(exc)})") from None
     return job_id
@@ -214,8 +280,9 @@ def shared_storage(cluster: Cluster, *, purpose: str) -> str:
     """The cluster's storage as a path every node and this machine share (not a URI)."""
     storage = _storage(cluster)
     if "://" in storage:
-        raise UserError(f"cluster={cluster.name}: {purpose} needs a storage path every node shares; "
-                        f"storage is {storage}")
+        raise UserError(
+            f"cluster={cluster.name}: {purpose} needs a storage path every node shares; storage is {storage}"
+        )
     return storage
 
 
@@ -256,8 +323,10 @@ def _storage(cluster: Cluster) -> str:
         return cluster.storage.rstrip("/")
     if load_state(cluster.name) is not None:
         return str((PROJECT_DIR / "outputs").resolve())
-    raise UserError(f"cluster={cluster.name}: set storage (a path every node shares, or a URI) in "
-                    f"conf/cluster/{cluster.name}.yaml; runs on a remote cluster cannot write to this machine")
+    raise UserError(
+        f"cluster={cluster.name}: set storage (a path every node shares, or a URI) in "
+        f"conf/cluster/{cluster.name}.yaml; runs on a remote cluster cannot write to this machine"
+    )
 
 
 def run_submitted(args: list[str]) -> int:
@@ -285,14 +354,16 @@ def list_jobs(cluster: Cluster) -> list[dict[str, Any]]:
     rows = []
     for info in _answer(cluster, jobs.list_jobs, timeout_s=RESPONSE_TIMEOUT_S):
         metadata = info.metadata or {}
-        rows.append({
-            "id": info.submission_id or info.job_id,
-            "status": str(info.status.value if hasattr(info.status, "value") else info.status),
-            "job": metadata.get(f"{META_PREFIX}job", "-"),
-            "started": format_time(info.start_time),
-            "run_dir": metadata.get(f"{META_PREFIX}run_dir", "-"),
-            "start_time": info.start_time or 0,
-        })
+        rows.append(
+            {
+                "id": info.submission_id or info.job_id,
+                "status": str(info.status.value if hasattr(info.status, "value") else info.status),
+                "job": metadata.get(f"{META_PREFIX}job", "-"),
+                "started": format_time(info.start_time),
+                "run_dir": metadata.get(f"{META_PREFIX}run_dir", "-"),
+                "start_time": info.start_time or 0,
+            }
+        )
     return sorted(rows, key=lambda row: row["start_time"])
 
 
@@ -303,8 +374,9 @@ def job_info(cluster: Cluster, job_id: str) -> Any:
         return _answer(cluster, lambda: jobs.get_job_info(job_id), timeout_s=RESPONSE_TIMEOUT_S)
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
-            raise UserError(f"no job {job_id!r} on cluster={cluster.name}; "
-                            "`orchestrator jobs list` shows its jobs") from None
+            raise UserError(
+                f"no job {job_id!r} on cluster={cluster.name}; `orchestrator jobs list` shows its jobs"
+            ) from None
         raise UserError(f"cluster={cluster.name}: {first_line(exc)}") from None
 
 

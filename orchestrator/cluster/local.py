@@ -70,8 +70,12 @@ class ClusterState:
         write_atomic(state_dir(self.name) / STATE_FILE, json.dumps(asdict(self), indent=1) + "\n")
 
     def as_cluster(self) -> Cluster:
-        return Cluster(name=self.name, address=self.dashboard_url, storage=self.storage,
-                       token_file=Path(self.token_file) if self.token_file else None)
+        return Cluster(
+            name=self.name,
+            address=self.dashboard_url,
+            storage=self.storage,
+            token_file=Path(self.token_file) if self.token_file else None,
+        )
 
 
 def load_state(name: str) -> ClusterState | None:
@@ -82,12 +86,23 @@ def load_state(name: str) -> ClusterState | None:
     try:
         return ClusterState(**{**fields, "nodes": [Node(**node) for node in fields["nodes"]]})
     except TypeError:
-        raise UserError(f"{path} was written by another version of orchestrator (its nodes have no start "
-                        f"times); stop its processes by hand and delete the file") from None
+        raise UserError(
+            f"{path} was written by another version of orchestrator (its nodes have no start "
+            f"times); stop its processes by hand and delete the file"
+        ) from None
 
 
-def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int, dashboard_port: int,
-       auth: bool, storage: str | None = None) -> ClusterState:
+def up(
+    *,
+    name: str,
+    nodes: int,
+    cpus_per_node: int | None,
+    host: str,
+    port: int,
+    dashboard_port: int,
+    auth: bool,
+    storage: str | None = None,
+) -> ClusterState:
     """Starts a head and ``nodes - 1`` worker nodes and waits until all have joined.
 
     Raises:
@@ -98,12 +113,16 @@ def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int
     if _is_loopback(host):
         host = ray_compat.LOOPBACK_IP  # Ray keeps its servers on loopback for exactly this address
     elif not auth:
-        raise UserError(f"--host {host} is not a loopback address: refusing to start a cluster others can reach "
-                        f"without token authentication (drop --no-auth)")
+        raise UserError(
+            f"--host {host} is not a loopback address: refusing to start a cluster others can reach "
+            f"without token authentication (drop --no-auth)"
+        )
     existing = load_state(name)
     if existing and any(_process(node) for node in existing.nodes):
-        raise UserError(f"cluster {name!r} is already up ({existing.dashboard_url}); "
-                        f"`orchestrator cluster down --name {name}` first")
+        raise UserError(
+            f"cluster {name!r} is already up ({existing.dashboard_url}); "
+            f"`orchestrator cluster down --name {name}` first"
+        )
     for key, number in (("--port", port), ("--dashboard-port", dashboard_port)):
         if not _port_free(host if key == "--port" else "127.0.0.1", number):
             raise UserError(f"{key} {number} is in use on this machine; pick another with {key}")
@@ -113,9 +132,15 @@ def up(*, name: str, nodes: int, cpus_per_node: int | None, host: str, port: int
     token_file = default_token_file(name)
     if auth:
         write_token(token_file, secrets.token_hex(32))
-    state = ClusterState(name=name, gcs_address=f"{host}:{port}", dashboard_url=f"http://127.0.0.1:{dashboard_port}",
-                         token_file=str(token_file) if auth else "", cpus_per_node=cpus, host=host,
-                         storage=str(Path(storage).resolve()) if storage else None)
+    state = ClusterState(
+        name=name,
+        gcs_address=f"{host}:{port}",
+        dashboard_url=f"http://127.0.0.1:{dashboard_port}",
+        token_file=str(token_file) if auth else "",
+        cpus_per_node=cpus,
+        host=host,
+        storage=str(Path(storage).resolve()) if storage else None,
+    )
     try:
         for count in range(1, nodes + 1):  # one at a time: a node joining a busy head can time out
             node = _start_node(state, head=count == 1, port=port, dashboard_port=dashboard_port)
@@ -158,9 +183,11 @@ def down(name: str) -> int:
     _stop(left, signal.SIGKILL)
     left = _wait_exited(left, KILL_WAIT_S)
     if left:
-        raise UserError(f"cluster {name!r}: {len(left)} process(es) still running {KILL_WAIT_S:g} s after SIGKILL "
-                        f"(pids {', '.join(str(process.pid) for process in left)}); run "
-                        f"`orchestrator cluster down --name {name}` again once they exit")
+        raise UserError(
+            f"cluster {name!r}: {len(left)} process(es) still running {KILL_WAIT_S:g} s after SIGKILL "
+            f"(pids {', '.join(str(process.pid) for process in left)}); run "
+            f"`orchestrator cluster down --name {name}` again once they exit"
+        )
     for node in state.nodes:
         if node.temp_dir:
             shutil.rmtree(node.temp_dir, ignore_errors=True)
@@ -208,20 +235,33 @@ def kill_node(name: str, pid: int) -> None:
 def _require_state(name: str) -> ClusterState:
     state = load_state(name)
     if state is None:
-        raise UserError(f"no cluster named {name!r} was started on this machine; "
-                        f"`orchestrator cluster up --name {name}` starts one")
+        raise UserError(
+            f"no cluster named {name!r} was started on this machine; `orchestrator cluster up --name {name}` starts one"
+        )
     return state
 
 
 def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_port: int = 0) -> Node:
     # Ray's per-node agents listen on fixed default ports: several nodes on one machine need their own.
     agent_listen, agent_grpc, metrics, client_server = _free_ports(4)
-    args = [*_ray_start(state.host), "--block", f"--num-cpus={state.cpus_per_node}",
-            f"--node-ip-address={state.host}", f"--dashboard-agent-listen-port={agent_listen}",
-            f"--dashboard-agent-grpc-port={agent_grpc}", f"--metrics-export-port={metrics}", "--disable-usage-stats"]
+    args = [
+        *_ray_start(state.host),
+        "--block",
+        f"--num-cpus={state.cpus_per_node}",
+        f"--node-ip-address={state.host}",
+        f"--dashboard-agent-listen-port={agent_listen}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}",
+        "--disable-usage-stats",
+    ]
     if head:
-        args += ["--head", f"--port={port}", f"--dashboard-host={ray_compat.LOOPBACK_IP}",
-                 f"--dashboard-port={dashboard_port}", f"--ray-client-server-port={client_server}"]
+        args += [
+            "--head",
+            f"--port={port}",
+            f"--dashboard-host={ray_compat.LOOPBACK_IP}",
+            f"--dashboard-port={dashboard_port}",
+            f"--ray-client-server-port={client_server}",
+        ]
     index = len(state.nodes)
     temp_dir = ""
     if not head:
@@ -233,10 +273,22 @@ def _start_node(state: ClusterState, *, head: bool, port: int = 0, dashboard_por
     args.append(f"--resources={json.dumps({marker: 1})}")
     log = state_dir(state.name) / "logs" / f"node-{index}.log"
     with open(log, "w") as out:
-        process = subprocess.Popen(args, env=_node_env(state), stdout=out, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
-    return Node(pid=process.pid, create_time=psutil.Process(process.pid).create_time(),
-                role="head" if head else "worker", log=str(log), marker=marker, temp_dir=temp_dir)
+        process = subprocess.Popen(
+            args,
+            env=_node_env(state),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+    return Node(
+        pid=process.pid,
+        create_time=psutil.Process(process.pid).create_time(),
+        role="head" if head else "worker",
+        log=str(log),
+        marker=marker,
+        temp_dir=temp_dir,
+    )
 
 
 def _ray_start(host: str) -> list[str]:
@@ -268,17 +320,23 @@ def _wait_for_node(state: ClusterState, starting: Node) -> None:
     deadline = time.monotonic() + START_TIMEOUT_S
     while time.monotonic() < deadline:
         if _process(starting) is None:
-            raise UserError(f"cluster {state.name!r}: a {starting.role} node exited while starting; "
-                            f"its log: {starting.log}\n{_tail(Path(starting.log))}")
+            raise UserError(
+                f"cluster {state.name!r}: a {starting.role} node exited while starting; "
+                f"its log: {starting.log}\n{_tail(Path(starting.log))}"
+            )
         try:
-            if any(node["state"] == "ALIVE" and starting.marker in node.get("resources_total", {})
-                   for node in _list_nodes(state)):
+            if any(
+                node["state"] == "ALIVE" and starting.marker in node.get("resources_total", {})
+                for node in _list_nodes(state)
+            ):
                 return
         except (OSError, urllib.error.URLError, ValueError):
             pass  # the dashboard is still starting
         time.sleep(0.5)
-    raise UserError(f"cluster {state.name!r}: a {starting.role} node did not join within {START_TIMEOUT_S:g} s; "
-                    f"its log: {starting.log}")
+    raise UserError(
+        f"cluster {state.name!r}: a {starting.role} node did not join within {START_TIMEOUT_S:g} s; "
+        f"its log: {starting.log}"
+    )
 
 
 def _list_nodes(state: ClusterState) -> list[dict[str, Any]]:

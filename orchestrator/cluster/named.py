@@ -61,8 +61,9 @@ def load_cluster(name: str) -> Cluster:
 
     path = CLUSTER_DIR / f"{name}.yaml"
     if not path.is_file():
-        raise UserError(f"cluster={name}: no such cluster; choose one of: {', '.join(available())} "
-                        f"(files under {CLUSTER_DIR})")
+        raise UserError(
+            f"cluster={name}: no such cluster; choose one of: {', '.join(available())} (files under {CLUSTER_DIR})"
+        )
     try:
         fields = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except OmegaConfBaseException as exc:
@@ -75,8 +76,12 @@ def load_cluster(name: str) -> Cluster:
     if not isinstance(address, str) or not address.startswith(("http://", "https://")):
         raise UserError(f"{path}: address must be the head's job API URL (http://HOST:8265), got {address!r}")
     token_file = fields.get("token_file")
-    return Cluster(name=name, address=address.rstrip("/"), storage=fields.get("storage"),
-                   token_file=Path(token_file).expanduser() if token_file else default_token_file(name))
+    return Cluster(
+        name=name,
+        address=address.rstrip("/"),
+        storage=fields.get("storage"),
+        token_file=Path(token_file).expanduser() if token_file else default_token_file(name),
+    )
 
 
 def read_token(cluster: Cluster) -> str:
@@ -88,8 +93,11 @@ def read_token(cluster: Cluster) -> str:
     path = cluster.token_file
     assert path is not None
     if not path.is_file():
-        hint = (f"is it up? `orchestrator cluster up --name {cluster.name}`"
-                if path == default_token_file(cluster.name) else "set token_file in the cluster's YAML")
+        hint = (
+            f"is it up? `orchestrator cluster up --name {cluster.name}`"
+            if path == default_token_file(cluster.name)
+            else "set token_file in the cluster's YAML"
+        )
         raise UserError(f"cluster={cluster.name}: no token at {path} ({hint})")
     if path.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise UserError(f"cluster={cluster.name}: token file {path} is readable by others; chmod 600 {path}")

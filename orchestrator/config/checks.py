@@ -82,18 +82,23 @@ def _check_local_capacity(config: Config) -> None:
         raise UserError("trainer.device=cuda but this machine has no visible CUDA GPU; use trainer.device=cpu")
     if gpus > 0:
         if workers > gpus:
-            raise UserError(f"launcher.num_workers={workers} needs {workers} GPUs; this machine has {gpus} "
-                            f"(one worker per GPU)")
+            raise UserError(
+                f"launcher.num_workers={workers} needs {workers} GPUs; this machine has {gpus} (one worker per GPU)"
+            )
         return
     cores = os.cpu_count() or 1
     if workers > cores:
-        raise UserError(f"launcher.num_workers={workers} exceeds this machine's {cores} CPU cores "
-                        f"(one worker per core at least); use launcher.num_workers<={cores}")
+        raise UserError(
+            f"launcher.num_workers={workers} exceeds this machine's {cores} CPU cores "
+            f"(one worker per core at least); use launcher.num_workers<={cores}"
+        )
     launcher = config.launcher
     if isinstance(launcher, RayLauncherConfig) and workers * launcher.cpus_per_worker > cores:
         # Ray would wait forever for CPUs an embedded cluster on this machine never has.
-        raise UserError(f"launcher.num_workers={workers} x launcher.cpus_per_worker={launcher.cpus_per_worker:g} "
-                        f"needs {workers * launcher.cpus_per_worker:g} CPUs; this machine has {cores}")
+        raise UserError(
+            f"launcher.num_workers={workers} x launcher.cpus_per_worker={launcher.cpus_per_worker:g} "
+            f"needs {workers * launcher.cpus_per_worker:g} CPUs; this machine has {cores}"
+        )
 
 
 # Where `ray start` records the running cluster's address on this machine.
@@ -106,10 +111,13 @@ def _check_ray_address(address: str) -> None:
     key = f"launcher.address={address}"
     if address == "auto":
         found = os.environ.get("RAY_ADDRESS") or (
-            RAY_CURRENT_CLUSTER.read_text().strip() if RAY_CURRENT_CLUSTER.exists() else "")
+            RAY_CURRENT_CLUSTER.read_text().strip() if RAY_CURRENT_CLUSTER.exists() else ""
+        )
         if not found:
-            raise UserError(f"{key}: no Ray cluster is running on this machine (no RAY_ADDRESS, no "
-                            f"{RAY_CURRENT_CLUSTER}); start one with `ray start --head` or give host:port")
+            raise UserError(
+                f"{key}: no Ray cluster is running on this machine (no RAY_ADDRESS, no "
+                f"{RAY_CURRENT_CLUSTER}); start one with `ray start --head` or give host:port"
+            )
         address = found
     host, _, port = address.rpartition(":")
     if not host or not port.isdigit():

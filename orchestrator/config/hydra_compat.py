@@ -57,7 +57,12 @@ def run_single(cfg: Any, task: Callable[[Any], Any]) -> Any:
     cfg.hydra.mode = RunMode.RUN
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name="config")
-    result = run_job(hydra_context=HydraContext(config_loader=None, callbacks=callbacks),  # type: ignore[arg-type]
-                     task_function=task, config=cfg, job_dir_key="hydra.run.dir", job_subdir_key=None)
+    result = run_job(
+        hydra_context=HydraContext(config_loader=None, callbacks=callbacks),  # type: ignore[arg-type]
+        task_function=task,
+        config=cfg,
+        job_dir_key="hydra.run.dir",
+        job_subdir_key=None,
+    )
     callbacks.on_run_end(config=cfg, config_name="config", job_return=result)
     return result.return_value  # raises what the task raised

@@ -137,11 +137,12 @@ class LoRAConfig:
         _require(self.rank >= 0, f"model.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
         _positive("model.lora", alpha=self.alpha)
         _require(0.0 <= self.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {self.dropout}")
-        _require(self.base_dtype is not Precision.fp16,
-                 "model.lora.base_dtype must be fp32 or bf16, got fp16")
+        _require(self.base_dtype is not Precision.fp16, "model.lora.base_dtype must be fp32 or bf16, got fp16")
         if self.rank == 0:
-            _require(not self.target_modules and self.base_dtype is Precision.fp32,
-                     "model.lora.target_modules and model.lora.base_dtype need model.lora.rank > 0")
+            _require(
+                not self.target_modules and self.base_dtype is Precision.fp32,
+                "model.lora.target_modules and model.lora.base_dtype need model.lora.rank > 0",
+            )
 
     @property
     def enabled(self) -> bool:
@@ -305,9 +306,11 @@ class TextDataConfig(DataConfig):
         _positive("data", seq_len=self.seq_len)
         _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
         _require(self.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {self.max_bytes}")
-        _require(self.tokenizer is not TokenizerKind.pretrained or bool(self.tokenizer_dir),
-                 "data.tokenizer=pretrained needs data.tokenizer_dir=DIR, a directory with a tokenizer.json "
-                 "(data=text sets it to model.pretrained)")
+        _require(
+            self.tokenizer is not TokenizerKind.pretrained or bool(self.tokenizer_dir),
+            "data.tokenizer=pretrained needs data.tokenizer_dir=DIR, a directory with a tokenizer.json "
+            "(data=text sets it to model.pretrained)",
+        )
         if self.tokenizer is TokenizerKind.bpe:
             _require(
                 512 <= self.vocab_size <= 262144,
@@ -365,8 +368,10 @@ class AugmentConfig:
 
     def __post_init__(self) -> None:
         _require(self.crop_padding >= 0, f"data.augment.crop_padding must be >= 0 (0 = off), got {self.crop_padding}")
-        _require(0.0 <= self.rotate_degrees <= 180.0,
-                 f"data.augment.rotate_degrees must be in [0, 180] (0 = off), got {self.rotate_degrees}")
+        _require(
+            0.0 <= self.rotate_degrees <= 180.0,
+            f"data.augment.rotate_degrees must be in [0, 180] (0 = off), got {self.rotate_degrees}",
+        )
         _non_negative("data.augment", note=" (0 = off)", noise_std=self.noise_std)
 
     @property
@@ -445,14 +450,21 @@ class SyntheticDataConfig(DataConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _positive("data", num_samples=self.num_samples, seq_len=self.seq_len,
-                  vocab_size=self.vocab_size, num_classes=self.num_classes)
+        _positive(
+            "data",
+            num_samples=self.num_samples,
+            seq_len=self.seq_len,
+            vocab_size=self.vocab_size,
+            num_classes=self.num_classes,
+        )
         _require(
             len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
             f"data.image_shape must be [channels, height, width], got {self.image_shape}",
         )
-        _require(self.kind is SampleKind.images or not self.augment.enabled,
-                 "data.augment applies to images and feature vectors; data.kind=tokens yields token ids")
+        _require(
+            self.kind is SampleKind.images or not self.augment.enabled,
+            "data.augment applies to images and feature vectors; data.kind=tokens yields token ids",
+        )
 
     @property
     def output_kind(self) -> SampleKind:
@@ -536,13 +548,18 @@ class ZeroConfig(StrategyConfig):
     deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        _require(self.name in ZERO_STAGES,
-                 f"strategy.name={self.name!r} is not a ZeRO stage; choose one of: {', '.join(ZERO_STAGES)}")
+        _require(
+            self.name in ZERO_STAGES,
+            f"strategy.name={self.name!r} is not a ZeRO stage; choose one of: {', '.join(ZERO_STAGES)}",
+        )
         if self.offload_optimizer is Offload.cpu:
             _require(self.stage >= 1, "strategy.offload_optimizer=cpu needs ZeRO stage 1, 2 or 3 (strategy=zero1|2|3)")
         if self.offload_params is Offload.cpu:
-            _require(self.stage == 3, "strategy.offload_params=cpu needs strategy=zero3 "
-                                      "(ZeRO-1 and ZeRO-2 keep the full parameters on every rank)")
+            _require(
+                self.stage == 3,
+                "strategy.offload_params=cpu needs strategy=zero3 "
+                "(ZeRO-1 and ZeRO-2 keep the full parameters on every rank)",
+            )
 
     @property
     def stage(self) -> int:
@@ -605,8 +622,10 @@ class SchedulerConfig:
         _require(0.0 < self.pct_start < 1.0, f"scheduler.pct_start must be in (0, 1), got {self.pct_start}")
         _positive("scheduler", div_factor=self.div_factor, final_div_factor=self.final_div_factor)
         if self.name is ScheduleName.onecycle:
-            _require(self.warmup_steps == 0,
-                     "scheduler.warmup_steps does not apply to onecycle: its rise is scheduler.pct_start")
+            _require(
+                self.warmup_steps == 0,
+                "scheduler.warmup_steps does not apply to onecycle: its rise is scheduler.pct_start",
+            )
 
 
 # --------------------------------------------------------------------------------------------- trainer
@@ -669,8 +688,11 @@ LOSSES_FOR: dict[TargetKind, tuple[LossName, ...]] = {
     TargetKind.values: (LossName.mse, LossName.l1, LossName.huber),
     TargetKind.probabilities: (LossName.bce, LossName.mse, LossName.l1, LossName.huber),
 }
-_TARGET_WORDS = {TargetKind.classes: "class ids", TargetKind.values: "float targets",
-                 TargetKind.probabilities: "float targets in [0, 1]"}
+_TARGET_WORDS = {
+    TargetKind.classes: "class ids",
+    TargetKind.values: "float targets",
+    TargetKind.probabilities: "float targets in [0, 1]",
+}
 
 
 def loss_problem(loss: LossName, targets: TargetKind, *, data: str, tokens: bool) -> Optional[str]:
@@ -687,8 +709,10 @@ def loss_problem(loss: LossName, targets: TargetKind, *, data: str, tokens: bool
         return None
     what = "token ids" if tokens else _TARGET_WORDS[targets]
     hint = " (bce needs float targets in [0, 1], one column per label)" if loss is LossName.bce else ""
-    return (f"trainer.loss={loss.value} does not fit data={data}, which yields {what}; allowed: "
-            f"{', '.join(name.value for name in allowed)}{hint}")
+    return (
+        f"trainer.loss={loss.value} does not fit data={data}, which yields {what}; allowed: "
+        f"{', '.join(name.value for name in allowed)}{hint}"
+    )
 
 
 @dataclass(kw_only=True)
@@ -733,36 +757,53 @@ class TrainerConfig:
         return Resume(self.resume)
 
     def __post_init__(self) -> None:
-        _positive("trainer", max_steps=self.max_steps, global_batch_size=self.global_batch_size,
-                  micro_batch_size=self.micro_batch_size, log_every=self.log_every, huber_delta=self.huber_delta)
+        _positive(
+            "trainer",
+            max_steps=self.max_steps,
+            global_batch_size=self.global_batch_size,
+            micro_batch_size=self.micro_batch_size,
+            log_every=self.log_every,
+            huber_delta=self.huber_delta,
+        )
         _non_negative("trainer", grad_clip=self.grad_clip, note=" (0 = off)")
         _require(self.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = never), got {self.eval_every}")
         _positive("trainer", eval_batches=self.eval_batches)
         _require(self.max_restarts >= 0, f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
         _positive("trainer", max_consecutive_skips=self.max_consecutive_skips, storage_timeout_s=self.storage_timeout_s)
-        _require(self.threads_per_worker >= 0,
-                 f"trainer.threads_per_worker must be >= 0 (0 = cores / workers), got {self.threads_per_worker}")
+        _require(
+            self.threads_per_worker >= 0,
+            f"trainer.threads_per_worker must be >= 0 (0 = cores / workers), got {self.threads_per_worker}",
+        )
         _require(self.resume.strip() != "", "trainer.resume must be auto, never, or a checkpoint or run dir path")
         if self.peak_tflops is not None:
             _positive("trainer", peak_tflops=self.peak_tflops)
         if self.freeze:
-            _require(self.init_from is not None,
-                     "trainer.freeze needs trainer.init_from (freezing untrained modules is almost surely a mistake)")
+            _require(
+                self.init_from is not None,
+                "trainer.freeze needs trainer.init_from (freezing untrained modules is almost surely a mistake)",
+            )
         if self.early_stopping.patience:
             _require(self.eval_every > 0, "trainer.early_stopping.patience needs trainer.eval_every > 0")
         if self.profile.steps:
             end = self.profile.start_step + self.profile.steps
-            _require(end <= self.max_steps, f"trainer.profile.start_step={self.profile.start_step} + trainer.profile."
-                                            f"steps={self.profile.steps} exceeds trainer.max_steps={self.max_steps}")
+            _require(
+                end <= self.max_steps,
+                f"trainer.profile.start_step={self.profile.start_step} + trainer.profile."
+                f"steps={self.profile.steps} exceeds trainer.max_steps={self.max_steps}",
+            )
         if self.storage is not None:
-            _require("://" in self.storage, f"trainer.storage must be a URI (s3://bucket/path, gs://..., "
-                                            f"file:///path), got {self.storage!r}")
+            _require(
+                "://" in self.storage,
+                f"trainer.storage must be a URI (s3://bucket/path, gs://..., file:///path), got {self.storage!r}",
+            )
             # Not echoed: the message must not carry the secret into logs.
-            _require(not _has_credentials(self.storage),
-                     "trainer.storage must not hold credentials (user:password@, or a key, secret or token in its "
-                     "query): config.yaml and the logs would keep them. Give them the store's usual way: environment "
-                     "variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or its config files "
-                     "(~/.aws/credentials, Google's application default credentials, ...)")
+            _require(
+                not _has_credentials(self.storage),
+                "trainer.storage must not hold credentials (user:password@, or a key, secret or token in its "
+                "query): config.yaml and the logs would keep them. Give them the store's usual way: environment "
+                "variables (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, ...) or its config files "
+                "(~/.aws/credentials, Google's application default credentials, ...)",
+            )
 
 
 # Query parameters of a filesystem URI that carry a secret: pyarrow's access_key, secret_key, session_token,
@@ -775,8 +816,11 @@ def _has_credentials(uri: str) -> bool:
     parts = urlsplit(uri)
     if parts.password is not None or (parts.username and parts.scheme.lower() in ("s3", "s3a", "s3n")):
         return True
-    return any(word in name.lower() for name, _ in parse_qsl(parts.query, keep_blank_values=True)
-               for word in _SECRET_QUERY_WORDS)
+    return any(
+        word in name.lower()
+        for name, _ in parse_qsl(parts.query, keep_blank_values=True)
+        for word in _SECRET_QUERY_WORDS
+    )
 
 
 # ------------------------------------------------------------------------------------ launcher, logger
@@ -883,8 +927,10 @@ class VerifyConfig:
 
     def __post_init__(self) -> None:
         _require(len(self.strategies) >= 2, f"verify.strategies needs at least two strategies, got {self.strategies}")
-        _require(len(set(self.strategies)) == len(self.strategies),
-                 f"verify.strategies lists a strategy twice: {self.strategies}")
+        _require(
+            len(set(self.strategies)) == len(self.strategies),
+            f"verify.strategies lists a strategy twice: {self.strategies}",
+        )
         _positive("verify", steps=self.steps, tolerance=self.tolerance)
 
 
@@ -905,15 +951,21 @@ class ScaleConfig:
     output_dir: Optional[str] = None  # default outputs/scale/<job>-<mode>
 
     def __post_init__(self) -> None:
-        _require(len(self.workers) > 0 and all(n > 0 for n in self.workers),
-                 f"scale.workers must be positive worker counts, got {self.workers}")
+        _require(
+            len(self.workers) > 0 and all(n > 0 for n in self.workers),
+            f"scale.workers must be positive worker counts, got {self.workers}",
+        )
         _require(len(set(self.workers)) == len(self.workers), f"scale.workers lists a count twice: {self.workers}")
         _require(len(self.strategies) > 0, "scale.strategies needs at least one strategy")
-        _require(len(set(self.strategies)) == len(self.strategies),
-                 f"scale.strategies lists a strategy twice: {self.strategies}")
+        _require(
+            len(set(self.strategies)) == len(self.strategies),
+            f"scale.strategies lists a strategy twice: {self.strategies}",
+        )
         _positive("scale", steps=self.steps)
-        _require(0 <= self.warmup_steps < self.steps,
-                 f"scale.warmup_steps={self.warmup_steps} must be >= 0 and below scale.steps={self.steps}")
+        _require(
+            0 <= self.warmup_steps < self.steps,
+            f"scale.warmup_steps={self.warmup_steps} must be >= 0 and below scale.steps={self.steps}",
+        )
 
 
 class SearchAlgorithm(str, Enum):
@@ -963,11 +1015,18 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.num_samples is not None:
             _require(self.num_samples >= 1, f"search.num_samples must be >= 1, got {self.num_samples}")
-        _require(self.max_concurrent >= 0,
-                 f"search.max_concurrent must be >= 0 (0 = as many as the cluster fits), got {self.max_concurrent}")
-        _require(self.metric in SEARCH_METRICS, f"search.metric={self.metric}: the training loop reports "
-                                                f"{' and '.join(SEARCH_METRICS)} at each eval; choose one")
-        _require(self.grace_steps >= 0, f"search.grace_steps must be >= 0 (0 = trainer.eval_every), got {self.grace_steps}")
+        _require(
+            self.max_concurrent >= 0,
+            f"search.max_concurrent must be >= 0 (0 = as many as the cluster fits), got {self.max_concurrent}",
+        )
+        _require(
+            self.metric in SEARCH_METRICS,
+            f"search.metric={self.metric}: the training loop reports "
+            f"{' and '.join(SEARCH_METRICS)} at each eval; choose one",
+        )
+        _require(
+            self.grace_steps >= 0, f"search.grace_steps must be >= 0 (0 = trainer.eval_every), got {self.grace_steps}"
+        )
         _require(self.reduction_factor >= 2, f"search.reduction_factor must be >= 2, got {self.reduction_factor}")
 
 
@@ -980,8 +1039,10 @@ class EstimateConfig:
     host_memory_gb: Optional[float] = None  # host memory per rank for offloaded states; None: not checked
 
     def __post_init__(self) -> None:
-        _require(len(self.world_sizes) > 0 and all(n > 0 for n in self.world_sizes),
-                 f"estimate.world_sizes must be positive numbers of ranks, got {self.world_sizes}")
+        _require(
+            len(self.world_sizes) > 0 and all(n > 0 for n in self.world_sizes),
+            f"estimate.world_sizes must be positive numbers of ranks, got {self.world_sizes}",
+        )
         _positive("estimate", device_memory_gb=self.device_memory_gb)
         if self.host_memory_gb is not None:
             _positive("estimate", host_memory_gb=self.host_memory_gb)
@@ -998,8 +1059,15 @@ class JobKind(str, Enum):
 
 
 # What every script worker gets from its launcher (torchrun's contract), plus the run dir.
-SCRIPT_ENV_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT",
-                   "ORCHESTRATOR_RUN_DIR")
+SCRIPT_ENV_VARS = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "ORCHESTRATOR_RUN_DIR",
+)
 
 
 @dataclass(kw_only=True)
@@ -1016,15 +1084,21 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.kind is JobKind.train:
-            _require(self.script is None and not self.args and not self.env,
-                     "job.script, job.args and job.env apply to script jobs only: add job.kind=script")
+            _require(
+                self.script is None and not self.args and not self.env,
+                "job.script, job.args and job.env apply to script jobs only: add job.kind=script",
+            )
             return
-        _require(bool(self.script and self.script.strip()),
-                 "job.kind=script needs job.script=PATH, the Python file every worker runs")
+        _require(
+            bool(self.script and self.script.strip()),
+            "job.kind=script needs job.script=PATH, the Python file every worker runs",
+        )
         _require(self.script.endswith(".py"), f"job.script={self.script} is not a Python file (.py)")
         for key in self.env:
-            _require(key not in SCRIPT_ENV_VARS, f"job.env.{key}: set by the launcher for each worker; "
-                                                 f"it cannot be overridden")
+            _require(
+                key not in SCRIPT_ENV_VARS,
+                f"job.env.{key}: set by the launcher for each worker; it cannot be overridden",
+            )
 
 
 # -------------------------------------------------------------------------------------------- the job
@@ -1058,24 +1132,25 @@ class Config:
             f"{data.output_kind.value}",
         )
         tokens = data.output_kind is SampleKind.tokens
-        problem = loss_problem(trainer.loss, TargetKind.classes if tokens else data.targets, data=data.name,
-                               tokens=tokens)
+        problem = loss_problem(
+            trainer.loss, TargetKind.classes if tokens else data.targets, data=data.name, tokens=tokens
+        )
         if problem is not None:
             raise ValueError(problem)
         seq_len = data.seq_len_or_none
         block_size = getattr(model, "block_size", None)
         if seq_len is not None and block_size is not None:
-            _require(block_size >= seq_len,
-                     f"model.block_size={block_size} is shorter than data.seq_len={seq_len}")
+            _require(block_size >= seq_len, f"model.block_size={block_size} is shorter than data.seq_len={seq_len}")
         limit = self.strategy.max_world_size
         if limit is not None:
-            _require(world <= limit,
-                     f"strategy={self.strategy.name} runs at most {limit} worker(s); launcher.num_workers={world} "
-                     f"needs strategy=ddp")
+            _require(
+                world <= limit,
+                f"strategy={self.strategy.name} runs at most {limit} worker(s); launcher.num_workers={world} "
+                f"needs strategy=ddp",
+            )
         _require(
             trainer.global_batch_size % world == 0,
-            f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by "
-            f"launcher.num_workers={world}",
+            f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by launcher.num_workers={world}",
         )
         per_micro_step = trainer.micro_batch_size * world
         _require(
@@ -1084,9 +1159,11 @@ class Config:
             f"trainer.micro_batch_size x launcher.num_workers = {trainer.micro_batch_size} x {world}",
         )
         if model.lora.enabled:
-            _require(model.lora.base_dtype is Precision.fp32 or trainer.precision is Precision.bf16,
-                     f"model.lora.base_dtype=bf16 needs trainer.precision=bf16 (got {trainer.precision.value}): "
-                     f"the frozen bf16 weights compute in bf16")
+            _require(
+                model.lora.base_dtype is Precision.fp32 or trainer.precision is Precision.bf16,
+                f"model.lora.base_dtype=bf16 needs trainer.precision=bf16 (got {trainer.precision.value}): "
+                f"the frozen bf16 weights compute in bf16",
+            )
             _require(not trainer.freeze, "trainer.freeze and model.lora: with LoRA only the adapters train already")
         _require(
             self.scheduler.warmup_steps <= trainer.max_steps,

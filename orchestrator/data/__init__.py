@@ -46,8 +46,10 @@ def _source(cfg: DataConfig) -> ModuleType:
     for config_type, module in _SOURCES.items():
         if isinstance(cfg, config_type):
             return importlib.import_module(f"orchestrator.data.{module}")
-    raise UserError(f"data={cfg.name}: no data source for {type(cfg).__name__}; known: text, memmap, digits, "
-                    f"diabetes, npz, synthetic")
+    raise UserError(
+        f"data={cfg.name}: no data source for {type(cfg).__name__}; known: text, memmap, digits, "
+        f"diabetes, npz, synthetic"
+    )
 
 
 def prepare_data(cfg: DataConfig) -> DataSpec:

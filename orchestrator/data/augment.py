@@ -34,12 +34,16 @@ def check_augment(cfg: AugmentConfig, input_shape: tuple[int, ...]) -> None:
     if not cfg.spatial:
         return
     if len(input_shape) != 3:
-        raise UserError(f"data.augment.crop_padding, flip and rotate_degrees need images shaped (channels, height, "
-                        f"width); the data's samples are shaped {input_shape}: only data.augment.noise_std applies")
+        raise UserError(
+            f"data.augment.crop_padding, flip and rotate_degrees need images shaped (channels, height, "
+            f"width); the data's samples are shaped {input_shape}: only data.augment.noise_std applies"
+        )
     height, width = input_shape[1:]
     if cfg.crop_padding >= min(height, width):
-        raise UserError(f"data.augment.crop_padding={cfg.crop_padding} must be smaller than the images' height and "
-                        f"width ({height} x {width})")
+        raise UserError(
+            f"data.augment.crop_padding={cfg.crop_padding} must be smaller than the images' height and "
+            f"width ({height} x {width})"
+        )
 
 
 class Augmenter:
@@ -55,8 +59,10 @@ class Augmenter:
     def __call__(self, inputs: torch.Tensor, draw: Draw) -> torch.Tensor:
         """The micro-batch ``draw`` names, changed: ``inputs`` is ``(B, *input_shape)`` float32, left as it is."""
         cfg = self.cfg
-        generators = [np.random.default_rng([_STREAM, draw.seed % 2**64, int(epoch), int(sample_id)])
-                      for epoch, sample_id in zip(draw.epochs, draw.ids)]
+        generators = [
+            np.random.default_rng([_STREAM, draw.seed % 2**64, int(epoch), int(sample_id)])
+            for epoch, sample_id in zip(draw.epochs, draw.ids)
+        ]
         # Per sample, four numbers in [0, 1) whatever is on: the shift down and right, the flip, the angle.
         uniforms = np.stack([g.random(4) for g in generators])
         out = inputs
@@ -79,8 +85,12 @@ def _shift_and_flip(images: torch.Tensor, uniforms: np.ndarray, *, pad: int, fli
     cols = np.clip(np.arange(width) + shift_x[:, None], 0, width - 1)
     if flip:
         cols = np.where(uniforms[:, 2:3] < 0.5, cols[:, ::-1], cols)
-    return images[torch.arange(batch)[:, None, None, None], torch.arange(channels)[None, :, None, None],
-                  torch.from_numpy(rows)[:, None, :, None], torch.from_numpy(np.ascontiguousarray(cols))[:, None, None, :]]
+    return images[
+        torch.arange(batch)[:, None, None, None],
+        torch.arange(channels)[None, :, None, None],
+        torch.from_numpy(rows)[:, None, :, None],
+        torch.from_numpy(np.ascontiguousarray(cols))[:, None, None, :],
+    ]
 
 
 def _rotate(images: torch.Tensor, angles_degrees: np.ndarray) -> torch.Tensor:
@@ -91,7 +101,9 @@ def _rotate(images: torch.Tensor, angles_degrees: np.ndarray) -> torch.Tensor:
     zero = torch.zeros_like(cos)
     # affine_grid works in coordinates normalized to [-1, 1] per axis: rescale so that a non-square
     # image turns rather than shears.
-    theta = torch.stack([torch.stack([cos, -sin * height / width, zero], dim=1),
-                         torch.stack([sin * width / height, cos, zero], dim=1)], dim=1)
+    theta = torch.stack(
+        [torch.stack([cos, -sin * height / width, zero], dim=1), torch.stack([sin * width / height, cos, zero], dim=1)],
+        dim=1,
+    )
     grid = F.affine_grid(theta, [batch, channels, height, width], align_corners=False)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)

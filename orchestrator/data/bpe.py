@@ -81,8 +81,14 @@ def train_and_encode(texts: list[str], *, vocab_size: int, tokenizer_path: Path)
     return encode_corpus(tokenizer, texts, dtype=token_dtype(vocab_size))
 
 
-def encode_corpus(tokenizer: Tokenizer, texts: list[str], *, dtype: np.dtype, end_of_text_id: int | None = None,
-                  cut: re.Pattern[str] | None = _CUT) -> np.ndarray:
+def encode_corpus(
+    tokenizer: Tokenizer,
+    texts: list[str],
+    *,
+    dtype: np.dtype,
+    end_of_text_id: int | None = None,
+    cut: re.Pattern[str] | None = _CUT,
+) -> np.ndarray:
     """Each text's token ids followed by the end-of-text id, all texts in order, as one ``dtype`` array.
 
     The same stream as ``tokenizer.encode(text, add_special_tokens=False)`` text by text, built on every
@@ -138,14 +144,15 @@ class PretrainedTokenizer:
         self.key = key
         self.path = self.directory / TOKENIZER_FILE
         if not self.path.is_file():
-            raise UserError(f"{key}={directory}: no {TOKENIZER_FILE} there (data.tokenizer=pretrained tokenizes with "
-                            f"the one save_pretrained writes; or use data.tokenizer=bpe or bytes)")
+            raise UserError(
+                f"{key}={directory}: no {TOKENIZER_FILE} there (data.tokenizer=pretrained tokenizes with "
+                f"the one save_pretrained writes; or use data.tokenizer=bpe or bytes)"
+            )
         self.model_config = self._json(MODEL_CONFIG_FILE)
         self.tokenizer_config = self._json(TOKENIZER_CONFIG_FILE)
         vocab_size = self.model_config.get("vocab_size")
         # The model's vocabulary, when the directory holds a model: every id must be below it.
-        self.model_vocab_size = vocab_size if isinstance(vocab_size, int) and 0 < vocab_size <= MAX_VOCAB_SIZE \
-            else None
+        self.model_vocab_size = vocab_size if isinstance(vocab_size, int) and 0 < vocab_size <= MAX_VOCAB_SIZE else None
 
     def _json(self, name: str) -> dict[str, Any]:
         path = self.directory / name
@@ -153,9 +160,12 @@ class PretrainedTokenizer:
 
     def fingerprint(self) -> dict[str, Any]:
         """What decides the token ids, for the cache key: the tokenizer file's content and the settings read."""
-        return {"tokenizer_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
-                "vocab_size": self.model_vocab_size, "eos_token": self.tokenizer_config.get("eos_token"),
-                "eos_token_id": self.model_config.get("eos_token_id")}
+        return {
+            "tokenizer_sha256": hashlib.sha256(self.path.read_bytes()).hexdigest(),
+            "vocab_size": self.model_vocab_size,
+            "eos_token": self.tokenizer_config.get("eos_token"),
+            "eos_token_id": self.model_config.get("eos_token_id"),
+        }
 
     def encode(self, texts: list[str], *, blank_line: str) -> tuple[np.ndarray, int, int | None, str]:
         """``encode_corpus``'s stream of the texts, the vocabulary its ids index, the end-of-text id (None
@@ -167,8 +177,13 @@ class PretrainedTokenizer:
         tokenizer, vocab_size, end_of_text_id, cut = self._open()
         if end_of_text_id is None:
             texts = [text + blank_line for text in texts]
-        stream = encode_corpus(tokenizer, texts, dtype=token_dtype(vocab_size), cut=cut,
-                               end_of_text_id=-1 if end_of_text_id is None else end_of_text_id)
+        stream = encode_corpus(
+            tokenizer,
+            texts,
+            dtype=token_dtype(vocab_size),
+            cut=cut,
+            end_of_text_id=-1 if end_of_text_id is None else end_of_text_id,
+        )
         separator = blank_line if end_of_text_id is None else tokenizer.id_to_token(end_of_text_id)
         return stream, vocab_size, end_of_text_id, separator
 
@@ -179,16 +194,20 @@ class PretrainedTokenizer:
         try:
             tokenizer = Tokenizer.from_str(text)
         except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
-            raise UserError(f"{self.key}: {self.path} is not a tokenizer tokenizers can read "
-                            f"({first_line(exc)})") from None
+            raise UserError(
+                f"{self.key}: {self.path} is not a tokenizer tokenizers can read ({first_line(exc)})"
+            ) from None
         last_id = max(tokenizer.get_vocab(with_added_tokens=True).values(), default=-1)
         if self.model_vocab_size is not None and last_id >= self.model_vocab_size:
-            raise UserError(f"{self.key}: {self.path} has ids up to {last_id}, past the model's vocab_size="
-                            f"{self.model_vocab_size} ({self.directory / MODEL_CONFIG_FILE}): not this model's "
-                            f"tokenizer")
+            raise UserError(
+                f"{self.key}: {self.path} has ids up to {last_id}, past the model's vocab_size="
+                f"{self.model_vocab_size} ({self.directory / MODEL_CONFIG_FILE}): not this model's "
+                f"tokenizer"
+            )
         if self.model_vocab_size is None and last_id >= MAX_VOCAB_SIZE:
-            raise UserError(f"{self.key}: {self.path} has ids up to {last_id}, more than token files hold "
-                            f"({MAX_VOCAB_SIZE})")
+            raise UserError(
+                f"{self.key}: {self.path} has ids up to {last_id}, more than token files hold ({MAX_VOCAB_SIZE})"
+            )
         spec = json.loads(text)
         marks_start = any(_mentions(spec.get(part), _MARKS_INPUT_START) for part in ("normalizer", "pre_tokenizer"))
         cut = None if marks_start else _PRETRAINED_CUT

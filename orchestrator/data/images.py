@@ -105,8 +105,9 @@ def _spec(cfg: ArrayDataConfig, inputs: np.ndarray, targets: np.ndarray) -> Data
     input_shape = tuple(int(size) for size in inputs.shape[1:])
     if cfg.targets is TargetKind.classes:
         return DataSpec(kind=SampleKind.images, input_shape=input_shape, num_classes=int(targets.max()) + 1)
-    return DataSpec(kind=SampleKind.images, input_shape=input_shape, targets=cfg.targets,
-                    target_dim=int(targets.shape[1]))
+    return DataSpec(
+        kind=SampleKind.images, input_shape=input_shape, targets=cfg.targets, target_dim=int(targets.shape[1])
+    )
 
 
 def _arrays(cfg: ArrayDataConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -156,8 +157,11 @@ def _read_npz(cfg: NpzDataConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def _class_ids(cfg: NpzDataConfig, labels: np.ndarray, *, num_samples: int, path: Path) -> np.ndarray:
     if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer) or len(labels) != num_samples:
-        hint = ("; float targets need data.targets=values (or probabilities, for trainer.loss=bce)"
-                if np.issubdtype(labels.dtype, np.floating) else "")
+        hint = (
+            "; float targets need data.targets=values (or probabilities, for trainer.loss=bce)"
+            if np.issubdtype(labels.dtype, np.floating)
+            else ""
+        )
         raise UserError(
             f"data.y_key={cfg.y_key!r}: the array in {path} must be integers shaped (N,) with N={num_samples} "
             f"as in {cfg.x_key!r}, got {labels.dtype} {labels.shape}{hint}"

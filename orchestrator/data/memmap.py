@@ -45,17 +45,22 @@ def read_meta(directory: Path) -> tuple[int, np.dtype]:
     meta = read_json_object(meta_path, key="data.path")
     vocab_size = meta.get("vocab_size")
     if not isinstance(vocab_size, int) or not 0 < vocab_size <= MAX_VOCAB_SIZE:
-        raise UserError(f"data.path: {meta_path} must hold an integer vocab_size in [1, {MAX_VOCAB_SIZE}], "
-                        f"got {vocab_size!r}")
+        raise UserError(
+            f"data.path: {meta_path} must hold an integer vocab_size in [1, {MAX_VOCAB_SIZE}], got {vocab_size!r}"
+        )
     try:
         dtype = recorded_dtype(meta)
     except ValueError:
-        raise UserError(f"data.path: {meta_path} has dtype {meta['dtype']!r}; allowed: {', '.join(TOKEN_DTYPES)} "
-                        f"(none means {DEFAULT_DTYPE})") from None
+        raise UserError(
+            f"data.path: {meta_path} has dtype {meta['dtype']!r}; allowed: {', '.join(TOKEN_DTYPES)} "
+            f"(none means {DEFAULT_DTYPE})"
+        ) from None
     if "dtype" not in meta and token_dtype(vocab_size) != dtype:
-        raise UserError(f"data.path: {meta_path} has vocab_size={vocab_size} and no dtype, which means "
-                        f"{DEFAULT_DTYPE}, too narrow for ids past 65535: add \"dtype\": \"uint32\" if "
-                        f"train.bin and val.bin hold uint32 ids")
+        raise UserError(
+            f"data.path: {meta_path} has vocab_size={vocab_size} and no dtype, which means "
+            f'{DEFAULT_DTYPE}, too narrow for ids past 65535: add "dtype": "uint32" if '
+            f"train.bin and val.bin hold uint32 ids"
+        )
     return vocab_size, dtype
 
 
@@ -72,21 +77,27 @@ def prepare(cfg: MemmapDataConfig) -> DataSpec:
         path = directory / name
         stat = path.stat()
         if stat.st_size % dtype.itemsize:
-            raise UserError(f"data.path: {path} has {stat.st_size} bytes, not a whole number of {dtype.name} "
-                            f"tokens (the dtype in meta.json)")
+            raise UserError(
+                f"data.path: {path} has {stat.st_size} bytes, not a whole number of {dtype.name} "
+                f"tokens (the dtype in meta.json)"
+            )
         require_windows(count_tokens(path, dtype=dtype), seq_len=cfg.seq_len, where=str(path))
-        bad = _first_id_out_of_range(str(path), dtype=dtype.name, vocab_size=vocab_size, size_bytes=stat.st_size,
-                                     mtime_ns=stat.st_mtime_ns)
+        bad = _first_id_out_of_range(
+            str(path), dtype=dtype.name, vocab_size=vocab_size, size_bytes=stat.st_size, mtime_ns=stat.st_mtime_ns
+        )
         if bad is not None:
             token_id, position = bad
-            raise UserError(f"data.path: {path} holds token id {token_id} at position {position} (counting tokens "
-                            f"from 0), not below vocab_size={vocab_size} from meta.json")
+            raise UserError(
+                f"data.path: {path} holds token id {token_id} at position {position} (counting tokens "
+                f"from 0), not below vocab_size={vocab_size} from meta.json"
+            )
     return DataSpec(kind=SampleKind.tokens, vocab_size=vocab_size, seq_len=cfg.seq_len)
 
 
 @functools.lru_cache(maxsize=16)
-def _first_id_out_of_range(path: str, *, dtype: str, vocab_size: int, size_bytes: int,
-                           mtime_ns: int) -> tuple[int, int] | None:
+def _first_id_out_of_range(
+    path: str, *, dtype: str, vocab_size: int, size_bytes: int, mtime_ns: int
+) -> tuple[int, int] | None:
     """The first id ``>= vocab_size`` in a token file of ``dtype`` ids and its position, or None;
     remembered for an unchanged file (size and mtime), as a sweep's points each prepare the same data."""
     del size_bytes, mtime_ns  # only part of the cache key

@@ -45,8 +45,9 @@ class StreamSampler:
         shuffle: False reads every epoch in id order.
     """
 
-    def __init__(self, num_samples: int, *, micro_batch_size: int, rank: int, world_size: int, seed: int,
-                 shuffle: bool = True) -> None:
+    def __init__(
+        self, num_samples: int, *, micro_batch_size: int, rank: int, world_size: int, seed: int, shuffle: bool = True
+    ) -> None:
         if num_samples < 1:
             raise ValueError(f"the train split holds no samples (num_samples={num_samples})")
         if micro_batch_size < 1:
@@ -124,8 +125,9 @@ class StreamSampler:
         return self._permutations[epoch]
 
 
-def eval_indices(num_samples: int, *, batches: int, micro_batch_size: int, rank: int,
-                 world_size: int) -> list[np.ndarray]:
+def eval_indices(
+    num_samples: int, *, batches: int, micro_batch_size: int, rank: int, world_size: int
+) -> list[np.ndarray]:
     """This rank's micro-batches of val sample ids: the same on every run, so eval losses compare.
 
     The first ``batches * micro_batch_size * world_size`` val ids in order, cut into micro-steps as

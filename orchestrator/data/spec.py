@@ -34,20 +34,27 @@ class DataSpec:
                     f"got vocab_size={self.vocab_size}, seq_len={self.seq_len}"
                 )
             if self.targets is not TargetKind.classes:
-                raise ValueError(f"DataSpec(kind=tokens) has class-id targets (the next token), "
-                                 f"got {self.targets.value}")
+                raise ValueError(
+                    f"DataSpec(kind=tokens) has class-id targets (the next token), got {self.targets.value}"
+                )
             return
         shape = self.input_shape
         if not (isinstance(shape, tuple) and shape and all(size > 0 for size in shape)):
-            raise ValueError(f"DataSpec(kind=images) needs input_shape, a non-empty tuple of positive sizes, "
-                             f"got input_shape={self.input_shape}")
+            raise ValueError(
+                f"DataSpec(kind=images) needs input_shape, a non-empty tuple of positive sizes, "
+                f"got input_shape={self.input_shape}"
+            )
         if self.targets is TargetKind.classes:
             if not (self.num_classes and self.num_classes > 0 and self.target_dim is None):
-                raise ValueError(f"DataSpec(targets=classes) needs num_classes > 0 and no target_dim, "
-                                 f"got num_classes={self.num_classes}, target_dim={self.target_dim}")
+                raise ValueError(
+                    f"DataSpec(targets=classes) needs num_classes > 0 and no target_dim, "
+                    f"got num_classes={self.num_classes}, target_dim={self.target_dim}"
+                )
         elif not (self.target_dim and self.target_dim > 0 and self.num_classes is None):
-            raise ValueError(f"DataSpec(targets={self.targets.value}) needs target_dim > 0 and no num_classes, "
-                             f"got target_dim={self.target_dim}, num_classes={self.num_classes}")
+            raise ValueError(
+                f"DataSpec(targets={self.targets.value}) needs target_dim > 0 and no num_classes, "
+                f"got target_dim={self.target_dim}, num_classes={self.num_classes}"
+            )
 
     @property
     def tokens_per_sample(self) -> int:

@@ -162,8 +162,12 @@ def prepare(cfg: TextDataConfig) -> DataSpec:
     if skipped:
         more = f" and {len(skipped) - 3} more" if len(skipped) > 3 else ""
         named = ", ".join(str(path) for path in skipped[:3]) + more
-        print(f"warning: data.paths: skipping {len(skipped)} corpus file(s) that are not regular files "
-              f"(a FIFO, socket, device or broken link): {named}", file=sys.stderr, flush=True)
+        print(
+            f"warning: data.paths: skipping {len(skipped)} corpus file(s) that are not regular files "
+            f"(a FIFO, socket, device or broken link): {named}",
+            file=sys.stderr,
+            flush=True,
+        )
     directory = cache_dir_for(cfg, files)
     meta = _read_complete(directory)
     if meta is None:
@@ -205,8 +209,9 @@ def _read_complete(directory: Path) -> dict | None:
     try:
         meta = json.loads((directory / "meta.json").read_text())
         dtype = recorded_dtype(meta)
-        complete = all(count_tokens(directory / f"{s}.bin", dtype=dtype) == meta[f"{s}_tokens"]
-                       for s in ("train", "val"))
+        complete = all(
+            count_tokens(directory / f"{s}.bin", dtype=dtype) == meta[f"{s}_tokens"] for s in ("train", "val")
+        )
         if meta["tokenizer"] != TokenizerKind.bytes.value:
             complete = complete and (directory / TOKENIZER_FILE).is_file()
     except (OSError, ValueError, KeyError, TypeError):
@@ -242,9 +247,16 @@ def _build(cfg: TextDataConfig, *, files: list[Path], directory: Path) -> None:
             "num_bytes": sum(path.stat().st_size for path in files),
             "separator": separator,
         }
-        write_token_files(tmp, train=stream[: len(stream) - num_val], val=stream[len(stream) - num_val :],
-                          vocab_size=vocab_size, tokenizer=cfg.tokenizer.value, corpus=corpus,
-                          format_version=FORMAT_VERSION, **extra)
+        write_token_files(
+            tmp,
+            train=stream[: len(stream) - num_val],
+            val=stream[len(stream) - num_val :],
+            vocab_size=vocab_size,
+            tokenizer=cfg.tokenizer.value,
+            corpus=corpus,
+            format_version=FORMAT_VERSION,
+            **extra,
+        )
         _publish(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

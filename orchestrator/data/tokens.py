@@ -42,8 +42,9 @@ def recorded_dtype(meta: dict) -> np.dtype:
     return np.dtype(name)
 
 
-def write_token_files(directory: str | Path, *, train: np.ndarray, val: np.ndarray, vocab_size: int,
-                      **meta: Any) -> None:
+def write_token_files(
+    directory: str | Path, *, train: np.ndarray, val: np.ndarray, vocab_size: int, **meta: Any
+) -> None:
     """Write ``train.bin``, ``val.bin`` and ``meta.json`` into ``directory``, each atomically.
 
     The ids are stored as ``token_dtype(vocab_size)`` (uint16, or uint32 past 65,536 ids), named in

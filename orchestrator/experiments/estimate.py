@@ -100,8 +100,7 @@ class ModelStates:
         return self.sharded + self.working
 
 
-def model_states(strategy: str, offload: str, precision: Precision, shape: ModelShape,
-                 world_size: int) -> ModelStates:
+def model_states(strategy: str, offload: str, precision: Precision, shape: ModelShape, world_size: int) -> ModelStates:
     mixed = precision is not Precision.fp32
     table = _BF16 if precision is Precision.bf16 else _MIXED if mixed else _FP32
     replicated, sharded, host = table.get((strategy, offload)) or _MIXED[(strategy, offload)]
@@ -119,9 +118,12 @@ def model_states(strategy: str, offload: str, precision: Precision, shape: Model
         # Unsharded parameters and gradients in the compute dtype: the root unit (kept between forward
         # and backward), the block being computed and the one prefetched.
         working = 2 * (2 if mixed else 4) * (shape.root_params + 2 * shape.largest_block_params)
-    return ModelStates(sharded=int(replicated * psi + sharded * psi / world_size + frozen_device), working=working,
-                       host=int(host * psi / world_size + frozen_host),
-                       startup_host=0 if _builds_sharded(strategy, shape.num_params) else 4 * shape.num_params)
+    return ModelStates(
+        sharded=int(replicated * psi + sharded * psi / world_size + frozen_device),
+        working=working,
+        host=int(host * psi / world_size + frozen_host),
+        startup_host=0 if _builds_sharded(strategy, shape.num_params) else 4 * shape.num_params,
+    )
 
 
 def _builds_sharded(strategy: str, num_params: int) -> bool:
@@ -133,8 +135,9 @@ def _builds_sharded(strategy: str, num_params: int) -> bool:
     return strategy == "zero3" or (strategy == "fsdp2" and num_params >= META_INIT_MIN_PARAMS)
 
 
-def activation_bytes(shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision,
-                     checkpointing: bool) -> int | None:
+def activation_bytes(
+    shape: ModelShape, *, micro_batch: int, seq_len: int, precision: Precision, checkpointing: bool
+) -> int | None:
     """Activation memory of one micro-batch on one rank (transformers only; None for other models)."""
     if shape.layers is None:
         return None
@@ -167,16 +170,30 @@ def describe(config: Config) -> ModelShape:
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     transformer: dict[str, int | None] = {}
     if isinstance(config.model, GPTConfig):
-        transformer = dict(layers=config.model.n_layer, hidden=config.model.n_embd, heads=config.model.n_head,
-                           vocab=spec.vocab_size)
+        transformer = dict(
+            layers=config.model.n_layer, hidden=config.model.n_embd, heads=config.model.n_head, vocab=spec.vocab_size
+        )
     elif isinstance(config.model, HFConfig):
         hf = model.model.config
-        transformer = dict(layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=hf.num_attention_heads,
-                           vocab=hf.vocab_size)
-    lora_shape = {} if lora is None else dict(trainable_params=info.num_trainable_params,
-                                              frozen_param_bytes=2 if lora.cfg.base_dtype is Precision.bf16 else 4)
-    return ModelShape(num_params=info.num_params, largest_layer_params=largest_layer,
-                      largest_block_params=largest_block, root_params=outside, **lora_shape, **transformer)
+        transformer = dict(
+            layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=hf.num_attention_heads, vocab=hf.vocab_size
+        )
+    lora_shape = (
+        {}
+        if lora is None
+        else dict(
+            trainable_params=info.num_trainable_params,
+            frozen_param_bytes=2 if lora.cfg.base_dtype is Precision.bf16 else 4,
+        )
+    )
+    return ModelShape(
+        num_params=info.num_params,
+        largest_layer_params=largest_layer,
+        largest_block_params=largest_block,
+        root_params=outside,
+        **lora_shape,
+        **transformer,
+    )
 
 
 def estimate(config: Config) -> dict[str, Any]:
@@ -184,32 +201,48 @@ def estimate(config: Config) -> dict[str, Any]:
     shape = describe(config)
     settings = config.estimate
     checkpointing = config.strategy.activation_checkpointing
-    precisions = [Precision.fp32, Precision.bf16] + ([Precision.fp16] if config.trainer.precision is Precision.fp16 else [])
+    precisions = [Precision.fp32, Precision.bf16] + (
+        [Precision.fp16] if config.trainer.precision is Precision.fp16 else []
+    )
     activations = {
-        precision: {ac: activation_bytes(shape, micro_batch=config.trainer.micro_batch_size,
-                                         seq_len=config.data.seq_len_or_none or 1, precision=precision,
-                                         checkpointing=ac) for ac in (False, True)}
+        precision: {
+            ac: activation_bytes(
+                shape,
+                micro_batch=config.trainer.micro_batch_size,
+                seq_len=config.data.seq_len_or_none or 1,
+                precision=precision,
+                checkpointing=ac,
+            )
+            for ac in (False, True)
+        }
         for precision in precisions
     }
-    budget = _Budget(device=settings.device_memory_gb * GIB,
-                     host=float("inf") if settings.host_memory_gb is None else settings.host_memory_gb * GIB)
+    budget = _Budget(
+        device=settings.device_memory_gb * GIB,
+        host=float("inf") if settings.host_memory_gb is None else settings.host_memory_gb * GIB,
+    )
     rows = []
     for precision in precisions:
         for strategy, offload in PLANS:
+
             def per_rank(n: int, ac: bool, plan=(strategy, offload, precision)) -> tuple[int, int]:
                 states = model_states(*plan, shape, n)
                 return states.device + (activations[plan[2]][ac] or 0), max(states.host, states.startup_host)
 
             at = {n: per_rank(n, checkpointing) for n in settings.world_sizes}
-            rows.append({
-                "strategy": strategy,
-                "offload": offload,
-                "precision": precision.value,
-                "world_sizes": {n: {"device_bytes": device, "host_bytes": host, "fits": budget.fits(device, host)}
-                                for n, (device, host) in at.items()},
-                "smallest_world_size": budget.smallest(lambda n: per_rank(n, checkpointing)),
-                "smallest_world_size_with_checkpointing": budget.smallest(lambda n: per_rank(n, True)),
-            })
+            rows.append(
+                {
+                    "strategy": strategy,
+                    "offload": offload,
+                    "precision": precision.value,
+                    "world_sizes": {
+                        n: {"device_bytes": device, "host_bytes": host, "fits": budget.fits(device, host)}
+                        for n, (device, host) in at.items()
+                    },
+                    "smallest_world_size": budget.smallest(lambda n: per_rank(n, checkpointing)),
+                    "smallest_world_size_with_checkpointing": budget.smallest(lambda n: per_rank(n, True)),
+                }
+            )
     return {
         "model": config.model.name,
         "shape": asdict(shape),
@@ -218,8 +251,10 @@ def estimate(config: Config) -> dict[str, Any]:
         "device_memory_gib": settings.device_memory_gb,
         "host_memory_gib": settings.host_memory_gb,
         "activation_checkpointing": checkpointing,
-        "activation_bytes": {precision.value: {"without_checkpointing": by_ac[False], "with_checkpointing": by_ac[True]}
-                             for precision, by_ac in activations.items()},
+        "activation_bytes": {
+            precision.value: {"without_checkpointing": by_ac[False], "with_checkpointing": by_ac[True]}
+            for precision, by_ac in activations.items()
+        },
         "rows": rows,
     }
 
@@ -248,20 +283,29 @@ def format_table(result: dict[str, Any], *, job: str) -> str:
         + f"(largest layer {_count(shape['largest_layer_params'])}), micro-batch {result['micro_batch_size']}"
         + (f" x {result['seq_len']} tokens" if result["seq_len"] else "")
         + f", {result['device_memory_gib']:g} GiB per device"
-        + (f", {result['host_memory_gib']:g} GiB host memory per rank" if result["host_memory_gib"] else
-           " (host memory not checked: estimate.host_memory_gb)"),
+        + (
+            f", {result['host_memory_gib']:g} GiB host memory per rank"
+            if result["host_memory_gib"]
+            else " (host memory not checked: estimate.host_memory_gb)"
+        ),
     ]
     for precision, acts in result["activation_bytes"].items():
         if acts["without_checkpointing"] is not None:
-            lines.append(f"activations per rank ({precision}): {acts['without_checkpointing'] / GIB:.2f} GiB, "
-                         f"{acts['with_checkpointing'] / GIB:.2f} GiB with activation checkpointing")
+            lines.append(
+                f"activations per rank ({precision}): {acts['without_checkpointing'] / GIB:.2f} GiB, "
+                f"{acts['with_checkpointing'] / GIB:.2f} GiB with activation checkpointing"
+            )
     ac = "on" if result["activation_checkpointing"] else "off"
-    lines += ["", f"per rank: device GiB (host GiB: offloaded state, or the whole model built in host memory at "
-                  f"start-up); activation checkpointing {ac} as in the job",
-              "",
-              "| strategy | offload | precision | " + " | ".join(f"N={n}" for n in world_sizes)
-              + " | smallest N | with checkpointing |",
-              "|---|---|---|" + "---:|" * len(world_sizes) + "---:|---:|"]
+    lines += [
+        "",
+        f"per rank: device GiB (host GiB: offloaded state, or the whole model built in host memory at "
+        f"start-up); activation checkpointing {ac} as in the job",
+        "",
+        "| strategy | offload | precision | "
+        + " | ".join(f"N={n}" for n in world_sizes)
+        + " | smallest N | with checkpointing |",
+        "|---|---|---|" + "---:|" * len(world_sizes) + "---:|---:|",
+    ]
     for row in result["rows"]:
         cells = []
         for n in world_sizes:
@@ -270,8 +314,11 @@ def format_table(result: dict[str, Any], *, job: str) -> str:
             cells.append(f"{cell['device_bytes'] / GIB:.1f}{host} {'fits' if cell['fits'] else 'no'}")
         smallest = row["smallest_world_size"] or "-"
         with_ac = row["smallest_world_size_with_checkpointing"] or "-"
-        lines.append(f"| {row['strategy']} | {row['offload']} | {row['precision']} | " + " | ".join(cells)
-                     + f" | {smallest} | {with_ac} |")
+        lines.append(
+            f"| {row['strategy']} | {row['offload']} | {row['precision']} | "
+            + " | ".join(cells)
+            + f" | {smallest} | {with_ac} |"
+        )
     return "\n".join(lines)
 
 

@@ -71,24 +71,40 @@ def scale_command(args: list[str]) -> int:
     base = to_config(compose(overrides))
     settings = base.scale
     if base.job.kind is JobKind.script:
-        raise UserError("job.kind=script: orchestrator scale times orchestrator's own training loop, and a "
-                        "script job's steps are the script's")
+        raise UserError(
+            "job.kind=script: orchestrator scale times orchestrator's own training loop, and a "
+            "script job's steps are the script's"
+        )
     _check_strategies(settings.strategies)
     job = override_value(overrides, "job") or "default"
     mode = settings.mode.value
     group = base.logger.group or f"scale-{job}-{mode}"
     if cluster is not None:
-        return _submit(cluster, overrides, job=job, group=group, output_dir=settings.output_dir or
-                       f"scale/{job}-{mode}", follow="--follow" in args)
-    return run_experiment(base, overrides, job=job, group=group,
-                          out_dir=Path(settings.output_dir or Path("outputs") / "scale" / f"{job}-{mode}"))
+        return _submit(
+            cluster,
+            overrides,
+            job=job,
+            group=group,
+            output_dir=settings.output_dir or f"scale/{job}-{mode}",
+            follow="--follow" in args,
+        )
+    return run_experiment(
+        base,
+        overrides,
+        job=job,
+        group=group,
+        out_dir=Path(settings.output_dir or Path("outputs") / "scale" / f"{job}-{mode}"),
+    )
 
 
 def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, out_dir: Path) -> int:
     """Every point of ``base.scale`` in turn, in this process (each run through the job's launcher)."""
     settings, mode = base.scale, base.scale.mode.value
-    points = [plan_point(base, overrides, strategy=strategy, workers=workers, group=group)
-              for strategy in settings.strategies for workers in sorted(settings.workers)]
+    points = [
+        plan_point(base, overrides, strategy=strategy, workers=workers, group=group)
+        for strategy in settings.strategies
+        for workers in sorted(settings.workers)
+    ]
     for point in points:  # every point is checked before the first one runs
         if point.config is not None and point.resolved is not None:
             try:
@@ -99,8 +115,14 @@ def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, 
         raise UserError(f"no point of the experiment can run; {points[0].name}: {points[0].error}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    meta = {"job": job, "mode": mode, "steps": settings.steps, "warmup_steps": settings.warmup_steps,
-            "group": group, "overrides": overrides}
+    meta = {
+        "job": job,
+        "mode": mode,
+        "steps": settings.steps,
+        "warmup_steps": settings.warmup_steps,
+        "group": group,
+        "overrides": overrides,
+    }
     write_outputs(out_dir, meta, [measure(point, out_dir, warmup_steps=settings.warmup_steps) for point in points])
     with _launcher_session(base):
         for point in points:
@@ -111,8 +133,15 @@ def run_experiment(base: Config, overrides: list[str], *, job: str, group: str, 
 
     print(markdown_table(rows, mode=mode), flush=True)
     if base.logger.name == "wandb":
-        location = log_experiment(out_dir, settings=base.logger, group=group, name=f"{group}/summary",
-                                  rows=rows, columns=list(COLUMNS[:-2]), meta=meta)
+        location = log_experiment(
+            out_dir,
+            settings=base.logger,
+            group=group,
+            name=f"{group}/summary",
+            rows=rows,
+            columns=list(COLUMNS[:-2]),
+            meta=meta,
+        )
         if location:
             print(f"W&B: {location}", flush=True)
     report = _write_report(out_dir)
@@ -127,8 +156,7 @@ def _submit(name: str, overrides: list[str], *, job: str, group: str, output_dir
     storage = jobs.shared_storage(cluster, purpose="orchestrator scale")
     out_dir = output_dir if Path(output_dir).is_absolute() else f"{storage}/{output_dir}"
     arguments = [o for o in overrides if not o.startswith("scale.output_dir=")] + [f"scale.output_dir={out_dir}"]
-    job_id = jobs.submit_experiment(cluster, "scale", arguments, job=job,
-                                    metadata={"run_dir": out_dir, "group": group})
+    job_id = jobs.submit_experiment(cluster, "scale", arguments, job=job, metadata={"run_dir": out_dir, "group": group})
     print(f"submitted {job_id}  experiment dir {out_dir}", flush=True)
     return jobs.follow_or_hint(cluster, job_id, follow_it=follow)
 
@@ -141,9 +169,15 @@ def plan_point(base: Config, overrides: list[str], *, strategy: str, workers: in
     else:
         global_batch = trainer.global_batch_size
         if global_batch % (trainer.micro_batch_size * workers):
-            return Point(strategy, workers, global_batch, error=(
-                f"scale.mode=strong keeps trainer.global_batch_size={global_batch}, which {workers} workers x "
-                f"trainer.micro_batch_size={trainer.micro_batch_size} do not divide"))
+            return Point(
+                strategy,
+                workers,
+                global_batch,
+                error=(
+                    f"scale.mode=strong keeps trainer.global_batch_size={global_batch}, which {workers} workers x "
+                    f"trainer.micro_batch_size={trainer.micro_batch_size} do not divide"
+                ),
+            )
     point = Point(strategy, workers, global_batch)
     point_overrides = [
         *overrides,
@@ -178,8 +212,9 @@ def measure(point: Point, out_dir: Path, *, warmup_steps: int) -> dict[str, Any]
     """The point's row, from its run dir's records (a point that has not run has only its status)."""
     run_dir = out_dir / point.name
     row: dict[str, Any] = {key: None for key in COLUMNS}
-    row.update(strategy=point.strategy, workers=point.workers, global_batch_size=point.global_batch_size,
-               run_dir=point.name)
+    row.update(
+        strategy=point.strategy, workers=point.workers, global_batch_size=point.global_batch_size, run_dir=point.name
+    )
     if point.error is not None:
         return {**row, "status": "invalid", "error": point.error, "run_dir": None}
     assert point.config is not None
@@ -204,8 +239,11 @@ def measure(point: Point, out_dir: Path, *, warmup_steps: int) -> dict[str, Any]
         step_time_s=step_time,
         tokens_per_s=tokens_per_s,
         tokens_per_s_per_worker=tokens_per_s / point.workers,
-        mfu=(summary.flops_per_token * tokens_per_s / (peak_flops * point.workers)
-             if peak_flops and summary.flops_per_token is not None else None),
+        mfu=(
+            summary.flops_per_token * tokens_per_s / (peak_flops * point.workers)
+            if peak_flops and summary.flops_per_token is not None
+            else None
+        ),
         peak_mem_bytes=max(peaks.values()) if peaks else summary.peak_mem_bytes,
         peak_mem_bytes_per_rank=[peaks[rank] for rank in sorted(peaks)],
         model_state_bytes=summary.model_state_bytes or None,
@@ -236,8 +274,11 @@ def _run_point(point: Point, out_dir: Path, *, steps: int) -> None:
         aside = out_dir / REPLACED_DIR / f"{point.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         aside.parent.mkdir(exist_ok=True)
         shutil.move(str(run_dir), aside)
-    print(f"scale: {point.name} ({point.workers} worker(s), {point.strategy}, global batch "
-          f"{point.global_batch_size}, {steps} steps)", flush=True)
+    print(
+        f"scale: {point.name} ({point.workers} worker(s), {point.strategy}, global batch "
+        f"{point.global_batch_size}, {steps} steps)",
+        flush=True,
+    )
     try:
         summary = run_job(point.job, run_dir=run_dir, print_summary=False)
     except Exception as exc:  # noqa: BLE001 - one point's failure (UserError included) is a result, not the end
@@ -253,8 +294,9 @@ def _completed(point: Point, out_dir: Path) -> bool:
     run_dir = out_dir / point.name
     summary = _read_summary(run_dir)
     config_file = RunDir(run_dir).config
-    return (summary is not None and summary.completed and config_file.exists()
-            and config_file.read_text() == point.resolved)
+    return (
+        summary is not None and summary.completed and config_file.exists() and config_file.read_text() == point.resolved
+    )
 
 
 def _read_summary(run_dir: Path) -> RunSummary | None:

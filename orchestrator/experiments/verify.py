@@ -40,8 +40,10 @@ def verify_command(overrides: list[str]) -> int:
     settings = base.verify
     job = override_value(overrides, "job") or "default"
     # Every run is checked before the first one starts.
-    jobs = {name: prepare_composed(compose([*overrides, *_run_overrides(name, base)]), job_name=job)
-            for name in settings.strategies}
+    jobs = {
+        name: prepare_composed(compose([*overrides, *_run_overrides(name, base)]), job_name=job)
+        for name in settings.strategies
+    }
 
     out_dir = Path(settings.output_dir or Path("outputs") / "verify" / job / time.strftime("%Y-%m-%d_%H-%M-%S"))
     summaries: dict[str, RunSummary] = {}
@@ -54,19 +56,29 @@ def verify_command(overrides: list[str]) -> int:
     deviations = [largest_deviation(series, reference=reference, metric=m) for m in METRICS]
     failed = [name for name, summary in summaries.items() if not summary.completed]
     passed = not failed and all(d.value <= settings.tolerance for d in deviations)
-    report = format_report(series, summaries, deviations, reference=reference, tolerance=settings.tolerance,
-                           passed=passed, failed=failed)
+    report = format_report(
+        series, summaries, deviations, reference=reference, tolerance=settings.tolerance, passed=passed, failed=failed
+    )
     print(report, flush=True)
     write_atomic(out_dir / "verify.md", report + "\n")
-    write_atomic(out_dir / "verify.json", json.dumps({
-        "reference": reference,
-        "tolerance": settings.tolerance,
-        "passed": passed,
-        "failed": failed,
-        "deviations": {d.metric: {"value": d.value, "strategy": d.strategy, "step": d.step} for d in deviations},
-        "series": {name: {str(step): values for step, values in s.items()} for name, s in series.items()},
-        "memory": {name: _memory(summary) for name, summary in summaries.items()},
-    }, indent=1) + "\n")
+    write_atomic(
+        out_dir / "verify.json",
+        json.dumps(
+            {
+                "reference": reference,
+                "tolerance": settings.tolerance,
+                "passed": passed,
+                "failed": failed,
+                "deviations": {
+                    d.metric: {"value": d.value, "strategy": d.strategy, "step": d.step} for d in deviations
+                },
+                "series": {name: {str(step): values for step, values in s.items()} for name, s in series.items()},
+                "memory": {name: _memory(summary) for name, summary in summaries.items()},
+            },
+            indent=1,
+        )
+        + "\n",
+    )
     print(f"verify dir: {out_dir}", flush=True)
     return 0 if passed else 1
 
@@ -111,35 +123,52 @@ def largest_deviation(series: dict[str, dict[int, dict[str, float]]], *, referen
 
 
 def _memory(summary: RunSummary) -> dict[str, Any]:
-    return {"param_bytes": summary.param_bytes, "grad_bytes": summary.grad_bytes,
-            "optimizer_bytes": summary.optimizer_bytes, "master_bytes": summary.master_bytes,
-            "num_params": summary.num_params, "world_size": summary.world_size}
+    return {
+        "param_bytes": summary.param_bytes,
+        "grad_bytes": summary.grad_bytes,
+        "optimizer_bytes": summary.optimizer_bytes,
+        "master_bytes": summary.master_bytes,
+        "num_params": summary.num_params,
+        "world_size": summary.world_size,
+    }
 
 
-def format_report(series: dict[str, dict[int, dict[str, float]]], summaries: dict[str, RunSummary],
-                  deviations: list[Deviation], *, reference: str, tolerance: float, passed: bool,
-                  failed: list[str]) -> str:
+def format_report(
+    series: dict[str, dict[int, dict[str, float]]],
+    summaries: dict[str, RunSummary],
+    deviations: list[Deviation],
+    *,
+    reference: str,
+    tolerance: float,
+    passed: bool,
+    failed: list[str],
+) -> str:
     """The side-by-side tables and the verdict, as markdown (it reads as well in a terminal)."""
     names = list(series)
     lines = []
     for metric in METRICS:
-        lines += [f"| step | {' | '.join(f'{name} {metric}' for name in names)} |",
-                  "|---:|" + "---:|" * len(names)]
+        lines += [f"| step | {' | '.join(f'{name} {metric}' for name in names)} |", "|---:|" + "---:|" * len(names)]
         for step in sorted(series[reference]):
             cells = [_number(series[name].get(step, {}).get(metric)) for name in names]
             lines.append(f"| {step} | {' | '.join(cells)} |")
         lines.append("")
-    lines += ["| strategy | params MiB | grads MiB | optimizer MiB | master copy MiB | tokens/s |",
-              "|---|---:|---:|---:|---:|---:|"]
+    lines += [
+        "| strategy | params MiB | grads MiB | optimizer MiB | master copy MiB | tokens/s |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
     for name, summary in summaries.items():
-        memory = [_mib(value) for value in (summary.param_bytes, summary.grad_bytes, summary.optimizer_bytes,
-                                            summary.master_bytes)]
+        memory = [
+            _mib(value)
+            for value in (summary.param_bytes, summary.grad_bytes, summary.optimizer_bytes, summary.master_bytes)
+        ]
         tokens = f"{summary.tokens_per_s:,.0f}" if summary.tokens_per_s else "-"
         lines.append(f"| {name} | {' | '.join(memory)} | {tokens} |")
     lines.append("")
     for d in deviations:
-        lines.append(f"largest relative deviation from {reference} in {d.metric}: {d.value:.2e}"
-                     + (f" ({d.strategy}, step {d.step})" if d.value else ""))
+        lines.append(
+            f"largest relative deviation from {reference} in {d.metric}: {d.value:.2e}"
+            + (f" ({d.strategy}, step {d.step})" if d.value else "")
+        )
     if failed:
         lines.append(f"failed runs: {', '.join(failed)}")
     lines.append(f"tolerance {tolerance:.0e}: {'PASS' if passed else 'FAIL'}")

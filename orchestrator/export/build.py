@@ -47,8 +47,17 @@ RECORD_FILE = "orchestrator_export.json"
 # PEFT's names for a LoRA adapter's files.
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG_FILE = "adapter_config.json"
-_EXPORT_FILES = frozenset({MODEL_CONFIG_FILE, SINGLE_FILE, INDEX_FILE, *PRETRAINED_TOKENIZER_FILES,
-                           RECORD_FILE, ADAPTER_FILE, ADAPTER_CONFIG_FILE})
+_EXPORT_FILES = frozenset(
+    {
+        MODEL_CONFIG_FILE,
+        SINGLE_FILE,
+        INDEX_FILE,
+        *PRETRAINED_TOKENIZER_FILES,
+        RECORD_FILE,
+        ADAPTER_FILE,
+        ADAPTER_CONFIG_FILE,
+    }
+)
 _SHARD_FILE = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
 
 
@@ -71,8 +80,7 @@ class ExportResult:
     lora: str | None = None  # one line about LoRA adapters: merged, or written in PEFT's format
 
 
-def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: int,
-                      merge_lora: bool) -> ExportResult:
+def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: int, merge_lora: bool) -> ExportResult:
     """Writes the model of the checkpoint ``path`` (a checkpoint, a ``checkpoints/`` dir or a run dir) to
     ``output`` as safetensors shards, ``config.json`` and the run's tokenizer.
 
@@ -97,8 +105,10 @@ def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: 
     config = _run_config(directory)
     export = EXPORTS.get(config.model.name)
     if export is None:
-        raise UserError(f"checkpoint={path}: model={config.model.name} has no transformers form; export writes "
-                        f"model={' and model='.join(EXPORTS)}")
+        raise UserError(
+            f"checkpoint={path}: model={config.model.name} has no transformers form; export writes "
+            f"model={' and model='.join(EXPORTS)}"
+        )
     lora = lora_for(config.model)
     if merge_lora and lora is None:
         raise UserError(f"--merge-lora: {path} has no LoRA adapters (its run's model.lora.rank is 0)")
@@ -111,9 +121,15 @@ def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: 
     if tokenizer.warning:
         log.warning("%s", tokenizer.warning)
     target = DTYPES[dtype]
-    record = {"checkpoint": str(directory.resolve()), "step": saved.step, "strategy": saved.strategy,
-              "world_size": saved.world_size, "model": config.model.name, "dtype": dtype,
-              "orchestrator_version": __version__}
+    record = {
+        "checkpoint": str(directory.resolve()),
+        "step": saved.step,
+        "strategy": saved.strategy,
+        "world_size": saved.world_size,
+        "model": config.model.name,
+        "dtype": dtype,
+        "orchestrator_version": __version__,
+    }
     texts = {RECORD_FILE: json.dumps(record, indent=1) + "\n"}
     tensors = [_cast(tensor, target) for tensor in model.tensors]
     adapters = None
@@ -135,12 +151,21 @@ def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: 
         shards[ADAPTER_FILE] = adapters.tensors
     texts.update(tokenizer.texts(model_max_length=model.max_length))
     _write_directory(output, files=shards, texts=texts)
-    return ExportResult(output=output, checkpoint=directory, step=saved.step, strategy=saved.strategy,
-                        world_size=saved.world_size, model=config.model.name, architecture=model.architecture,
-                        num_params=sum(math.prod(t.shape) for t in tensors), dtype=dtype,
-                        files=[name for name in shards if name != ADAPTER_FILE],
-                        num_bytes=sum(t.num_bytes for t in tensors), tokenizer=tokenizer.note,
-                        lora=_lora_note(lora, weights, adapters))
+    return ExportResult(
+        output=output,
+        checkpoint=directory,
+        step=saved.step,
+        strategy=saved.strategy,
+        world_size=saved.world_size,
+        model=config.model.name,
+        architecture=model.architecture,
+        num_params=sum(math.prod(t.shape) for t in tensors),
+        dtype=dtype,
+        files=[name for name in shards if name != ADAPTER_FILE],
+        num_bytes=sum(t.num_bytes for t in tensors),
+        tokenizer=tokenizer.note,
+        lora=_lora_note(lora, weights, adapters),
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -160,11 +185,25 @@ def _adapters(lora: LoRA, weights: MergedWeights, model: ModelExport, *, base: s
         name = model.module_names[module]
         targets.append(name)
         for kind, stored_name in zip(("lora_A", "lora_B"), stored):
-            tensors.append(OutTensor(name=f"base_model.model.{name}.{kind}.weight", shape=tuple(shapes[stored_name]),
-                                     dtype=dtypes[stored_name], read=partial(weights.source.read, stored_name)))
-    config = LoraConfig(r=lora.cfg.rank, lora_alpha=lora.cfg.alpha, lora_dropout=lora.cfg.dropout,
-                        target_modules=targets, bias="none", task_type="CAUSAL_LM", fan_in_fan_out=model.conv1d,
-                        base_model_name_or_path=base, inference_mode=True)
+            tensors.append(
+                OutTensor(
+                    name=f"base_model.model.{name}.{kind}.weight",
+                    shape=tuple(shapes[stored_name]),
+                    dtype=dtypes[stored_name],
+                    read=partial(weights.source.read, stored_name),
+                )
+            )
+    config = LoraConfig(
+        r=lora.cfg.rank,
+        lora_alpha=lora.cfg.alpha,
+        lora_dropout=lora.cfg.dropout,
+        target_modules=targets,
+        bias="none",
+        task_type="CAUSAL_LM",
+        fan_in_fan_out=model.conv1d,
+        base_model_name_or_path=base,
+        inference_mode=True,
+    )
     settings = {key: sorted(value) if isinstance(value, set) else value for key, value in config.to_dict().items()}
     return tensors, json.dumps(settings, indent=2, sort_keys=True) + "\n"
 
@@ -182,8 +221,10 @@ def _run_config(directory: Path) -> Config:
     """The config of the run that wrote a checkpoint (``RUN_DIR/checkpoints/step-N/``)."""
     config_file = directory.parent.parent / CONFIG_FILE
     if not config_file.is_file():
-        raise UserError(f"checkpoint={directory}: no {config_file}: export reads the model's settings from "
-                        f"the run dir of the checkpoint (RUN_DIR/checkpoints/step-N)")
+        raise UserError(
+            f"checkpoint={directory}: no {config_file}: export reads the model's settings from "
+            f"the run dir of the checkpoint (RUN_DIR/checkpoints/step-N)"
+        )
     try:
         return load_resolved(config_file.read_text())
     except UserError as exc:
@@ -216,13 +257,20 @@ def _check_output(output: Path) -> None:
     if not output.exists() or not any(output.iterdir()):
         return
     if not (output / RECORD_FILE).is_file():
-        raise UserError(f"-o {output}: exists and is not empty; choose a new or empty directory "
-                        f"(an earlier export there is replaced)")
-    foreign = sorted(entry.name for entry in output.iterdir()
-                     if not (entry.is_file() and (entry.name in _EXPORT_FILES or _SHARD_FILE.fullmatch(entry.name))))
+        raise UserError(
+            f"-o {output}: exists and is not empty; choose a new or empty directory "
+            f"(an earlier export there is replaced)"
+        )
+    foreign = sorted(
+        entry.name
+        for entry in output.iterdir()
+        if not (entry.is_file() and (entry.name in _EXPORT_FILES or _SHARD_FILE.fullmatch(entry.name)))
+    )
     if foreign:
-        raise UserError(f"-o {output}: an earlier export, but it also holds {', '.join(foreign[:3])}, which export "
-                        f"does not write and would delete; move them or choose another directory")
+        raise UserError(
+            f"-o {output}: an earlier export, but it also holds {', '.join(foreign[:3])}, which export "
+            f"does not write and would delete; move them or choose another directory"
+        )
 
 
 def _write_directory(output: Path, *, files: dict[str, list[OutTensor]], texts: dict[str, str]) -> None:

@@ -47,14 +47,28 @@ def gpt_export(config: Config, weights: WeightSource, *, source: str) -> ModelEx
     shapes = _in_model_order(model, weights, source=source)
     dtypes = weights.dtypes()
     layout = gpt2_layout(shapes)
-    tensors = [OutTensor(name=entry.name, shape=entry.shape, read=partial(gpt2_tensor, entry, weights.read),
-                         dtype=dtypes[entry.source] if entry.source else torch.float32)
-               for entry in layout]
-    modules = {entry.source.removesuffix(".weight"): entry.name.removesuffix(".weight")
-               for entry in layout if entry.source and entry.source.endswith(".weight")}
-    return ModelExport(architecture="GPT2LMHeadModel", tensors=tensors, max_length=model.block_size,
-                       config=gpt2_config(config.model, vocab_size=rows, block_size=model.block_size),
-                       module_names=modules, conv1d=True)
+    tensors = [
+        OutTensor(
+            name=entry.name,
+            shape=entry.shape,
+            read=partial(gpt2_tensor, entry, weights.read),
+            dtype=dtypes[entry.source] if entry.source else torch.float32,
+        )
+        for entry in layout
+    ]
+    modules = {
+        entry.source.removesuffix(".weight"): entry.name.removesuffix(".weight")
+        for entry in layout
+        if entry.source and entry.source.endswith(".weight")
+    }
+    return ModelExport(
+        architecture="GPT2LMHeadModel",
+        tensors=tensors,
+        max_length=model.block_size,
+        config=gpt2_config(config.model, vocab_size=rows, block_size=model.block_size),
+        module_names=modules,
+        conv1d=True,
+    )
 
 
 def hf_export(config: Config, weights: WeightSource, *, source: str) -> ModelExport:
@@ -69,9 +83,11 @@ def hf_export(config: Config, weights: WeightSource, *, source: str) -> ModelExp
     tied = set(getattr(hf_model, "all_tied_weights_keys", None) or {})  # {tied name: the name it is tied to}
     prefix = "model."
     dtypes = weights.dtypes()
-    tensors = [OutTensor(name=name[len(prefix):], shape=tuple(shape), dtype=dtypes[name],
-                         read=partial(weights.read, name))
-               for name, shape in shapes.items() if name[len(prefix):] not in tied]
+    tensors = [
+        OutTensor(name=name[len(prefix) :], shape=tuple(shape), dtype=dtypes[name], read=partial(weights.read, name))
+        for name, shape in shapes.items()
+        if name[len(prefix) :] not in tied
+    ]
     architecture = type(hf_model).__name__
     hf_config = json.loads(hf_model.config.to_json_string())  # as save_pretrained writes it: what differs from defaults
     hf_config["architectures"] = [architecture]
@@ -81,9 +97,10 @@ def hf_export(config: Config, weights: WeightSource, *, source: str) -> ModelExp
         if key not in config.model.config and not config.model.pretrained:
             hf_config[key] = None
     max_length = getattr(hf_model.config, "max_position_embeddings", None) or config.data.seq_len_or_none
-    modules = {name: name[len(prefix):] for name, _ in model.named_modules() if name.startswith(prefix)}
-    return ModelExport(architecture=architecture, config=hf_config, tensors=tensors, max_length=max_length,
-                       module_names=modules)
+    modules = {name: name[len(prefix) :] for name, _ in model.named_modules() if name.startswith(prefix)}
+    return ModelExport(
+        architecture=architecture, config=hf_config, tensors=tensors, max_length=max_length, module_names=modules
+    )
 
 
 EXPORTS: dict[str, Callable[..., ModelExport]] = {"gpt": gpt_export, "hf": hf_export}

@@ -22,8 +22,15 @@ from orchestrator.models.pretrained import SINGLE_FILE
 
 # safetensors' names for torch dtypes.
 _DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _HEADER_ALIGN = 8  # the safetensors writer pads its header so that the data starts 8-byte aligned
@@ -66,8 +73,11 @@ def write_safetensors(path: Path, tensors: list[OutTensor]) -> None:
     for tensor in tensors:
         if tensor.dtype not in _DTYPES:
             raise ValueError(f"{tensor.name}: safetensors has no dtype {tensor.dtype}")
-        header[tensor.name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape),
-                               "data_offsets": [offset, offset + tensor.num_bytes]}
+        header[tensor.name] = {
+            "dtype": _DTYPES[tensor.dtype],
+            "shape": list(tensor.shape),
+            "data_offsets": [offset, offset + tensor.num_bytes],
+        }
         offset += tensor.num_bytes
     encoded = json.dumps(header, separators=(",", ":")).encode()
     encoded += b" " * (-len(encoded) % _HEADER_ALIGN)
@@ -77,8 +87,10 @@ def write_safetensors(path: Path, tensors: list[OutTensor]) -> None:
         for tensor in tensors:
             values = tensor.read()
             if tuple(values.shape) != tensor.shape or values.dtype != tensor.dtype:
-                raise ValueError(f"{tensor.name}: read {values.dtype} {list(values.shape)}, "
-                                 f"planned {tensor.dtype} {list(tensor.shape)}")
+                raise ValueError(
+                    f"{tensor.name}: read {values.dtype} {list(values.shape)}, "
+                    f"planned {tensor.dtype} {list(tensor.shape)}"
+                )
             # The raw bytes, in place (little-endian, as on every machine torch supports).
             stream.write(values.contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del values

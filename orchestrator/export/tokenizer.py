@@ -22,8 +22,15 @@ from orchestrator.data.bpe import (
 from orchestrator.data.text import END_OF_TEXT, cache_dir_for, find_corpus_files
 from orchestrator.errors import UserError
 
-__all__ = ["PRETRAINED_TOKENIZER_FILES", "SPECIAL_TOKENS_MAP_FILE", "TOKENIZER_CONFIG_FILE", "TOKENIZER_FILE",
-           "RunTokenizer", "find_tokenizer", "tokenizer_config"]
+__all__ = [
+    "PRETRAINED_TOKENIZER_FILES",
+    "SPECIAL_TOKENS_MAP_FILE",
+    "TOKENIZER_CONFIG_FILE",
+    "TOKENIZER_FILE",
+    "RunTokenizer",
+    "find_tokenizer",
+    "tokenizer_config",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -42,10 +49,15 @@ class RunTokenizer:
         if self.path is None:
             return {}
         if self.pretrained:
-            return {name: (self.path.parent / name).read_text() for name in PRETRAINED_TOKENIZER_FILES
-                    if (self.path.parent / name).is_file()}
-        return {TOKENIZER_FILE: self.path.read_text(),
-                TOKENIZER_CONFIG_FILE: tokenizer_config(model_max_length=model_max_length)}
+            return {
+                name: (self.path.parent / name).read_text()
+                for name in PRETRAINED_TOKENIZER_FILES
+                if (self.path.parent / name).is_file()
+            }
+        return {
+            TOKENIZER_FILE: self.path.read_text(),
+            TOKENIZER_CONFIG_FILE: tokenizer_config(model_max_length=model_max_length),
+        }
 
 
 def find_tokenizer(data: DataConfig) -> RunTokenizer:
@@ -54,40 +66,61 @@ def find_tokenizer(data: DataConfig) -> RunTokenizer:
     if not isinstance(data, TextDataConfig):
         return RunTokenizer(path=None, end_of_text_id=None, note=f"none (data={data.name} brings its own token ids)")
     if data.tokenizer is TokenizerKind.bytes:
-        return RunTokenizer(path=None, end_of_text_id=None,
-                            note=f"none (data.tokenizer={data.tokenizer.value}: the token ids are UTF-8 bytes)")
+        return RunTokenizer(
+            path=None,
+            end_of_text_id=None,
+            note=f"none (data.tokenizer={data.tokenizer.value}: the token ids are UTF-8 bytes)",
+        )
     what = "BPE" if data.tokenizer is TokenizerKind.bpe else "pretrained"
     try:
         path = cache_dir_for(data, find_corpus_files(data)) / TOKENIZER_FILE
     except UserError as exc:
         return _missing(what, f"the corpus or the tokenizer cannot be read ({exc})")
     if not path.is_file():
-        return _missing(what, f"no {path} (the corpus or the tokenizer changed since the run, or "
-                              f"data.cache_dir={data.cache_dir} is another machine's)")
+        return _missing(
+            what,
+            f"no {path} (the corpus or the tokenizer changed since the run, or "
+            f"data.cache_dir={data.cache_dir} is another machine's)",
+        )
     if data.tokenizer is TokenizerKind.bpe:
-        return RunTokenizer(path=path, end_of_text_id=_token_id(path, END_OF_TEXT),
-                            note=f"BPE, {data.vocab_size} tokens")
+        return RunTokenizer(
+            path=path, end_of_text_id=_token_id(path, END_OF_TEXT), note=f"BPE, {data.vocab_size} tokens"
+        )
     meta = json.loads((path.parent / "meta.json").read_text())
-    return RunTokenizer(path=path, end_of_text_id=meta.get("end_of_text_id"), pretrained=True,
-                        note=f"pretrained, {meta['vocab_size']} ids: {Path(data.tokenizer_dir or '') / TOKENIZER_FILE}")
+    return RunTokenizer(
+        path=path,
+        end_of_text_id=meta.get("end_of_text_id"),
+        pretrained=True,
+        note=f"pretrained, {meta['vocab_size']} ids: {Path(data.tokenizer_dir or '') / TOKENIZER_FILE}",
+    )
 
 
 def tokenizer_config(*, model_max_length: int) -> str:
     """``tokenizer_config.json`` for the trained BPE: transformers' fast tokenizer over ``tokenizer.json``."""
-    return json.dumps({
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": END_OF_TEXT,
-        "eos_token": END_OF_TEXT,
-        "unk_token": END_OF_TEXT,
-        "model_max_length": model_max_length,
-        "add_prefix_space": False,
-        "clean_up_tokenization_spaces": False,
-    }, indent=2) + "\n"
+    return (
+        json.dumps(
+            {
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": END_OF_TEXT,
+                "eos_token": END_OF_TEXT,
+                "unk_token": END_OF_TEXT,
+                "model_max_length": model_max_length,
+                "add_prefix_space": False,
+                "clean_up_tokenization_spaces": False,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
 
 
 def _missing(what: str, reason: str) -> RunTokenizer:
-    return RunTokenizer(path=None, end_of_text_id=None, note="not found",
-                        warning=f"the run's {what} tokenizer is not exported: {reason}")
+    return RunTokenizer(
+        path=None,
+        end_of_text_id=None,
+        note="not found",
+        warning=f"the run's {what} tokenizer is not exported: {reason}",
+    )
 
 
 def _token_id(path: Path, token: str) -> int | None:

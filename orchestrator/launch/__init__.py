@@ -65,6 +65,7 @@ def run_job(job: PreparedJob, *, run_dir: Path, print_summary: bool = True) -> R
 def _absolute_inputs(config: Config) -> None:
     """Relative paths of the weights and checkpoints a run reads, made absolute against this working directory:
     Ray's workers start in working directories of their own."""
+
     def absolute(path: str) -> str:
         local = Path(path).expanduser()
         return str(local.absolute()) if local.exists() else path
@@ -83,8 +84,9 @@ def _run_owned(job: PreparedJob, *, run_dir: Path, print_summary: bool) -> RunSu
 
     config, job_name = job.config, job.job_name
     if config.job.kind is JobKind.script:
-        return run_script_job(config, run_dir=run_dir, resolved_yaml=job.resolved_yaml, job_name=job_name,
-                              print_summary=print_summary)
+        return run_script_job(
+            config, run_dir=run_dir, resolved_yaml=job.resolved_yaml, job_name=job_name, print_summary=print_summary
+        )
     assert job.model_shapes is not None
     check_run_dir(config, run_dir, model_shapes=job.model_shapes)
     files = RunDir(run_dir)
@@ -101,15 +103,17 @@ def _run_owned(job: PreparedJob, *, run_dir: Path, print_summary: bool) -> RunSu
         summary = RunSummary.read(files.summary)
         _print_summary(summary, report=None)
         return summary
-    summary = RunSummary.from_dict({
-        **outcome,
-        "job": job_name,
-        "launcher": config.launcher.name,
-        "strategy": config.strategy.name,
-        "world_size": config.launcher.num_workers,
-        "wall_s": time.perf_counter() - started,
-        "run_dir": str(run_dir),
-    })
+    summary = RunSummary.from_dict(
+        {
+            **outcome,
+            "job": job_name,
+            "launcher": config.launcher.name,
+            "strategy": config.strategy.name,
+            "world_size": config.launcher.num_workers,
+            "wall_s": time.perf_counter() - started,
+            "run_dir": str(run_dir),
+        }
+    )
     summary.write(files.summary)
     report = _write_report(files)
     _mirror(config, run_dir)
@@ -134,8 +138,11 @@ def _mirror(config: Config, run_dir: Path) -> None:
     try:
         put_driver_records(config.trainer.storage, run_dir, timeout_s=config.trainer.storage_timeout_s)
     except Exception as exc:  # the run dir holds them: a store that is down costs the copy, not the run
-        print(f"warning: trainer.storage={config.trainer.storage}: copy failed ({first_line(exc)})",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: trainer.storage={config.trainer.storage}: copy failed ({first_line(exc)})",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _crash_summary(files: RunDir, *, error: str, restarts: int) -> dict[str, Any]:
@@ -159,8 +166,12 @@ def _parameters_row(summary: RunSummary) -> str | None:
 
 def _model_state_row(summary: RunSummary) -> str | None:
     """What this rank's parameters, gradients and optimizer state hold (ZeRO's fp32 master copy apart)."""
-    parts = [("params", summary.param_bytes), ("grads", summary.grad_bytes),
-             ("optimizer", summary.optimizer_bytes), ("master", summary.master_bytes)]
+    parts = [
+        ("params", summary.param_bytes),
+        ("grads", summary.grad_bytes),
+        ("optimizer", summary.optimizer_bytes),
+        ("master", summary.master_bytes),
+    ]
     if parts[0][1] is None:
         return None
     return ", ".join(f"{label} {format_bytes(value)}" for label, value in parts if value or label != "master")

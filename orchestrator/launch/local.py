@@ -129,10 +129,20 @@ class _LoopbackRendezvous(RendezvousHandler):
         listener = socket.socket()
         listener.bind((LOOPBACK_IP, 0))
         port = listener.getsockname()[1]
-        self._store = TCPStore(LOOPBACK_IP, port, is_master=True, multi_tenant=True, wait_for_workers=False,
-                               master_listen_fd=listener.detach())
-        return RendezvousInfo(self._store, rank=0, world_size=1,
-                              bootstrap_store_info=RendezvousStoreInfo(master_addr=LOOPBACK_IP, master_port=port))
+        self._store = TCPStore(
+            LOOPBACK_IP,
+            port,
+            is_master=True,
+            multi_tenant=True,
+            wait_for_workers=False,
+            master_listen_fd=listener.detach(),
+        )
+        return RendezvousInfo(
+            self._store,
+            rank=0,
+            world_size=1,
+            bootstrap_store_info=RendezvousStoreInfo(master_addr=LOOPBACK_IP, master_port=port),
+        )
 
     def is_closed(self) -> bool:
         return self._closed

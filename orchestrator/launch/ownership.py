@@ -32,11 +32,11 @@ def own_run_dir(run_dir: Path, *, key: str = "hydra.run.dir") -> Iterator[None]:
     except BlockingIOError:
         holder = _holder(fd)
         os.close(fd)
-        raise UserError(f"{key}={run_dir} is in use by another run ({holder}); wait for it to end or "
-                        f"choose another {key}") from None
+        raise UserError(
+            f"{key}={run_dir} is in use by another run ({holder}); wait for it to end or choose another {key}"
+        ) from None
     try:
-        record = {"pid": os.getpid(), "host": socket.gethostname(),
-                  "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
+        record = {"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S %z")}
         os.ftruncate(fd, 0)
         os.pwrite(fd, (json.dumps(record) + "\n").encode(), 0)
         yield

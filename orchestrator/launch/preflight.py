@@ -34,8 +34,9 @@ def preflight(config: Config) -> dict[str, list[int]] | None:
     """
     if config.job.kind is JobKind.script:
         if config.trainer.storage:
-            raise UserError("trainer.storage mirrors orchestrator's own checkpoints; a script job (job.kind=script) "
-                            "keeps its own")
+            raise UserError(
+                "trainer.storage mirrors orchestrator's own checkpoints; a script job (job.kind=script) keeps its own"
+            )
         return None
     if config.trainer.storage:
         RunStorage(config.trainer.storage).check()
@@ -45,16 +46,22 @@ def preflight(config: Config) -> dict[str, list[int]] | None:
     trainer = config.trainer
     if (resume := trainer.resume_from.path) is not None:
         directory = manifest.resolve_checkpoint(resume, key="trainer.resume")
-        _check_fits(directory, shapes, key=f"trainer.resume={resume}",
-                    problem=_resume_problem(config, manifest.read_manifest(directory)))
+        _check_fits(
+            directory,
+            shapes,
+            key=f"trainer.resume={resume}",
+            problem=_resume_problem(config, manifest.read_manifest(directory)),
+        )
         _check_safe(directory, key=f"trainer.resume={resume}")
     if trainer.init_from:
         directory = manifest.resolve_checkpoint(trainer.init_from, key="trainer.init_from")
         saved = manifest.read_manifest(directory)
         problem = weights_problem(written_by=saved.strategy)
         if problem is None and any(is_adapter(name) for name in saved.model_shapes or ()):
-            problem = ("it holds LoRA adapters; `orchestrator export --merge-lora` writes the model they make, "
-                       "which model.pretrained=DIR starts from")
+            problem = (
+                "it holds LoRA adapters; `orchestrator export --merge-lora` writes the model they make, "
+                "which model.pretrained=DIR starts from"
+            )
         _check_fits(directory, base_shapes, key=f"trainer.init_from={trainer.init_from}", problem=problem)
         _check_safe(directory, key=f"trainer.init_from={trainer.init_from}")
     return shapes
@@ -75,24 +82,27 @@ def check_run_dir(config: Config, run_dir: Path, *, model_shapes: dict[str, list
     if resume.never and config.trainer.storage:
         stored = RunStorage(config.trainer.storage).checkpoint_names()
         if stored:
-            raise UserError(f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
-                            f"checkpoints (newest {stored[0]}); continue it with trainer.resume=auto or use another "
-                            f"trainer.storage")
+            raise UserError(
+                f"trainer.resume=never but trainer.storage={config.trainer.storage} already holds "
+                f"checkpoints (newest {stored[0]}); continue it with trainer.resume=auto or use another "
+                f"trainer.storage"
+            )
     if existing and resume.path is not None:
         _check_no_newer(config, run_dir, existing)
     if not existing or resume.path is not None:
         return
     if resume.never:
-        raise UserError(f"trainer.resume=never but hydra.run.dir={run_dir} already holds checkpoints "
-                        f"(newest {existing[0].name}); continue it with trainer.resume=auto or use another "
-                        f"hydra.run.dir")
+        raise UserError(
+            f"trainer.resume=never but hydra.run.dir={run_dir} already holds checkpoints "
+            f"(newest {existing[0].name}); continue it with trainer.resume=auto or use another "
+            f"hydra.run.dir"
+        )
     for directory in existing:
         try:
             saved = manifest.verify_in_driver(directory)
         except manifest.CheckpointError:
             continue  # damaged: the workers skip it
-        _check_fits(directory, model_shapes, key=f"hydra.run.dir={run_dir}",
-                    problem=_resume_problem(config, saved))
+        _check_fits(directory, model_shapes, key=f"hydra.run.dir={run_dir}", problem=_resume_problem(config, saved))
         _check_safe(directory, key=f"hydra.run.dir={run_dir}")
         return
 
@@ -110,14 +120,20 @@ def _check_no_newer(config: Config, run_dir: Path, existing: list[Path]) -> None
             continue
     newer = [d for d in existing if step is not None and manifest.step_of(d) > step]
     if newer and not config.trainer.discard_newer_checkpoints:
-        raise UserError(f"trainer.resume={resume} continues from step {step}, but hydra.run.dir={run_dir} holds newer "
-                        f"checkpoints (newest {newer[0].name}) that resuming would delete; use another "
-                        f"hydra.run.dir, or trainer.discard_newer_checkpoints=true to delete them")
+        raise UserError(
+            f"trainer.resume={resume} continues from step {step}, but hydra.run.dir={run_dir} holds newer "
+            f"checkpoints (newest {newer[0].name}) that resuming would delete; use another "
+            f"hydra.run.dir, or trainer.discard_newer_checkpoints=true to delete them"
+        )
 
 
 def _resume_problem(config: Config, saved: manifest.Manifest) -> str | None:
-    return resume_problem(written_by=saved.strategy, world_size=saved.world_size,
-                          resuming_with=config.strategy.name, num_workers=config.launcher.num_workers)
+    return resume_problem(
+        written_by=saved.strategy,
+        world_size=saved.world_size,
+        resuming_with=config.strategy.name,
+        num_workers=config.launcher.num_workers,
+    )
 
 
 def _check_deepspeed(config: Config) -> None:
@@ -126,15 +142,19 @@ def _check_deepspeed(config: Config) -> None:
     os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
     unknown = unknown_keys(deepspeed_config(config, on_gpu=on_gpu))
     if unknown:
-        raise UserError(f"strategy.deepspeed_overrides: {', '.join(unknown)} "
-                        f"{'is not a DeepSpeed setting' if len(unknown) == 1 else 'are not DeepSpeed settings'} "
-                        f"(https://www.deepspeed.ai/docs/config-json/)")
+        raise UserError(
+            f"strategy.deepspeed_overrides: {', '.join(unknown)} "
+            f"{'is not a DeepSpeed setting' if len(unknown) == 1 else 'are not DeepSpeed settings'} "
+            f"(https://www.deepspeed.ai/docs/config-json/)"
+        )
     if config.trainer.precision is Precision.fp16 and not on_gpu:
         from deepspeed.accelerator import get_accelerator
 
         if not get_accelerator().is_fp16_supported():
-            raise UserError(f"trainer.precision=fp16: DeepSpeed does not support fp16 on this CPU with "
-                            f"strategy={config.strategy.name}; use trainer.precision=bf16 or fp32")
+            raise UserError(
+                f"trainer.precision=fp16: DeepSpeed does not support fp16 on this CPU with "
+                f"strategy={config.strategy.name}; use trainer.precision=bf16 or fp32"
+            )
 
 
 def _model_shapes(config: Config) -> tuple[dict[str, list[int]], dict[str, list[int]]]:

@@ -45,18 +45,27 @@ API_SERVER_ENV_VAR = "RAY_API_SERVER_ADDRESS"
 RAY_TRAIN_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 
 # Ray Train's own console chatter (worker group started, results reported) and Ray's usage stats.
-_QUIET = {"RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0", "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
-          "RAY_USAGE_STATS_ENABLED": "0", "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+_QUIET = {
+    "RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING": "0",
+    "RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING": "0",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+}
 
 
 def launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
     """Trains the job on Ray Train workers; returns rank 0's summary (see ``run_on_ray``)."""
-    return run_on_ray(config, run_dir, worker=_train_worker,
-                      loop_config={"config": config, "run_dir": str(run_dir), "launch": uuid.uuid4().hex})
+    return run_on_ray(
+        config,
+        run_dir,
+        worker=_train_worker,
+        loop_config={"config": config, "run_dir": str(run_dir), "launch": uuid.uuid4().hex},
+    )
 
 
-def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any]], Any],
-               loop_config: dict[str, Any]) -> Any:
+def run_on_ray(
+    config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any]], Any], loop_config: dict[str, Any]
+) -> Any:
     """Runs ``worker(loop_config)`` in each of the job's Ray Train workers; returns rank 0's return value.
 
     Args:
@@ -81,8 +90,9 @@ def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any
     # Ray Train retries a worker group that fails to start forever by default. Here it gets
     # START_ATTEMPTS tries of capacity_timeout_s / START_ATTEMPTS each: a start that fails at once (a
     # node died while the group was placed) is retried, and no capacity fails the run in capacity_timeout_s.
-    failure_config = FailureConfig(max_failures=config.trainer.max_restarts,
-                                   controller_failure_limit=START_ATTEMPTS - 1)
+    failure_config = FailureConfig(
+        max_failures=config.trainer.max_restarts, controller_failure_limit=START_ATTEMPTS - 1
+    )
     # Ray Train starts from the run dir's list of the checkpoints registered before, and refuses to start
     # when one of them is gone: a run continued after its driver died, whose older checkpoints were pruned
     # (trainer.checkpoint.keep). The loop finds the checkpoint to continue from itself; Ray's list starts anew.
@@ -90,21 +100,30 @@ def run_on_ray(config: Config, run_dir: Path, *, worker: Callable[[dict[str, Any
     trainer = TorchTrainer(
         worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=launcher.num_workers, use_gpu=on_gpu,
-                                     resources_per_worker=resources, placement_strategy=launcher.placement.value),
+        scaling_config=ScalingConfig(
+            num_workers=launcher.num_workers,
+            use_gpu=on_gpu,
+            resources_per_worker=resources,
+            placement_strategy=launcher.placement.value,
+        ),
         torch_config=TorchConfig(backend="nccl" if on_gpu else "gloo"),
-        run_config=RunConfig(name=run_dir.name, storage_path=str(run_dir.resolve().parent),
-                             failure_config=failure_config),
+        run_config=RunConfig(
+            name=run_dir.name, storage_path=str(run_dir.resolve().parent), failure_config=failure_config
+        ),
     )
     try:
         result = trainer.fit()
     except TrainingFailedError as exc:  # worker errors past max_failures, or the controller's own
         if is_capacity_timeout(exc):
-            raise LaunchError(f"the Ray cluster had no room for {launcher.num_workers} worker(s) x "
-                              f"{_format_resources(resources)} within launcher.capacity_timeout_s="
-                              f"{launcher.capacity_timeout_s:g}; {_capacity_report(resources)}") from None
-        raise LaunchError(f"the Ray workers failed after {config.trainer.max_restarts} restart(s) "
-                          f"(trainer.max_restarts): {_describe_failure(exc)}") from None
+            raise LaunchError(
+                f"the Ray cluster had no room for {launcher.num_workers} worker(s) x "
+                f"{_format_resources(resources)} within launcher.capacity_timeout_s="
+                f"{launcher.capacity_timeout_s:g}; {_capacity_report(resources)}"
+            ) from None
+        raise LaunchError(
+            f"the Ray workers failed after {config.trainer.max_restarts} restart(s) "
+            f"(trainer.max_restarts): {_describe_failure(exc)}"
+        ) from None
     finally:
         if started_here:
             ray.shutdown()
@@ -160,16 +179,23 @@ def _connect(launcher: RayLauncherConfig) -> bool:
         quiet_token_setup_warning()
         # Nothing preempts this machine's own Ray: no watcher (Ray Train passes the driver's setting on).
         os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-        init_on_loopback(num_cpus=os.cpu_count(), include_dashboard=True, dashboard_host=LOOPBACK_IP,
-                         dashboard_port=dashboard_port, logging_level=logging.WARNING, log_to_driver=True,
-                         runtime_env={"env_vars": env_vars})
+        init_on_loopback(
+            num_cpus=os.cpu_count(),
+            include_dashboard=True,
+            dashboard_host=LOOPBACK_IP,
+            dashboard_port=dashboard_port,
+            logging_level=logging.WARNING,
+            log_to_driver=True,
+            runtime_env={"env_vars": env_vars},
+        )
         return True
     keep_loopback()  # 127.0.0.1:PORT (a `cluster up` cluster, which listens on loopback only) stays itself
     try:
         ray.init(address=launcher.address, logging_level=logging.WARNING, runtime_env={"env_vars": env_vars})
     except (ConnectionError, RuntimeError) as exc:
-        raise UserError(f"launcher.address={launcher.address}: cannot connect to a Ray cluster there "
-                        f"({first_line(exc)})") from None
+        raise UserError(
+            f"launcher.address={launcher.address}: cannot connect to a Ray cluster there ({first_line(exc)})"
+        ) from None
     return False
 
 
@@ -195,10 +221,16 @@ def _train_worker(loop_config: dict[str, Any]) -> dict[str, Any]:
         checkpoint = Checkpoint.from_directory(str(directory)) if rank == 0 else None
         ray.train.report({"step": step}, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
 
-    restarts = broadcast_from_rank_zero(_count_start(Path(loop_config["run_dir"]), loop_config["launch"])
-                                        if rank == 0 else None)
-    return run_worker(loop_config["config"], loop_config["run_dir"], restarts=restarts, on_checkpoint=register,
-                      on_eval=eval_reporter(loop_config["run_dir"]))
+    restarts = broadcast_from_rank_zero(
+        _count_start(Path(loop_config["run_dir"]), loop_config["launch"]) if rank == 0 else None
+    )
+    return run_worker(
+        loop_config["config"],
+        loop_config["run_dir"],
+        restarts=restarts,
+        on_checkpoint=register,
+        on_eval=eval_reporter(loop_config["run_dir"]),
+    )
 
 
 def _count_start(run_dir: Path, launch: str) -> int:

@@ -71,8 +71,12 @@ class ScriptCommand:
         # Accelerate runs each process alone on CPUs unless told to use them (`accelerate launch` tells it).
         on_cpu = {} if uses_gpu(config) else {"ACCELERATE_USE_CPU": "true"}
         # The script's own name as the user gave it (its sys.argv[0], as under torchrun), found from cwd.
-        return cls(script=job.script, args=list(job.args), cwd=os.getcwd(),
-                   env={**on_cpu, **job.env, "ORCHESTRATOR_RUN_DIR": str(run_dir.resolve())})
+        return cls(
+            script=job.script,
+            args=list(job.args),
+            cwd=os.getcwd(),
+            env={**on_cpu, **job.env, "ORCHESTRATOR_RUN_DIR": str(run_dir.resolve())},
+        )
 
     @property
     def argv(self) -> list[str]:
@@ -82,8 +86,9 @@ class ScriptCommand:
         return [sys.executable, "-S", "-c", _DIE_WITH_PARENT, str(os.getpid()), "-u", self.script, *self.args]
 
 
-def run_script_job(config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None,
-                   print_summary: bool = True) -> RunSummary:
+def run_script_job(
+    config: Config, *, run_dir: Path, resolved_yaml: str, job_name: str | None, print_summary: bool = True
+) -> RunSummary:
     """Runs ``config.job.script`` on the job's workers; writes ``config.yaml`` and ``summary.json``.
 
     Args:
@@ -188,15 +193,23 @@ def _ray_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank = context.get_world_rank()
     if not os.path.isdir(command.cwd):
-        raise RuntimeError(f"{command.cwd}, the directory orchestrator was started in, does not exist on this "
-                           f"node: a script job needs it, and the script, on every node (a shared file system)")
+        raise RuntimeError(
+            f"{command.cwd}, the directory orchestrator was started in, does not exist on this "
+            f"node: a script job needs it, and the script, on every node (a shared file system)"
+        )
     # MASTER_ADDR is Ray Train's: rank 0's node.
-    env = {**os.environ, **command.env,
-           "RANK": str(rank), "WORLD_SIZE": str(context.get_world_size()),
-           "LOCAL_RANK": str(context.get_local_rank()), "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
-           "MASTER_PORT": str(_script_master_port(rank))}
-    exit_code = _run_forwarding_output(command.argv, cwd=command.cwd, env=env,
-                                       prefix="" if rank == 0 else f"[rank{rank}] ")
+    env = {
+        **os.environ,
+        **command.env,
+        "RANK": str(rank),
+        "WORLD_SIZE": str(context.get_world_size()),
+        "LOCAL_RANK": str(context.get_local_rank()),
+        "LOCAL_WORLD_SIZE": str(context.get_local_world_size()),
+        "MASTER_PORT": str(_script_master_port(rank)),
+    }
+    exit_code = _run_forwarding_output(
+        command.argv, cwd=command.cwd, env=env, prefix="" if rank == 0 else f"[rank{rank}] "
+    )
     if exit_code != 0:
         raise ScriptExitError(f"{command.script} ended with {_describe_exit(exit_code)}")
 
@@ -235,8 +248,10 @@ def _run_forwarding_output(argv: list[str], *, cwd: str, env: dict[str, str], pr
     """Runs ``argv`` to its end, copying its stdout and stderr to this process's, each line prefixed."""
     process = subprocess.Popen(argv, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert process.stdout is not None and process.stderr is not None
-    pumps = [threading.Thread(target=_copy_lines, args=(source, sink, prefix), daemon=True)
-             for source, sink in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))]
+    pumps = [
+        threading.Thread(target=_copy_lines, args=(source, sink, prefix), daemon=True)
+        for source, sink in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))
+    ]
     for pump in pumps:
         pump.start()
     try:

@@ -35,9 +35,7 @@ class CausalSelfAttention(nn.Module):
         batch, seq_len, n_embd = x.shape
         # (B, T, 3C) -> three (B, n_head, T, head_dim), the layout scaled_dot_product_attention expects.
         q, k, v = self.qkv(x).view(batch, seq_len, 3, self.n_head, n_embd // self.n_head).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(
-            q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True
-        )
+        y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0, is_causal=True)
         y = y.transpose(1, 2).reshape(batch, seq_len, n_embd)
         return self.resid_dropout(self.proj(y))
 

@@ -32,8 +32,14 @@ from orchestrator.models.recipe import state_shapes
 
 LAYER_NORM_EPS = 1e-5  # nn.LayerNorm's default, which GPT uses
 _TOP = {"tok_emb": "transformer.wte", "pos_emb": "transformer.wpe", "ln_f": "transformer.ln_f"}
-_BLOCK = {"ln_1": "ln_1", "attn.qkv": "attn.c_attn", "attn.proj": "attn.c_proj", "ln_2": "ln_2",
-          "mlp.fc": "mlp.c_fc", "mlp.proj": "mlp.c_proj"}
+_BLOCK = {
+    "ln_1": "ln_1",
+    "attn.qkv": "attn.c_attn",
+    "attn.proj": "attn.c_proj",
+    "ln_2": "ln_2",
+    "mlp.fc": "mlp.c_fc",
+    "mlp.proj": "mlp.c_proj",
+}
 _CONV1D = frozenset({"attn.qkv", "attn.proj", "mlp.fc", "mlp.proj"})
 _HEAD = "lm_head.weight"
 _GPT_BLOCK = re.compile(r"blocks\.(\d+)\.(.+)")
@@ -63,8 +69,14 @@ def gpt2_layout(shapes: Mapping[str, Sequence[int]]) -> list[GPT2Tensor]:
             continue  # tied to the token embedding
         module, _, kind = name.rpartition(".")
         gpt2_module, conv1d = _gpt2_module(module)
-        layout.append(GPT2Tensor(name=f"{gpt2_module}.{kind}", shape=tuple(reversed(shape)) if conv1d else tuple(shape),
-                                 source=name, transposed=conv1d and kind == "weight"))
+        layout.append(
+            GPT2Tensor(
+                name=f"{gpt2_module}.{kind}",
+                shape=tuple(reversed(shape)) if conv1d else tuple(shape),
+                source=name,
+                transposed=conv1d and kind == "weight",
+            )
+        )
         has_bias = module not in ("tok_emb", "pos_emb")
         if kind == "weight" and has_bias and f"{module}.bias" not in shapes:
             layout.append(GPT2Tensor(name=f"{gpt2_module}.bias", shape=(shape[0],), source=None, transposed=False))
@@ -94,8 +106,10 @@ def gpt2_to_gpt(state: Mapping[str, torch.Tensor], *, bias: bool, source: str) -
         bias: the GPT's ``model.bias``; without biases, GPT-2's must be zero (an export of such a GPT).
         source: what ``state`` was read from, for errors.
     """
-    named = {name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": tensor
-             for name, tensor in state.items()}
+    named = {
+        name if name.startswith(("transformer.", "lm_head.")) else f"transformer.{name}": tensor
+        for name, tensor in state.items()
+    }
     gpt: dict[str, torch.Tensor] = {}
     for name, tensor in named.items():
         if name == _HEAD or _GPT2_MASK_BUFFER.fullmatch(name):
@@ -104,8 +118,9 @@ def gpt2_to_gpt(state: Mapping[str, torch.Tensor], *, bias: bool, source: str) -
         gpt_module, conv1d = _gpt_module(module, source=source)
         if kind == "bias" and not bias:
             if torch.count_nonzero(tensor):
-                raise UserError(f"{source}: {name} is not zero, and model.bias=false has no biases; "
-                                f"use model.bias=true")
+                raise UserError(
+                    f"{source}: {name} is not zero, and model.bias=false has no biases; use model.bias=true"
+                )
             continue
         gpt[f"{gpt_module}.{kind}"] = tensor.t().contiguous() if conv1d and kind == "weight" else tensor
     if "tok_emb.weight" not in gpt:
@@ -149,6 +164,7 @@ def gpt_config(gpt2: Mapping[str, Any], *, source: str) -> GPTConfig:
         gpt2: the parsed ``config.json``.
         source: the file, for errors.
     """
+
     def field(name: str, default: Any) -> Any:
         return gpt2.get(name, default)
 
@@ -157,8 +173,11 @@ def gpt_config(gpt2: Mapping[str, Any], *, source: str) -> GPTConfig:
     n_embd = field("n_embd", 768)
     # GPT2Config's defaults where the file leaves a field out; the value GPT has, and why it matters.
     required = {
-        "activation_function": ("gelu_new", "gelu", "model=gpt uses the exact GELU; OpenAI's GPT-2 weights use the "
-                                                    "tanh approximation: load them with model=hf"),
+        "activation_function": (
+            "gelu_new",
+            "gelu",
+            "model=gpt uses the exact GELU; OpenAI's GPT-2 weights use the tanh approximation: load them with model=hf",
+        ),
         "n_inner": (None, 4 * n_embd, "model=gpt's MLP is 4 x n_embd wide"),
         "layer_norm_epsilon": (LAYER_NORM_EPS, LAYER_NORM_EPS, "model=gpt's LayerNorms use eps 1e-5"),
         "scale_attn_weights": (True, True, "model=gpt scales attention by 1/sqrt(head_dim)"),
@@ -176,16 +195,27 @@ def gpt_config(gpt2: Mapping[str, Any], *, source: str) -> GPTConfig:
     if len(set(dropouts.values())) > 1:
         raise UserError(f"{source}: {dropouts} differ; model=gpt has one model.dropout for all three")
     try:
-        return GPTConfig(n_layer=field("n_layer", 12), n_head=field("n_head", 12), n_embd=n_embd,
-                         dropout=float(dropouts["resid_pdrop"]), bias=True, vocab_size=field("vocab_size", 50257),
-                         block_size=field("n_positions", 1024))
+        return GPTConfig(
+            n_layer=field("n_layer", 12),
+            n_head=field("n_head", 12),
+            n_embd=n_embd,
+            dropout=float(dropouts["resid_pdrop"]),
+            bias=True,
+            vocab_size=field("vocab_size", 50257),
+            block_size=field("n_positions", 1024),
+        )
     except (TypeError, ValueError) as exc:  # a size that is not a positive integer, say
         raise UserError(f"{source}: not a GPT-2 config that model=gpt can load ({exc})") from None
 
 
 # GPT's sizes, and what GPT-2's config.json calls them.
-_SIZES = {"n_layer": "n_layer", "n_head": "n_head", "n_embd": "n_embd", "vocab_size": "vocab_size",
-          "block_size": "n_positions"}
+_SIZES = {
+    "n_layer": "n_layer",
+    "n_head": "n_head",
+    "n_embd": "n_embd",
+    "vocab_size": "vocab_size",
+    "block_size": "n_positions",
+}
 
 
 def gpt_pretrained_config(cfg: GPTConfig) -> GPTConfig:
@@ -198,9 +228,11 @@ def gpt_pretrained_config(cfg: GPTConfig) -> GPTConfig:
     for key, gpt2_key in _SIZES.items():
         given, value = getattr(cfg, key), getattr(found, key)
         if given is not None and given != value:
-            raise UserError(f"model.{key}={given} contradicts model.pretrained={cfg.pretrained} ({source}: "
-                            f"{gpt2_key}={value}); leave model.{key} out, or use model=gpt, which takes every size "
-                            f"from config.json")
+            raise UserError(
+                f"model.{key}={given} contradicts model.pretrained={cfg.pretrained} ({source}: "
+                f"{gpt2_key}={value}); leave model.{key} out, or use model=gpt, which takes every size "
+                f"from config.json"
+            )
     return dataclasses.replace(cfg, **{key: getattr(found, key) for key in _SIZES})
 
 
@@ -222,8 +254,10 @@ def gpt2_weights(cfg: GPTConfig, model: nn.Module) -> SafetensorsWeights:
     for entry in layout:
         bias = weights.read_stored(entry.name) if entry.source is None else None
         if bias is not None and torch.count_nonzero(bias):
-            raise UserError(f"model.pretrained: {weights.file_of(entry.name)}: {entry.name} is not zero, and "
-                            f"model.bias=false has no biases; use model.bias=true")
+            raise UserError(
+                f"model.pretrained: {weights.file_of(entry.name)}: {entry.name} is not zero, and "
+                f"model.bias=false has no biases; use model.bias=true"
+            )
     return weights
 
 

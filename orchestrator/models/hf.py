@@ -95,8 +95,10 @@ def _pretrained_settings(cfg: HFConfig) -> dict[str, Any]:
     for name, value in cfg.config.items():
         if settings.get(name, value) != value or name not in settings:
             found = f"{settings[name]!r} there" if name in settings else "absent there"
-            raise UserError(f"model.config.{name}={value!r} contradicts model.pretrained={cfg.pretrained} "
-                            f"(config.json: {found}); leave model.config out to use the pretrained architecture")
+            raise UserError(
+                f"model.config.{name}={value!r} contradicts model.pretrained={cfg.pretrained} "
+                f"(config.json: {found}); leave model.config out to use the pretrained architecture"
+            )
     return settings
 
 

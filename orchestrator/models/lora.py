@@ -70,8 +70,13 @@ class LoRA(Adapters):
         device) and freezes every other parameter."""
         from peft import LoraConfig, inject_adapter_in_model
 
-        config = LoraConfig(r=self.cfg.rank, lora_alpha=self.cfg.alpha, lora_dropout=self.cfg.dropout,
-                            target_modules=self.targets(model, blocks=blocks), bias="none")
+        config = LoraConfig(
+            r=self.cfg.rank,
+            lora_alpha=self.cfg.alpha,
+            lora_dropout=self.cfg.dropout,
+            target_modules=self.targets(model, blocks=blocks),
+            bias="none",
+        )
         inject_adapter_in_model(config, model, adapter_name=ADAPTER)
         for name, parameter in model.named_parameters():
             parameter.requires_grad_(is_adapter(name))
@@ -85,14 +90,15 @@ class LoRA(Adapters):
         linears = {name for name, module in model.named_modules() if isinstance(module, nn.Linear)}
         if not self.cfg.target_modules:
             in_blocks = {id(module) for block in blocks for module in block.modules()}
-            return sorted(name for name, module in model.named_modules()
-                          if name in linears and id(module) in in_blocks)
+            return sorted(name for name, module in model.named_modules() if name in linears and id(module) in in_blocks)
         found = []
         for target in self.cfg.target_modules:
             matches = sorted(name for name in linears if name == target or name.endswith(f".{target}"))
             if not matches:
-                raise UserError(f"model.lora.target_modules: {target!r} names no linear layer of this model; "
-                                f"its block's linear layers are: {', '.join(_block_linears(blocks)) or 'none'}")
+                raise UserError(
+                    f"model.lora.target_modules: {target!r} names no linear layer of this model; "
+                    f"its block's linear layers are: {', '.join(_block_linears(blocks)) or 'none'}"
+                )
             found.extend(matches)
         return sorted(set(found))
 
@@ -190,7 +196,7 @@ class MergedWeights(WeightSource):
             a_name, b_name = adapter_names(module)
             delta = self.source.read(b_name).float() @ self.source.read(a_name).float()
             weight = (weight.float() + self.scale * delta).to(weight.dtype)
-        return weight if rows is None else weight[rows[0]:rows[1]]
+        return weight if rows is None else weight[rows[0] : rows[1]]
 
     def adapters(self) -> dict[str, tuple[str, str]]:
         """Each adapted module's base name -> the names of its A and B in the source."""

@@ -10,11 +10,25 @@ from torch.overrides import TorchFunctionMode
 
 # In-place random fills, as torch.nn.init functions and as Tensor methods. On a meta tensor each is a no-op,
 # but torch runs normal_ there through a Python decomposition that imports torch._dynamo (~1.4 s).
-_RANDOM_FILLS = frozenset({
-    "normal_", "uniform_", "trunc_normal_", "kaiming_normal_", "kaiming_uniform_", "xavier_normal_",
-    "xavier_uniform_", "orthogonal_", "sparse_", "bernoulli_", "exponential_", "log_normal_", "cauchy_",
-    "geometric_", "random_",
-})
+_RANDOM_FILLS = frozenset(
+    {
+        "normal_",
+        "uniform_",
+        "trunc_normal_",
+        "kaiming_normal_",
+        "kaiming_uniform_",
+        "xavier_normal_",
+        "xavier_uniform_",
+        "orthogonal_",
+        "sparse_",
+        "bernoulli_",
+        "exponential_",
+        "log_normal_",
+        "cauchy_",
+        "geometric_",
+        "random_",
+    }
+)
 # Every in-place initialization a model's ``init_weights`` may make (the random fills and the constant ones).
 INIT_FILLS = _RANDOM_FILLS | {"ones_", "zeros_", "constant_", "fill_", "zero_", "eye_", "dirac_", "copy_"}
 

@@ -24,9 +24,18 @@ from orchestrator.models.recipe import WeightSource
 
 CONFIG_FILE = "config.json"
 # safetensors' dtype names (the header's), as torch dtypes.
-_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-           "BOOL": torch.bool}
+_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -35,18 +44,26 @@ def pretrained_dir(path: str, *, key: str = "model.pretrained") -> Path:
     """The local directory ``path`` names, with a config and safetensors weights; UserError otherwise."""
     directory = Path(path).expanduser()
     if not directory.exists():
-        hint = (" (it looks like a Hugging Face hub id: nothing is downloaded here; fetch it first, e.g. "
-                f"`huggingface-cli download {path} --local-dir DIR`, and set {key}=DIR)") if "/" in path and not \
-            path.startswith(("/", ".", "~")) else ""
+        hint = (
+            (
+                " (it looks like a Hugging Face hub id: nothing is downloaded here; fetch it first, e.g. "
+                f"`huggingface-cli download {path} --local-dir DIR`, and set {key}=DIR)"
+            )
+            if "/" in path and not path.startswith(("/", ".", "~"))
+            else ""
+        )
         raise UserError(f"{key}={path}: no such directory{hint}")
     if not directory.is_dir():
-        raise UserError(f"{key}={path}: not a directory (expected what save_pretrained writes: {CONFIG_FILE} and "
-                        f"*.safetensors)")
+        raise UserError(
+            f"{key}={path}: not a directory (expected what save_pretrained writes: {CONFIG_FILE} and *.safetensors)"
+        )
     if not (directory / CONFIG_FILE).is_file():
         raise UserError(f"{key}={path}: no {CONFIG_FILE} in it (expected what save_pretrained writes)")
     if not (directory / SINGLE_FILE).is_file() and not (directory / INDEX_FILE).is_file():
         pickles = sorted(p.name for p in directory.glob("*.bin"))
-        found = f" ({', '.join(pickles)} are pickles, which are never read: save them as safetensors)" if pickles else ""
+        found = (
+            f" ({', '.join(pickles)} are pickles, which are never read: save them as safetensors)" if pickles else ""
+        )
         raise UserError(f"{key}={path}: no {SINGLE_FILE} or {INDEX_FILE} in it{found}")
     return directory
 
@@ -69,8 +86,15 @@ class SafetensorsWeights(WeightSource):
         key: the setting named in errors.
     """
 
-    def __init__(self, directory: Path, *, names: Mapping[str, str], aliases: Mapping[str, str] | None = None,
-                 transposed: frozenset[str] = frozenset(), key: str = "model.pretrained") -> None:
+    def __init__(
+        self,
+        directory: Path,
+        *,
+        names: Mapping[str, str],
+        aliases: Mapping[str, str] | None = None,
+        transposed: frozenset[str] = frozenset(),
+        key: str = "model.pretrained",
+    ) -> None:
         self.directory = directory
         self.key = key
         self._files = self._file_of_each_tensor()
@@ -106,7 +130,7 @@ class SafetensorsWeights(WeightSource):
                 raise UserError(f"{self.key}: {index} is not a safetensors index ({exc})") from None
             files = {}
             for name, file in weight_map.items():
-                path = (self.directory / file)
+                path = self.directory / file
                 if path.parent != self.directory or not path.is_file():
                     raise UserError(f"{self.key}: {index} names {file!r}, which is not a file in {self.directory}")
                 files[name] = path
@@ -147,8 +171,8 @@ class SafetensorsWeights(WeightSource):
         with safe_open(str(self._files[stored]), framework="pt") as f:
             if name in self._transposed:
                 # The model's rows are the file's columns: a slice reads just those, a row of the file at a time.
-                tensor = f.get_tensor(stored) if rows is None else f.get_slice(stored)[:, rows[0]:rows[1]]
+                tensor = f.get_tensor(stored) if rows is None else f.get_slice(stored)[:, rows[0] : rows[1]]
                 return tensor.t().contiguous()
             if rows is None:
                 return f.get_tensor(stored)
-            return f.get_slice(stored)[rows[0]:rows[1]]
+            return f.get_slice(stored)[rows[0] : rows[1]]

@@ -75,7 +75,7 @@ class InMemoryWeights(WeightSource):
 
     def read(self, name: str, *, rows: tuple[int, int] | None = None) -> torch.Tensor:
         tensor = self.state[name]
-        return tensor if rows is None else tensor[rows[0]:rows[1]]
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -125,8 +125,10 @@ def shape_mismatch(expected: Mapping[str, list[int]], found: Mapping[str, list[i
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        return f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, " \
-               f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        return (
+            f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+            f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}"
+        )
     for name, shape in expected.items():
         if list(found[name]) != list(shape):
             return f"{name} is {list(found[name])} in the checkpoint, {list(shape)} in this model"
@@ -144,8 +146,7 @@ def load_weights(model: nn.Module, source: WeightSource) -> None:
 
 def check_weights_fit(shapes: Mapping[str, list[int]], source: WeightSource) -> None:
     """UserError when ``source`` does not have the model's state-dict ``shapes`` (less its ``fresh`` ones)."""
-    problem = shape_mismatch({name: shape for name, shape in shapes.items() if not source.fresh(name)},
-                             source.shapes())
+    problem = shape_mismatch({name: shape for name, shape in shapes.items() if not source.fresh(name)}, source.shapes())
     if problem is not None:
         raise UserError(f"{source.key}: the weights do not fit this model ({problem})")
 
@@ -156,6 +157,7 @@ def freeze_modules(model: nn.Module, names: tuple[str, ...] | list[str]) -> None
     for name in names:
         if name not in modules:
             top_level = ", ".join(n for n, _ in model.named_children())
-            raise UserError(f"trainer.freeze: {name!r} is not a module of this model; "
-                            f"top-level modules are: {top_level}")
+            raise UserError(
+                f"trainer.freeze: {name!r} is not a module of this model; top-level modules are: {top_level}"
+            )
         modules[name].requires_grad_(False)

@@ -45,10 +45,18 @@ class _ModelSpec:
 
 _MODELS: dict[str, _ModelSpec] = {
     "cnn": _ModelSpec(build=cnn.build_cnn, blocks=cnn.cnn_blocks, flops_per_token=cnn.cnn_flops_per_token),
-    "gpt": _ModelSpec(build=gpt.build_gpt, blocks=gpt.gpt_blocks, flops_per_token=gpt.gpt_flops_per_token,
-                      pretrained=gpt.gpt_pretrained_weights),
-    "hf": _ModelSpec(build=hf.build_hf, blocks=hf.hf_blocks, flops_per_token=hf.hf_flops_per_token,
-                     pretrained=hf.hf_pretrained_weights),
+    "gpt": _ModelSpec(
+        build=gpt.build_gpt,
+        blocks=gpt.gpt_blocks,
+        flops_per_token=gpt.gpt_flops_per_token,
+        pretrained=gpt.gpt_pretrained_weights,
+    ),
+    "hf": _ModelSpec(
+        build=hf.build_hf,
+        blocks=hf.hf_blocks,
+        flops_per_token=hf.hf_flops_per_token,
+        pretrained=hf.hf_pretrained_weights,
+    ),
     "lstm": _ModelSpec(build=lstm.build_lstm, blocks=lstm.lstm_blocks, flops_per_token=lstm.lstm_flops_per_token),
     "mlp": _ModelSpec(build=mlp.build_mlp, blocks=mlp.mlp_blocks, flops_per_token=mlp.mlp_flops_per_token),
 }
@@ -76,9 +84,7 @@ def build_model(cfg: ModelConfig, data: DataSpec) -> nn.Module:
     """
     spec = _spec(cfg)
     if data.kind is not cfg.input_kind:
-        raise UserError(
-            f"model={cfg.name} trains on {cfg.input_kind.value} but the data yields {data.kind.value}"
-        )
+        raise UserError(f"model={cfg.name} trains on {cfg.input_kind.value} but the data yields {data.kind.value}")
     model = spec.build(cfg, data)
     model.init_weights()
     return model

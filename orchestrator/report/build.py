@@ -55,11 +55,14 @@ def find_runs(paths: list[Path]) -> list[Path]:
         if RunDir(path).is_run():
             runs.append(path)
             continue
-        inner = sorted((p for p in path.iterdir() if p.is_dir() and RunDir(p).is_run()),
-                       key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name))
+        inner = sorted(
+            (p for p in path.iterdir() if p.is_dir() and RunDir(p).is_run()),
+            key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name),
+        )
         if not inner:
-            raise UserError(f"{path}: not a run dir (no metrics.jsonl, summary.json or config.yaml) "
-                            f"and no run dirs inside")
+            raise UserError(
+                f"{path}: not a run dir (no metrics.jsonl, summary.json or config.yaml) and no run dirs inside"
+            )
         runs.extend(inner)
     return runs
 
@@ -71,8 +74,14 @@ def load_run(path: Path, name: str) -> Run:
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: unreadable run file ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
     summary = RunSummary.read(files.summary) if files.summary.exists() else None
-    return Run(name=name, path=path, config=config or {}, metrics=read_jsonl(files.metrics),
-               resources=read_jsonl(files.resources), summary=summary)
+    return Run(
+        name=name,
+        path=path,
+        config=config or {},
+        metrics=read_jsonl(files.metrics),
+        resources=read_jsonl(files.resources),
+        summary=summary,
+    )
 
 
 def run_names(paths: list[Path]) -> list[str]:
@@ -92,8 +101,10 @@ def charts(runs: list[Run]) -> list[Chart]:
     evals = [(run, [m for m in run.metrics if m.get("eval_loss") is not None]) for run in runs]
 
     def per_run(key: str, *, scale: float = 1.0) -> list[Series]:
-        return [Series(f"{run.name}", [(m["step"], m[key] * scale) for m in records if m.get(key) is not None])
-                for run, records in steps]
+        return [
+            Series(f"{run.name}", [(m["step"], m[key] * scale) for m in records if m.get(key) is not None])
+            for run, records in steps
+        ]
 
     def in_bytes(key: str, records: list[dict[str, Any]]) -> tuple[str, float]:
         """The unit (MiB or GiB) the largest value of ``key`` reads best in, and its size."""
@@ -104,28 +115,46 @@ def charts(runs: list[Run]) -> list[Chart]:
     for index, ((run, train), (_, evaluated)) in enumerate(zip(steps, evals)):
         color = PALETTE[index % len(PALETTE)]
         loss.series.append(Series(f"{run.name} train", [(m["step"], m["loss"]) for m in train], color=color))
-        loss.series.append(Series(f"{run.name} eval", [(m["step"], m["eval_loss"]) for m in evaluated],
-                                  dashed=True, color=color))
+        loss.series.append(
+            Series(f"{run.name} eval", [(m["step"], m["eval_loss"]) for m in evaluated], dashed=True, color=color)
+        )
     result = [
         loss,
         Chart("lr", "Learning rate", "step", "lr", per_run("lr"), y_format=lambda v: f"{v:.2g}"),
         Chart("throughput", "Throughput", "step", "tokens/s", per_run("tokens_per_s"), y_format=format_si),
-        Chart("mfu", "Model FLOPs utilization", "step", "MFU (%)", per_run("mfu", scale=100.0),
-              empty_note="no MFU: the device's peak FLOP/s is unknown (set trainer.peak_tflops)"),
+        Chart(
+            "mfu",
+            "Model FLOPs utilization",
+            "step",
+            "MFU (%)",
+            per_run("mfu", scale=100.0),
+            empty_note="no MFU: the device's peak FLOP/s is unknown (set trainer.peak_tflops)",
+        ),
         Chart("step_time", "Step time", "step", "ms", per_run("step_time_s", scale=1000.0)),
     ]
     unit, size = in_bytes("mem_peak_bytes", [m for run in runs for m in run.metrics])
     result.append(Chart("memory", "Peak memory (rank 0)", "step", unit, per_run("mem_peak_bytes", scale=1 / size)))
     every = [r for run in runs for r in run.resources]
-    for key, title in (("cpu_pct", "CPU per rank"), ("rss_bytes", "Resident memory per rank"),
-                       ("gpu_util_pct", "GPU utilization per rank"), ("gpu_mem_bytes", "GPU memory per rank")):
+    for key, title in (
+        ("cpu_pct", "CPU per rank"),
+        ("rss_bytes", "Resident memory per rank"),
+        ("gpu_util_pct", "GPU utilization per rank"),
+        ("gpu_mem_bytes", "GPU memory per rank"),
+    ):
         unit, size = in_bytes(key, every) if key.endswith("_bytes") else ("%", 1.0)
         chart = Chart(f"rank_{key}", title, "step", unit)
         for run in runs:
             for rank in sorted({r["rank"] for r in run.resources if key in r}):
-                chart.series.append(Series(f"{run.name} rank {rank}",
-                                           [(r["step"], r[key] / size) for r in run.resources
-                                            if r["rank"] == rank and r.get(key) is not None]))
+                chart.series.append(
+                    Series(
+                        f"{run.name} rank {rank}",
+                        [
+                            (r["step"], r[key] / size)
+                            for r in run.resources
+                            if r["rank"] == rank and r.get(key) is not None
+                        ],
+                    )
+                )
         if chart.series or not key.startswith("gpu"):
             result.append(chart)
     return result
@@ -141,16 +170,20 @@ def summary_rows(runs: list[Run]) -> list[list[str]]:
         losses = [m["loss"] for m in run.metrics if m.get("loss") is not None]
         last_step = max((m["step"] for m in run.metrics if "step" in m), default=0)
         eval_first, eval_last = s.first_eval_loss, s.final_eval_loss
-        rows.append([
-            run.name, run.status, str(s.steps if s.steps is not None else last_step),
-            f"{s.final_loss:.4f}" if s.final_loss is not None else (f"{losses[-1]:.4f}" if losses else "-"),
-            f"{eval_first:.4f} → {eval_last:.4f}" if eval_first is not None and eval_last is not None else "-",
-            f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else "-",
-            f"{s.mfu:.1%}" if s.mfu is not None else "-",
-            format_bytes(s.peak_mem_bytes) if s.peak_mem_bytes else "-",
-            f"{_or(s.world_size, '-')} × {_or(s.device, '?')}, {_or(s.strategy, '-')}",
-            format_duration(s.wall_s) if s.wall_s else "-",
-        ])
+        rows.append(
+            [
+                run.name,
+                run.status,
+                str(s.steps if s.steps is not None else last_step),
+                f"{s.final_loss:.4f}" if s.final_loss is not None else (f"{losses[-1]:.4f}" if losses else "-"),
+                f"{eval_first:.4f} → {eval_last:.4f}" if eval_first is not None and eval_last is not None else "-",
+                f"{s.tokens_per_s:,.0f}" if s.tokens_per_s else "-",
+                f"{s.mfu:.1%}" if s.mfu is not None else "-",
+                format_bytes(s.peak_mem_bytes) if s.peak_mem_bytes else "-",
+                f"{_or(s.world_size, '-')} × {_or(s.device, '?')}, {_or(s.strategy, '-')}",
+                format_duration(s.wall_s) if s.wall_s else "-",
+            ]
+        )
     return rows
 
 
@@ -158,8 +191,18 @@ def _or(value: Any, default: str) -> Any:
     return default if value is None else value
 
 
-SUMMARY_HEADER = ["run", "status", "steps", "final loss", "eval loss", "tokens/s", "MFU", "peak memory / rank",
-                  "workers", "wall time"]
+SUMMARY_HEADER = [
+    "run",
+    "status",
+    "steps",
+    "final loss",
+    "eval loss",
+    "tokens/s",
+    "MFU",
+    "peak memory / rank",
+    "workers",
+    "wall time",
+]
 
 
 def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -197,20 +240,30 @@ def build_report(paths: list[Path], *, sections: list[str] | None = None) -> str
     sections.append(f"<h2>Runs</h2>{_table(SUMMARY_HEADER, summary_rows(runs))}")
     if len(runs) > 1:
         header, rows = config_differences(runs)
-        sections.append("<h2>Config differences</h2>" + (_table(header, rows) if rows
-                                                          else '<p class="note">The runs have the same config.</p>'))
+        sections.append(
+            "<h2>Config differences</h2>"
+            + (_table(header, rows) if rows else '<p class="note">The runs have the same config.</p>')
+        )
     sections.append('<h2>Training</h2><div class="grid">' + "".join(render(c) for c in charts(runs)) + "</div>")
     sections.extend(_profile_section(run, titled=len(runs) > 1) for run in runs if (run.path / PROFILE_DIR).is_dir())
-    data = {run.name: {"path": str(run.path), "status": run.status,
-                       "summary": run.summary.to_dict() if run.summary else None} for run in runs}
+    data = {
+        run.name: {
+            "path": str(run.path),
+            "status": run.status,
+            "summary": run.summary.to_dict() if run.summary else None,
+        }
+        for run in runs
+    }
     generated = datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     title = f"orchestrator report: {', '.join(run.name for run in runs[:3])}{' ...' if len(runs) > 3 else ''}"
-    return (f"<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\"><style>{CSS}</style></head>"
-            f"<body><header><h1>{html.escape(title)}</h1><p class=\"note\">{len(runs)} run(s), generated "
-            f"{generated} by orchestrator {__version__}</p></header><main>{''.join(sections)}</main>"
-            f"<script type=\"application/json\" id=\"runs\">{_json_for_html(data)}</script>"
-            f"<script>{SCRIPT}</script></body></html>\n")
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f'<meta name="viewport" content="width=device-width, initial-scale=1"><style>{CSS}</style></head>'
+        f'<body><header><h1>{html.escape(title)}</h1><p class="note">{len(runs)} run(s), generated '
+        f"{generated} by orchestrator {__version__}</p></header><main>{''.join(sections)}</main>"
+        f'<script type="application/json" id="runs">{_json_for_html(data)}</script>'
+        f"<script>{SCRIPT}</script></body></html>\n"
+    )
 
 
 def _scaling_section(path: Path) -> str:
@@ -222,13 +275,18 @@ def _scaling_section(path: Path) -> str:
     rows = with_efficiency(results["points"])
     state = "" if results.get("complete") else " (in progress)"
     # Every field read from the file is escaped: scale.json is data, and a run dir may come from anyone.
-    mode, job, steps, warmup_steps = (html.escape(str(results.get(key)))
-                                      for key in ("mode", "job", "steps", "warmup_steps"))
-    note = (f'<p class="note">{mode} scaling of {job}, {steps} steps per point, step time = median after '
-            f'{warmup_steps} warm-up steps; efficiency = tokens/s per worker against the strategy\'s smallest '
-            f'worker count{state}</p>')
-    return (f"<h2>Scaling: {html.escape(path.name)}</h2>{note}{_table(TABLE_HEADER, table_rows(rows))}"
-            f'<div class="grid">{"".join(render(chart) for chart in scale_charts(rows))}</div>')
+    mode, job, steps, warmup_steps = (
+        html.escape(str(results.get(key))) for key in ("mode", "job", "steps", "warmup_steps")
+    )
+    note = (
+        f'<p class="note">{mode} scaling of {job}, {steps} steps per point, step time = median after '
+        f"{warmup_steps} warm-up steps; efficiency = tokens/s per worker against the strategy's smallest "
+        f"worker count{state}</p>"
+    )
+    return (
+        f"<h2>Scaling: {html.escape(path.name)}</h2>{note}{_table(TABLE_HEADER, table_rows(rows))}"
+        f'<div class="grid">{"".join(render(chart) for chart in scale_charts(rows))}</div>'
+    )
 
 
 PROFILE_TOP_OPS = 15
@@ -240,22 +298,32 @@ def _profile_section(run: Run, *, titled: bool) -> str:
 
     title = f"Profile: {html.escape(run.name)}" if titled else "Profile"
     traces = ", ".join(html.escape(str(path.relative_to(run.path))) for path in trace_files(run.path))
-    hint = (f'<p class="note">Traces (one per rank, Chrome trace format): {traces or "none"}. Open one in '
-            f'<a href="https://ui.perfetto.dev">ui.perfetto.dev</a> (Open trace file) or chrome://tracing; '
-            f'each step is a range named "step N".</p>')
+    hint = (
+        f'<p class="note">Traces (one per rank, Chrome trace format): {traces or "none"}. Open one in '
+        f'<a href="https://ui.perfetto.dev">ui.perfetto.dev</a> (Open trace file) or chrome://tracing; '
+        f'each step is a range named "step N".</p>'
+    )
     top = read_top_ops(run.path, rank=0)
     if top is None:
         return f"<h2>{title}</h2>{hint}"
     steps, cuda = top.get("steps") or [], top.get("device") == "cuda"
     window = f"steps {steps[0]}-{steps[-1]}" if len(steps) > 1 else f"step {steps[0]}" if steps else "no steps"
     sorted_by = "self CUDA time" if cuda else "self CPU time"
-    note = (f'<p class="note">Rank 0, {html.escape(window)}: the {PROFILE_TOP_OPS} operators with the most '
-            f'{sorted_by}, in ms summed over the profiled steps.</p>')
+    note = (
+        f'<p class="note">Rank 0, {html.escape(window)}: the {PROFILE_TOP_OPS} operators with the most '
+        f"{sorted_by}, in ms summed over the profiled steps.</p>"
+    )
     header = ["operator", "calls", "self CPU (ms)", "CPU total (ms)", *(["self CUDA (ms)", "CUDA total (ms)"] * cuda)]
     keys = ["self_cpu_us", "cpu_total_us", *(["self_cuda_us", "cuda_total_us"] * cuda)]
-    rows = [[str(op.get("name")), str(op.get("calls")),
-             *(f"{op[key] / 1000:.3f}" if isinstance(op.get(key), (int, float)) else "-" for key in keys)]
-            for op in (top.get("ops") or [])[:PROFILE_TOP_OPS] if isinstance(op, dict)]
+    rows = [
+        [
+            str(op.get("name")),
+            str(op.get("calls")),
+            *(f"{op[key] / 1000:.3f}" if isinstance(op.get(key), (int, float)) else "-" for key in keys),
+        ]
+        for op in (top.get("ops") or [])[:PROFILE_TOP_OPS]
+        if isinstance(op, dict)
+    ]
     return f"<h2>{title}</h2>{note}{_table(header, rows)}{hint}"
 
 

@@ -16,11 +16,23 @@ from orchestrator.report.svg import Chart, Series, standalone
 from orchestrator.tracking.console import format_bytes, format_si
 
 RESULTS_FILE = "scale.json"
-COLUMNS = ("strategy", "workers", "status", "global_batch_size", "grad_accum_steps", "step_time_s",
-           "tokens_per_s", "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes",
-           "model_state_bytes", "run_dir", "error")
+COLUMNS = (
+    "strategy",
+    "workers",
+    "status",
+    "global_batch_size",
+    "grad_accum_steps",
+    "step_time_s",
+    "tokens_per_s",
+    "tokens_per_s_per_worker",
+    "efficiency",
+    "mfu",
+    "peak_mem_bytes",
+    "model_state_bytes",
+    "run_dir",
+    "error",
+)
 PLOTS = {"scale_throughput": "throughput.svg", "scale_efficiency": "efficiency.svg", "scale_memory": "memory.svg"}
-
 
 
 def with_efficiency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -37,13 +49,14 @@ def with_efficiency(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
-
 def write_outputs(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     """scale.json, scale.csv, scale.md and the plots, each written whole (atomically)."""
     rows = with_efficiency(rows)
     complete = all(row["status"] not in ("pending", "running") for row in rows)
-    write_atomic(out_dir / RESULTS_FILE, json.dumps({**meta, "complete": complete, "updated": time.time(),
-                                                     "points": rows}, indent=1) + "\n")
+    write_atomic(
+        out_dir / RESULTS_FILE,
+        json.dumps({**meta, "complete": complete, "updated": time.time(), "points": rows}, indent=1) + "\n",
+    )
     text = io.StringIO()
     writer = csv.DictWriter(text, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
     writer.writeheader()
@@ -54,22 +67,43 @@ def write_outputs(out_dir: Path, meta: dict[str, Any], rows: list[dict[str, Any]
         write_atomic(out_dir / PLOTS[chart.key], standalone(chart))
 
 
-TABLE_HEADER = ["strategy", "workers", "global batch", "accum", "step time", "tokens/s", "tokens/s/worker",
-                "efficiency", "MFU", "peak mem/rank", "status"]
+TABLE_HEADER = [
+    "strategy",
+    "workers",
+    "global batch",
+    "accum",
+    "step time",
+    "tokens/s",
+    "tokens/s/worker",
+    "efficiency",
+    "MFU",
+    "peak mem/rank",
+    "status",
+]
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
     """The rows as the markdown table and the HTML report show them."""
+
     def cell(value: Any, form: str) -> str:
         return "-" if value is None else format(value, form)
 
-    return [[row["strategy"], str(row["workers"]), str(row["global_batch_size"]), cell(row["grad_accum_steps"], "d"),
-             "-" if row["step_time_s"] is None else f"{row['step_time_s'] * 1000:.1f} ms",
-             cell(row["tokens_per_s"], ",.0f"), cell(row["tokens_per_s_per_worker"], ",.0f"),
-             cell(row["efficiency"], ".0%"), cell(row["mfu"], ".1%"),
-             format_bytes(row["peak_mem_bytes"]) if row["peak_mem_bytes"] else "-",
-             row["status"] + (f": {first_line(row['error'])}" if row.get("error") else "")]
-            for row in rows]
+    return [
+        [
+            row["strategy"],
+            str(row["workers"]),
+            str(row["global_batch_size"]),
+            cell(row["grad_accum_steps"], "d"),
+            "-" if row["step_time_s"] is None else f"{row['step_time_s'] * 1000:.1f} ms",
+            cell(row["tokens_per_s"], ",.0f"),
+            cell(row["tokens_per_s_per_worker"], ",.0f"),
+            cell(row["efficiency"], ".0%"),
+            cell(row["mfu"], ".1%"),
+            format_bytes(row["peak_mem_bytes"]) if row["peak_mem_bytes"] else "-",
+            row["status"] + (f": {first_line(row['error'])}" if row.get("error") else ""),
+        ]
+        for row in rows
+    ]
 
 
 def markdown_table(rows: list[dict[str, Any]], *, mode: str) -> str:
@@ -90,17 +124,48 @@ def scale_charts(rows: list[dict[str, Any]]) -> list[Chart]:
     strategies = list(dict.fromkeys(row["strategy"] for row in rows))
 
     def lines(key: str, scale: float = 1.0) -> list[Series]:
-        return [Series(name, [(row["workers"], row[key] * scale) for row in rows
-                              if row["strategy"] == name and row.get(key) is not None]) for name in strategies]
+        return [
+            Series(
+                name,
+                [
+                    (row["workers"], row[key] * scale)
+                    for row in rows
+                    if row["strategy"] == name and row.get(key) is not None
+                ],
+            )
+            for name in strategies
+        ]
 
     counts = sorted({row["workers"] for row in rows})
     largest = max((row["peak_mem_bytes"] or 0 for row in rows), default=0)
     unit, size = ("GiB", float(1 << 30)) if largest >= 10 << 30 else ("MiB", float(1 << 20))
     return [
-        Chart("scale_throughput", "Throughput", "workers", "tokens/s", lines("tokens_per_s"), y_format=format_si,
-              markers=True, x_ticks=counts),
-        Chart("scale_efficiency", "Scaling efficiency", "workers", "%", lines("efficiency", 100.0), markers=True,
-              x_ticks=counts),
-        Chart("scale_memory", "Peak memory per rank", "workers", unit, lines("peak_mem_bytes", 1 / size),
-              markers=True, x_ticks=counts),
+        Chart(
+            "scale_throughput",
+            "Throughput",
+            "workers",
+            "tokens/s",
+            lines("tokens_per_s"),
+            y_format=format_si,
+            markers=True,
+            x_ticks=counts,
+        ),
+        Chart(
+            "scale_efficiency",
+            "Scaling efficiency",
+            "workers",
+            "%",
+            lines("efficiency", 100.0),
+            markers=True,
+            x_ticks=counts,
+        ),
+        Chart(
+            "scale_memory",
+            "Peak memory per rank",
+            "workers",
+            unit,
+            lines("peak_mem_bytes", 1 / size),
+            markers=True,
+            x_ticks=counts,
+        ),
     ]

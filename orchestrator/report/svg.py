@@ -12,8 +12,20 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 # Colour-blind-safe (Okabe-Ito), then darker variants for runs x ranks beyond eight.
-PALETTE = ["#0072B2", "#E69F00", "#009E73", "#D55E00", "#CC79A7", "#56B4E9", "#F0E442", "#000000",
-           "#004a75", "#9c6b00", "#00664b", "#8f3f00"]
+PALETTE = [
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#D55E00",
+    "#CC79A7",
+    "#56B4E9",
+    "#F0E442",
+    "#000000",
+    "#004a75",
+    "#9c6b00",
+    "#00664b",
+    "#8f3f00",
+]
 WIDTH, HEIGHT = 560, 300
 LEFT, RIGHT, TOP, BOTTOM = 64, 16, 28, 40
 
@@ -65,9 +77,11 @@ def render(chart: Chart) -> str:
     drawn = [s for s in chart.series if s.points]
     title = html.escape(chart.title)
     if not drawn:
-        return (f'<svg class="chart empty" data-chart="{chart.key}" viewBox="0 0 {WIDTH} 60" role="img">'
-                f'<text x="8" y="20" class="title">{title}</text>'
-                f'<text x="8" y="44" class="note">{html.escape(chart.empty_note)}</text></svg>')
+        return (
+            f'<svg class="chart empty" data-chart="{chart.key}" viewBox="0 0 {WIDTH} 60" role="img">'
+            f'<text x="8" y="20" class="title">{title}</text>'
+            f'<text x="8" y="44" class="note">{html.escape(chart.empty_note)}</text></svg>'
+        )
     transform = (lambda v: math.log10(v)) if chart.log_y else (lambda v: v)
     xs = [x for s in drawn for x, _ in s.points]
     ys = [transform(y) for s in drawn for _, y in s.points if not chart.log_y or y > 0]
@@ -82,21 +96,31 @@ def render(chart: Chart) -> str:
     def py(y: float) -> float:
         return TOP + plot_h - (transform(y) - y0) / ((y1 - y0) or 1) * plot_h
 
-    parts = [f'<svg class="chart" data-chart="{chart.key}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" '
-             f'aria-label="{title}">', f'<text x="{LEFT}" y="18" class="title">{title}</text>']
+    parts = [
+        f'<svg class="chart" data-chart="{chart.key}" viewBox="0 0 {WIDTH} {HEIGHT}" role="img" aria-label="{title}">',
+        f'<text x="{LEFT}" y="18" class="title">{title}</text>',
+    ]
     for tick in x_ticks:
-        parts.append(f'<line class="grid" x1="{px(tick):.1f}" x2="{px(tick):.1f}" y1="{TOP}" y2="{TOP + plot_h}"/>'
-                     f'<text class="tick" x="{px(tick):.1f}" y="{TOP + plot_h + 14}" '
-                     f'text-anchor="middle">{tick:g}</text>')
+        parts.append(
+            f'<line class="grid" x1="{px(tick):.1f}" x2="{px(tick):.1f}" y1="{TOP}" y2="{TOP + plot_h}"/>'
+            f'<text class="tick" x="{px(tick):.1f}" y="{TOP + plot_h + 14}" '
+            f'text-anchor="middle">{tick:g}</text>'
+        )
     for tick in y_ticks:
         y = TOP + plot_h - (tick - y0) / ((y1 - y0) or 1) * plot_h
-        label = chart.y_format(10 ** tick if chart.log_y else tick)
-        parts.append(f'<line class="grid" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
-                     f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>')
-    parts.append(f'<text class="axis" x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
-                 f'{html.escape(chart.x_label)}</text>')
-    parts.append(f'<text class="axis" transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" '
-                 f'text-anchor="middle">{html.escape(chart.y_label)}</text>')
+        label = chart.y_format(10**tick if chart.log_y else tick)
+        parts.append(
+            f'<line class="grid" x1="{LEFT}" x2="{LEFT + plot_w}" y1="{y:.1f}" y2="{y:.1f}"/>'
+            f'<text class="tick" x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{label}</text>'
+        )
+    parts.append(
+        f'<text class="axis" x="{LEFT + plot_w / 2}" y="{HEIGHT - 6}" text-anchor="middle">'
+        f"{html.escape(chart.x_label)}</text>"
+    )
+    parts.append(
+        f'<text class="axis" transform="translate(14 {TOP + plot_h / 2}) rotate(-90)" '
+        f'text-anchor="middle">{html.escape(chart.y_label)}</text>'
+    )
     for index, series in enumerate(drawn):
         color = series.color or PALETTE[index % len(PALETTE)]
         points = [(x, y) for x, y in series.points if not chart.log_y or y > 0]
@@ -105,20 +129,27 @@ def render(chart: Chart) -> str:
             path += " l0.01,0"
         name = html.escape(series.name)
         last_x, last_y = points[-1]
-        parts.append(f'<path class="series{" dashed" if series.dashed else ""}" data-series="{name}" '
-                     f'data-points="{len(points)}" d="{path}" stroke="{color}">'
-                     f'<title>{name}: {chart.y_format(last_y)} at {last_x:g}</title></path>')
+        parts.append(
+            f'<path class="series{" dashed" if series.dashed else ""}" data-series="{name}" '
+            f'data-points="{len(points)}" d="{path}" stroke="{color}">'
+            f"<title>{name}: {chart.y_format(last_y)} at {last_x:g}</title></path>"
+        )
         if chart.markers:
-            parts.extend(f'<circle class="marker" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
-                         f'<title>{name}: {chart.y_format(y)} at {x:g}</title></circle>' for x, y in points)
+            parts.extend(
+                f'<circle class="marker" cx="{px(x):.1f}" cy="{py(y):.1f}" r="3" fill="{color}">'
+                f"<title>{name}: {chart.y_format(y)} at {x:g}</title></circle>"
+                for x, y in points
+            )
     legend_y = TOP + 6
     for index, series in enumerate(drawn):
         color = series.color or PALETTE[index % len(PALETTE)]
         y = legend_y + 14 * index
         dash = ' stroke-dasharray="4 3"' if series.dashed else ""
-        parts.append(f'<g class="legend"><line x1="{LEFT + plot_w - 150}" x2="{LEFT + plot_w - 134}" y1="{y}" '
-                     f'y2="{y}" stroke="{color}"{dash}/>'
-                     f'<text x="{LEFT + plot_w - 130}" y="{y + 4}">{html.escape(series.name)}</text></g>')
+        parts.append(
+            f'<g class="legend"><line x1="{LEFT + plot_w - 150}" x2="{LEFT + plot_w - 134}" y1="{y}" '
+            f'y2="{y}" stroke="{color}"{dash}/>'
+            f'<text x="{LEFT + plot_w - 130}" y="{y + 4}">{html.escape(series.name)}</text></g>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 

@@ -61,9 +61,11 @@ def search_command(args: list[str]) -> int:
             plan.fit_to(ray.cluster_resources())
         with own_run_dir(plan.search_dir, key="search.output_dir"):
             record.write(plan.search_dir / RECORD_FILE)
-            print(f"search: {record.num_samples} trials of {record.job}, {plan.max_concurrent} at a time, "
-                  f"{plan.settings.algorithm.value} / {plan.settings.scheduler.value}; search dir {plan.search_dir}",
-                  flush=True)
+            print(
+                f"search: {record.num_samples} trials of {record.job}, {plan.max_concurrent} at a time, "
+                f"{plan.settings.algorithm.value} / {plan.settings.scheduler.value}; search dir {plan.search_dir}",
+                flush=True,
+            )
             from orchestrator.search.driver import run_trials  # lazy: imports Ray Tune, once the checks have passed
 
             run_trials(plan, record)
@@ -83,8 +85,10 @@ def _record(plan: SearchPlan) -> SearchRecord:
     record = SearchRecord.read(path)
     differs = record.same_search(fresh)
     if differs is not None:
-        raise UserError(f"search.output_dir={plan.search_dir} holds a different search (its {differs} differs); "
-                        f"choose another search.output_dir")
+        raise UserError(
+            f"search.output_dir={plan.search_dir} holds a different search (its {differs} differs); "
+            f"choose another search.output_dir"
+        )
     record.num_samples = fresh.num_samples
     done = sum(trial.finished for trial in record.trials)
     print(f"search: continuing {path}: {done} trial(s) finished, {len(record.trials) - done} to continue", flush=True)
@@ -103,8 +107,11 @@ def _results(plan: SearchPlan, record: SearchRecord) -> int:
         print("error: no trial finished with a result", file=sys.stderr, flush=True)
         return 1
     path = write_best_job(plan, best)
-    print(f"best: {best.name} ({plan.settings.metric} {best.value:.4f}); its job: {path}\n"
-          f"train it: {train_best_command(plan.search_dir)}", flush=True)
+    print(
+        f"best: {best.name} ({plan.settings.metric} {best.value:.4f}); its job: {path}\n"
+        f"train it: {train_best_command(plan.search_dir)}",
+        flush=True,
+    )
     return 0
 
 
@@ -129,6 +136,7 @@ def submit_search(cluster: Cluster, overrides: list[str]) -> tuple[str, str]:
     output_dir = plan.settings.output_dir or f"search/{plan.job or 'default'}"
     search_dir = output_dir if output_dir.startswith("/") else f"{storage}/{output_dir}"
     arguments = [o for o in overrides if not o.startswith("search.output_dir=")] + [f"search.output_dir={search_dir}"]
-    job_id = jobs.submit_experiment(cluster, "search", arguments, job=plan.job or "default",
-                                    metadata={"run_dir": search_dir})
+    job_id = jobs.submit_experiment(
+        cluster, "search", arguments, job=plan.job or "default", metadata={"run_dir": search_dir}
+    )
     return job_id, search_dir

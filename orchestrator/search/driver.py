@@ -42,21 +42,31 @@ def run_trials(plan: SearchPlan, record: SearchRecord) -> None:
     remaining = record.num_samples - len(finished)
     if remaining <= 0:
         return
-    settings = TrialSettings(search_dir=plan.search_dir, base=plan.base, space=plan.space, job=plan.job,
-                             metric=plan.settings.metric)
-    trainable = tune.with_resources(tune.with_parameters(SearchTrial, settings=settings),
-                                    {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES})
+    settings = TrialSettings(
+        search_dir=plan.search_dir, base=plan.base, space=plan.space, job=plan.job, metric=plan.settings.metric
+    )
+    trainable = tune.with_resources(
+        tune.with_parameters(SearchTrial, settings=settings), {"CPU": 0, "memory": TRIAL_DRIVER_MEMORY_BYTES}
+    )
     # Ray Tune's console tables off (its new output prints some even at verbose=0): the search prints a
     # line per trial as it starts and ends.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     tuner = tune.Tuner(
         trainable,
-        tune_config=tune.TuneConfig(search_alg=RecordedSearch(plan, record), scheduler=DecidingScheduler(plan),
-                                    num_samples=remaining, max_concurrent_trials=plan.max_concurrent,
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(name=TUNE_DIR, storage_path=str(plan.search_dir), verbose=0,
-                                  callbacks=[Progress(plan)],
-                                  checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False)),
+        tune_config=tune.TuneConfig(
+            search_alg=RecordedSearch(plan, record),
+            scheduler=DecidingScheduler(plan),
+            num_samples=remaining,
+            max_concurrent_trials=plan.max_concurrent,
+            reuse_actors=True,
+        ),
+        run_config=tune.RunConfig(
+            name=TUNE_DIR,
+            storage_path=str(plan.search_dir),
+            verbose=0,
+            callbacks=[Progress(plan)],
+            checkpoint_config=tune.CheckpointConfig(checkpoint_at_end=False),
+        ),
     )
     tuner.fit()
 
@@ -79,9 +89,12 @@ class RecordedSearch(Searcher):
             optuna.logging.set_verbosity(optuna.logging.WARNING)  # its line per study created
 
             # Seeded by how far the search got: a continued search draws new points, not the first ones again.
-            self.optuna = OptunaSearch(space={d.key: d.optuna_distribution() for d in plan.space},
-                                       metric=settings.metric, mode=settings.mode.value,
-                                       sampler=TPESampler(seed=plan.seed + len(record.trials)))
+            self.optuna = OptunaSearch(
+                space={d.key: d.optuna_distribution() for d in plan.space},
+                metric=settings.metric,
+                mode=settings.mode.value,
+                sampler=TPESampler(seed=plan.seed + len(record.trials)),
+            )
             for trial in record.trials:
                 if trial.finished and trial.status != FAILED and trial.value is not None:
                     self.optuna.add_evaluated_point(trial.params, trial.value)
@@ -110,8 +123,11 @@ class RecordedSearch(Searcher):
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
         trial = self.trials[trial_id]
         summary_file = RunDir(self.plan.search_dir / trial.name).summary
-        summary = (RunSummary.read(summary_file) if summary_file.exists()
-                   else RunSummary(status=FAILED, error="the trial ended before its run wrote a summary"))
+        summary = (
+            RunSummary.read(summary_file)
+            if summary_file.exists()
+            else RunSummary(status=FAILED, error="the trial ended before its run wrote a summary")
+        )
         trial.finish(summary, metric=self.metric)
         self._write()
         if trial_id in self.asked:
@@ -165,11 +181,22 @@ def scheduler_for(plan: SearchPlan) -> TrialScheduler:
     settings = plan.settings
     metric, mode = settings.metric, settings.mode.value
     if settings.scheduler is SearchScheduler.asha:
-        return ASHAScheduler(time_attr="step", metric=metric, mode=mode, max_t=plan.max_steps,
-                             grace_period=plan.grace_steps, reduction_factor=settings.reduction_factor)
+        return ASHAScheduler(
+            time_attr="step",
+            metric=metric,
+            mode=mode,
+            max_t=plan.max_steps,
+            grace_period=plan.grace_steps,
+            reduction_factor=settings.reduction_factor,
+        )
     if settings.scheduler is SearchScheduler.median:
-        return MedianStoppingRule(time_attr="step", metric=metric, mode=mode, grace_period=plan.grace_steps,
-                                  min_samples_required=settings.reduction_factor)
+        return MedianStoppingRule(
+            time_attr="step",
+            metric=metric,
+            mode=mode,
+            grace_period=plan.grace_steps,
+            min_samples_required=settings.reduction_factor,
+        )
     return FIFOScheduler()
 
 
@@ -180,8 +207,10 @@ class Progress(tune.Callback):
         self.plan = plan
 
     def on_trial_start(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
-        params = ", ".join(f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
-                           for key, value in trial.config[PARAMS_KEY].items())
+        params = ", ".join(
+            f"{key}={value:.4g}" if isinstance(value, float) else f"{key}={value}"
+            for key, value in trial.config[PARAMS_KEY].items()
+        )
         print(f"{trial.config[TRIAL_KEY]}: started ({params})", flush=True)
 
     def on_trial_complete(self, iteration: int, trials: list[Any], trial: Any, **info: Any) -> None:
@@ -198,9 +227,9 @@ class Progress(tune.Callback):
             return
         summary = RunSummary.read(summary_file)
         value = summary.final_eval_loss if self.plan.settings.metric == "eval_loss" else summary.final_eval_accuracy
-        outcome = f"{summary.status} at step {summary.steps}" + (f", {self.plan.settings.metric} {value:.4f}"
-                                                                  if value is not None else "")
+        outcome = f"{summary.status} at step {summary.steps}" + (
+            f", {self.plan.settings.metric} {value:.4f}" if value is not None else ""
+        )
         if summary.error:
             outcome += f": {summary.error}"
         print(f"{name}: {outcome}", flush=True)
-

@@ -71,10 +71,16 @@ class SearchPlan:
 
     def new_record(self) -> SearchRecord:
         settings = self.settings
-        return SearchRecord(job=self.job or "default", overrides=self.base,
-                            space={d.key: d.expression.partition("=")[2] for d in self.space},
-                            metric=settings.metric, mode=settings.mode.value, algorithm=settings.algorithm.value,
-                            seed=self.seed, num_samples=self.num_samples)
+        return SearchRecord(
+            job=self.job or "default",
+            overrides=self.base,
+            space={d.key: d.expression.partition("=")[2] for d in self.space},
+            metric=settings.metric,
+            mode=settings.mode.value,
+            algorithm=settings.algorithm.value,
+            seed=self.seed,
+            num_samples=self.num_samples,
+        )
 
     def fit_to(self, cluster: dict[str, float]) -> None:
         """Sets ``max_concurrent`` (0: as many trials as ``cluster`` fits at once).
@@ -85,13 +91,17 @@ class SearchPlan:
         fits = min(math.floor(cluster.get(name, 0.0) / amount + 1e-9) for name, amount in self.trial_resources.items())
         need = _format(self.trial_resources)
         if fits < 1:
-            raise UserError(f"launcher.num_workers={self.launcher.num_workers}: one trial needs {need}; "
-                            f"the cluster has {_format(cluster, names=self.trial_resources)}")
+            raise UserError(
+                f"launcher.num_workers={self.launcher.num_workers}: one trial needs {need}; "
+                f"the cluster has {_format(cluster, names=self.trial_resources)}"
+            )
         wanted = self.settings.max_concurrent
         if wanted > fits:
-            raise UserError(f"search.max_concurrent={wanted}: the cluster fits {fits} trial(s) at once (each needs "
-                            f"{need}; the cluster has {_format(cluster, names=self.trial_resources)}); "
-                            f"use search.max_concurrent<={fits}")
+            raise UserError(
+                f"search.max_concurrent={wanted}: the cluster fits {fits} trial(s) at once (each needs "
+                f"{need}; the cluster has {_format(cluster, names=self.trial_resources)}); "
+                f"use search.max_concurrent<={fits}"
+            )
         self.max_concurrent = wanted or fits
 
 
@@ -127,9 +137,19 @@ def plan_search(overrides: list[str], *, check_machine: bool = True) -> SearchPl
     resources = {"CPU": launcher.num_workers * launcher.cpus_per_worker}
     if check_machine and uses_gpu(config):
         resources["GPU"] = float(launcher.num_workers)
-    plan = SearchPlan(settings=settings, base=base, space=space, job=job, search_dir=search_dir, seed=config.seed,
-                      max_steps=config.trainer.max_steps, grace_steps=settings.grace_steps or config.trainer.eval_every,
-                      num_samples=num_samples, trial_resources=resources, launcher=launcher)
+    plan = SearchPlan(
+        settings=settings,
+        base=base,
+        space=space,
+        job=job,
+        search_dir=search_dir,
+        seed=config.seed,
+        max_steps=config.trainer.max_steps,
+        grace_steps=settings.grace_steps or config.trainer.eval_every,
+        num_samples=num_samples,
+        trial_resources=resources,
+        launcher=launcher,
+    )
     if check_machine and launcher.address is None:  # an embedded Ray, sized to this machine
         plan.fit_to({"CPU": float(os.cpu_count() or 1), "GPU": float(visible_gpu_count())})
     return plan
@@ -138,34 +158,45 @@ def plan_search(overrides: list[str], *, check_machine: bool = True) -> SearchPl
 def _check_job(config: Config, space: list[Dimension]) -> None:
     settings = config.search
     if not space:
-        raise UserError("search: no search space; give a dimension (optim.lr=tag(log,interval(1e-4,1e-2))) "
-                        "or search.space in the job")
+        raise UserError(
+            "search: no search space; give a dimension (optim.lr=tag(log,interval(1e-4,1e-2))) "
+            "or search.space in the job"
+        )
     if config.job.kind is JobKind.script:
         raise UserError("job.kind=script: a search's trials report their evals from orchestrator's training loop")
     if not isinstance(config.launcher, RayLauncherConfig):
-        raise UserError(f"launcher={config.launcher.name}: a search runs each trial as a Ray Train run; "
-                        f"use launcher=ray")
+        raise UserError(
+            f"launcher={config.launcher.name}: a search runs each trial as a Ray Train run; use launcher=ray"
+        )
     if not config.trainer.eval_every:
         raise UserError(f"search.metric={settings.metric} is reported at each eval: set trainer.eval_every > 0")
     if settings.metric == "eval_accuracy":
-        classifies = (config.data.output_kind is not SampleKind.tokens
-                      and config.trainer.loss in (LossName.cross_entropy, LossName.bce))
+        classifies = config.data.output_kind is not SampleKind.tokens and config.trainer.loss in (
+            LossName.cross_entropy,
+            LossName.bce,
+        )
         if not classifies:
-            raise UserError(f"search.metric=eval_accuracy: the loop reports it only for classifiers "
-                            f"(trainer.loss=cross_entropy or bce on data with classes); data={config.data.name} "
-                            f"with trainer.loss={config.trainer.loss.value} reports eval_loss")
+            raise UserError(
+                f"search.metric=eval_accuracy: the loop reports it only for classifiers "
+                f"(trainer.loss=cross_entropy or bce on data with classes); data={config.data.name} "
+                f"with trainer.loss={config.trainer.loss.value} reports eval_loss"
+            )
 
 
 def _num_samples(settings: SearchConfig, space: list[Dimension]) -> int:
     if settings.algorithm is SearchAlgorithm.grid:
         size = math.prod(len(dimension.grid()) for dimension in space)
         if settings.num_samples not in (None, size):
-            raise UserError(f"search.num_samples={settings.num_samples}: search.algorithm=grid runs each of "
-                            f"the grid's {size} points once; leave search.num_samples unset")
+            raise UserError(
+                f"search.num_samples={settings.num_samples}: search.algorithm=grid runs each of "
+                f"the grid's {size} points once; leave search.num_samples unset"
+            )
         return size
     if settings.num_samples is None:
-        raise UserError(f"search.num_samples: missing: how many trials search.algorithm="
-                        f"{settings.algorithm.value} runs (set search.num_samples=N)")
+        raise UserError(
+            f"search.num_samples: missing: how many trials search.algorithm="
+            f"{settings.algorithm.value} runs (set search.num_samples=N)"
+        )
     return settings.num_samples
 
 

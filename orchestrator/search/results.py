@@ -34,8 +34,16 @@ def trials_table(record: SearchRecord) -> list[list[str]]:
     rows = [["trial", *keys, "status", "steps", "best eval loss", f"{record.metric} (last eval)"]]
     for trial in record.trials:
         mark = " *" if best is not None and trial.name == best.name else ""
-        rows.append([trial.name + mark, *(_value(trial.params.get(key)) for key in keys), trial.status,
-                     _value(trial.steps), _value(trial.best_eval_loss), _value(trial.value)])
+        rows.append(
+            [
+                trial.name + mark,
+                *(_value(trial.params.get(key)) for key in keys),
+                trial.status,
+                _value(trial.steps),
+                _value(trial.best_eval_loss),
+                _value(trial.value),
+            ]
+        )
     return rows
 
 
@@ -51,15 +59,19 @@ def write_best_job(plan: SearchPlan, best: TrialRecord) -> Path:
     resolved = OmegaConf.to_container(without_hydra(cfg), resolve=True)
     resolved.pop("search", None)
     values = ", ".join(f"{key}={_value(value)}" for key, value in best.params.items())
-    header = (f"# @package _global_\n"
-              f"# The best trial of the search in {plan.search_dir} ({best.name}: {values}; "
-              f"{plan.settings.metric} {_value(best.value)}).\n"
-              f"# Train it: {train_best_command(plan.search_dir)}\n")
+    header = (
+        f"# @package _global_\n"
+        f"# The best trial of the search in {plan.search_dir} ({best.name}: {values}; "
+        f"{plan.settings.metric} {_value(best.value)}).\n"
+        f"# Train it: {train_best_command(plan.search_dir)}\n"
+    )
     defaults = {"defaults": [{f"override /{group}": choices[group]} for group in GROUPS if choices.get(group)]}
     path = plan.search_dir / BEST_JOB_DIR / f"{BEST_JOB}.yaml"
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, header + OmegaConf.to_yaml(OmegaConf.create(defaults)) + "\n" +
-                 OmegaConf.to_yaml(OmegaConf.create(resolved)))
+    write_atomic(
+        path,
+        header + OmegaConf.to_yaml(OmegaConf.create(defaults)) + "\n" + OmegaConf.to_yaml(OmegaConf.create(resolved)),
+    )
     return path
 
 
@@ -74,21 +86,39 @@ def search_section(search_dir: Path, record: SearchRecord) -> str:
     best = record.best()
     chart = Chart("search_eval_loss", "Eval loss per trial", "step", "eval loss")
     for index, trial in enumerate(record.trials):
-        evals = [(m["step"], m["eval_loss"]) for m in read_jsonl(RunDir(search_dir / trial.name).metrics)
-                 if m.get("eval_loss") is not None]
+        evals = [
+            (m["step"], m["eval_loss"])
+            for m in read_jsonl(RunDir(search_dir / trial.name).metrics)
+            if m.get("eval_loss") is not None
+        ]
         is_best = best is not None and trial.name == best.name
-        chart.series.append(Series(f"{trial.name} (best)" if is_best else trial.name, evals,
-                                   dashed=not is_best, color=PALETTE[index % len(PALETTE)]))
+        chart.series.append(
+            Series(
+                f"{trial.name} (best)" if is_best else trial.name,
+                evals,
+                dashed=not is_best,
+                color=PALETTE[index % len(PALETTE)],
+            )
+        )
     rows = trials_table(record)
     header, body = rows[0], rows[1:]
-    table = ("<table><thead><tr>" + "".join(f"<th>{html.escape(cell)}</th>" for cell in header) + "</tr></thead><tbody>"
-             + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in body)
-             + "</tbody></table>")
-    best_note = (f"best: {html.escape(best.name)} ({html.escape(record.metric)} {_value(best.value)})"
-                 if best is not None else "no trial finished with a result yet")
-    note = (f'<p class="note">{len(record.trials)} of {record.num_samples} trial(s), {html.escape(record.algorithm)}, '
-            f'{html.escape(record.metric)} ({html.escape(record.mode)}); {best_note}. Dashed: the other trials; a '
-            f'line that ends early is a trial the scheduler stopped.</p>')
+    table = (
+        "<table><thead><tr>"
+        + "".join(f"<th>{html.escape(cell)}</th>" for cell in header)
+        + "</tr></thead><tbody>"
+        + "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in body)
+        + "</tbody></table>"
+    )
+    best_note = (
+        f"best: {html.escape(best.name)} ({html.escape(record.metric)} {_value(best.value)})"
+        if best is not None
+        else "no trial finished with a result yet"
+    )
+    note = (
+        f'<p class="note">{len(record.trials)} of {record.num_samples} trial(s), {html.escape(record.algorithm)}, '
+        f"{html.escape(record.metric)} ({html.escape(record.mode)}); {best_note}. Dashed: the other trials; a "
+        f"line that ends early is a trial the scheduler stopped.</p>"
+    )
     return f'<h2>Search</h2>{note}{table}<div class="grid">{render(chart)}</div>'
 
 

@@ -125,8 +125,9 @@ def _dimension(override: Override, *, where: str) -> Dimension:
         if not all(isinstance(v, int) for v in (value.start, value.stop, value.step)):
             raise UserError(f"{where}: range() takes integers; use interval(lo,hi) for a float")
         if not range(value.start, value.stop, value.step):
-            raise UserError(f"{where}: an empty range (no integer from {value.start} up to {value.stop}, "
-                            f"which is excluded)")
+            raise UserError(
+                f"{where}: an empty range (no integer from {value.start} up to {value.stop}, which is excluded)"
+            )
         return Dimension(key, INT, expression, low=value.start, high=value.stop, step=value.step)
     if isinstance(value, IntervalSweep):
         low, high = float(value.start), float(value.end)
@@ -147,7 +148,7 @@ def check_points(base: list[str], space: list[Dimension]) -> list[list[str]]:
     points = [[*base, *firsts]]
     for i, dimension in enumerate(space):
         for value in dimension.reachable()[1:]:
-            points.append([*base, *firsts[:i], dimension.override(value), *firsts[i + 1:]])
+            points.append([*base, *firsts[:i], dimension.override(value), *firsts[i + 1 :]])
     return points
 
 

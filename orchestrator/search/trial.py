@@ -107,5 +107,8 @@ class SearchTrial(tune.Trainable):
         if summary.status == "failed":
             raise TrialFailed(f"{self.run_dir.name}: {summary.error}")
         final = {"eval_loss": summary.final_eval_loss, "eval_accuracy": summary.final_eval_accuracy}
-        return {"step": summary.steps, **{key: value for key, value in final.items() if value is not None},
-                "done": True}
+        return {
+            "step": summary.steps,
+            **{key: value for key, value in final.items() if value is not None},
+            "done": True,
+        }

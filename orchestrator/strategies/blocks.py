@@ -14,8 +14,9 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 
 
-def prepare_blocks(model: nn.Module, blocks: list[nn.Module], *, activation_checkpointing: bool,
-                   compile: bool) -> list[nn.Module]:
+def prepare_blocks(
+    model: nn.Module, blocks: list[nn.Module], *, activation_checkpointing: bool, compile: bool
+) -> list[nn.Module]:
     """Applies activation checkpointing and compile to each block, in place in ``model``.
 
     Args:

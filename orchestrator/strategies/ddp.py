@@ -30,8 +30,12 @@ class SingleStrategy(TorchStrategy):
 
     def setup(self, recipe: ModelRecipe, *, build_optimizer: OptimizerFactory) -> None:
         module = recipe.build_complete()
-        prepare_blocks(module, recipe.blocks(module), activation_checkpointing=self.cfg.activation_checkpointing,
-                       compile=self.cfg.compile)
+        prepare_blocks(
+            module,
+            recipe.blocks(module),
+            activation_checkpointing=self.cfg.activation_checkpointing,
+            compile=self.cfg.compile,
+        )
         self.module = module.to(self.dist.device)
         self.model = self._wrap(self.module)
         self.optimizer = build_optimizer(self.module)

@@ -80,12 +80,17 @@ class ZeroStrategy(Strategy):
             model = _build_partitioned(recipe, config, is_main=self.dist.is_main)
         else:
             model = recipe.build_complete(cast_frozen=False)  # DeepSpeed casts the whole model to bf16 itself
-        prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
-                       compile=self.cfg.compile)
+        prepare_blocks(
+            model,
+            recipe.blocks(model),
+            activation_checkpointing=self.cfg.activation_checkpointing,
+            compile=self.cfg.compile,
+        )
         return model
 
-    def _client_optimizer(self, model: nn.Module, build_optimizer: OptimizerFactory, *,
-                          on_gpu: bool) -> torch.optim.Optimizer:
+    def _client_optimizer(
+        self, model: nn.Module, build_optimizer: OptimizerFactory, *, on_gpu: bool
+    ) -> torch.optim.Optimizer:
         optimizer = build_optimizer(model)
         optim = self.config.optim
         if on_gpu and self.cfg.offload_optimizer is Offload.cpu and optim.name is not OptimName.sgd:
@@ -93,8 +98,13 @@ class ZeroStrategy(Strategy):
             # faster than torch's; same update, same parameter groups.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-            return DeepSpeedCPUAdam(optimizer.param_groups, lr=optim.lr, betas=tuple(optim.betas), eps=optim.eps,
-                                    adamw_mode=optim.name is OptimName.adamw)
+            return DeepSpeedCPUAdam(
+                optimizer.param_groups,
+                lr=optim.lr,
+                betas=tuple(optim.betas),
+                eps=optim.eps,
+                adamw_mode=optim.name is OptimName.adamw,
+            )
         return optimizer
 
     def accumulate(self, *, sync: bool) -> Any:
@@ -116,8 +126,9 @@ class ZeroStrategy(Strategy):
             grad_norm = math.sqrt(float(squared_norm(grads, device=self.dist.device)))
             if not guard(grad_norm):
                 self.discard_gradients()
-                return StepOutcome(grad_norm=grad_norm, applied=False,
-                                   skipped=f"non-finite gradient norm ({grad_norm})")
+                return StepOutcome(
+                    grad_norm=grad_norm, applied=False, skipped=f"non-finite gradient norm ({grad_norm})"
+                )
             self.engine.step()
             return StepOutcome(grad_norm=grad_norm, applied=True)
         # ZeRO computes the global norm inside step, clips with it, and skips the update when it is
@@ -157,8 +168,11 @@ class ZeroStrategy(Strategy):
         # place, past the engine: those are read back.
         copied = []
         if self.dist.is_main:
-            copied = [p for p in sorted(directory.rglob("*")) if p.is_file() and "zero_pp_rank_" not in p.name
-                      and p not in engine.digests and p not in engine.kept]
+            copied = [
+                p
+                for p in sorted(directory.rglob("*"))
+                if p.is_file() and "zero_pp_rank_" not in p.name and p not in engine.digests and p not in engine.kept
+            ]
 
         def write() -> dict[Path, FileDigest]:
             return {**engine.write_kept(), **{path: read_back(path) for path in copied}}
@@ -167,8 +181,9 @@ class ZeroStrategy(Strategy):
 
     def load(self, directory: Path) -> None:
         check_zero(directory)
-        loaded, _ = self.engine.load_checkpoint(str(directory), tag=TAG, load_optimizer_states=True,
-                                                load_lr_scheduler_states=False, load_module_strict=True)
+        loaded, _ = self.engine.load_checkpoint(
+            str(directory), tag=TAG, load_optimizer_states=True, load_lr_scheduler_states=False, load_module_strict=True
+        )
         if loaded is None:
             raise RuntimeError(f"DeepSpeed could not load the checkpoint in {directory}")
 
@@ -200,15 +215,17 @@ class _HashingCheckpointEngine:
         if self._keep:
             self.kept[Path(path)] = state_dict
         else:
-            self.digests[Path(path)] = save_hashed(state_dict, Path(path),
-                                                   zipfile=self._torch_engine.zipfile_serialization)
+            self.digests[Path(path)] = save_hashed(
+                state_dict, Path(path), zipfile=self._torch_engine.zipfile_serialization
+            )
 
     def write_kept(self) -> dict[Path, FileDigest]:
         """Writes what ``save`` kept, in the order DeepSpeed saved it; returns every file this engine wrote."""
         while self.kept:
             path = next(iter(self.kept))
-            self.digests[path] = save_hashed(self.kept.pop(path), path,
-                                             zipfile=self._torch_engine.zipfile_serialization)
+            self.digests[path] = save_hashed(
+                self.kept.pop(path), path, zipfile=self._torch_engine.zipfile_serialization
+            )
         return self.digests
 
     def __getattr__(self, name: str) -> Any:
@@ -229,8 +246,9 @@ def _build_partitioned(recipe: ModelRecipe, config: dict[str, Any], *, is_main: 
     import deepspeed
 
     if torch.distributed.is_initialized():  # zero.Init reads the world size from DeepSpeed's own view of it
-        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False,
-                                   verbose=False)
+        deepspeed.init_distributed(
+            dist_backend=torch.distributed.get_backend(), auto_mpi_discovery=False, verbose=False
+        )
     with deepspeed.zero.Init(config_dict_or_path=config), _FillsGathered():
         model = recipe.build()
     if recipe.initial_state is not None:

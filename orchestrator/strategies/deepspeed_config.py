@@ -79,8 +79,10 @@ def merge_overrides(generated: dict[str, Any], overrides: dict[str, Any]) -> dic
         current = _get(generated, path)
         if owner is not None and current != value:
             job = "leaves it unset" if current is None else f"sets {current!r}"
-            raise UserError(f"strategy.deepspeed_overrides.{path}={value!r} contradicts the job (which {job}); "
-                            f"set {_OWNED[owner]} instead")
+            raise UserError(
+                f"strategy.deepspeed_overrides.{path}={value!r} contradicts the job (which {job}); "
+                f"set {_OWNED[owner]} instead"
+            )
         _set(merged, path, value)
     return merged
 

@@ -28,8 +28,10 @@ def resume_problem(*, written_by: str, world_size: int, resuming_with: str, num_
     if format_ is None or format_ != checkpoint_format(resuming_with):
         return f"it was written by strategy={written_by}, which strategy={resuming_with} cannot resume from"
     if format_ not in _RESHARDABLE and world_size != num_workers:
-        return (f"strategy={written_by} checkpoints resume at the world size they were written at "
-                f"({world_size}), not launcher.num_workers={num_workers}")
+        return (
+            f"strategy={written_by} checkpoints resume at the world size they were written at "
+            f"({world_size}), not launcher.num_workers={num_workers}"
+        )
     return None
 
 

@@ -89,8 +89,12 @@ class FSDP2Strategy(TorchStrategy):
                 recipe.finish(model)  # adapters (nothing allocated yet) before sharding wraps the modules
         else:
             model = recipe.build_complete()  # every rank builds the same full model, then keeps its shards
-        blocks = prepare_blocks(model, recipe.blocks(model), activation_checkpointing=self.cfg.activation_checkpointing,
-                                compile=self.cfg.compile)
+        blocks = prepare_blocks(
+            model,
+            recipe.blocks(model),
+            activation_checkpointing=self.cfg.activation_checkpointing,
+            compile=self.cfg.compile,
+        )
         shard = dict(
             mesh=init_device_mesh(self.dist.device.type, (self.dist.world_size,)),
             reshard_after_forward=self.cfg.reshard_after_forward,
@@ -143,8 +147,12 @@ class FSDP2Strategy(TorchStrategy):
         if self._background_group is None and torch.distributed.is_initialized():
             self._background_group = torch.distributed.new_group(backend="gloo")  # collective: every rank, once
         writer = _HashingWriter(directory / DCP_DIR)
-        future = dcp.async_save(self._dcp_state(), storage_writer=writer, process_group=self._background_group,
-                                async_stager=_Stager(self.staging))
+        future = dcp.async_save(
+            self._dcp_state(),
+            storage_writer=writer,
+            process_group=self._background_group,
+            async_stager=_Stager(self.staging),
+        )
         scaler_state = copy.deepcopy(self._scaler_state())  # plain numbers
 
         def write() -> dict[Path, FileDigest]:
@@ -161,8 +169,9 @@ class FSDP2Strategy(TorchStrategy):
     def _scaler_state(self) -> dict[str, Any] | None:
         return self.scaler.state_dict() if self.dist.is_main and self.scaler.is_enabled() else None
 
-    def _written(self, directory: Path, writer: _HashingWriter,
-                 scaler_state: dict[str, Any] | None) -> dict[Path, FileDigest]:
+    def _written(
+        self, directory: Path, writer: _HashingWriter, scaler_state: dict[str, Any] | None
+    ) -> dict[Path, FileDigest]:
         written = dict(writer.fs.digests)
         if scaler_state is not None:
             written[directory / SCALER_FILE] = save_hashed(scaler_state, directory / SCALER_FILE)
@@ -173,8 +182,7 @@ class FSDP2Strategy(TorchStrategy):
         state = {"model": model_state, "optim": optimizer_state}
         # Reshards when the world size differs.
         dcp.load(state, storage_reader=SafeReader(directory / DCP_DIR), planner=SafePlanner())
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
         if self.scaler.is_enabled() and (directory / SCALER_FILE).exists():
             self.scaler.load_state_dict(torch.load(directory / SCALER_FILE, weights_only=True))
 
@@ -250,7 +258,7 @@ def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
     metadata = reader.read_metadata()
     prefix = "model."
     state = {
-        key[len(prefix):]: torch.empty(entry.size, dtype=entry.properties.dtype)
+        key[len(prefix) :]: torch.empty(entry.size, dtype=entry.properties.dtype)
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and hasattr(entry, "size")
     }
@@ -275,8 +283,9 @@ class SafePlanner(DefaultLoadPlanner):
     """DCP's load planner, with each non-tensor item checked before torch unpickles it."""
 
     def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
-        unpickle.check_bytes(value.getvalue(), allowed=unpickle.TORCH_TENSORS,
-                             source=f"{DCP_DIR} item {read_item.dest_index.fqn}")
+        unpickle.check_bytes(
+            value.getvalue(), allowed=unpickle.TORCH_TENSORS, source=f"{DCP_DIR} item {read_item.dest_index.fqn}"
+        )
         value.seek(0)
         super().load_bytes(read_item, value)
 
@@ -290,8 +299,10 @@ def read_dcp_metadata(dcp_dir: Path) -> Metadata:
         raise unpickle.UnsafeCheckpoint(source, f"it holds a {type(metadata).__name__}, not DCP metadata")
     for info in (metadata.storage_data or {}).values():
         if getattr(info, "transform_descriptors", None):
-            raise unpickle.UnsafeCheckpoint(source, f"it names storage transforms {list(info.transform_descriptors)}, "
-                                                    f"which orchestrator never writes")
+            raise unpickle.UnsafeCheckpoint(
+                source,
+                f"it names storage transforms {list(info.transform_descriptors)}, which orchestrator never writes",
+            )
         name = str(info.relative_path)
         if "/" in name or "\\" in name or name in ("", ".", ".."):
             raise unpickle.UnsafeCheckpoint(source, f"it names a file outside its directory ({name!r})")

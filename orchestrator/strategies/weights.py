@@ -69,15 +69,17 @@ class CheckpointWeights(WeightSource):
         """The tensor ``name``; with ``rows``, its rows ``[start, stop)`` (a memory-mapped ``model.pt`` reads
         just those; DCP and ZeRO read the whole tensor first)."""
         tensor = self._tensors[name].read()
-        return tensor if rows is None else tensor[rows[0]:rows[1]]
+        return tensor if rows is None else tensor[rows[0] : rows[1]]
 
 
 def _replicated(directory: Path) -> dict[str, _Stored]:
     from orchestrator.strategies.ddp import MODEL_FILE  # lazy: imports torch
 
     state = torch.load(directory / MODEL_FILE, map_location="cpu", mmap=True, weights_only=True)
-    return {name: _Stored(shape=tuple(tensor.shape), dtype=tensor.dtype, read=partial(_itself, tensor))
-            for name, tensor in state.items()}
+    return {
+        name: _Stored(shape=tuple(tensor.shape), dtype=tensor.dtype, read=partial(_itself, tensor))
+        for name, tensor in state.items()
+    }
 
 
 def _dcp(directory: Path) -> dict[str, _Stored]:
@@ -91,8 +93,11 @@ def _dcp(directory: Path) -> dict[str, _Stored]:
     prefix = "model."
     metadata = read_dcp_metadata(directory / DCP_DIR)
     return {
-        key[len(prefix):]: _Stored(shape=tuple(entry.size), dtype=entry.properties.dtype,
-                                   read=partial(_read_dcp_tensor, directory / DCP_DIR, key, entry))
+        key[len(prefix) :]: _Stored(
+            shape=tuple(entry.size),
+            dtype=entry.properties.dtype,
+            read=partial(_read_dcp_tensor, directory / DCP_DIR, key, entry),
+        )
         for key, entry in metadata.state_dict_metadata.items()
         if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
     }
@@ -120,8 +125,10 @@ def _zero(directory: Path) -> dict[str, _Stored]:
     with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG, lazy_mode=True)
     # A gathered tensor's contiguous() assembles it from the ranks' partitions; a buffer is a tensor already.
-    return {name: _Stored(shape=tuple(tensor.shape), dtype=tensor.dtype, read=tensor.contiguous)
-            for name, tensor in state.items()}
+    return {
+        name: _Stored(shape=tuple(tensor.shape), dtype=tensor.dtype, read=tensor.contiguous)
+        for name, tensor in state.items()
+    }
 
 
 def _itself(tensor: torch.Tensor) -> torch.Tensor:

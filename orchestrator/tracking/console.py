@@ -38,8 +38,10 @@ class Progress:
         elif self.enabled and (step % self._every == 0 or step == self.total):
             elapsed = time.perf_counter() - self._start
             eta = elapsed / max(1, step - self._initial) * (self.total - step)
-            print(f"step {step}/{self.total} | loss {loss:.4f} | {format_si(tokens_per_s)} tok/s | "
-                  f"eta {_duration(eta)}", flush=True)
+            print(
+                f"step {step}/{self.total} | loss {loss:.4f} | {format_si(tokens_per_s)} tok/s | eta {_duration(eta)}",
+                flush=True,
+            )
 
     def write(self, message: str) -> None:
         """A line that does not break the bar."""

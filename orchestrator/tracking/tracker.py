@@ -28,8 +28,16 @@ class Tracker:
     wandb: rank 0's W&B run (logger=wandb), or None.
     """
 
-    def __init__(self, run_dir: Path, *, enabled: bool, max_steps: int, resume_step: int | None,
-                 progress: bool, wandb: WandbRun | None = None) -> None:
+    def __init__(
+        self,
+        run_dir: Path,
+        *,
+        enabled: bool,
+        max_steps: int,
+        resume_step: int | None,
+        progress: bool,
+        wandb: WandbRun | None = None,
+    ) -> None:
         self.enabled = enabled
         self.wandb = wandb
         if not enabled:
@@ -50,8 +58,9 @@ class Tracker:
         self.metrics.write({"step": step, **metrics, "time": time.time()})
         self.progress.update(step, loss=metrics["loss"], tokens_per_s=metrics["tokens_per_s"])
         if self.wandb is not None:
-            self.wandb.log(step, {wandb_name(key): value for key, value in metrics.items()
-                                  if isinstance(value, (int, float))})
+            self.wandb.log(
+                step, {wandb_name(key): value for key, value in metrics.items() if isinstance(value, (int, float))}
+            )
 
     def log_eval(self, step: int, eval_loss: float) -> None:
         if not self.enabled:
@@ -68,8 +77,15 @@ class Tracker:
         for rank, sample in enumerate(per_rank):
             self.resources.write({"step": step, "rank": rank, **sample, "time": now})
         if self.wandb is not None:
-            self.wandb.log(step, {f"resources/rank{rank}/{key}": value for rank, sample in enumerate(per_rank)
-                                  for key, value in sample.items() if isinstance(value, (int, float))})
+            self.wandb.log(
+                step,
+                {
+                    f"resources/rank{rank}/{key}": value
+                    for rank, sample in enumerate(per_rank)
+                    for key, value in sample.items()
+                    if isinstance(value, (int, float))
+                },
+            )
 
     def save_traces(self, traces: list[Path]) -> None:
         """The run's profiler traces (``trainer.profile``), one per rank, to its W&B run."""

@@ -28,15 +28,37 @@ from orchestrator.errors import first_line
 
 # metrics.jsonl key -> W&B name
 _NAMES = {
-    "loss": "train/loss", "lr": "train/lr", "grad_norm": "train/grad_norm", "epoch": "train/epoch",
-    "tokens": "train/tokens", "skipped": "train/skipped",
-    "tokens_per_s": "perf/tokens_per_s", "samples_per_s": "perf/samples_per_s", "step_time_s": "perf/step_time_s",
-    "data_time_s": "perf/data_time_s", "mfu": "perf/mfu", "tokens_per_s_per_worker": "perf/tokens_per_s_per_worker",
+    "loss": "train/loss",
+    "lr": "train/lr",
+    "grad_norm": "train/grad_norm",
+    "epoch": "train/epoch",
+    "tokens": "train/tokens",
+    "skipped": "train/skipped",
+    "tokens_per_s": "perf/tokens_per_s",
+    "samples_per_s": "perf/samples_per_s",
+    "step_time_s": "perf/step_time_s",
+    "data_time_s": "perf/data_time_s",
+    "mfu": "perf/mfu",
+    "tokens_per_s_per_worker": "perf/tokens_per_s_per_worker",
     "mem_peak_bytes": "memory/peak_bytes",
 }
-_SUMMARY_KEYS = ("status", "steps", "final_loss", "first_eval_loss", "final_eval_loss", "best_eval_loss",
-                 "tokens_per_s", "step_time_s_median", "mfu", "peak_mem_bytes", "num_params", "restarts", "error",
-                 "final_eval_accuracy", "num_trainable_params")
+_SUMMARY_KEYS = (
+    "status",
+    "steps",
+    "final_loss",
+    "first_eval_loss",
+    "final_eval_loss",
+    "best_eval_loss",
+    "tokens_per_s",
+    "step_time_s_median",
+    "mfu",
+    "peak_mem_bytes",
+    "num_params",
+    "restarts",
+    "error",
+    "final_eval_accuracy",
+    "num_trainable_params",
+)
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 # Where W&B's PyTorch-profiler integration (wandb.profiler.torch_trace_handler) keeps traces in a run's files.
 TRACES_DIR = "pytorch_traces"
@@ -86,11 +108,20 @@ class WandbRun:
             import wandb
 
             self.run = wandb.init(
-                project=wandb_settings.project, entity=wandb_settings.entity, group=settings.group,
-                job_type=settings.job_type, tags=list(wandb_settings.tags) or None, name=name, id=run_id,
-                resume="allow", dir=str(run_dir), config=config, mode=self.mode,
-                settings=wandb.Settings(console="off", init_timeout=wandb_settings.init_timeout_s,
-                                        silent=True, x_disable_stats=True),
+                project=wandb_settings.project,
+                entity=wandb_settings.entity,
+                group=settings.group,
+                job_type=settings.job_type,
+                tags=list(wandb_settings.tags) or None,
+                name=name,
+                id=run_id,
+                resume="allow",
+                dir=str(run_dir),
+                config=config,
+                mode=self.mode,
+                settings=wandb.Settings(
+                    console="off", init_timeout=wandb_settings.init_timeout_s, silent=True, x_disable_stats=True
+                ),
             )
             for prefix in ("train", "perf", "memory", "eval", "resources"):
                 self.run.define_metric(f"{prefix}/*", step_metric="trainer/step")
@@ -135,8 +166,9 @@ class WandbRun:
             return False
         try:
             if summary is not None:
-                self.run.summary.update({f"final/{key}": summary[key] for key in _SUMMARY_KEYS
-                                         if summary.get(key) is not None})
+                self.run.summary.update(
+                    {f"final/{key}": summary[key] for key in _SUMMARY_KEYS if summary.get(key) is not None}
+                )
             self.run.finish(exit_code=0 if summary and summary.get("status") == "completed" else 1)
         except Exception as exc:  # noqa: BLE001
             self._fail(exc)
@@ -145,8 +177,11 @@ class WandbRun:
         return True
 
     def _fail(self, exc: BaseException) -> None:
-        print(f"warning: W&B: {first_line(exc)}; going on without it (metrics.jsonl has every record)",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: W&B: {first_line(exc)}; going on without it (metrics.jsonl has every record)",
+            file=sys.stderr,
+            flush=True,
+        )
         run, self.run = self.run, None
         if run is not None:
             try:
@@ -159,25 +194,44 @@ def run_metadata(*, world_size: int, strategy: str, launcher: str, device: Any) 
     """What the run ran on, for the W&B config: commit, world size, strategy, launcher, hardware."""
     import torch
 
-    hardware: dict[str, Any] = {"device": device.type, "cpu_count": os.cpu_count(), "host": platform.node(),
-                                "python": platform.python_version(), "torch": torch.__version__}
+    hardware: dict[str, Any] = {
+        "device": device.type,
+        "cpu_count": os.cpu_count(),
+        "host": platform.node(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
     if device.type == "cuda":
         hardware.update(gpu=torch.cuda.get_device_name(device), gpus_per_node=torch.cuda.device_count())
-    return {"git_commit": git_commit(), "world_size": world_size, "strategy": strategy, "launcher": launcher,
-            "hardware": hardware}
+    return {
+        "git_commit": git_commit(),
+        "world_size": world_size,
+        "strategy": strategy,
+        "launcher": launcher,
+        "hardware": hardware,
+    }
 
 
 def git_commit() -> str | None:
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True,
-                                timeout=5)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=PROJECT_DIR, capture_output=True, text=True, timeout=5
+        )
     except (OSError, subprocess.TimeoutExpired):
         return None
     return result.stdout.strip() or None if result.returncode == 0 else None
 
 
-def log_experiment(out_dir: Path, *, settings: Any, group: str, name: str, rows: list[dict[str, Any]],
-                   columns: list[str], meta: dict[str, Any]) -> str | None:
+def log_experiment(
+    out_dir: Path,
+    *,
+    settings: Any,
+    group: str,
+    name: str,
+    rows: list[dict[str, Any]],
+    columns: list[str],
+    meta: dict[str, Any],
+) -> str | None:
     """An experiment's summary run in its W&B group (``orchestrator scale``): the points as a table (``points``), and
     ``scale/<strategy>/<metric>`` against ``scale/workers`` for W&B's line plots. Returns where to see it;
     None when W&B is off or failed (warned once, like a training run's W&B)."""
@@ -188,11 +242,18 @@ def log_experiment(out_dir: Path, *, settings: Any, group: str, name: str, rows:
         import wandb
 
         run = wandb.init(
-            project=settings.wandb.project, entity=settings.wandb.entity, group=group, job_type="scale",
-            name=name, dir=str(out_dir), config={**meta, "git_commit": git_commit()}, mode=mode,
+            project=settings.wandb.project,
+            entity=settings.wandb.entity,
+            group=group,
+            job_type="scale",
+            name=name,
+            dir=str(out_dir),
+            config={**meta, "git_commit": git_commit()},
+            mode=mode,
             tags=list(settings.wandb.tags) or None,
-            settings=wandb.Settings(console="off", init_timeout=settings.wandb.init_timeout_s, silent=True,
-                                    x_disable_stats=True),
+            settings=wandb.Settings(
+                console="off", init_timeout=settings.wandb.init_timeout_s, silent=True, x_disable_stats=True
+            ),
         )
     except Exception as exc:  # noqa: BLE001
         print(f"warning: W&B: {first_line(exc)}; the experiment's tables are in {out_dir}", file=sys.stderr, flush=True)
@@ -201,9 +262,20 @@ def log_experiment(out_dir: Path, *, settings: Any, group: str, name: str, rows:
         run.define_metric("scale/*", step_metric="scale/workers")
         run.log({"points": wandb.Table(columns=columns, data=[[row.get(c) for c in columns] for row in rows])})
         for workers in sorted({row["workers"] for row in rows}):
-            values = {f"scale/{row['strategy']}/{key}": row[key] for row in rows if row["workers"] == workers
-                      for key in ("tokens_per_s", "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes",
-                                  "step_time_s") if row.get(key) is not None}
+            values = {
+                f"scale/{row['strategy']}/{key}": row[key]
+                for row in rows
+                if row["workers"] == workers
+                for key in (
+                    "tokens_per_s",
+                    "tokens_per_s_per_worker",
+                    "efficiency",
+                    "mfu",
+                    "peak_mem_bytes",
+                    "step_time_s",
+                )
+                if row.get(key) is not None
+            }
             if values:
                 run.log({"scale/workers": workers, **values})
         location = run.url if mode == "online" else f"wandb sync {Path(run.dir).parent}"

@@ -58,8 +58,17 @@ class Checkpointer:
             background thread and ``commit`` completes it (``trainer.checkpoint.async_save``).
     """
 
-    def __init__(self, root: Path, *, dist: DistContext, strategy: Strategy, strategy_name: str, keep: int,
-                 model_shapes: dict[str, list[int]], background: bool = False) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        dist: DistContext,
+        strategy: Strategy,
+        strategy_name: str,
+        keep: int,
+        model_shapes: dict[str, list[int]],
+        background: bool = False,
+    ) -> None:
         self.root = root
         self.dist = dist
         self.strategy = strategy
@@ -128,9 +137,12 @@ class Checkpointer:
         if saved.world_size == self.dist.world_size and rng_file.exists():
             _set_rng_state(torch.load(rng_file, weights_only=True))
         elif self.dist.is_main:
-            log.warning("checkpoint was written by %d ranks, resuming on %d: random streams (dropout) restart "
-                        "from the seed, so losses will not match an uninterrupted run bit for bit",
-                        saved.world_size, self.dist.world_size)
+            log.warning(
+                "checkpoint was written by %d ranks, resuming on %d: random streams (dropout) restart "
+                "from the seed, so losses will not match an uninterrupted run bit for bit",
+                saved.world_size,
+                self.dist.world_size,
+            )
         return json.loads((directory / TRAINER_STATE).read_text())
 
     # ---------------------------------------------------------------------------------------- save
@@ -154,12 +166,12 @@ class Checkpointer:
         rng_state = _rng_state()
         trainer_json = (json.dumps(trainer_state, indent=1) + "\n").encode() if self.dist.is_main else None
         if not self.background:
-            written = self._write(tmp, partial(self.strategy.save, tmp), rng_state=rng_state,
-                                  trainer_json=trainer_json)
+            written = self._write(tmp, partial(self.strategy.save, tmp), rng_state=rng_state, trainer_json=trainer_json)
             return self._complete(step, tmp, self.dist.all_gather_objects((written, None)))
         write = self.strategy.snapshot(tmp)
-        self._pending = _BackgroundWrite(step, tmp, partial(self._write, tmp, write, rng_state=rng_state,
-                                                            trainer_json=trainer_json))
+        self._pending = _BackgroundWrite(
+            step, tmp, partial(self._write, tmp, write, rng_state=rng_state, trainer_json=trainer_json)
+        )
         return None
 
     def commit(self, *, wait: bool) -> Path | None:
@@ -180,16 +192,19 @@ class Checkpointer:
         outcomes = self.dist.all_gather_objects((pending.entries, pending.error))
         failures = [f"rank {rank}: {error}" for rank, (_, error) in enumerate(outcomes) if error is not None]
         if failures:
-            raise TrainingError(f"checkpoint {manifest.step_dir_name(pending.step)} could not be written in the "
-                                f"background ({failures[0]}); the previous checkpoints are intact")
+            raise TrainingError(
+                f"checkpoint {manifest.step_dir_name(pending.step)} could not be written in the "
+                f"background ({failures[0]}); the previous checkpoints are intact"
+            )
         return self._complete(pending.step, pending.tmp, outcomes)
 
     def _written_everywhere(self, pending: _BackgroundWrite) -> bool:
         writing = torch.tensor([0.0 if pending.done() else 1.0], device=self.dist.device)
         return float(self.dist.all_reduce_sum(writing)) == 0.0
 
-    def _write(self, tmp: Path, write: PendingWrite, *, rng_state: dict[str, Any],
-               trainer_json: bytes | None) -> dict[str, dict]:
+    def _write(
+        self, tmp: Path, write: PendingWrite, *, rng_state: dict[str, Any], trainer_json: bytes | None
+    ) -> dict[str, dict]:
         """This rank's files of the checkpoint in ``tmp``, written, hashed and fsynced; their manifest entries."""
         written = write()
         _hold_for_test(tmp, rank=self.dist.rank)
@@ -209,13 +224,19 @@ class Checkpointer:
         final = self.root / manifest.step_dir_name(step)
         if self.dist.is_main:
             files = {name: entry for entries, _ in outcomes for name, entry in entries.items()}
-            manifest.write_manifest(tmp, files=files, step=step, world_size=self.dist.world_size,
-                                    strategy=self.strategy_name, model_shapes=self.model_shapes)
+            manifest.write_manifest(
+                tmp,
+                files=files,
+                step=step,
+                world_size=self.dist.world_size,
+                strategy=self.strategy_name,
+                model_shapes=self.model_shapes,
+            )
             _replace_dir(tmp, final)
             fsync_path(self.root)
             write_atomic(self.root / manifest.LATEST, final.name + "\n")
             older = [d for d in manifest.checkpoint_dirs(self.root) if manifest.step_of(d) < step]
-            for old in older[self.keep - 1:]:
+            for old in older[self.keep - 1 :]:
                 shutil.rmtree(old)
         self.dist.barrier()
         return final

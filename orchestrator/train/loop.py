@@ -85,9 +85,16 @@ class Trainer:
             its answer (False: the search stops the run here) is shared with every rank.
     """
 
-    def __init__(self, config: Config, *, run_dir: Path, dist: DistContext, restarts: int,
-                 on_checkpoint: Callable[[Path, int], None] | None = None,
-                 on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        run_dir: Path,
+        dist: DistContext,
+        restarts: int,
+        on_checkpoint: Callable[[Path, int], None] | None = None,
+        on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+    ) -> None:
         self.config, self.run_dir, self.dist, self.restarts = config, run_dir, dist, restarts
         self.on_checkpoint, self.on_eval = on_checkpoint, on_eval
         trainer = config.trainer
@@ -111,15 +118,29 @@ class Trainer:
         self.strategy.setup(recipe, build_optimizer=partial(build_optimizer, config.optim))
         torch.manual_seed(config.seed + 1 + dist.rank)  # but different dropout masks per rank
 
-        self.sampler = StreamSampler(len(self.data.train), micro_batch_size=trainer.micro_batch_size,
-                                     rank=dist.rank, world_size=dist.world_size, seed=config.seed)
-        self.eval_batches = eval_indices(len(self.data.val), batches=trainer.eval_batches,
-                                         micro_batch_size=trainer.micro_batch_size,
-                                         rank=dist.rank, world_size=dist.world_size)
-        self.checkpointer = Checkpointer(RunDir(run_dir).checkpoints, dist=dist, strategy=self.strategy,
-                                         strategy_name=config.strategy.name, keep=trainer.checkpoint.keep,
-                                         model_shapes=state_shapes(reference),
-                                         background=trainer.checkpoint.async_save)
+        self.sampler = StreamSampler(
+            len(self.data.train),
+            micro_batch_size=trainer.micro_batch_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
+            seed=config.seed,
+        )
+        self.eval_batches = eval_indices(
+            len(self.data.val),
+            batches=trainer.eval_batches,
+            micro_batch_size=trainer.micro_batch_size,
+            rank=dist.rank,
+            world_size=dist.world_size,
+        )
+        self.checkpointer = Checkpointer(
+            RunDir(run_dir).checkpoints,
+            dist=dist,
+            strategy=self.strategy,
+            strategy_name=config.strategy.name,
+            keep=trainer.checkpoint.keep,
+            model_shapes=state_shapes(reference),
+            background=trainer.checkpoint.async_save,
+        )
         self.storage = RunStorage(trainer.storage) if trainer.storage else None
         self.uploads = Uploads(trainer.storage, run_dir) if trainer.storage and dist.is_main else None
         self.state = TrainState()
@@ -160,11 +181,21 @@ class Trainer:
             return self._summary(wall_s=0.0, error=str(exc))
         if self._finished():  # what the checkpoint knows of the run: a driver that died at the end wrote no summary
             return {**self._summary(wall_s=0.0), "already_complete": True}
-        tracker = Tracker(self.run_dir, enabled=self.dist.is_main, max_steps=trainer.max_steps,
-                          resume_step=self.resumed_from, progress=self.config.logger.progress,
-                          wandb=self._wandb_run())
-        profiler = StepProfiler.create(trainer.profile, run_dir=self.run_dir, rank=self.dist.rank,
-                                       device=self.dist.device, next_step=self.state.step + 1)
+        tracker = Tracker(
+            self.run_dir,
+            enabled=self.dist.is_main,
+            max_steps=trainer.max_steps,
+            resume_step=self.resumed_from,
+            progress=self.config.logger.progress,
+            wandb=self._wandb_run(),
+        )
+        profiler = StepProfiler.create(
+            trainer.profile,
+            run_dir=self.run_dir,
+            rank=self.dist.rank,
+            device=self.dist.device,
+            next_step=self.state.step + 1,
+        )
         error = None
         try:
             if trainer.eval_every and trainer.eval_at_start and self.state.step == 0:
@@ -211,9 +242,12 @@ class Trainer:
         if self.uploads is not None:
             self.uploads.submit()  # the final records
             if not self.uploads.close(timeout_s=trainer.storage_timeout_s):
-                log.warning("trainer.storage=%s: copies not done within trainer.storage_timeout_s=%g s were "
-                            "stopped; the storage may lack the newest checkpoint (the run dir has everything)",
-                            self.storage.uri, trainer.storage_timeout_s)
+                log.warning(
+                    "trainer.storage=%s: copies not done within trainer.storage_timeout_s=%g s were "
+                    "stopped; the storage may lack the newest checkpoint (the run dir has everything)",
+                    self.storage.uri,
+                    trainer.storage_timeout_s,
+                )
         return summary
 
     def _wandb_run(self) -> WandbRun | None:
@@ -229,11 +263,19 @@ class Trainer:
         config = self.config
         resolved = RunDir(self.run_dir).config
         return WandbRun(
-            self.run_dir, run_id=self.state.wandb_run_id, settings=config.logger,
+            self.run_dir,
+            run_id=self.state.wandb_run_id,
+            settings=config.logger,
             name=f"{self.run_dir.parent.name}/{self.run_dir.name}",
-            config={**(yaml.safe_load(resolved.read_text()) if resolved.exists() else {}),
-                    "run": run_metadata(world_size=self.dist.world_size, strategy=config.strategy.name,
-                                        launcher=config.launcher.name, device=self.dist.device)},
+            config={
+                **(yaml.safe_load(resolved.read_text()) if resolved.exists() else {}),
+                "run": run_metadata(
+                    world_size=self.dist.world_size,
+                    strategy=config.strategy.name,
+                    launcher=config.launcher.name,
+                    device=self.dist.device,
+                ),
+            },
         )
 
     def _finished(self) -> bool:
@@ -243,8 +285,12 @@ class Trainer:
     def _train_step(self) -> dict[str, Any]:
         started = time.perf_counter()
         loss, data_time = self._forward_backward()
-        lr = lr_at(self.config.scheduler, base_lr=self.config.optim.lr, step=self.state.step,
-                   max_steps=self.config.trainer.max_steps)
+        lr = lr_at(
+            self.config.scheduler,
+            base_lr=self.config.optim.lr,
+            step=self.state.step,
+            max_steps=self.config.trainer.max_steps,
+        )
         outcome = self._update(loss, lr=lr)
         state = self.state
         state.step += 1
@@ -267,8 +313,12 @@ class Trainer:
             "epoch": self.sampler.epoch,
             "mem_peak_bytes": peak_memory_bytes(self.dist.device),
         }
-        utilization = mfu(flops_per_token=self.model_info.flops_per_token, tokens_per_s=tokens_per_s,
-                          peak_flops=self.peak_flops, num_devices=self.dist.world_size)
+        utilization = mfu(
+            flops_per_token=self.model_info.flops_per_token,
+            tokens_per_s=tokens_per_s,
+            peak_flops=self.peak_flops,
+            num_devices=self.dist.world_size,
+        )
         if utilization is not None:
             metrics["mfu"] = utilization
         if outcome.skipped:
@@ -317,8 +367,10 @@ class Trainer:
         # trainer.on_nonfinite=skip skipped it: a few in a row are a spike, many are a run that diverged.
         in_a_row, limit = state.nonfinite_in_a_row + 1, self.config.trainer.max_consecutive_skips
         if in_a_row > limit:
-            raise TrainingError(f"{problem} at step {state.step + 1}, {in_a_row} non-finite steps in a row (more than "
-                                f"trainer.max_consecutive_skips={limit}): the run has diverged; lower optim.lr")
+            raise TrainingError(
+                f"{problem} at step {state.step + 1}, {in_a_row} non-finite steps in a row (more than "
+                f"trainer.max_consecutive_skips={limit}): the run has diverged; lower optim.lr"
+            )
         state.nonfinite_skips += 1
         state.nonfinite_in_a_row = in_a_row
         return outcome
@@ -332,15 +384,19 @@ class Trainer:
     def _reject(self, problem: str) -> None:
         """Applies ``trainer.on_nonfinite`` to a step that must not be applied: raise, or let it be skipped."""
         if self.config.trainer.on_nonfinite is OnNonFinite.error:
-            raise TrainingError(f"{problem} at step {self.state.step + 1}, before the optimizer step; set "
-                                f"trainer.on_nonfinite=skip to skip such steps, or lower optim.lr")
+            raise TrainingError(
+                f"{problem} at step {self.state.step + 1}, before the optimizer step; set "
+                f"trainer.on_nonfinite=skip to skip such steps, or lower optim.lr"
+            )
 
     def _diverged(self) -> str | None:
         """Why a run that reached its end cannot count as completed: its last loss is not finite; else None."""
         for name, value in (("training loss", self.last_loss), ("eval loss", self.state.last_eval_loss)):
             if value is not None and not math.isfinite(value):
-                return (f"the final {name} is not finite ({value}) at step {self.state.step}: the run has diverged; "
-                        f"lower optim.lr")
+                return (
+                    f"the final {name} is not finite ({value}) at step {self.state.step}: the run has diverged; "
+                    f"lower optim.lr"
+                )
         return None
 
     @torch.no_grad()
@@ -375,8 +431,10 @@ class Trainer:
             state.evals_since_best += 1
         state.stopped_early = bool(patience.patience) and state.evals_since_best >= patience.patience
         if state.stopped_early:
-            tracker.message(f"early stopping at step {state.step}: eval loss has not improved for "
-                            f"{patience.patience} evaluations (best {state.best_eval_loss:.4f})")
+            tracker.message(
+                f"early stopping at step {state.step}: eval loss has not improved for "
+                f"{patience.patience} evaluations (best {state.best_eval_loss:.4f})"
+            )
         if self.on_eval is not None:
             accuracy = state.last_eval_accuracy
             metrics = {"eval_loss": eval_loss, **({"eval_accuracy": accuracy} if accuracy is not None else {})}
@@ -403,8 +461,9 @@ class Trainer:
         if directory is None:
             raise UserError(f"trainer.init_from={path}: no valid checkpoint there")
         written_by = manifest.read_manifest(directory).strategy
-        return lambda: InMemoryWeights(read_model_weights(directory, written_by=written_by),
-                                       key=f"trainer.init_from={path}")
+        return lambda: InMemoryWeights(
+            read_model_weights(directory, written_by=written_by), key=f"trainer.init_from={path}"
+        )
 
     def _resume(self) -> None:
         resume = self.config.trainer.resume_from
@@ -429,7 +488,10 @@ class Trainer:
             try:
                 outcome = (self.storage.fetch_newer(self.run_dir), None)
             except Exception as exc:  # every rank raises it below, none is left waiting
-                outcome = (None, f"trainer.storage={self.storage.uri}: cannot fetch its checkpoints ({first_line(exc)})")
+                outcome = (
+                    None,
+                    f"trainer.storage={self.storage.uri}: cannot fetch its checkpoints ({first_line(exc)})",
+                )
         fetched, error = self.dist.broadcast_object(outcome)
         if error is not None:
             raise UserError(error)
@@ -453,8 +515,12 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_per_worker": tokens_per_s / self.dist.world_size if tokens_per_s else None,
             "step_time_s_median": step_time,
-            "mfu": mfu(flops_per_token=self.model_info.flops_per_token, tokens_per_s=tokens_per_s or 0.0,
-                       peak_flops=self.peak_flops, num_devices=self.dist.world_size),
+            "mfu": mfu(
+                flops_per_token=self.model_info.flops_per_token,
+                tokens_per_s=tokens_per_s or 0.0,
+                peak_flops=self.peak_flops,
+                num_devices=self.dist.world_size,
+            ),
             "tokens_seen": self.state.tokens_seen,
             "world_size": self.dist.world_size,
             "strategy": self.config.strategy.name,

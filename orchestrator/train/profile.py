@@ -63,8 +63,9 @@ class StepProfiler:
         self.steps: list[int] = []
 
     @classmethod
-    def create(cls, settings: ProfileConfig, *, run_dir: Path, rank: int, device: torch.device,
-               next_step: int) -> StepProfiler | None:
+    def create(
+        cls, settings: ProfileConfig, *, run_dir: Path, rank: int, device: torch.device, next_step: int
+    ) -> StepProfiler | None:
         """A profiler for a run whose next step is ``next_step``; None when profiling is off or the window has passed."""
         if settings.steps == 0 or next_step > settings.start_step + settings.steps:
             return None
@@ -111,11 +112,19 @@ class StepProfiler:
             os.replace(partial, trace)
         finally:
             partial.unlink(missing_ok=True)
-        write_atomic(self.directory / top_ops_name(self.rank),
-                     json.dumps(top_ops(profiler, steps=self.steps, cuda=self.cuda), indent=1) + "\n")
+        write_atomic(
+            self.directory / top_ops_name(self.rank),
+            json.dumps(top_ops(profiler, steps=self.steps, cuda=self.cuda), indent=1) + "\n",
+        )
         if self.steps[-1] != self.last_step:
-            log.warning("rank %d: trainer.profile recorded steps %d-%d of %d-%d (the run ended or stopped first)",
-                        self.rank, self.steps[0], self.steps[-1], self.first_step, self.last_step)
+            log.warning(
+                "rank %d: trainer.profile recorded steps %d-%d of %d-%d (the run ended or stopped first)",
+                self.rank,
+                self.steps[0],
+                self.steps[-1],
+                self.first_step,
+                self.last_step,
+            )
 
 
 def top_ops(profiler: profile, *, steps: list[int], cuda: bool) -> dict[str, Any]:
@@ -127,11 +136,16 @@ def top_ops(profiler: profile, *, steps: list[int], cuda: bool) -> dict[str, Any
     for event in profiler.key_averages():
         if event.key.startswith(STEP_PREFIX) or event.key.startswith("ProfilerStep"):
             continue
-        row = {"name": event.key, "calls": event.count, "self_cpu_us": round(event.self_cpu_time_total, 1),
-               "cpu_total_us": round(event.cpu_time_total, 1)}
+        row = {
+            "name": event.key,
+            "calls": event.count,
+            "self_cpu_us": round(event.self_cpu_time_total, 1),
+            "cpu_total_us": round(event.cpu_time_total, 1),
+        }
         if cuda:
-            row.update(self_cuda_us=round(event.self_device_time_total, 1),
-                       cuda_total_us=round(event.device_time_total, 1))
+            row.update(
+                self_cuda_us=round(event.self_device_time_total, 1), cuda_total_us=round(event.device_time_total, 1)
+            )
         rows.append(row)
     sort_key = "self_cuda_us" if cuda else "self_cpu_us"
     rows.sort(key=lambda row: row[sort_key], reverse=True)

@@ -91,8 +91,9 @@ class RunStorage:
         target = f"{self.root}/{CHECKPOINTS_DIR}/{directory.name}"
         self.fs.delete_dir_contents(target, missing_dir_ok=True)
         files = sorted(p for p in directory.rglob("*") if p.is_file() and p.name != manifest.MANIFEST)
-        folders = {target} | {f"{target}/{p.parent.relative_to(directory).as_posix()}" for p in files
-                              if p.parent != directory}
+        folders = {target} | {
+            f"{target}/{p.parent.relative_to(directory).as_posix()}" for p in files if p.parent != directory
+        }
         for folder in sorted(folders):
             self.fs.create_dir(folder, recursive=True)  # a local store (file://) has no implicit directories
         for path in [*files, directory / manifest.MANIFEST]:
@@ -105,8 +106,9 @@ class RunStorage:
         """The storage's complete checkpoints (those with a manifest), newest first."""
         import pyarrow.fs as pafs
 
-        listing = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{CHECKPOINTS_DIR}", allow_not_found=True,
-                                                         recursive=True))
+        listing = self.fs.get_file_info(
+            pafs.FileSelector(f"{self.root}/{CHECKPOINTS_DIR}", allow_not_found=True, recursive=True)
+        )
         names = {Path(info.path).parent.name for info in listing if Path(info.path).name == manifest.MANIFEST}
         stepped = [(manifest.step_of(Path(name)), name) for name in names]
         return [name for step, name in sorted((s for s in stepped if s[0] is not None), reverse=True)]
@@ -121,8 +123,7 @@ class RunStorage:
         names = self.checkpoint_names()
         if not names:
             return None
-        local = [manifest.step_of(d) for d in manifest.checkpoint_dirs(checkpoints)
-                 if (d / manifest.MANIFEST).exists()]
+        local = [manifest.step_of(d) for d in manifest.checkpoint_dirs(checkpoints) if (d / manifest.MANIFEST).exists()]
         if local and max(local) >= manifest.step_of(Path(names[0])):
             return None
         tmp = checkpoints / f"{names[0]}.fetch-{uuid.uuid4().hex[:8]}.tmp"  # removed by prepare() if cut short
@@ -149,9 +150,12 @@ class RunStorage:
 
         if not upload:
             Path(destination).parent.mkdir(parents=True, exist_ok=True)
-        pafs.copy_files(source, destination,
-                        source_filesystem=self._local if upload else self.fs,
-                        destination_filesystem=self.fs if upload else self._local)
+        pafs.copy_files(
+            source,
+            destination,
+            source_filesystem=self._local if upload else self.fs,
+            destination_filesystem=self.fs if upload else self._local,
+        )
 
 
 def _within(function: Callable[[], Any], timeout_s: float, *, what: str) -> None:
@@ -189,23 +193,33 @@ class Uploads:
         self.uri, self.run_dir = uri, run_dir
         self._process: subprocess.Popen[str] | None = None
 
-    def submit(self, checkpoint: Path | None = None, *, keep: list[str] | None = None,
-               records: tuple[str, ...] = WORKER_RECORDS) -> None:
+    def submit(
+        self,
+        checkpoint: Path | None = None,
+        *,
+        keep: list[str] | None = None,
+        records: tuple[str, ...] = WORKER_RECORDS,
+    ) -> None:
         """Queues a copy of ``checkpoint`` (then deleting the storage's checkpoints not in ``keep``) and ``records``."""
         if self._process is None:
             # The child imports orchestrator from where this process did (a Ray worker may have it on sys.path only).
-            path = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[2]),
-                                                 os.environ.get("PYTHONPATH")]))
-            self._process = subprocess.Popen([sys.executable, "-m", "orchestrator.train.storage", self.uri,
-                                              str(self.run_dir)], stdin=subprocess.PIPE, text=True,
-                                             env={**os.environ, "PYTHONPATH": path})
+            path = os.pathsep.join(
+                filter(None, [str(Path(__file__).resolve().parents[2]), os.environ.get("PYTHONPATH")])
+            )
+            self._process = subprocess.Popen(
+                [sys.executable, "-m", "orchestrator.train.storage", self.uri, str(self.run_dir)],
+                stdin=subprocess.PIPE,
+                text=True,
+                env={**os.environ, "PYTHONPATH": path},
+            )
         job = {"checkpoint": str(checkpoint) if checkpoint else None, "keep": keep or [], "records": list(records)}
         try:
             self._process.stdin.write(json.dumps(job) + "\n")
             self._process.stdin.flush()
         except OSError as exc:  # the child is gone: training goes on, the run dir has everything
-            log.warning("trainer.storage=%s: the uploader stopped (%s); nothing more is copied", self.uri,
-                        first_line(exc))
+            log.warning(
+                "trainer.storage=%s: the uploader stopped (%s); nothing more is copied", self.uri, first_line(exc)
+            )
 
     def close(self, *, timeout_s: float) -> bool:
         """Waits up to ``timeout_s`` for the submitted copies, then kills what is left.

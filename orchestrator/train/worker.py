@@ -18,9 +18,14 @@ from orchestrator.logs import configure_logging
 from orchestrator.train.loop import Trainer
 
 
-def run_worker(config: Config, run_dir: str, *, restarts: int | None = None,
-               on_checkpoint: Callable[[Path, int], None] | None = None,
-               on_eval: Callable[[int, dict[str, float]], bool] | None = None) -> dict[str, Any]:
+def run_worker(
+    config: Config,
+    run_dir: str,
+    *,
+    restarts: int | None = None,
+    on_checkpoint: Callable[[Path, int], None] | None = None,
+    on_eval: Callable[[int, dict[str, float]], bool] | None = None,
+) -> dict[str, Any]:
     """Trains ``config`` as one rank of the job; returns the run summary (the same on every rank).
 
     Errors that a restart cannot fix (a non-finite loss, weights that do not fit) come back as a
@@ -39,8 +44,9 @@ def run_worker(config: Config, run_dir: str, *, restarts: int | None = None,
     if restarts is None:
         restarts = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", 0))
     try:
-        return Trainer(config, run_dir=Path(run_dir), dist=dist, restarts=restarts,
-                       on_checkpoint=on_checkpoint, on_eval=on_eval).fit()
+        return Trainer(
+            config, run_dir=Path(run_dir), dist=dist, restarts=restarts, on_checkpoint=on_checkpoint, on_eval=on_eval
+        ).fit()
     except (TrainingError, UserError) as exc:
         return {"status": "failed", "error": str(exc), "restarts": restarts}
     finally:

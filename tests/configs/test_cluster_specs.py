@@ -56,8 +56,12 @@ def composed(overrides: tuple[str, ...]) -> Config:
 
 
 def test_cluster_dir_holds_every_kind_of_spec() -> None:
-    assert {name_of(p) for p in YAML_SPECS} >= {"aws.yaml", "gcp.yaml", "kuberay/raycluster.yaml",
-                                                 "kuberay/rayjob.yaml"}
+    assert {name_of(p) for p in YAML_SPECS} >= {
+        "aws.yaml",
+        "gcp.yaml",
+        "kuberay/raycluster.yaml",
+        "kuberay/rayjob.yaml",
+    }
     assert SBATCH.is_file() and README.is_file() and DOCKERFILE.is_file()
 
 
@@ -115,8 +119,14 @@ def test_ray_up_spec_installs_torch_then_the_synced_checkout(path: Path) -> None
 @pytest.mark.parametrize("path", RAY_UP_SPECS, ids=name_of)
 def test_ray_up_commands_are_valid_bash(path: Path) -> None:
     config = load(path)
-    keys = ("initialization_commands", "setup_commands", "head_setup_commands", "worker_setup_commands",
-            "head_start_ray_commands", "worker_start_ray_commands")
+    keys = (
+        "initialization_commands",
+        "setup_commands",
+        "head_setup_commands",
+        "worker_setup_commands",
+        "head_start_ray_commands",
+        "worker_start_ray_commands",
+    )
     for command in (c for key in keys for c in config.get(key, [])):
         result = subprocess.run(["bash", "-n", "-c", command], capture_output=True, text=True)
         assert result.returncode == 0, f"{command}\n{result.stderr}"
@@ -129,8 +139,9 @@ def kuberay_cluster_specs() -> list[tuple[str, dict[str, Any]]]:
     return [("RayCluster", load(RAYCLUSTER)["spec"]), ("RayJob", load(RAYJOB)["spec"]["rayClusterSpec"])]
 
 
-@pytest.mark.parametrize(("path", "kind"), [(RAYCLUSTER, "RayCluster"), (RAYJOB, "RayJob")],
-                         ids=["RayCluster", "RayJob"])
+@pytest.mark.parametrize(
+    ("path", "kind"), [(RAYCLUSTER, "RayCluster"), (RAYJOB, "RayJob")], ids=["RayCluster", "RayJob"]
+)
 def test_kuberay_manifest_header(path: Path, kind: str) -> None:
     manifest = load(path)
     assert manifest["apiVersion"] == "ray.io/v1"
@@ -172,8 +183,10 @@ def test_rayjob_asks_for_exactly_the_gpus_its_cluster_has() -> None:
     job = load(RAYJOB)["spec"]
     assert job["shutdownAfterJobFinishes"] is True
     config = composed(tuple(train_overrides(job["entrypoint"])))
-    gpus = sum(group["replicas"] * int(containers_of(group)[0]["resources"]["limits"]["nvidia.com/gpu"])
-               for group in job["rayClusterSpec"]["workerGroupSpecs"])
+    gpus = sum(
+        group["replicas"] * int(containers_of(group)[0]["resources"]["limits"]["nvidia.com/gpu"])
+        for group in job["rayClusterSpec"]["workerGroupSpecs"]
+    )
     assert config.launcher.name == "ray" and config.launcher.address == "auto"
     assert config.launcher.num_workers == gpus
 
@@ -187,7 +200,7 @@ def train_overrides(command: str) -> list[str]:
     start = argv.index("orchestrator")
     assert argv[start + 1] in ("train", "submit"), command
     # `cluster=NAME` picks where `submit` sends the run, not part of the run's own config.
-    return [arg for arg in argv[start + 2:] if not arg.startswith("cluster=")]
+    return [arg for arg in argv[start + 2 :] if not arg.startswith("cluster=")]
 
 
 def strings_in(node: Any) -> Iterator[str]:
@@ -212,8 +225,9 @@ def readme_commands() -> list[str]:
 
 
 def spec_commands() -> list[tuple[str, str]]:
-    found = [(name_of(path), text) for path in YAML_SPECS for text in strings_in(load(path))
-             if "orchestrator train" in text]
+    found = [
+        (name_of(path), text) for path in YAML_SPECS for text in strings_in(load(path)) if "orchestrator train" in text
+    ]
     return found + [("README.md", command) for command in readme_commands()]
 
 
@@ -255,18 +269,26 @@ exit "${RUN_EXIT_STATUS:-0}"
 """
 
 
-def run_sbatch(tmp_path: Path, *, nodes: int, args: tuple[str, ...] = (),
-               env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess, Path]:
+def run_sbatch(
+    tmp_path: Path, *, nodes: int, args: tuple[str, ...] = (), env: dict[str, str] | None = None
+) -> tuple[subprocess.CompletedProcess, Path]:
     stubs = tmp_path / "stubs"
     stubs.mkdir(parents=True)
     for name, text in (("srun", SRUN), ("python", PYTHON), ("orchestrator", ORCHESTRATOR)):
         (stubs / name).write_text(text)
         (stubs / name).chmod(0o755)
     job_env = {
-        "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
-        "STUB_DIR": str(stubs), "STUB_LOG": str(stubs / "log"), "SHARED_DIR": str(tmp_path / "shared"),
-        "SLURM_JOB_ID": "4242", "SLURM_NNODES": str(nodes), "SLURMD_NODENAME": "node1",
-        "SLURM_GPUS_ON_NODE": "8", "SLURM_CPUS_PER_TASK": "64", **(env or {}),
+        "PATH": f"{stubs}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "STUB_DIR": str(stubs),
+        "STUB_LOG": str(stubs / "log"),
+        "SHARED_DIR": str(tmp_path / "shared"),
+        "SLURM_JOB_ID": "4242",
+        "SLURM_NNODES": str(nodes),
+        "SLURMD_NODENAME": "node1",
+        "SLURM_GPUS_ON_NODE": "8",
+        "SLURM_CPUS_PER_TASK": "64",
+        **(env or {}),
     }
     result = subprocess.run(["bash", str(SBATCH), *args], env=job_env, capture_output=True, text=True, timeout=60)
     return result, stubs
@@ -337,8 +359,9 @@ def test_sbatch_default_run_composes_on_every_gpu(tmp_path: Path) -> None:
 
 
 def test_sbatch_passes_the_job_and_overrides_through(tmp_path: Path) -> None:
-    result, stubs = run_sbatch(tmp_path, nodes=4, args=("trainer.global_batch_size=256",),
-                               env={"JOB": "llama_1b_zero3"})
+    result, stubs = run_sbatch(
+        tmp_path, nodes=4, args=("trainer.global_batch_size=256",), env={"JOB": "llama_1b_zero3"}
+    )
     assert result.returncode == 0, result.stderr
     argv = recorded_argv(stubs)
     config = composed(tuple(argv[1:]))

@@ -16,9 +16,14 @@ JOBS = sorted(p.stem for p in (REPO / "jobs").glob("*.yaml"))
 TINY_MODEL = {
     "gpt": ["model.n_layer=1", "model.n_head=2", "model.n_embd=32"],
     "lstm": ["model.n_embd=16", "model.hidden_size=32", "model.n_layer=1"],
-    "hf": ["model.config.hidden_size=32", "model.config.intermediate_size=64", "model.config.num_hidden_layers=1",
-           "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1",
-           "++model.config.vocab_size=512"],
+    "hf": [
+        "model.config.hidden_size=32",
+        "model.config.intermediate_size=64",
+        "model.config.num_hidden_layers=1",
+        "model.config.num_attention_heads=2",
+        "model.config.num_key_value_heads=1",
+        "++model.config.vocab_size=512",
+    ],
     "cnn": ["model.widths=[8]"],
     "mlp": ["model.hidden_sizes=[16]"],
 }
@@ -39,8 +44,9 @@ def needs_pretrained(job: str) -> bool:
 def pretrained_llama(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama as save_pretrained writes it (random weights: nothing can be downloaded here)."""
     pytest.importorskip("transformers")
-    return save_tiny_llama(tmp_path_factory.mktemp("pretrained") / "llama", vocab_size=1024, layers=1,
-                           max_positions=4096)
+    return save_tiny_llama(
+        tmp_path_factory.mktemp("pretrained") / "llama", vocab_size=1024, layers=1, max_positions=4096
+    )
 
 
 def tiny_overrides(job: str, cache_dir: Path, pretrained: Path | None = None) -> list[str]:
@@ -49,12 +55,21 @@ def tiny_overrides(job: str, cache_dir: Path, pretrained: Path | None = None) ->
     config = to_config(compose([f"job={job}", *model]))
     workers = min(config.launcher.num_workers, 2)
     return [
-        f"job={job}", "launcher=local", *(model or TINY_MODEL[config.model.name]), *TINY_DATA[config.data.name],
+        f"job={job}",
+        "launcher=local",
+        *(model or TINY_MODEL[config.model.name]),
+        *TINY_DATA[config.data.name],
         f"data.cache_dir={cache_dir}" if config.data.name == "text" else "seed=0",
-        "trainer.device=cpu", "trainer.max_steps=2", "scheduler.warmup_steps=0",
-        f"launcher.num_workers={workers}", f"trainer.global_batch_size={4 * workers}",
-        "trainer.micro_batch_size=2", "trainer.eval_every=2", "trainer.eval_batches=1",
-        "trainer.checkpoint.every=0", "logger.progress=false",
+        "trainer.device=cpu",
+        "trainer.max_steps=2",
+        "scheduler.warmup_steps=0",
+        f"launcher.num_workers={workers}",
+        f"trainer.global_batch_size={4 * workers}",
+        "trainer.micro_batch_size=2",
+        "trainer.eval_every=2",
+        "trainer.eval_batches=1",
+        "trainer.checkpoint.every=0",
+        "logger.progress=false",
     ]
 
 
@@ -64,12 +79,12 @@ def test_there_are_jobs_for_every_model_family() -> None:
 
 
 @pytest.mark.parametrize("job", JOBS)
-def test_job_trains_two_steps_at_tiny_size(job: str, tmp_path: Path, cache_dir: Path,
-                                           request: pytest.FixtureRequest) -> None:
+def test_job_trains_two_steps_at_tiny_size(
+    job: str, tmp_path: Path, cache_dir: Path, request: pytest.FixtureRequest
+) -> None:
     pretrained = request.getfixturevalue("pretrained_llama") if needs_pretrained(job) else None
     run_dir = tmp_path / "run"
-    run_cli("train", *tiny_overrides(job, cache_dir, pretrained), f"hydra.run.dir={run_dir}", cwd=tmp_path,
-            check=True)
+    run_cli("train", *tiny_overrides(job, cache_dir, pretrained), f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 2
     assert summary["final_eval_loss"] is not None

@@ -15,10 +15,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple,
-           kwargs: dict[str, Any]) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
-                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _entry(
+    rank: int, fn: Callable[..., Any], world_size: int, port: int, results: Any, args: tuple, kwargs: dict[str, Any]
+) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
     import warnings
 
     import torch
@@ -41,6 +48,11 @@ def run_ranks(fn: Callable[..., Any], *args: Any, world_size: int = 2, **kwargs:
     with mp.Manager() as manager:
         results = manager.dict()
         # Forked, as launcher=local starts CPU workers: the ranks start with this process's imports.
-        mp.start_processes(_entry, args=(fn, world_size, _free_port(), results, args, kwargs), nprocs=world_size,
-                           join=True, start_method="fork")
+        mp.start_processes(
+            _entry,
+            args=(fn, world_size, _free_port(), results, args, kwargs),
+            nprocs=world_size,
+            join=True,
+            start_method="fork",
+        )
         return [results[rank] for rank in range(world_size)]

@@ -33,10 +33,23 @@ def _train_and_save(dist: DistContext, strategy_name: str, root: str, hold_dir: 
     """Two steps, a synchronous save of step 2 (``sync/``) and a background one (``async/``), held after
     its model and optimizer files while two more steps run; returns the files the held writer created."""
     os.environ["DS_ACCELERATOR"] = "cpu"
-    config = to_config(compose([
-        "model=gpt_tiny", "model.n_embd=32", "model.vocab_size=128", "data=synthetic_tokens", "data.vocab_size=128",
-        "data.seq_len=16", f"strategy={strategy_name}", "optim=adamw", "trainer.global_batch_size=8",
-        "trainer.micro_batch_size=4", "scheduler.warmup_steps=0"]))
+    config = to_config(
+        compose(
+            [
+                "model=gpt_tiny",
+                "model.n_embd=32",
+                "model.vocab_size=128",
+                "data=synthetic_tokens",
+                "data.vocab_size=128",
+                "data.seq_len=16",
+                f"strategy={strategy_name}",
+                "optim=adamw",
+                "trainer.global_batch_size=8",
+                "trainer.micro_batch_size=4",
+                "scheduler.warmup_steps=0",
+            ]
+        )
+    )
     spec = DataSpec(kind=SampleKind.tokens, vocab_size=128, seq_len=16)
     recipe = ModelRecipe(build=partial(build_model, config.model, spec), blocks=partial(model_blocks, config.model))
     torch.manual_seed(0)
@@ -46,13 +59,21 @@ def _train_and_save(dist: DistContext, strategy_name: str, root: str, hold_dir: 
 
     def step() -> None:
         with strategy.accumulate(sync=True):
-            strategy.backward(F.cross_entropy(strategy.model(tokens[:, :-1]).flatten(0, 1).float(),
-                                              tokens[:, 1:].flatten()))
+            strategy.backward(
+                F.cross_entropy(strategy.model(tokens[:, :-1]).flatten(0, 1).float(), tokens[:, 1:].flatten())
+            )
         assert strategy.step(lr=1e-2, max_norm=1.0, guard=math.isfinite).applied
 
     def checkpointer(name: str, *, background: bool) -> Checkpointer:
-        return Checkpointer(Path(root) / name, dist=dist, strategy=strategy, strategy_name=strategy_name, keep=2,
-                            model_shapes={}, background=background)
+        return Checkpointer(
+            Path(root) / name,
+            dist=dist,
+            strategy=strategy,
+            strategy_name=strategy_name,
+            keep=2,
+            model_shapes={},
+            background=background,
+        )
 
     step()
     step()
@@ -78,8 +99,9 @@ def _train_and_save(dist: DistContext, strategy_name: str, root: str, hold_dir: 
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
-def test_a_background_save_holds_its_steps_state_byte_for_byte(strategy: str, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_background_save_holds_its_steps_state_byte_for_byte(
+    strategy: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     hold_dir = tmp_path / "hold"
     hold_dir.mkdir()
     monkeypatch.setenv(HOLD_ENV, str(hold_dir))
@@ -95,8 +117,9 @@ def test_a_background_save_holds_its_steps_state_byte_for_byte(strategy: str, tm
     assert sorted(async_files) == sorted(sync_files)
     # DCP's index names the save (a random id, the directory): the same tensors at the same places.
     index = "dcp/.metadata"
-    assert {name: entry for name, entry in async_files.items() if name != index} == \
-        {name: entry for name, entry in sync_files.items() if name != index}
+    assert {name: entry for name, entry in async_files.items() if name != index} == {
+        name: entry for name, entry in sync_files.items() if name != index
+    }
     if index in sync_files:
         sync_index, async_index = (read_dcp_metadata(d / "dcp") for d in (sync_dir, async_dir))
         assert async_index.state_dict_metadata == sync_index.state_dict_metadata

@@ -25,9 +25,22 @@ ONE_PROCESS = DistContext(rank=0, world_size=1, local_rank=0, local_world_size=1
 
 def job(*overrides: str) -> Config:
     """A tiny GPT job on 64-token vocabulary data, as the CLI would compose it."""
-    return to_config(compose(["model=gpt_tiny", "model.n_embd=32", "model.vocab_size=64", "data=synthetic_tokens",
-                              "data.vocab_size=64", "data.seq_len=16", "trainer.global_batch_size=8",
-                              "trainer.micro_batch_size=4", "scheduler.warmup_steps=0", *overrides]))
+    return to_config(
+        compose(
+            [
+                "model=gpt_tiny",
+                "model.n_embd=32",
+                "model.vocab_size=64",
+                "data=synthetic_tokens",
+                "data.vocab_size=64",
+                "data.seq_len=16",
+                "trainer.global_batch_size=8",
+                "trainer.micro_batch_size=4",
+                "scheduler.warmup_steps=0",
+                *overrides,
+            ]
+        )
+    )
 
 
 def global_batch(size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
@@ -75,8 +88,9 @@ def _ddp_run(dist: DistContext, micro_batch_size: int) -> dict[str, torch.Tensor
 
 @pytest.mark.parametrize("micro_batch_size", [4, 2])  # accumulation 1 and 2 at 2 ranks
 def test_ddp_on_two_ranks_matches_one_process_on_the_whole_batch(micro_batch_size: int) -> None:
-    single = train_steps(ONE_PROCESS, job(*SGD, "strategy=none", "launcher.num_workers=1",
-                                          "trainer.micro_batch_size=8"))
+    single = train_steps(
+        ONE_PROCESS, job(*SGD, "strategy=none", "launcher.num_workers=1", "trainer.micro_batch_size=8")
+    )
     ranks = run_ranks(_ddp_run, micro_batch_size)
     for name, value in single.items():
         torch.testing.assert_close(ranks[0][name], value, rtol=1e-5, atol=1e-6)
@@ -86,8 +100,14 @@ def test_ddp_on_two_ranks_matches_one_process_on_the_whole_batch(micro_batch_siz
 def _checkpoint_round_trip(dist: DistContext, root: str) -> dict:
     config = job("strategy=ddp")
     strategy = setup(config, dist)
-    checkpointer = Checkpointer(Path(root), dist=dist, strategy=strategy, strategy_name="ddp", keep=2,
-                                model_shapes=state_shapes(strategy.module))
+    checkpointer = Checkpointer(
+        Path(root),
+        dist=dist,
+        strategy=strategy,
+        strategy_name="ddp",
+        keep=2,
+        model_shapes=state_shapes(strategy.module),
+    )
     inputs, targets = global_batch(4)
 
     def one_step() -> None:
@@ -123,7 +143,9 @@ def test_checkpoint_restores_weights_optimizer_and_rng_exactly(tmp_path: Path) -
     assert (tmp_path / "latest").read_text().strip() == "step-00000003"
     saved = manifest.verify(tmp_path / "step-00000003")
     assert saved.world_size == 2 and saved.strategy == "ddp"
-    assert {"model.pt", "optimizer.pt", "trainer_state.json", "rng/rank-00000.pt", "rng/rank-00001.pt"} == set(saved.files)
+    assert {"model.pt", "optimizer.pt", "trainer_state.json", "rng/rank-00000.pt", "rng/rank-00001.pt"} == set(
+        saved.files
+    )
     assert saved.model_shapes["tok_emb.weight"] == [64, 32]
 
     # fp32 AdamW under DDP holds 16 bytes per parameter on every rank (the ZeRO paper's memory model):

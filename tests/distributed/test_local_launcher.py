@@ -19,8 +19,9 @@ def _listening_in_launch() -> list[tuple[str, int]]:
     launcher = psutil.Process(os.getppid())
     found = []
     for process in [launcher, *launcher.children(recursive=True)]:
-        found += [(c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
-                  if c.status == psutil.CONN_LISTEN]
+        found += [
+            (c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN
+        ]
     return found
 
 
@@ -38,8 +39,9 @@ def _worker() -> tuple[str, list[tuple[str, int]] | None]:
 
 
 def test_the_launcher_and_its_workers_listen_on_loopback_only() -> None:
-    config = to_config(compose(["job=gpt_tiny_cpu", "launcher=local", "launcher.num_workers=2",
-                                "trainer.max_restarts=1"]))
+    config = to_config(
+        compose(["job=gpt_tiny_cpu", "launcher=local", "launcher.num_workers=2", "trainer.max_restarts=1"])
+    )
     results = elastic_launch(launch_config(config), _worker)()
 
     master_addr, listening = results[0]

@@ -24,8 +24,13 @@ from tests.distributed.ranks import run_ranks
 STRATEGIES = ["ddp", "fsdp2", "zero0", "zero1", "zero2", "zero3"]
 MODELS = {
     "gpt": ["model=gpt_tiny", "model.n_embd=32"],
-    "llama": ["model=llama_tiny", "model.config.hidden_size=32", "model.config.intermediate_size=64",
-              "model.config.num_attention_heads=2", "model.config.num_key_value_heads=1"],
+    "llama": [
+        "model=llama_tiny",
+        "model.config.hidden_size=32",
+        "model.config.intermediate_size=64",
+        "model.config.num_attention_heads=2",
+        "model.config.num_key_value_heads=1",
+    ],
 }
 
 
@@ -35,14 +40,25 @@ def _losses(dist: DistContext, model: str, activation_checkpointing: bool) -> di
     os.environ["DS_ACCELERATOR"] = "cpu"
     out = {}
     for strategy_name in STRATEGIES:
-        config = to_config(compose([*MODELS[model], "data=synthetic_tokens", "data.vocab_size=128",
-                                    "data.seq_len=16", f"strategy={strategy_name}",
-                                    f"strategy.activation_checkpointing={str(activation_checkpointing).lower()}",
-                                    "trainer.global_batch_size=8", "trainer.micro_batch_size=2",
-                                    "scheduler.warmup_steps=0"]))
+        config = to_config(
+            compose(
+                [
+                    *MODELS[model],
+                    "data=synthetic_tokens",
+                    "data.vocab_size=128",
+                    "data.seq_len=16",
+                    f"strategy={strategy_name}",
+                    f"strategy.activation_checkpointing={str(activation_checkpointing).lower()}",
+                    "trainer.global_batch_size=8",
+                    "trainer.micro_batch_size=2",
+                    "scheduler.warmup_steps=0",
+                ]
+            )
+        )
         data = load_data(config.data)
-        recipe = ModelRecipe(build=partial(build_model, config.model, data.spec),
-                             blocks=partial(model_blocks, config.model))
+        recipe = ModelRecipe(
+            build=partial(build_model, config.model, data.spec), blocks=partial(model_blocks, config.model)
+        )
         torch.manual_seed(0)
         strategy = build_strategy(config, dist=dist)
         strategy.setup(recipe, build_optimizer=partial(build_optimizer, config.optim))
@@ -81,10 +97,24 @@ RESUMABLE = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
 
 
 def _tiny(strategy_name: str, world_size: int, *extra: str):
-    return to_config(compose([*MODELS["gpt"], "model.vocab_size=128", "data=synthetic_tokens", "data.vocab_size=128",
-                              "data.seq_len=16", f"strategy={strategy_name}", "optim=sgd_momentum",
-                              f"launcher.num_workers={world_size}", "trainer.global_batch_size=8",
-                              "trainer.micro_batch_size=4", "scheduler.warmup_steps=0", *extra]))
+    return to_config(
+        compose(
+            [
+                *MODELS["gpt"],
+                "model.vocab_size=128",
+                "data=synthetic_tokens",
+                "data.vocab_size=128",
+                "data.seq_len=16",
+                f"strategy={strategy_name}",
+                "optim=sgd_momentum",
+                f"launcher.num_workers={world_size}",
+                "trainer.global_batch_size=8",
+                "trainer.micro_batch_size=4",
+                "scheduler.warmup_steps=0",
+                *extra,
+            ]
+        )
+    )
 
 
 def _batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,8 +122,17 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return tokens[:, :-1], tokens[:, 1:]
 
 
-def _train(dist: DistContext, strategy_name: str, root: str, *, steps: int, save_at: int | None,
-           restore: bool, seed: int = 0, extra: tuple[str, ...] = ()) -> list[float]:
+def _train(
+    dist: DistContext,
+    strategy_name: str,
+    root: str,
+    *,
+    steps: int,
+    save_at: int | None,
+    restore: bool,
+    seed: int = 0,
+    extra: tuple[str, ...] = (),
+) -> list[float]:
     """``steps`` steps on one global batch split over the ranks; the loss on the whole batch after each."""
     import os
 
@@ -111,8 +150,9 @@ def _train(dist: DistContext, strategy_name: str, root: str, *, steps: int, save
     strategy.setup(recipe, build_optimizer=partial(build_optimizer, config.optim))
     with torch.device("meta"):
         shapes = state_shapes(build_model(config.model, spec))
-    checkpointer = Checkpointer(Path(root), dist=dist, strategy=strategy, strategy_name=strategy_name, keep=2,
-                                model_shapes=shapes)
+    checkpointer = Checkpointer(
+        Path(root), dist=dist, strategy=strategy, strategy_name=strategy_name, keep=2, model_shapes=shapes
+    )
     if "strategy.compile=true" in extra:  # every block compiled, inside its checkpoint wrapper
         compiled = [m for m in strategy.model.modules() if getattr(m, "_compiled_call_impl", None) is not None]
         assert len(compiled) == config.model.n_layer, strategy_name
@@ -151,8 +191,9 @@ def test_a_restored_checkpoint_continues_bit_for_bit(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("saved_by", "restored_by"), [(2, 1), (1, 2)])
 def test_fsdp2_checkpoints_load_at_another_world_size(saved_by: int, restored_by: int, tmp_path: Path) -> None:
     through = run_ranks(_train, "fsdp2", str(tmp_path), steps=4, save_at=2, restore=False, world_size=saved_by)[0]
-    resumed = run_ranks(_train, "fsdp2", str(tmp_path), steps=2, save_at=None, restore=True, seed=1,
-                        world_size=restored_by)[0]
+    resumed = run_ranks(
+        _train, "fsdp2", str(tmp_path), steps=2, save_at=None, restore=True, seed=1, world_size=restored_by
+    )[0]
     # The same update, reduced over another number of ranks: equal up to float rounding.
     assert resumed == pytest.approx(through[2:], rel=1e-6)
 
@@ -162,10 +203,13 @@ COMPILED = (*ONE_BLOCK, "strategy.compile=true", "strategy.activation_checkpoint
 
 
 def _eager_and_compiled(dist: DistContext, root: str) -> dict[str, tuple[list[float], list[float]]]:
-    return {name: (_train(dist, name, f"{root}/{name}-eager", steps=3, save_at=None, restore=False, extra=ONE_BLOCK),
-                   _train(dist, name, f"{root}/{name}-compiled", steps=3, save_at=None, restore=False,
-                          extra=COMPILED))
-            for name in ("ddp", "fsdp2", "zero3")}
+    return {
+        name: (
+            _train(dist, name, f"{root}/{name}-eager", steps=3, save_at=None, restore=False, extra=ONE_BLOCK),
+            _train(dist, name, f"{root}/{name}-compiled", steps=3, save_at=None, restore=False, extra=COMPILED),
+        )
+        for name in ("ddp", "fsdp2", "zero3")
+    }
 
 
 @pytest.mark.slow

@@ -30,8 +30,14 @@ HELD = manifest.step_dir_name(20)
 
 def _start(args: list[str], cwd: Path, hold_dir: Path) -> subprocess.Popen:
     log = open(cwd / f"log-{time.monotonic_ns()}.txt", "w")
-    return subprocess.Popen([str(CLI), *args], cwd=cwd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                            env={**os.environ, HOLD_ENV: str(hold_dir)})
+    return subprocess.Popen(
+        [str(CLI), *args],
+        cwd=cwd,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+        env={**os.environ, HOLD_ENV: str(hold_dir)},
+    )
 
 
 def _wait_for(process: subprocess.Popen, predicate: Callable[[], bool], *, what: str) -> None:
@@ -54,15 +60,19 @@ def _run_until_held(tmp_path: Path, run_dir: Path, args: list[str]) -> subproces
     hold_dir.mkdir()
     (hold_dir / HELD).touch()
     process = _start(args, tmp_path, hold_dir)
-    _wait_for(process, lambda: all((hold_dir / f"{HELD}.rank-{rank}").exists() for rank in (0, 1)),
-              what="both ranks writing step 20")
+    _wait_for(
+        process,
+        lambda: all((hold_dir / f"{HELD}.rank-{rank}").exists() for rank in (0, 1)),
+        what="both ranks writing step 20",
+    )
     _wait_for(process, lambda: _last_step(run_dir) >= 23, what="step 23")  # the save does not block training
     return process
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
 def test_sigkill_while_a_background_save_is_written_keeps_the_previous_one_and_resumes_exactly(
-        strategy: str, tmp_path: Path, cache_dir: Path, request: pytest.FixtureRequest) -> None:
+    strategy: str, tmp_path: Path, cache_dir: Path, request: pytest.FixtureRequest
+) -> None:
     run_dir = tmp_path / "run"
     args = job(cache_dir, run_dir, f"strategy={strategy}")
     process = _run_until_held(tmp_path, run_dir, args)

@@ -14,15 +14,20 @@ from tests.helpers import run_cli
 KINDS = {
     "ddp": ["model.pt", "optimizer.pt"],
     "fsdp2": ["dcp/.metadata", "dcp/__0_0.distcp", "dcp/__1_0.distcp"],
-    "zero3": ["ds/zero_pp_rank_0_mp_rank_00_model_states.pt", "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
-              "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
-              "zero_to_fp32.py"],
+    "zero3": [
+        "ds/zero_pp_rank_0_mp_rank_00_model_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_model_states.pt",
+        "ds/zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "ds/zero_pp_rank_1_mp_rank_00_optim_states.pt",
+        "zero_to_fp32.py",
+    ],
 }
 
 
 @pytest.mark.parametrize("strategy", sorted(KINDS))
-def test_every_file_hashed_while_written_matches_its_bytes_on_disk(strategy: str, tmp_path: Path,
-                                                                  tiny_overrides: list[str]) -> None:
+def test_every_file_hashed_while_written_matches_its_bytes_on_disk(
+    strategy: str, tmp_path: Path, tiny_overrides: list[str]
+) -> None:
     run_dir = tmp_path / "run"
     run_cli("train", *tiny_overrides, f"strategy={strategy}", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
     checkpoints = manifest.checkpoint_dirs(run_dir / "checkpoints")

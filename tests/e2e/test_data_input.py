@@ -24,9 +24,16 @@ def test_a_fifo_in_a_corpus_folder_is_skipped_with_a_warning(tmp_path: Path, cac
     run_dir = tmp_path / "run"
     # The corpus is too short for one sample: the driver reads every file, then stops with exit 2,
     # so the test needs no training run to show that reading got past the FIFO.
-    result = run_cli("train", "data=text", f"data.paths=[{corpus}]", "data.tokenizer=bytes",
-                     f"data.cache_dir={cache_dir}", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                     timeout=120)  # a hang guard: opening the FIFO used to block forever
+    result = run_cli(
+        "train",
+        "data=text",
+        f"data.paths=[{corpus}]",
+        "data.tokenizer=bytes",
+        f"data.cache_dir={cache_dir}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        timeout=120,
+    )  # a hang guard: opening the FIFO used to block forever
 
     assert result.returncode == 2, result.stderr
     warning, error = result.stderr.strip().splitlines()
@@ -42,12 +49,21 @@ def test_a_token_id_beyond_the_vocabulary_fails_in_the_driver_naming_file_id_and
     write_token_files(tmp_path / "tokens", train=train, val=np.arange(600) % 500, vocab_size=1000)
     (tmp_path / "tokens" / "meta.json").write_text(json.dumps({"vocab_size": 500}))
     run_dir = tmp_path / "run"
-    result = run_cli("train", "data=memmap", f"data.path={tmp_path / 'tokens'}", "launcher=local",
-                     f"hydra.run.dir={run_dir}", cwd=tmp_path, timeout=120)
+    result = run_cli(
+        "train",
+        "data=memmap",
+        f"data.path={tmp_path / 'tokens'}",
+        "launcher=local",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        timeout=120,
+    )
 
     assert result.returncode == 2, result.stderr
-    assert result.stderr == (f"error: data.path: {tmp_path / 'tokens' / 'train.bin'} holds token id 731 at position "
-                             f"3000 (counting tokens from 0), not below vocab_size=500 from meta.json\n")
+    assert result.stderr == (
+        f"error: data.path: {tmp_path / 'tokens' / 'train.bin'} holds token id 731 at position "
+        f"3000 (counting tokens from 0), not below vocab_size=500 from meta.json\n"
+    )
     assert not run_dir.exists()
 
 
@@ -58,11 +74,28 @@ def test_a_vocabulary_past_65535_ids_trains_from_uint32_token_files(tmp_path: Pa
     write_token_files(tmp_path / "tokens", train=ids, val=ids[:1024], vocab_size=vocab_size)
     assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint32"
     run_dir = tmp_path / "run"
-    run_cli("train", "data=memmap", f"data.path={tmp_path / 'tokens'}", "data.seq_len=16", "model=gpt_tiny",
-            "model.n_layer=1", "model.n_embd=32", "trainer.device=cpu", "launcher=local", "trainer.max_steps=3",
-            "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=3",
-            "trainer.eval_batches=1", "trainer.checkpoint.every=0", "scheduler.warmup_steps=1", "logger.progress=false",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        "data=memmap",
+        f"data.path={tmp_path / 'tokens'}",
+        "data.seq_len=16",
+        "model=gpt_tiny",
+        "model.n_layer=1",
+        "model.n_embd=32",
+        "trainer.device=cpu",
+        "launcher=local",
+        "trainer.max_steps=3",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "trainer.eval_every=3",
+        "trainer.eval_batches=1",
+        "trainer.checkpoint.every=0",
+        "scheduler.warmup_steps=1",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
 
     losses = train_losses(run_dir)
     assert sorted(losses) == [1, 2, 3] and all(math.isfinite(loss) for loss in losses.values())

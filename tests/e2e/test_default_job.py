@@ -17,9 +17,16 @@ from tests.helpers import run_cli
 def test_default_job_learns_from_a_cold_cache(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # A fresh cache dir: the tokenizer is trained and the corpus encoded inside the timed run.
-    result = run_cli("train", f"data.cache_dir={tmp_path / 'cache'}", f"hydra.run.dir={run_dir}",
-                     "logger.progress=false", cwd=tmp_path, check=True, timeout=400,
-                     env={"WANDB_MODE": "offline"})  # what `make run` does on a machine without a W&B key
+    result = run_cli(
+        "train",
+        f"data.cache_dir={tmp_path / 'cache'}",
+        f"hydra.run.dir={run_dir}",
+        "logger.progress=false",
+        cwd=tmp_path,
+        check=True,
+        timeout=400,
+        env={"WANDB_MODE": "offline"},
+    )  # what `make run` does on a machine without a W&B key
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["world_size"] == 2 and summary["strategy"] == "ddp"
     assert summary["launcher"] == "ray"  # an embedded Ray, started and stopped for the run

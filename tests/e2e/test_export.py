@@ -36,12 +36,32 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
     found = {}
     for strategy in GPT_STRATEGIES:
         found[strategy] = root / strategy
-        run_cli("train", *tiny_job(cache_dir), f"strategy={strategy}", *SHORT_RUN, f"hydra.run.dir={root / strategy}",
-                cwd=root, check=True)
+        run_cli(
+            "train",
+            *tiny_job(cache_dir),
+            f"strategy={strategy}",
+            *SHORT_RUN,
+            f"hydra.run.dir={root / strategy}",
+            cwd=root,
+            check=True,
+        )
     found["llama"] = root / "llama"
-    run_cli("train", "job=llama_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
-            "data.vocab_size=512", "data.seq_len=32", "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
-            "logger.progress=false", *SHORT_RUN, f"hydra.run.dir={root / 'llama'}", cwd=root, check=True)
+    run_cli(
+        "train",
+        "job=llama_tiny_cpu",
+        "launcher=local",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.vocab_size=512",
+        "data.seq_len=32",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        "logger.progress=false",
+        *SHORT_RUN,
+        f"hydra.run.dir={root / 'llama'}",
+        cwd=root,
+        check=True,
+    )
     return found
 
 
@@ -79,11 +99,15 @@ def _loaded(directory: Path, cls: type) -> torch.nn.Module:
 
 
 @pytest.mark.parametrize("strategy", GPT_STRATEGIES)
-def test_a_gpt_exports_as_gpt2_with_the_same_logits(strategy: str, runs: dict[str, Path],
-                                                     exports: dict[str, Path]) -> None:
+def test_a_gpt_exports_as_gpt2_with_the_same_logits(
+    strategy: str, runs: dict[str, Path], exports: dict[str, Path]
+) -> None:
     directory = exports[strategy]
-    assert sorted(p.name for p in directory.iterdir()) == ["config.json", "model.safetensors",
-                                                           "orchestrator_export.json"]
+    assert sorted(p.name for p in directory.iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "orchestrator_export.json",
+    ]
     config = json.loads((directory / "config.json").read_text())
     assert config["model_type"] == "gpt2" and config["architectures"] == ["GPT2LMHeadModel"]
     gpt2 = _loaded(directory, transformers.GPT2LMHeadModel)
@@ -92,8 +116,9 @@ def test_a_gpt_exports_as_gpt2_with_the_same_logits(strategy: str, runs: dict[st
     torch.testing.assert_close(_hf_logits(gpt2), _own_logits(runs[strategy]), rtol=0, atol=1e-5)
 
 
-def test_an_hf_model_exports_as_itself_with_its_tokenizer(runs: dict[str, Path], exports: dict[str, Path],
-                                                          cache_dir: Path) -> None:
+def test_an_hf_model_exports_as_itself_with_its_tokenizer(
+    runs: dict[str, Path], exports: dict[str, Path], cache_dir: Path
+) -> None:
     from tokenizers import Tokenizer
 
     from orchestrator.data.text import END_OF_TEXT, cache_dir_for, find_corpus_files
@@ -129,8 +154,9 @@ def test_small_shards_with_an_index(runs: dict[str, Path], exports: dict[str, Pa
     assert all(torch.equal(single[name], sharded[name]) for name in single)
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in single.values())
     gpt2 = _loaded(out, transformers.GPT2LMHeadModel)
-    torch.testing.assert_close(_hf_logits(gpt2), _hf_logits(_loaded(exports["ddp"], transformers.GPT2LMHeadModel)),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        _hf_logits(gpt2), _hf_logits(_loaded(exports["ddp"], transformers.GPT2LMHeadModel)), rtol=0, atol=0
+    )
 
 
 def test_bf16_is_the_fp32_weights_cast(runs: dict[str, Path], exports: dict[str, Path], tmp_path: Path) -> None:
@@ -159,8 +185,9 @@ def test_an_earlier_export_is_replaced_and_nothing_else_is(runs: dict[str, Path]
     assert (out / "notes.txt").exists() and list(tmp_path.iterdir()) == [out]
 
 
-def test_a_failed_export_leaves_the_target_as_it_was(runs: dict[str, Path], exports: dict[str, Path],
-                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_failed_export_leaves_the_target_as_it_was(
+    runs: dict[str, Path], exports: dict[str, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A failure while the shards are written (here: at the second) leaves neither a partial directory nor a
     temporary one, and an earlier export there untouched."""
     from orchestrator.export import build
@@ -198,10 +225,19 @@ def test_a_poisoned_checkpoint_is_refused_and_nothing_runs(case: str, runs: dict
     marker = tmp_path / "pwned"
     poison(checkpoint, marker)
     saved = manifest.read_manifest(checkpoint)
-    files = {str(p.relative_to(checkpoint)): manifest.file_entry(p) for p in sorted(checkpoint.rglob("*"))
-             if p.is_file() and p.name != manifest.MANIFEST}
-    manifest.write_manifest(checkpoint, files=files, step=2, world_size=saved.world_size, strategy=saved.strategy,
-                            model_shapes=saved.model_shapes)
+    files = {
+        str(p.relative_to(checkpoint)): manifest.file_entry(p)
+        for p in sorted(checkpoint.rglob("*"))
+        if p.is_file() and p.name != manifest.MANIFEST
+    }
+    manifest.write_manifest(
+        checkpoint,
+        files=files,
+        step=2,
+        world_size=saved.world_size,
+        strategy=saved.strategy,
+        model_shapes=saved.model_shapes,
+    )
     result = run_cli("export", str(run_dir), "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
@@ -240,16 +276,23 @@ BAD = {
     "unknown dtype": (lambda runs, tmp: runs["ddp"], ["--dtype", "fp8"], "--dtype=fp8: choose one of fp32, bf16, fp16"),
     "bad shard size": (lambda runs, tmp: runs["ddp"], ["--max-shard-size", "5XB"], "--max-shard-size=5XB: not a size"),
     "output not empty": (lambda runs, tmp: runs["ddp"], ["-o", "{taken}"], "-o {taken}: exists and is not empty"),
-    "model that does not export": (_lstm_run, [], "model=lstm has no transformers form; export writes model=gpt and "
-                                                  "model=hf"),
-    "merge-lora without adapters": (lambda runs, tmp: runs["ddp"], ["--merge-lora"],
-                                    "--merge-lora: {} has no LoRA adapters (its run's model.lora.rank is 0)"),
+    "model that does not export": (
+        _lstm_run,
+        [],
+        "model=lstm has no transformers form; export writes model=gpt and model=hf",
+    ),
+    "merge-lora without adapters": (
+        lambda runs, tmp: runs["ddp"],
+        ["--merge-lora"],
+        "--merge-lora: {} has no LoRA adapters (its run's model.lora.rank is 0)",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_input_is_one_line_and_exit_2(case: str, runs: dict[str, Path], exports: dict[str, Path],
-                                          tmp_path: Path) -> None:
+def test_bad_input_is_one_line_and_exit_2(
+    case: str, runs: dict[str, Path], exports: dict[str, Path], tmp_path: Path
+) -> None:
     make_path, extra, expected = BAD[case]
     path = make_path({**runs, "exports": exports}, tmp_path)
     taken = _not_empty(tmp_path)

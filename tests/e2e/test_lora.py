@@ -23,9 +23,20 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 RANK = 4
-JOB = ["job=llama_tiny_cpu", "model=hf", "launcher=local", "data.max_bytes=400000", "data.seq_len=32",
-       "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=0", "scheduler.warmup_steps=0",
-       "logger.progress=false", f"model.lora.rank={RANK}", "optim.lr=1e-2"]
+JOB = [
+    "job=llama_tiny_cpu",
+    "model=hf",
+    "launcher=local",
+    "data.max_bytes=400000",
+    "data.seq_len=32",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_every=0",
+    "scheduler.warmup_steps=0",
+    "logger.progress=false",
+    f"model.lora.rank={RANK}",
+    "optim.lr=1e-2",
+]
 BATCH = torch.tensor([[3, 17, 200, 5, 99, 42, 7, 128, 64, 1, 250, 33], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
 
 
@@ -36,22 +47,39 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _adapter_params(hidden: int = 32, intermediate: int = 64, kv: int = 16, layers: int = 2) -> int:
     """LoRA parameters of the tiny Llama's seven projections per layer: rank x (in + out) each."""
-    shapes = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden),  # q, k, v, o
-              (hidden, intermediate), (hidden, intermediate), (intermediate, hidden)]  # gate, up, down
+    shapes = [
+        (hidden, hidden),
+        (hidden, kv),
+        (hidden, kv),
+        (hidden, hidden),  # q, k, v, o
+        (hidden, intermediate),
+        (hidden, intermediate),
+        (intermediate, hidden),
+    ]  # gate, up, down
     return layers * sum(RANK * (fan_in + fan_out) for fan_in, fan_out in shapes)
 
 
 def _file_tensors(directory: Path) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
-    return {name: tensor for path in sorted(directory.glob("*.safetensors")) for name, tensor in load_file(path).items()}
+    return {
+        name: tensor for path in sorted(directory.glob("*.safetensors")) for name, tensor in load_file(path).items()
+    }
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero1", "zero2", "zero3"])
-def test_only_the_adapters_train_and_resume_is_bit_exact(strategy: str, pretrained: Path, tmp_path: Path,
-                                                         cache_dir: Path) -> None:
-    job = [*JOB, f"data.cache_dir={cache_dir}", f"strategy={strategy}", f"model.pretrained={pretrained}",
-           "model.lora.dropout=0.1", "trainer.max_steps=4", "trainer.checkpoint.every=2"]
+def test_only_the_adapters_train_and_resume_is_bit_exact(
+    strategy: str, pretrained: Path, tmp_path: Path, cache_dir: Path
+) -> None:
+    job = [
+        *JOB,
+        f"data.cache_dir={cache_dir}",
+        f"strategy={strategy}",
+        f"model.pretrained={pretrained}",
+        "model.lora.dropout=0.1",
+        "trainer.max_steps=4",
+        "trainer.checkpoint.every=2",
+    ]
     first, second = tmp_path / "first", tmp_path / "second"
     run_cli("train", *job, f"hydra.run.dir={first}", cwd=tmp_path, check=True)
     step_2 = first / "checkpoints" / manifest.step_dir_name(2)
@@ -89,12 +117,23 @@ def test_only_the_adapters_train_and_resume_is_bit_exact(strategy: str, pretrain
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
-def test_a_bf16_base_holds_the_frozen_weights_in_half_the_bytes(strategy: str, pretrained: Path, tmp_path: Path,
-                                                                cache_dir: Path) -> None:
+def test_a_bf16_base_holds_the_frozen_weights_in_half_the_bytes(
+    strategy: str, pretrained: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     run_dir = tmp_path / "run"
-    run_cli("train", *JOB, f"data.cache_dir={cache_dir}", f"strategy={strategy}", f"model.pretrained={pretrained}",
-            "trainer.precision=bf16", "model.lora.base_dtype=bf16", "trainer.max_steps=2",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        *JOB,
+        f"data.cache_dir={cache_dir}",
+        f"strategy={strategy}",
+        f"model.pretrained={pretrained}",
+        "trainer.precision=bf16",
+        "model.lora.base_dtype=bf16",
+        "trainer.max_steps=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     trainable = _adapter_params()
     frozen = summary["num_params"] - trainable
@@ -109,11 +148,31 @@ def lora_runs(pretrained: Path, tmp_path_factory: pytest.TempPathFactory, cache_
     """A LoRA run of the pretrained Llama (model=hf) and of the tiny GPT (model=gpt, no pretrained base)."""
     root = tmp_path_factory.mktemp("lora_runs")
     runs = {"llama": root / "llama", "gpt": root / "gpt"}
-    run_cli("train", *JOB, f"data.cache_dir={cache_dir}", f"model.pretrained={pretrained}", "trainer.max_steps=3",
-            f"hydra.run.dir={runs['llama']}", cwd=root, check=True)
-    run_cli("train", *tiny_job(cache_dir), f"model.lora.rank={RANK}", "model.lora.target_modules=[qkv,fc]",
-            "strategy=zero3", "trainer.max_steps=3", "trainer.checkpoint.every=3", "trainer.eval_every=0",
-            "scheduler.warmup_steps=0", "optim.lr=1e-2", f"hydra.run.dir={runs['gpt']}", cwd=root, check=True)
+    run_cli(
+        "train",
+        *JOB,
+        f"data.cache_dir={cache_dir}",
+        f"model.pretrained={pretrained}",
+        "trainer.max_steps=3",
+        f"hydra.run.dir={runs['llama']}",
+        cwd=root,
+        check=True,
+    )
+    run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        f"model.lora.rank={RANK}",
+        "model.lora.target_modules=[qkv,fc]",
+        "strategy=zero3",
+        "trainer.max_steps=3",
+        "trainer.checkpoint.every=3",
+        "trainer.eval_every=0",
+        "scheduler.warmup_steps=0",
+        "optim.lr=1e-2",
+        f"hydra.run.dir={runs['gpt']}",
+        cwd=root,
+        check=True,
+    )
     return runs
 
 
@@ -134,8 +193,9 @@ def _logits(model: torch.nn.Module) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("model", ["llama", "gpt"])
-def test_adapters_export_for_peft_and_merged_with_the_projects_logits(model: str, lora_runs: dict[str, Path],
-                                                                      pretrained: Path, tmp_path: Path) -> None:
+def test_adapters_export_for_peft_and_merged_with_the_projects_logits(
+    model: str, lora_runs: dict[str, Path], pretrained: Path, tmp_path: Path
+) -> None:
     run_dir = lora_runs[model]
     adapters, merged = tmp_path / "adapters", tmp_path / "merged"
     result = run_cli("export", str(run_dir), "-o", str(adapters), cwd=tmp_path, check=True)
@@ -161,19 +221,27 @@ def test_adapters_export_for_peft_and_merged_with_the_projects_logits(model: str
         assert not torch.allclose(_logits(with_adapters), own, atol=1e-3)
 
 
-def test_bad_lora_settings_are_one_line_and_exit_2(pretrained: Path, lora_runs: dict[str, Path], tmp_path: Path,
-                                                   cache_dir: Path) -> None:
+def test_bad_lora_settings_are_one_line_and_exit_2(
+    pretrained: Path, lora_runs: dict[str, Path], tmp_path: Path, cache_dir: Path
+) -> None:
     # The job's own model (model=llama_tiny: the tiny Llama's config, random weights) unless model=hf is named.
-    common = [arg for arg in JOB if arg != "model=hf"] + [f"data.cache_dir={cache_dir}", "trainer.max_steps=1",
-                                                         f"hydra.run.dir={tmp_path / 'run'}"]
+    common = [arg for arg in JOB if arg != "model=hf"] + [
+        f"data.cache_dir={cache_dir}",
+        "trainer.max_steps=1",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
     cases = {
         "model.lora.target_modules: 'qkv' names no linear layer of this model; its block's linear layers are: "
         "self_attn.q_proj": ["model=hf", f"model.pretrained={pretrained}", "model.lora.target_modules=[qkv]"],
-        "model.lora.base_dtype=bf16 needs trainer.precision=bf16": ["model=hf", f"model.pretrained={pretrained}",
-                                                                   "model.lora.base_dtype=bf16"],
+        "model.lora.base_dtype=bf16 needs trainer.precision=bf16": [
+            "model=hf",
+            f"model.pretrained={pretrained}",
+            "model.lora.base_dtype=bf16",
+        ],
         "trainer.freeze and model.lora": [f"trainer.init_from={lora_runs['llama']}", "trainer.freeze=[model]"],
         "it holds LoRA adapters; `orchestrator export --merge-lora` writes the model they make": [
-            f"trainer.init_from={lora_runs['llama']}"],
+            f"trainer.init_from={lora_runs['llama']}"
+        ],
     }
     for expected, extra in cases.items():
         result = run_cli("train", *common, *extra, cwd=tmp_path)

@@ -15,18 +15,38 @@ AUGMENTED_STEPS = 40
 def augmented_job(run_dir: Path, *extra: str) -> list[str]:
     """The augmentation job at tiny size: 2 DDP workers, 2 micro-steps each per step, a checkpoint every 10."""
     return [
-        "train", "job=digits_cnn_augment_cpu", "launcher=local", "model.widths=[8]",
-        f"trainer.max_steps={AUGMENTED_STEPS}", "trainer.global_batch_size=16", "trainer.micro_batch_size=4",
-        "trainer.eval_every=20", "trainer.eval_batches=2", "trainer.checkpoint.every=10", "logger=jsonl",
-        "logger.progress=false", f"hydra.run.dir={run_dir}", *extra,
+        "train",
+        "job=digits_cnn_augment_cpu",
+        "launcher=local",
+        "model.widths=[8]",
+        f"trainer.max_steps={AUGMENTED_STEPS}",
+        "trainer.global_batch_size=16",
+        "trainer.micro_batch_size=4",
+        "trainer.eval_every=20",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint.every=10",
+        "logger=jsonl",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
     ]
 
 
 def test_the_regression_job_learns_with_mse(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli("train", "job=diabetes_mlp_cpu", "launcher=local", "trainer.max_steps=60", "trainer.eval_every=30",
-            "scheduler.warmup_steps=0", "logger=jsonl", "logger.progress=false", f"hydra.run.dir={run_dir}",
-            cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        "job=diabetes_mlp_cpu",
+        "launcher=local",
+        "trainer.max_steps=60",
+        "trainer.eval_every=30",
+        "scheduler.warmup_steps=0",
+        "logger=jsonl",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 60
     # The target is standardized: predicting its mean scores about 1.
@@ -39,8 +59,17 @@ def test_the_regression_job_learns_with_mse(tmp_path: Path) -> None:
 
 def test_a_classifier_reports_eval_accuracy(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=40", "trainer.eval_every=40",
-                     "logger=jsonl", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    result = run_cli(
+        "train",
+        "job=digits_mlp_cpu",
+        "launcher=local",
+        "trainer.max_steps=40",
+        "trainer.eval_every=40",
+        "logger=jsonl",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert 0.8 < summary["final_eval_accuracy"] <= 1.0
     assert f"step 40: eval accuracy {summary['final_eval_accuracy']:.2%}" in result.stdout + result.stderr
@@ -53,8 +82,13 @@ def test_augmented_training_is_deterministic_and_resumes_bit_exact(tmp_path: Pat
     assert len(expected) == AUGMENTED_STEPS
 
     plain = tmp_path / "plain"
-    run_cli(*augmented_job(plain, "data.augment.crop_padding=0", "data.augment.rotate_degrees=0",
-                           "data.augment.noise_std=0"), cwd=tmp_path, check=True)
+    run_cli(
+        *augmented_job(
+            plain, "data.augment.crop_padding=0", "data.augment.rotate_degrees=0", "data.augment.noise_std=0"
+        ),
+        cwd=tmp_path,
+        check=True,
+    )
     assert train_losses(plain)[1] != expected[1]  # the augmentation changes what the model sees
 
     run_dir = tmp_path / "run"

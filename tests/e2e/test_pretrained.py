@@ -14,9 +14,18 @@ from orchestrator.checkpoints import manifest
 from orchestrator.strategies import read_model_weights
 from tests.helpers import run_cli, save_tiny_llama, train_in_process
 
-JOB = ["job=llama_tiny_cpu", "model=hf", "launcher=local", "data.max_bytes=400000", "data.seq_len=32",
-       "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "trainer.eval_every=0",
-       "scheduler.warmup_steps=0", "logger.progress=false"]
+JOB = [
+    "job=llama_tiny_cpu",
+    "model=hf",
+    "launcher=local",
+    "data.max_bytes=400000",
+    "data.seq_len=32",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_every=0",
+    "scheduler.warmup_steps=0",
+    "logger.progress=false",
+]
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +46,25 @@ def _file_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
-def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_unchanged(strategy: str, pretrained: Path, tmp_path: Path,
-                                                             cache_dir: Path) -> None:
+def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_unchanged(
+    strategy: str, pretrained: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     # One step at a learning rate too small to move an fp32 weight: the checkpoint holds the loaded weights.
     run_dir = tmp_path / "run"
-    run_cli("train", *JOB, f"data.cache_dir={cache_dir}", f"strategy={strategy}", f"model.pretrained={pretrained}",
-            "optim.lr=1e-30", "optim.weight_decay=0", "trainer.max_steps=1", "trainer.checkpoint.every=1",
-            f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        *JOB,
+        f"data.cache_dir={cache_dir}",
+        f"strategy={strategy}",
+        f"model.pretrained={pretrained}",
+        "optim.lr=1e-30",
+        "optim.weight_decay=0",
+        "trainer.max_steps=1",
+        "trainer.checkpoint.every=1",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
     checkpoint = run_dir / "checkpoints" / manifest.step_dir_name(1)
     trained = read_model_weights(checkpoint, written_by=strategy)
     expected = _file_tensors(pretrained)
@@ -76,29 +97,45 @@ def _reshaped(pretrained: Path, tmp_path: Path) -> Path:
 
 
 BAD = {
-    "no config.json": (lambda p, t: [f"model.pretrained={_without(p, t, 'config.json')}"],
-                       "no config.json in it (expected what save_pretrained writes)"),
-    "no weights": (lambda p, t: [f"model.pretrained={_without(p, t, '*.safetensors*')}"],
-                   "no model.safetensors or model.safetensors.index.json in it"),
-    "a hub id": (lambda p, t: ["model.pretrained=meta-llama/Llama-3.2-1B"],
-                 "model.pretrained=meta-llama/Llama-3.2-1B: no such directory (it looks like a Hugging Face hub id: "
-                 "nothing is downloaded here"),
-    "shapes that do not match the config": (lambda p, t: [f"model.pretrained={_reshaped(p, t)}"],
-                                            "model.pretrained: the weights do not fit this model "
-                                            "(model.model.layers.0.mlp.gate_proj.weight is [64, 32] in the checkpoint, [96, 32] in this model)"),
-    "a contradicting model.config": (lambda p, t: [f"model.pretrained={p}", "+model.config.hidden_size=64"],
-                                     "model.config.hidden_size=64 contradicts model.pretrained="),
-    "init_from as well": (lambda p, t: [f"model.pretrained={p}", f"trainer.init_from={p}"],
-                          "trainer.init_from and model.pretrained both name the initial weights; set one"),
+    "no config.json": (
+        lambda p, t: [f"model.pretrained={_without(p, t, 'config.json')}"],
+        "no config.json in it (expected what save_pretrained writes)",
+    ),
+    "no weights": (
+        lambda p, t: [f"model.pretrained={_without(p, t, '*.safetensors*')}"],
+        "no model.safetensors or model.safetensors.index.json in it",
+    ),
+    "a hub id": (
+        lambda p, t: ["model.pretrained=meta-llama/Llama-3.2-1B"],
+        "model.pretrained=meta-llama/Llama-3.2-1B: no such directory (it looks like a Hugging Face hub id: "
+        "nothing is downloaded here",
+    ),
+    "shapes that do not match the config": (
+        lambda p, t: [f"model.pretrained={_reshaped(p, t)}"],
+        "model.pretrained: the weights do not fit this model "
+        "(model.model.layers.0.mlp.gate_proj.weight is [64, 32] in the checkpoint, [96, 32] in this model)",
+    ),
+    "a contradicting model.config": (
+        lambda p, t: [f"model.pretrained={p}", "+model.config.hidden_size=64"],
+        "model.config.hidden_size=64 contradicts model.pretrained=",
+    ),
+    "init_from as well": (
+        lambda p, t: [f"model.pretrained={p}", f"trainer.init_from={p}"],
+        "trainer.init_from and model.pretrained both name the initial weights; set one",
+    ),
 }
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_pretrained_input_is_one_line(case: str, pretrained: Path, tmp_path: Path, cache_dir: Path,
-                                          capfd: pytest.CaptureFixture) -> None:
+def test_bad_pretrained_input_is_one_line(
+    case: str, pretrained: Path, tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture
+) -> None:
     overrides, expected = BAD[case]
-    code, stderr = train_in_process([*JOB, f"data.cache_dir={cache_dir}", *overrides(pretrained, tmp_path),
-                                     f"hydra.run.dir={tmp_path / 'run'}"], tmp_path, capfd)
+    code, stderr = train_in_process(
+        [*JOB, f"data.cache_dir={cache_dir}", *overrides(pretrained, tmp_path), f"hydra.run.dir={tmp_path / 'run'}"],
+        tmp_path,
+        capfd,
+    )
     assert code == 2, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line, line

@@ -21,20 +21,41 @@ SHORT_RUN = ["trainer.eval_every=0", "scheduler.warmup_steps=0"]
 def exported(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """A tiny GPT (model=gpt_tiny, no biases) trained 2 steps under ddp, exported as GPT-2."""
     root = tmp_path_factory.mktemp("gpt")
-    run_cli("train", *tiny_job(cache_dir), *SHORT_RUN, "trainer.max_steps=2", "trainer.checkpoint.every=2",
-            f"hydra.run.dir={root / 'run'}", cwd=root, check=True)
+    run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        *SHORT_RUN,
+        "trainer.max_steps=2",
+        "trainer.checkpoint.every=2",
+        f"hydra.run.dir={root / 'run'}",
+        cwd=root,
+        check=True,
+    )
     run_cli("export", str(root / "run"), "-o", str(root / "export"), cwd=root, check=True)
     return root / "export"
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2", "zero3"])
-def test_an_exported_gpt_trains_again_from_exactly_its_weights(strategy: str, exported: Path, tmp_path: Path,
-                                                              cache_dir: Path) -> None:
+def test_an_exported_gpt_trains_again_from_exactly_its_weights(
+    strategy: str, exported: Path, tmp_path: Path, cache_dir: Path
+) -> None:
     # One step at a learning rate too small to move an fp32 weight: the checkpoint holds the loaded weights.
     run_dir = tmp_path / "run"
-    run_cli("train", *tiny_job(cache_dir), *SHORT_RUN, "model=gpt", f"model.pretrained={exported}",
-            f"strategy={strategy}", "optim.lr=1e-30", "optim.weight_decay=0", "trainer.max_steps=1",
-            "trainer.checkpoint.every=1", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        *SHORT_RUN,
+        "model=gpt",
+        f"model.pretrained={exported}",
+        f"strategy={strategy}",
+        "optim.lr=1e-30",
+        "optim.weight_decay=0",
+        "trainer.max_steps=1",
+        "trainer.checkpoint.every=1",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
     # The run's config says what it trained: the sizes config.json gave.
     model = load_resolved((run_dir / "config.yaml").read_text()).model
     gpt2 = json.loads((exported / "config.json").read_text())

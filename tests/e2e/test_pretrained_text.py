@@ -32,12 +32,22 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     tokenizer.add_special_tokens([END_OF_TEXT])
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=END_OF_TEXT,
-                                         unk_token="[UNK]").save_pretrained(directory)
+    transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=END_OF_TEXT, unk_token="[UNK]"
+    ).save_pretrained(directory)
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                      num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True,
-                                      max_position_embeddings=64, bos_token_id=None, eos_token_id=VOCAB_SIZE - 1)
+    config = transformers.LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        max_position_embeddings=64,
+        bos_token_id=None,
+        eos_token_id=VOCAB_SIZE - 1,
+    )
     transformers.LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -51,9 +61,19 @@ def run_dir(pretrained: Path, tmp_path_factory: pytest.TempPathFactory, cache_di
         lines = (" ".join(f"w{words.randrange(VOCAB_SIZE - 2)}" for _ in range(20)) for _ in range(100))
         (root / "corpus" / f"{index}.txt").parent.mkdir(exist_ok=True)
         (root / "corpus" / f"{index}.txt").write_text("\n".join(lines) + "\n")
-    run_cli("train", *JOB, f"data.cache_dir={cache_dir}", f"model.pretrained={pretrained}", "data=text",
-            f"data.paths=[{root / 'corpus'}]", "trainer.max_steps=2", "trainer.checkpoint.every=2",
-            f"hydra.run.dir={root / 'run'}", cwd=root, check=True)
+    run_cli(
+        "train",
+        *JOB,
+        f"data.cache_dir={cache_dir}",
+        f"model.pretrained={pretrained}",
+        "data=text",
+        f"data.paths=[{root / 'corpus'}]",
+        "trainer.max_steps=2",
+        "trainer.checkpoint.every=2",
+        f"hydra.run.dir={root / 'run'}",
+        cwd=root,
+        check=True,
+    )
     return root / "run"
 
 

@@ -17,8 +17,15 @@ PROFILE = ["trainer.profile.start_step=2", "trainer.profile.steps=2"]
 @pytest.fixture(scope="module")
 def profiled_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("profile")
-    run_cli("train", *tiny_job(cache_dir), *PROFILE, f"hydra.run.dir={root / 'run'}", cwd=root,
-            env={"WANDB_MODE": "offline"}, check=True)
+    run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        *PROFILE,
+        f"hydra.run.dir={root / 'run'}",
+        cwd=root,
+        env={"WANDB_MODE": "offline"},
+        check=True,
+    )
     return root / "run"
 
 
@@ -36,7 +43,7 @@ def test_each_rank_traces_exactly_the_profiled_steps(profiled_run: Path, rank: i
 
 def test_the_report_shows_rank_0s_top_operators_and_the_traces(profiled_run: Path) -> None:
     page = (profiled_run / "report.html").read_text()
-    section = page[page.index("<h2>Profile</h2>"):]
+    section = page[page.index("<h2>Profile</h2>") :]
     top = json.loads((profiled_run / "profile" / "rank0_top_ops.json").read_text())
     assert f"<td>{top['ops'][0]['name']}</td>" in section and "self CPU (ms)" in section
     assert "profile/rank0.json, profile/rank1.json" in section and 'href="https://ui.perfetto.dev"' in section
@@ -45,8 +52,14 @@ def test_the_report_shows_rank_0s_top_operators_and_the_traces(profiled_run: Pat
 
 
 def test_a_run_without_profiling_has_no_profile_dir(tmp_path: Path, cache_dir: Path) -> None:
-    run_cli("train", *tiny_job(cache_dir), f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
-            env={"WANDB_MODE": "offline"}, check=True)
+    run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        f"hydra.run.dir={tmp_path / 'run'}",
+        cwd=tmp_path,
+        env={"WANDB_MODE": "offline"},
+        check=True,
+    )
     assert (tmp_path / "run" / "summary.json").exists()
     assert not (tmp_path / "run" / "profile").exists()
     assert "<h2>Profile" not in (tmp_path / "run" / "report.html").read_text()

@@ -16,8 +16,15 @@ import pytest
 from orchestrator.report.build import build_report
 from tests.helpers import read_jsonl, run_cli, tiny_job
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                  "--disable-component-update", "--no-first-run", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+    "--disable-sync",
+]
 
 
 def chromium() -> str:
@@ -27,8 +34,13 @@ def chromium() -> str:
             return shutil.which(name)
     if shutil.which("apt-get") is None:
         pytest.skip("no chromium, and no apt-get to install it with")
-    install = subprocess.run("apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
-                             shell=True, capture_output=True, text=True, timeout=600)
+    install = subprocess.run(
+        "apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium",
+        shell=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if install.returncode != 0 or not shutil.which("chromium"):
         pytest.skip(f"chromium could not be installed: {(install.stderr or install.stdout).strip()[-300:]}")
     return shutil.which("chromium")
@@ -40,8 +52,15 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list[Path
     root = tmp_path_factory.mktemp("report")
     dirs = []
     for name, lr in (("a", "3e-3"), ("b", "1e-3")):
-        run_cli("train", *tiny_job(cache_dir), f"optim.lr={lr}", "logger.resources_every=5",
-                f"hydra.run.dir={root / name}", cwd=root, check=True)
+        run_cli(
+            "train",
+            *tiny_job(cache_dir),
+            f"optim.lr={lr}",
+            "logger.resources_every=5",
+            f"hydra.run.dir={root / name}",
+            cwd=root,
+            check=True,
+        )
         dirs.append(root / name)
     running = root / "c"
     shutil.copytree(root / "a", running)
@@ -65,11 +84,18 @@ def test_the_report_in_chromium_draws_every_series(runs: list[Path], tmp_path: P
     result = run_cli("report", *map(str, runs), "-o", str(output), cwd=tmp_path, check=True)
     assert result.stdout.strip() == f"report: {output}"
 
-    dom = subprocess.run([browser, *CHROMIUM_FLAGS, "--dump-dom", output.as_uri()], capture_output=True, text=True,
-                         timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [browser, *CHROMIUM_FLAGS, "--dump-dom", output.as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert 'data-rendered="yes"' in dom  # the page's script ran after layout
-    drawn = {key: set(html.unescape(series).split("|")) - {""}
-             for key, series in re.findall(r'<svg class="chart" data-chart="(\w+)"[^>]*data-drawn="([^"]*)"', dom)}
+    drawn = {
+        key: set(html.unescape(series).split("|")) - {""}
+        for key, series in re.findall(r'<svg class="chart" data-chart="(\w+)"[^>]*data-drawn="([^"]*)"', dom)
+    }
     names = ["a", "b", "c"]
     assert drawn["loss"] == {f"{n} {kind}" for n in names for kind in ("train", "eval")}
     for chart in ("lr", "throughput", "step_time", "memory"):
@@ -91,8 +117,19 @@ def test_the_report_in_chromium_draws_every_series(runs: list[Path], tmp_path: P
     assert "optim.lr" in differences and "trainer.max_steps" not in differences
 
     screenshot = tmp_path / "report.png"
-    subprocess.run([browser, *CHROMIUM_FLAGS, "--hide-scrollbars", "--window-size=1280,1800",
-                    f"--screenshot={screenshot}", output.as_uri()], capture_output=True, timeout=120, check=True)
+    subprocess.run(
+        [
+            browser,
+            *CHROMIUM_FLAGS,
+            "--hide-scrollbars",
+            "--window-size=1280,1800",
+            f"--screenshot={screenshot}",
+            output.as_uri(),
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    )
     header = screenshot.read_bytes()[:24]
     assert header[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", header[16:24]) == (1280, 1800)
 
@@ -102,8 +139,9 @@ def test_report_of_a_sweep_dir_and_bad_paths(runs: list[Path], tmp_path: Path) -
     assert all(f"{name} train" in page for name in ("a", "b", "c"))
     result = run_cli("report", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip() == (f"error: {tmp_path / 'nope'}: no such directory (give run dirs, "
-                                     f"or a sweep's dir of run dirs)")
+    assert result.stderr.strip() == (
+        f"error: {tmp_path / 'nope'}: no such directory (give run dirs, or a sweep's dir of run dirs)"
+    )
     (tmp_path / "empty").mkdir()
     result = run_cli("report", str(tmp_path / "empty"), cwd=tmp_path)
     assert result.returncode == 2 and "not a run dir" in result.stderr
@@ -125,14 +163,54 @@ def test_run_provided_strings_are_escaped(tmp_path: Path) -> None:
     experiment = tmp_path / "experiment"
     run_dir = experiment / "<img src=x onerror=alert(2)>"
     run_dir.mkdir(parents=True)
-    columns = ("strategy", "workers", "status", "global_batch_size", "grad_accum_steps", "step_time_s", "tokens_per_s",
-               "tokens_per_s_per_worker", "efficiency", "mfu", "peak_mem_bytes", "model_state_bytes", "run_dir", "error")
-    point = {**dict.fromkeys(columns), "strategy": PAYLOAD, "workers": 2, "status": PAYLOAD, "error": PAYLOAD,
-             "run_dir": PAYLOAD}
-    (experiment / "scale.json").write_text(json.dumps({"job": PAYLOAD, "mode": PAYLOAD, "steps": PAYLOAD,
-                                                       "warmup_steps": PAYLOAD, "complete": True, "points": [point]}))
-    (run_dir / "summary.json").write_text(json.dumps({"status": PAYLOAD, "error": PAYLOAD, "strategy": PAYLOAD,
-                                                      "device": PAYLOAD, "world_size": PAYLOAD, "run_dir": PAYLOAD}))
+    columns = (
+        "strategy",
+        "workers",
+        "status",
+        "global_batch_size",
+        "grad_accum_steps",
+        "step_time_s",
+        "tokens_per_s",
+        "tokens_per_s_per_worker",
+        "efficiency",
+        "mfu",
+        "peak_mem_bytes",
+        "model_state_bytes",
+        "run_dir",
+        "error",
+    )
+    point = {
+        **dict.fromkeys(columns),
+        "strategy": PAYLOAD,
+        "workers": 2,
+        "status": PAYLOAD,
+        "error": PAYLOAD,
+        "run_dir": PAYLOAD,
+    }
+    (experiment / "scale.json").write_text(
+        json.dumps(
+            {
+                "job": PAYLOAD,
+                "mode": PAYLOAD,
+                "steps": PAYLOAD,
+                "warmup_steps": PAYLOAD,
+                "complete": True,
+                "points": [point],
+            }
+        )
+    )
+    (run_dir / "summary.json").write_text(
+        json.dumps(
+            {
+                "status": PAYLOAD,
+                "error": PAYLOAD,
+                "strategy": PAYLOAD,
+                "device": PAYLOAD,
+                "world_size": PAYLOAD,
+                "run_dir": PAYLOAD,
+            }
+        )
+    )
     (run_dir / "config.yaml").write_text(json.dumps({"job": {"script": PAYLOAD}}))
     (run_dir / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0, "lr": 0.1}) + "\n")
 

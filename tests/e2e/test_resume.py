@@ -52,8 +52,9 @@ def kill_group(process: subprocess.Popen) -> None:
     process.wait()
 
 
-def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(tmp_path: Path, cache_dir: Path,
-                                                                    uninterrupted: dict[int, float]) -> None:
+def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(
+    tmp_path: Path, cache_dir: Path, uninterrupted: dict[int, float]
+) -> None:
     run_dir = tmp_path / "run"
     process = start(job(cache_dir, run_dir), tmp_path)
     wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
@@ -68,16 +69,27 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(tmp_path: Pa
     # Every step's loss, before and after the kill, equals the uninterrupted run's bit for bit,
     # and metrics.jsonl holds each step once.
     assert train_losses(run_dir) == uninterrupted
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()
-             if "loss" in json.loads(line)]
+    steps = [
+        json.loads(line)["step"]
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if "loss" in json.loads(line)
+    ]
     assert steps == sorted(set(steps))
 
 
 def test_sigkill_during_a_checkpoint_save_never_leaves_a_loadable_partial(tmp_path: Path, cache_dir: Path) -> None:
     # A model big enough (~25M parameters, ~300 MB of checkpoint) that saving takes a while; a small
     # batch, so that its steps do not.
-    big = ["model.n_layer=4", "model.n_embd=512", "model.n_head=8", "trainer.global_batch_size=4",
-           "trainer.micro_batch_size=2", "trainer.max_steps=5", "trainer.checkpoint.every=2", "trainer.eval_every=0"]
+    big = [
+        "model.n_layer=4",
+        "model.n_embd=512",
+        "model.n_head=8",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "trainer.max_steps=5",
+        "trainer.checkpoint.every=2",
+        "trainer.eval_every=0",
+    ]
     run_dir = tmp_path / "run"
     process = start(job(cache_dir, run_dir, *big), tmp_path)
     partial = run_dir / "checkpoints" / (manifest.step_dir_name(4) + ".tmp")
@@ -97,7 +109,8 @@ def test_sigkill_during_a_checkpoint_save_never_leaves_a_loadable_partial(tmp_pa
 
 
 def test_damaged_newest_checkpoint_is_skipped_on_auto_resume_and_refused_when_named(
-        tmp_path: Path, cache_dir: Path) -> None:
+    tmp_path: Path, cache_dir: Path
+) -> None:
     run_dir = tmp_path / "run"
     run_cli(*job(cache_dir, run_dir, "trainer.max_steps=20"), cwd=tmp_path, check=True)
     newest = run_dir / "checkpoints" / "step-00000020"
@@ -117,7 +130,8 @@ def test_damaged_newest_checkpoint_is_skipped_on_auto_resume_and_refused_when_na
 
 
 def test_a_killed_worker_is_restarted_and_the_run_matches_an_uninterrupted_one(
-        tmp_path: Path, cache_dir: Path, uninterrupted: dict[int, float]) -> None:
+    tmp_path: Path, cache_dir: Path, uninterrupted: dict[int, float]
+) -> None:
     run_dir = tmp_path / "run"
     process = start(job(cache_dir, run_dir, "trainer.max_restarts=1"), tmp_path)
     wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
@@ -157,27 +171,33 @@ def test_run_dir_checkpoints_are_never_overwritten_or_misused(tmp_path: Path, ca
 
     fresh = run_cli(*job(cache_dir, run_dir, "trainer.resume=never"), cwd=tmp_path)
     assert fresh.returncode == 2
-    assert fresh.stderr.strip() == (f"error: trainer.resume=never but hydra.run.dir={run_dir} already holds "
-                                    f"checkpoints (newest step-00000010); continue it with trainer.resume=auto "
-                                    f"or use another hydra.run.dir")
+    assert fresh.stderr.strip() == (
+        f"error: trainer.resume=never but hydra.run.dir={run_dir} already holds "
+        f"checkpoints (newest step-00000010); continue it with trainer.resume=auto "
+        f"or use another hydra.run.dir"
+    )
 
     other_model = run_cli(*job(cache_dir, run_dir, "model.n_embd=96"), cwd=tmp_path)
     assert other_model.returncode == 2
     assert "cannot use checkpoint step-00000010: it was written for another model" in other_model.stderr
 
-    tuned = run_cli(*job(cache_dir, tmp_path / "tuned", f"trainer.init_from={run_dir}", "model.n_layer=3"),
-                    cwd=tmp_path)
+    tuned = run_cli(
+        *job(cache_dir, tmp_path / "tuned", f"trainer.init_from={run_dir}", "model.n_layer=3"), cwd=tmp_path
+    )
     assert tuned.returncode == 2 and not (tmp_path / "tuned").exists()
     assert tuned.stderr.strip().startswith(f"error: trainer.init_from={run_dir}: cannot use checkpoint step-00000010")
 
 
 def test_a_restart_before_the_first_save_resumes_from_the_named_checkpoint_again(
-        tmp_path: Path, cache_dir: Path) -> None:
+    tmp_path: Path, cache_dir: Path
+) -> None:
     source = tmp_path / "source"
     run_cli(*job(cache_dir, source, "trainer.max_steps=20"), cwd=tmp_path, check=True)
     run_dir = tmp_path / "run"
-    process = start(job(cache_dir, run_dir, f"trainer.resume={source}", "trainer.max_restarts=1",
-                        "trainer.checkpoint.every=1000"), tmp_path)
+    process = start(
+        job(cache_dir, run_dir, f"trainer.resume={source}", "trainer.max_restarts=1", "trainer.checkpoint.every=1000"),
+        tmp_path,
+    )
     wait_for(process, lambda: last_step(run_dir) >= 25, what="step 25")
     kill_one_worker(process)
     assert process.wait(timeout=180) == 0

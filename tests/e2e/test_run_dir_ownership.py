@@ -32,10 +32,17 @@ def test_a_second_run_into_a_held_run_dir_fails_naming_the_holder(tmp_path: Path
 
 def test_a_dead_holder_is_recognized_and_an_earlier_runs_records_are_kept(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from orchestrator.launch.ownership import own_run_dir\n"
-                               f"with own_run_dir(Path({str(run_dir)!r})):\n    print('held', flush=True); time.sleep(600)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; "
+            "from orchestrator.launch.ownership import own_run_dir\n"
+            f"with own_run_dir(Path({str(run_dir)!r})):\n    print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     (run_dir / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0, "from": "an earlier run"}\n')
     held = run_cli("train", *SMALL, f"hydra.run.dir={run_dir}", cwd=tmp_path)
@@ -50,8 +57,10 @@ def test_a_dead_holder_is_recognized_and_an_earlier_runs_records_are_kept(tmp_pa
 
 
 def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path: Path) -> None:
-    runs = [subprocess.Popen([str(CLI), "train", *SMALL], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            for _ in range(2)]
+    runs = [
+        subprocess.Popen([str(CLI), "train", *SMALL], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
     assert [run.wait(timeout=300) for run in runs] == [0, 0]
     run_dirs = list((tmp_path / "outputs" / "digits_mlp_cpu").iterdir())
     assert len(run_dirs) == 2
@@ -60,7 +69,8 @@ def test_runs_started_in_the_same_second_get_their_own_run_dirs(tmp_path: Path) 
 
 
 def test_resuming_an_older_checkpoint_never_deletes_newer_ones_unless_asked(
-        tmp_path: Path, cache_dir: Path, uninterrupted_run: Path) -> None:
+    tmp_path: Path, cache_dir: Path, uninterrupted_run: Path
+) -> None:
     run_dir = tmp_path / "run"
     shutil.copytree(uninterrupted_run, run_dir)
     older = run_dir / "checkpoints" / "step-00000030"
@@ -69,9 +79,13 @@ def test_resuming_an_older_checkpoint_never_deletes_newer_ones_unless_asked(
     assert refused.stderr.strip() == (
         f"error: trainer.resume={older} continues from step 30, but hydra.run.dir={run_dir} holds newer "
         f"checkpoints (newest step-00000040) that resuming would delete; use another hydra.run.dir, or "
-        f"trainer.discard_newer_checkpoints=true to delete them")
+        f"trainer.discard_newer_checkpoints=true to delete them"
+    )
     assert manifest.verify(run_dir / "checkpoints" / "step-00000040").step == 40
 
-    run_cli(*job(cache_dir, run_dir, f"trainer.resume={older}", "trainer.discard_newer_checkpoints=true"),
-            cwd=tmp_path, check=True)
+    run_cli(
+        *job(cache_dir, run_dir, f"trainer.resume={older}", "trainer.discard_newer_checkpoints=true"),
+        cwd=tmp_path,
+        check=True,
+    )
     assert train_losses(run_dir) == train_losses(uninterrupted_run)  # steps 31-40 again, bit for bit

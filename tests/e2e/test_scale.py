@@ -23,9 +23,19 @@ WARMUP = 2
 
 def scale_args(cache_dir: Path, out_dir: Path) -> list[str]:
     return [
-        "scale", "job=gpt_tiny_cpu", "launcher=local", f"data.cache_dir={cache_dir}", "data.max_bytes=400000",
-        "data.seq_len=32", "trainer.global_batch_size=8", "trainer.micro_batch_size=4", "scale.workers=[1,2,3]",
-        "scale.strategies=[ddp,fsdp2]", "scale.mode=strong", "scale.steps=5", f"scale.warmup_steps={WARMUP}",
+        "scale",
+        "job=gpt_tiny_cpu",
+        "launcher=local",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=32",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        "scale.workers=[1,2,3]",
+        "scale.strategies=[ddp,fsdp2]",
+        "scale.mode=strong",
+        "scale.steps=5",
+        f"scale.warmup_steps={WARMUP}",
         f"scale.output_dir={out_dir}",
     ]
 
@@ -86,8 +96,11 @@ def test_csv_markdown_and_plots_hold_the_same_rows(experiment) -> None:
     table = list(csv.DictReader(io.StringIO(results["csv"])))
     assert len(table) == len(results["points"])
     for line, row in zip(table, results["points"]):
-        assert (line["strategy"], int(line["workers"]), line["status"]) == (row["strategy"], row["workers"],
-                                                                           row["status"])
+        assert (line["strategy"], int(line["workers"]), line["status"]) == (
+            row["strategy"],
+            row["workers"],
+            row["status"],
+        )
         if row["tokens_per_s"] is not None:
             assert float(line["tokens_per_s"]) == row["tokens_per_s"]
     markdown = results["md"]
@@ -102,8 +115,13 @@ def test_csv_markdown_and_plots_hold_the_same_rows(experiment) -> None:
 
 def test_the_report_of_the_experiment_dir_draws_the_scaling_plots(experiment) -> None:
     out_dir = experiment[0]
-    dom = subprocess.run([chromium(), *CHROMIUM_FLAGS, "--dump-dom", (out_dir / "report.html").as_uri()],
-                         capture_output=True, text=True, timeout=120, check=True).stdout
+    dom = subprocess.run(
+        [chromium(), *CHROMIUM_FLAGS, "--dump-dom", (out_dir / "report.html").as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    ).stdout
     assert "<h2>Scaling: experiment</h2>" in dom and "invalid: scale.mode=strong keeps" in dom
     drawn = dict(re.findall(r'<svg class="chart" data-chart="(scale_\w+)"[^>]*data-drawn="([^"]*)"', dom))
     assert drawn == {f"scale_{plot}": "ddp|fsdp2" for plot in ("throughput", "efficiency", "memory")}
@@ -139,15 +157,21 @@ def test_a_second_invocation_reruns_only_what_did_not_complete(experiment) -> No
 
 BAD = {
     "unknown strategy": (["scale.strategies=[ddp,zero9]"], "scale.strategies: unknown strategy 'zero9'; choose from"),
-    "warmup as long as the run": (["scale.steps=5", "scale.warmup_steps=5"],
-                                  "scale.warmup_steps=5 must be >= 0 and below scale.steps=5"),
+    "warmup as long as the run": (
+        ["scale.steps=5", "scale.warmup_steps=5"],
+        "scale.warmup_steps=5 must be >= 0 and below scale.steps=5",
+    ),
     "a worker count twice": (["scale.workers=[1,2,2]"], "scale.workers lists a count twice"),
-    "a script job": (["job.kind=script", "job.script=examples/torchrun_train.py"],
-                     "job.kind=script: orchestrator scale times orchestrator's own training loop"),
+    "a script job": (
+        ["job.kind=script", "job.script=examples/torchrun_train.py"],
+        "job.kind=script: orchestrator scale times orchestrator's own training loop",
+    ),
     "unknown mode": (["scale.mode=medium"], "scale.mode: Invalid value 'medium', expected one of [weak, strong]"),
-    "no point can run": (["scale.mode=strong", "scale.workers=[3]"],
-                         "no point of the experiment can run; ddp-w3: scale.mode=strong keeps "
-                         "trainer.global_batch_size=16, which 3 workers x trainer.micro_batch_size=8 do not divide"),
+    "no point can run": (
+        ["scale.mode=strong", "scale.workers=[3]"],
+        "no point of the experiment can run; ddp-w3: scale.mode=strong keeps "
+        "trainer.global_batch_size=16, which 3 workers x trainer.micro_batch_size=8 do not divide",
+    ),
 }
 
 

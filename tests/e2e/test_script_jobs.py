@@ -19,7 +19,7 @@ from tests.helpers import CLI, REPO, run_cli
 
 # Writes what a worker sees into the run dir, one file per rank and attempt; on the first attempt
 # rank 1 exits with status 3 unless FAIL_ONCE is "no", and always when it is "always".
-PROBE = '''
+PROBE = """
 import json, os, sys
 run_dir = os.environ["ORCHESTRATOR_RUN_DIR"]
 rank, attempt = os.environ["RANK"], os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -31,7 +31,7 @@ with open(os.path.join(run_dir, f"rank{rank}-attempt{attempt}.json"), "w") as f:
 fail = os.environ["FAIL_ONCE"]
 if rank == "1" and (fail == "always" or (fail == "yes" and attempt == "0")):
     sys.exit(3)
-'''
+"""
 
 
 def _records(run_dir: Path) -> dict[int, dict]:
@@ -42,8 +42,17 @@ def _records(run_dir: Path) -> dict[int, dict]:
 @pytest.mark.serial
 def test_an_accelerate_script_trains_on_two_ray_workers(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("train", "job.kind=script", "job.script=examples/accelerate_train.py", "job.args=[--epochs,1]",
-                     "launcher=ray", "launcher.num_workers=2", f"hydra.run.dir={run_dir}", cwd=REPO, check=True)
+    result = run_cli(
+        "train",
+        "job.kind=script",
+        "job.script=examples/accelerate_train.py",
+        "job.args=[--epochs,1]",
+        "launcher=ray",
+        "launcher.num_workers=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=REPO,
+        check=True,
+    )
 
     records = _records(run_dir)
     for rank, record in records.items():
@@ -64,9 +73,17 @@ def test_an_accelerate_script_trains_on_two_ray_workers(tmp_path: Path) -> None:
 def test_a_torchrun_script_trains_on_two_local_workers_from_the_current_directory(tmp_path: Path) -> None:
     shutil.copy(REPO / "examples" / "torchrun_train.py", tmp_path)
     run_dir = tmp_path / "run"
-    result = run_cli("train", "job.kind=script", "job.script=torchrun_train.py", "job.args=[--epochs,2]",
-                     "launcher=local", "launcher.num_workers=2", f"hydra.run.dir={run_dir}", cwd=tmp_path,
-                     check=True)
+    result = run_cli(
+        "train",
+        "job.kind=script",
+        "job.script=torchrun_train.py",
+        "job.args=[--epochs,2]",
+        "launcher=local",
+        "launcher.num_workers=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
 
     records = _records(run_dir)
     for rank, record in records.items():
@@ -81,16 +98,31 @@ def test_a_torchrun_script_trains_on_two_local_workers_from_the_current_director
 def test_script_workers_get_torchruns_environment_and_a_failed_worker_is_restarted(tmp_path: Path) -> None:
     (tmp_path / "probe.py").write_text(PROBE)
     run_dir = tmp_path / "run"
-    run_cli("train", "job.kind=script", "job.script=probe.py", "job.args=[--lr,0.1]", "+job.env.GREETING=hello",
-            "trainer.max_restarts=1", "launcher=local", "launcher.num_workers=2", f"hydra.run.dir={run_dir}",
-            cwd=tmp_path, env={"FAIL_ONCE": "yes"}, check=True)
+    run_cli(
+        "train",
+        "job.kind=script",
+        "job.script=probe.py",
+        "job.args=[--lr,0.1]",
+        "+job.env.GREETING=hello",
+        "trainer.max_restarts=1",
+        "launcher=local",
+        "launcher.num_workers=2",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env={"FAIL_ONCE": "yes"},
+        check=True,
+    )
 
     assert json.loads((run_dir / "summary.json").read_text())["status"] == "completed"
     seen = {rank: json.loads((run_dir / f"rank{rank}-attempt1.json").read_text()) for rank in (0, 1)}
     for rank, worker in seen.items():
         env = worker["env"]
-        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (str(rank), str(rank),
-                                                                                               "2", "2")
+        assert (env["RANK"], env["LOCAL_RANK"], env["WORLD_SIZE"], env["LOCAL_WORLD_SIZE"]) == (
+            str(rank),
+            str(rank),
+            "2",
+            "2",
+        )
         assert env["MASTER_ADDR"] and env["MASTER_PORT"].isdigit()
         assert env["GREETING"] == "hello" and env["ACCELERATE_USE_CPU"] == "true"
         assert worker["argv"] == ["probe.py", "--lr", "0.1"] and worker["cwd"] == str(tmp_path)
@@ -99,8 +131,15 @@ def test_script_workers_get_torchruns_environment_and_a_failed_worker_is_restart
 def test_a_script_that_exits_non_zero_fails_the_run_naming_its_exit_code(tmp_path: Path) -> None:
     (tmp_path / "probe.py").write_text(PROBE)
     run_dir = tmp_path / "run"
-    result = run_cli("train", "job.kind=script", "job.script=probe.py", "launcher=local", f"hydra.run.dir={run_dir}",
-                     cwd=tmp_path, env={"FAIL_ONCE": "always"})
+    result = run_cli(
+        "train",
+        "job.kind=script",
+        "job.script=probe.py",
+        "launcher=local",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        env={"FAIL_ONCE": "always"},
+    )
 
     assert result.returncode == 1
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -139,9 +178,20 @@ def _alive(process: psutil.Process) -> bool:
 def test_script_workers_die_with_a_killed_driver(tmp_path: Path, launcher: str) -> None:
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     run_dir = (tmp_path / "run").resolve()
-    driver = subprocess.Popen([str(CLI), "train", "job.kind=script", "job.script=sleeper.py", f"launcher={launcher}",
-                               "launcher.num_workers=2", f"hydra.run.dir={run_dir}"], cwd=tmp_path,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver = subprocess.Popen(
+        [
+            str(CLI),
+            "train",
+            "job.kind=script",
+            "job.script=sleeper.py",
+            f"launcher={launcher}",
+            "launcher.num_workers=2",
+            f"hydra.run.dir={run_dir}",
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     processes: set[psutil.Process] = set()
     try:
         deadline = time.monotonic() + 300  # hang guards, not timings: each loop ends as soon as it can
@@ -171,15 +221,18 @@ BAD_INPUT = {
     "missing script": (["job.kind=script", "job.script=nope.py"], "job.script=nope.py: no such file"),
     "not python": (["job.kind=script", "job.script=train.sh"], "job.script=train.sh is not a Python file (.py)"),
     "script without kind": (["job.script=train.py"], "apply to script jobs only: add job.kind=script"),
-    "contract variable in env": (["job.kind=script", "job.script=train.py", "+job.env.RANK=3"],
-                                 "job.env.RANK: set by the launcher"),
+    "contract variable in env": (
+        ["job.kind=script", "job.script=train.py", "+job.env.RANK=3"],
+        "job.env.RANK: set by the launcher",
+    ),
 }
 
 
 @pytest.mark.serial
 @pytest.mark.parametrize("overrides, message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
-def test_bad_script_input_fails_in_one_line_before_any_worker(tmp_path: Path, overrides: list[str],
-                                                               message: str) -> None:
+def test_bad_script_input_fails_in_one_line_before_any_worker(
+    tmp_path: Path, overrides: list[str], message: str
+) -> None:
     (tmp_path / "train.sh").write_text("exit 0\n")
     (tmp_path / "train.py").write_text("")
     result = run_cli("train", *overrides, "launcher=ray", cwd=tmp_path, timeout=120)

@@ -29,11 +29,24 @@ LRS = "3e-3,1e-3,3e-4,1e-4,3e-5,1e-5,3e-6,1e-6"
 def tiny_search(cache_dir: Path, search_dir: Path, *extra: str) -> list[str]:
     """One Ray Train worker per trial, a few seconds of training: two trials fill this machine's two cores."""
     return [
-        "search", "job=gpt_tiny_cpu", f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "data.seq_len=32",
-        f"trainer.max_steps={MAX_STEPS}", "trainer.global_batch_size=8", "trainer.micro_batch_size=8",
-        "trainer.eval_every=5", "trainer.eval_batches=2", "trainer.checkpoint.every=5", "scheduler.warmup_steps=2",
-        "logger=jsonl", "launcher.num_workers=1", "strategy=none", "search.max_concurrent=2",
-        f"search.output_dir={search_dir}", *extra,
+        "search",
+        "job=gpt_tiny_cpu",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=32",
+        f"trainer.max_steps={MAX_STEPS}",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=8",
+        "trainer.eval_every=5",
+        "trainer.eval_batches=2",
+        "trainer.checkpoint.every=5",
+        "scheduler.warmup_steps=2",
+        "logger=jsonl",
+        "launcher.num_workers=1",
+        "strategy=none",
+        "search.max_concurrent=2",
+        f"search.output_dir={search_dir}",
+        *extra,
     ]
 
 
@@ -52,8 +65,11 @@ def most_at_once(search_dir: Path, names: list[str]) -> int:
 
 def test_asha_stops_trials_early_two_at_a_time_and_the_best_job_trains(tmp_path: Path, cache_dir: Path) -> None:
     search_dir = tmp_path / "search"
-    result = run_cli(*tiny_search(cache_dir, search_dir, "search.algorithm=grid", f"optim.lr=choice({LRS})"),
-                     cwd=tmp_path, timeout=1500)
+    result = run_cli(
+        *tiny_search(cache_dir, search_dir, "search.algorithm=grid", f"optim.lr=choice({LRS})"),
+        cwd=tmp_path,
+        timeout=1500,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
     trials = record(search_dir)["trials"]
@@ -75,8 +91,16 @@ def test_asha_stops_trials_early_two_at_a_time_and_the_best_job_trains(tmp_path:
     assert 'data-chart="search_eval_loss"' in report and f'data-series="{best["name"]} (best)"' in report
 
     trained = tmp_path / "best-run"
-    run_cli("train", f"hydra.searchpath=[file://{search_dir}]", "job=best", "trainer.max_steps=4",
-            f"hydra.run.dir={trained}", cwd=tmp_path, timeout=600, check=True)
+    run_cli(
+        "train",
+        f"hydra.searchpath=[file://{search_dir}]",
+        "job=best",
+        "trainer.max_steps=4",
+        f"hydra.run.dir={trained}",
+        cwd=tmp_path,
+        timeout=600,
+        check=True,
+    )
     summary = json.loads((trained / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 4
     assert yaml.safe_load((trained / "config.yaml").read_text())["optim"]["lr"] == best["params"]["optim.lr"]
@@ -84,10 +108,12 @@ def test_asha_stops_trials_early_two_at_a_time_and_the_best_job_trains(tmp_path:
 
 def test_a_killed_search_continues_without_redoing_finished_trials(tmp_path: Path, cache_dir: Path) -> None:
     search_dir = tmp_path / "search"
-    command = tiny_search(cache_dir, search_dir, "search.num_samples=4", "search.scheduler=none",
-                          "optim.lr=tag(log,interval(1e-4,3e-3))")
-    driver = subprocess.Popen([str(CLI), *command], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                              start_new_session=True)
+    command = tiny_search(
+        cache_dir, search_dir, "search.num_samples=4", "search.scheduler=none", "optim.lr=tag(log,interval(1e-4,3e-3))"
+    )
+    driver = subprocess.Popen(
+        [str(CLI), *command], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         running = _kill_mid_search(driver, search_dir)
     finally:
@@ -95,8 +121,11 @@ def test_a_killed_search_continues_without_redoing_finished_trials(tmp_path: Pat
             os.killpg(driver.pid, signal.SIGKILL)
         driver.wait()
     killed_running = [name for name in running if not (search_dir / name / "summary.json").exists()]
-    before = {t["name"]: (search_dir / t["name"] / "summary.json").read_bytes()
-              for t in record(search_dir)["trials"] if t["status"] != "running"}
+    before = {
+        t["name"]: (search_dir / t["name"] / "summary.json").read_bytes()
+        for t in record(search_dir)["trials"]
+        if t["status"] != "running"
+    }
     assert before and killed_running
 
     result = run_cli(*command, cwd=tmp_path, timeout=1500)
@@ -120,7 +149,11 @@ def _kill_mid_search(driver: subprocess.Popen, search_dir: Path) -> list[str]:
         if not (search_dir / "search.json").exists():
             continue
         trials = record(search_dir)["trials"]
-        running = [t["name"] for t in trials if t["status"] == "running" and 0 < _checkpointed(search_dir / t["name"]) < MAX_STEPS]
+        running = [
+            t["name"]
+            for t in trials
+            if t["status"] == "running" and 0 < _checkpointed(search_dir / t["name"]) < MAX_STEPS
+        ]
         if any(t["status"] == "completed" for t in trials) and running:
             os.killpg(driver.pid, signal.SIGKILL)
             return running

@@ -31,8 +31,16 @@ DESIGN_FP32 = {
 @pytest.fixture(scope="module")
 def verified(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[object, dict]:
     root = tmp_path_factory.mktemp("verify")
-    result = run_cli("verify", "launcher=local", f"verify.strategies=[{','.join(STRATEGIES)}]", "verify.steps=20",
-                     f"verify.output_dir={root / 'out'}", f"data.cache_dir={cache_dir}", cwd=root, timeout=600)
+    result = run_cli(
+        "verify",
+        "launcher=local",
+        f"verify.strategies=[{','.join(STRATEGIES)}]",
+        "verify.steps=20",
+        f"verify.output_dir={root / 'out'}",
+        f"data.cache_dir={cache_dir}",
+        cwd=root,
+        timeout=600,
+    )
     return result, json.loads((root / "out" / "verify.json").read_text())
 
 
@@ -82,17 +90,37 @@ def test_a_deviation_above_the_tolerance_fails_and_a_missing_step_counts_as_infi
     assert loss == Deviation(metric="loss", value=pytest.approx(2e-4), strategy="zero3", step=2)
     missing = largest_deviation(series, reference="ddp", metric="grad_norm")
     assert missing.value == float("inf") and missing.strategy == "fsdp2" and missing.step == 2
-    text = format_report(series, {name: RunSummary(status="completed") for name in series}, [loss, missing], reference="ddp", tolerance=1e-5,
-                         passed=False, failed=["fsdp2"])
+    text = format_report(
+        series,
+        {name: RunSummary(status="completed") for name in series},
+        [loss, missing],
+        reference="ddp",
+        tolerance=1e-5,
+        passed=False,
+        failed=["fsdp2"],
+    )
     assert "FAIL" in text and "fsdp2" in text
 
 
 def test_verify_exits_non_zero_when_strategies_disagree(tmp_path: Path, cache_dir: Path) -> None:
     """In bf16, DDP (autocast over fp32 weights) and FSDP2 (bf16 parameter copies) round differently."""
-    result = run_cli("verify", "job=gpt_tiny_cpu", "launcher=local", "trainer.precision=bf16", "verify.strategies=[ddp,fsdp2]",
-                     "verify.steps=3", "verify.tolerance=1e-7", "data.max_bytes=200000", "data.seq_len=32", f"data.cache_dir={cache_dir}",
-                     "trainer.global_batch_size=8", "trainer.micro_batch_size=4",
-                     f"verify.output_dir={tmp_path / 'out'}", cwd=tmp_path, timeout=300)
+    result = run_cli(
+        "verify",
+        "job=gpt_tiny_cpu",
+        "launcher=local",
+        "trainer.precision=bf16",
+        "verify.strategies=[ddp,fsdp2]",
+        "verify.steps=3",
+        "verify.tolerance=1e-7",
+        "data.max_bytes=200000",
+        "data.seq_len=32",
+        f"data.cache_dir={cache_dir}",
+        "trainer.global_batch_size=8",
+        "trainer.micro_batch_size=4",
+        f"verify.output_dir={tmp_path / 'out'}",
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAIL" in result.stdout
     assert json.loads((tmp_path / "out" / "verify.json").read_text())["passed"] is False
@@ -108,8 +136,15 @@ def test_a_zero3_run_resumed_from_its_checkpoint_repeats_the_same_losses(tmp_pat
     # DeepSpeed's own `latest` pointer is never written: only ours says which checkpoint is current.
     assert not any(path.name == "latest" for path in step_10.rglob("*"))
     second = tmp_path / "second"
-    result = run_cli("train", *tiny_overrides, "strategy=zero3", f"trainer.resume={step_10}",
-                     f"hydra.run.dir={second}", cwd=tmp_path, check=True)
+    result = run_cli(
+        "train",
+        *tiny_overrides,
+        "strategy=zero3",
+        f"trainer.resume={step_10}",
+        f"hydra.run.dir={second}",
+        cwd=tmp_path,
+        check=True,
+    )
     assert "resumed from" in result.stdout
     resumed = train_losses(second)
     assert sorted(resumed) == list(range(11, 21))

@@ -33,10 +33,15 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, di
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     log = open(tmp_path_factory.mktemp("moto") / "server.log", "w")
-    server = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                              stdout=log, stderr=subprocess.STDOUT)
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_REGION": "us-east-1"}
+    server = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=subprocess.STDOUT
+    )
+    env = {
+        "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+        "AWS_ACCESS_KEY_ID": "test",
+        "AWS_SECRET_ACCESS_KEY": "test",
+        "AWS_REGION": "us-east-1",
+    }
     deadline = time.monotonic() + 30
     while True:
         try:
@@ -45,8 +50,13 @@ def moto(tmp_path_factory: pytest.TempPathFactory) -> tuple[subprocess.Popen, di
         except OSError:
             assert time.monotonic() < deadline and server.poll() is None, "the S3 server did not start"
             time.sleep(0.1)
-    pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                      region="us-east-1", allow_bucket_creation=True).create_dir(BUCKET)
+    pafs.S3FileSystem(
+        endpoint_override=env["AWS_ENDPOINT_URL"],
+        access_key="test",
+        secret_key="test",
+        region="us-east-1",
+        allow_bucket_creation=True,
+    ).create_dir(BUCKET)
     yield server, env
     server.terminate()
     server.wait()
@@ -61,8 +71,9 @@ def s3(moto: tuple[subprocess.Popen, dict[str, str]]) -> dict[str, str]:
 def _bucket(env: dict[str, str]):
     import pyarrow.fs as pafs
 
-    return pafs.S3FileSystem(endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test",
-                             region="us-east-1")
+    return pafs.S3FileSystem(
+        endpoint_override=env["AWS_ENDPOINT_URL"], access_key="test", secret_key="test", region="us-east-1"
+    )
 
 
 def _read(env: dict[str, str], path: str) -> str:
@@ -71,16 +82,23 @@ def _read(env: dict[str, str], path: str) -> str:
 
 
 def test_a_run_resumes_from_its_bucket_after_its_run_dir_is_lost(
-        tmp_path: Path, cache_dir: Path, s3: dict[str, str], uninterrupted: dict[int, float],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path,
+    cache_dir: Path,
+    s3: dict[str, str],
+    uninterrupted: dict[int, float],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     for key, value in s3.items():
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
     args = resume_job(cache_dir, run_dir, f"trainer.storage=s3://{BUCKET}/exp/run1")
     process = start(args, tmp_path)
     # Checkpoints reach the bucket in the background: wait for one there, not only in the run dir.
-    wait_for(process, lambda: last_step(run_dir) >= 15 and _bucket_checkpoints(s3, "exp/run1") != [],
-             what="step 15 and a checkpoint in the bucket")
+    wait_for(
+        process,
+        lambda: last_step(run_dir) >= 15 and _bucket_checkpoints(s3, "exp/run1") != [],
+        what="step 15 and a checkpoint in the bucket",
+    )
     kill_group(process)
     saved = _bucket_checkpoints(s3, "exp/run1")[0]
     assert manifest.step_of(Path(saved)) < MAX_STEPS
@@ -103,8 +121,10 @@ def test_a_run_resumes_from_its_bucket_after_its_run_dir_is_lost(
     assert _read(s3, "exp/run1/config.yaml") == (run_dir / "config.yaml").read_text()
 
     # A new run must not train over the bucket's checkpoints unasked.
-    again = run_cli(*resume_job(cache_dir, tmp_path / "other", f"trainer.storage=s3://{BUCKET}/exp/run1",
-                                "trainer.resume=never"), cwd=tmp_path)
+    again = run_cli(
+        *resume_job(cache_dir, tmp_path / "other", f"trainer.storage=s3://{BUCKET}/exp/run1", "trainer.resume=never"),
+        cwd=tmp_path,
+    )
     assert again.returncode == 2 and "already holds checkpoints (newest step-00000040)" in again.stderr
 
 
@@ -115,16 +135,25 @@ def _bucket_checkpoints(env: dict[str, str], prefix: str) -> list[str]:
 
 
 def test_a_bucket_that_stops_answering_costs_warnings_not_the_run(
-        tmp_path: Path, cache_dir: Path, moto: tuple[subprocess.Popen, dict[str, str]],
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, cache_dir: Path, moto: tuple[subprocess.Popen, dict[str, str]], monkeypatch: pytest.MonkeyPatch
+) -> None:
     server, env = moto
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     run_dir = tmp_path / "run"
     # 100 steps, a checkpoint every 10: the bucket stops (below) long before the run's last copies.
-    process = start(["train", *tiny_job(cache_dir), "trainer.max_steps=100", "trainer.eval_every=50",
-                     f"hydra.run.dir={run_dir}", f"trainer.storage=s3://{BUCKET}/hang", "trainer.storage_timeout_s=2"],
-                    tmp_path)
+    process = start(
+        [
+            "train",
+            *tiny_job(cache_dir),
+            "trainer.max_steps=100",
+            "trainer.eval_every=50",
+            f"hydra.run.dir={run_dir}",
+            f"trainer.storage=s3://{BUCKET}/hang",
+            "trainer.storage_timeout_s=2",
+        ],
+        tmp_path,
+    )
     # The driver's probe and the workers' look for checkpoints to fetch are done: the bucket now
     # accepts connections and never answers, as a store that hangs does.
     wait_for(process, lambda: last_step(run_dir) >= 1, what="the first step")
@@ -139,22 +168,30 @@ def test_a_bucket_that_stops_answering_costs_warnings_not_the_run(
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 100
     # Rank 0 stopped its copies at the end of the run, the driver its own, each with one warning.
-    assert (f"WARNING: trainer.storage=s3://{BUCKET}/hang: copies not done within trainer.storage_timeout_s=2 s "
-            f"were stopped" in output), output
-    assert (f"warning: trainer.storage=s3://{BUCKET}/hang: copy failed (not done within trainer.storage_timeout_s=2 s"
-            in output), output
+    assert (
+        f"WARNING: trainer.storage=s3://{BUCKET}/hang: copies not done within trainer.storage_timeout_s=2 s "
+        f"were stopped" in output
+    ), output
+    assert (
+        f"warning: trainer.storage=s3://{BUCKET}/hang: copy failed (not done within trainer.storage_timeout_s=2 s"
+        in output
+    ), output
     assert not any(line.startswith("error:") for line in output.splitlines()), output
 
 
-@pytest.mark.parametrize(("storage", "expected"), [
-    ("runs/exp", "trainer.storage must be a URI (s3://bucket/path, gs://..., file:///path), got 'runs/exp'"),
-    ("s3://AKIAEXAMPLE:s3cr3t-value@runs/exp", "trainer.storage must not hold credentials (user:password@"),
-    ("'s3://runs/exp?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value'", "trainer.storage must not hold credentials"),
-    ("nosuchfs://x/y", "trainer.storage=nosuchfs://x/y: Unrecognized filesystem type in URI: nosuchfs://x/y"),
-    (f"s3://no-such-bucket-{BUCKET}/exp", f"trainer.storage=s3://no-such-bucket-{BUCKET}/exp: "),
-])
-def test_bad_storage_fails_in_the_driver(tmp_path: Path, cache_dir: Path, s3: dict[str, str],
-                                                    storage: str, expected: str) -> None:
+@pytest.mark.parametrize(
+    ("storage", "expected"),
+    [
+        ("runs/exp", "trainer.storage must be a URI (s3://bucket/path, gs://..., file:///path), got 'runs/exp'"),
+        ("s3://AKIAEXAMPLE:s3cr3t-value@runs/exp", "trainer.storage must not hold credentials (user:password@"),
+        ("'s3://runs/exp?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value'", "trainer.storage must not hold credentials"),
+        ("nosuchfs://x/y", "trainer.storage=nosuchfs://x/y: Unrecognized filesystem type in URI: nosuchfs://x/y"),
+        (f"s3://no-such-bucket-{BUCKET}/exp", f"trainer.storage=s3://no-such-bucket-{BUCKET}/exp: "),
+    ],
+)
+def test_bad_storage_fails_in_the_driver(
+    tmp_path: Path, cache_dir: Path, s3: dict[str, str], storage: str, expected: str
+) -> None:
     result = run_cli(*resume_job(cache_dir, tmp_path / "run", f"trainer.storage={storage}"), cwd=tmp_path, env=s3)
     assert result.returncode == 2 and result.stderr.startswith(f"error: {expected}"), result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -63,9 +63,20 @@ def test_help_lists_groups_and_jobs_and_cfg_prints_the_composed_job(tmp_path: Pa
 
 def test_multirun_sweep_makes_one_run_per_point(tmp_path: Path) -> None:
     sweep_dir = tmp_path / "sweep"
-    run_cli("train", "-m", "job=digits_mlp_cpu", "launcher=local", "optim.lr=1e-3,3e-3", "trainer.max_steps=10",
-            "trainer.eval_every=5", f"hydra.sweep.dir={sweep_dir}", "logger.progress=false",
-            cwd=tmp_path, check=True, timeout=300)
+    run_cli(
+        "train",
+        "-m",
+        "job=digits_mlp_cpu",
+        "launcher=local",
+        "optim.lr=1e-3,3e-3",
+        "trainer.max_steps=10",
+        "trainer.eval_every=5",
+        f"hydra.sweep.dir={sweep_dir}",
+        "logger.progress=false",
+        cwd=tmp_path,
+        check=True,
+        timeout=300,
+    )
     lrs, loggers = [], []
     for point in ("0", "1"):
         summary = json.loads((sweep_dir / point / "summary.json").read_text())
@@ -80,9 +91,19 @@ def test_multirun_sweep_makes_one_run_per_point(tmp_path: Path) -> None:
 
 def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=100", "trainer.eval_every=10",
-            "trainer.early_stopping.patience=2", "trainer.early_stopping.min_delta=100",
-            f"hydra.run.dir={run_dir}", "logger.progress=false", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        "job=digits_mlp_cpu",
+        "launcher=local",
+        "trainer.max_steps=100",
+        "trainer.eval_every=10",
+        "trainer.early_stopping.patience=2",
+        "trainer.early_stopping.min_delta=100",
+        f"hydra.run.dir={run_dir}",
+        "logger.progress=false",
+        cwd=tmp_path,
+        check=True,
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     # The eval at step 0 sets the best; no later eval beats it by 100, so the second one after stops.
     assert summary["stopped_early"] is True and summary["steps"] == 20
@@ -90,12 +111,31 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> 
 
 def test_fine_tuning_starts_from_another_runs_weights_with_frozen_modules(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=30", "trainer.eval_every=30",
-            f"hydra.run.dir={base}", "logger.progress=false", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        "job=digits_mlp_cpu",
+        "launcher=local",
+        "trainer.max_steps=30",
+        "trainer.eval_every=30",
+        f"hydra.run.dir={base}",
+        "logger.progress=false",
+        cwd=tmp_path,
+        check=True,
+    )
     tuned = tmp_path / "tuned"
-    run_cli("train", "job=digits_mlp_cpu", "launcher=local", "trainer.max_steps=10", "trainer.eval_every=10",
-            f"trainer.init_from={base}", "trainer.freeze=[hidden.0]", f"hydra.run.dir={tuned}",
-            "logger.progress=false", cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        "job=digits_mlp_cpu",
+        "launcher=local",
+        "trainer.max_steps=10",
+        "trainer.eval_every=10",
+        f"trainer.init_from={base}",
+        "trainer.freeze=[hidden.0]",
+        f"hydra.run.dir={tuned}",
+        "logger.progress=false",
+        cwd=tmp_path,
+        check=True,
+    )
     base_summary = json.loads((base / "summary.json").read_text())
     tuned_summary = json.loads((tuned / "summary.json").read_text())
     # The fine-tuned run's first eval sees exactly the base run's final weights.
@@ -118,10 +158,23 @@ def _npz_with_an_exploding_sample(path: Path) -> Path:
 
 def _nan_job(tmp_path: Path, *extra: str) -> list[str]:
     data = _npz_with_an_exploding_sample(tmp_path / "exploding.npz")
-    return ["train", "model=mlp", "data=npz", f"data.path={data}", "strategy=none", "launcher=local",
-            "launcher.num_workers=1", "trainer.device=cpu", "trainer.max_steps=30", "trainer.global_batch_size=32",
-            "trainer.micro_batch_size=32", "trainer.eval_every=0", "scheduler=constant",
-            "logger.progress=false", *extra]
+    return [
+        "train",
+        "model=mlp",
+        "data=npz",
+        f"data.path={data}",
+        "strategy=none",
+        "launcher=local",
+        "launcher.num_workers=1",
+        "trainer.device=cpu",
+        "trainer.max_steps=30",
+        "trainer.global_batch_size=32",
+        "trainer.micro_batch_size=32",
+        "trainer.eval_every=0",
+        "scheduler=constant",
+        "logger.progress=false",
+        *extra,
+    ]
 
 
 def test_non_finite_loss_stops_before_the_optimizer_step_naming_the_step(tmp_path: Path) -> None:
@@ -149,8 +202,17 @@ def test_non_finite_steps_are_skipped_and_recorded_when_asked(tmp_path: Path) ->
 
 def _diverging_job(run_dir: Path, *extra: str) -> list[str]:
     # Adam's first update at lr=1e30 moves every weight by ~1e30: from step 2 on, no loss is finite.
-    return ["train", "job=digits_mlp_cpu", "launcher=local", "optim.lr=1e30", "trainer.on_nonfinite=skip",
-            "trainer.eval_every=0", "logger.progress=false", f"hydra.run.dir={run_dir}", *extra]
+    return [
+        "train",
+        "job=digits_mlp_cpu",
+        "launcher=local",
+        "optim.lr=1e30",
+        "trainer.on_nonfinite=skip",
+        "trainer.eval_every=0",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        *extra,
+    ]
 
 
 def test_skipping_stops_a_run_that_diverged_after_max_consecutive_skips(tmp_path: Path) -> None:
@@ -159,9 +221,11 @@ def test_skipping_stops_a_run_that_diverged_after_max_consecutive_skips(tmp_path
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
-    match = re.fullmatch(r"error: non-finite loss \((nan|inf)\) at step (\d+), 11 non-finite steps in a row "
-                         r"\(more than trainer.max_consecutive_skips=10\): the run has diverged; lower optim.lr",
-                         errors[0])
+    match = re.fullmatch(
+        r"error: non-finite loss \((nan|inf)\) at step (\d+), 11 non-finite steps in a row "
+        r"\(more than trainer.max_consecutive_skips=10\): the run has diverged; lower optim.lr",
+        errors[0],
+    )
     assert match, errors[0]
     failed_step = int(match.group(2))
     # The default allows 10 skipped steps in a row; the 11th fails the run, before its optimizer step.
@@ -173,12 +237,14 @@ def test_skipping_stops_a_run_that_diverged_after_max_consecutive_skips(tmp_path
 
 def test_a_run_whose_final_loss_is_not_finite_is_failed_not_completed(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*_diverging_job(run_dir, "trainer.max_steps=4", "trainer.max_consecutive_skips=100"),
-                     cwd=tmp_path)
+    result = run_cli(*_diverging_job(run_dir, "trainer.max_steps=4", "trainer.max_consecutive_skips=100"), cwd=tmp_path)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and re.fullmatch(r"error: the final training loss is not finite \((nan|inf)\) at step 4: "
-                                              r"the run has diverged; lower optim.lr", errors[0]), result.stderr
+    assert len(errors) == 1 and re.fullmatch(
+        r"error: the final training loss is not finite \((nan|inf)\) at step 4: "
+        r"the run has diverged; lower optim.lr",
+        errors[0],
+    ), result.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 4 and summary["nonfinite_skips"] == 3
 
@@ -186,7 +252,17 @@ def test_a_run_whose_final_loss_is_not_finite_is_failed_not_completed(tmp_path: 
 def test_ddp_with_one_local_worker_trains_as_one_replica(tmp_path: Path) -> None:
     # torch elastic with one worker sets up no process group; DDP then wraps nothing (it used to fail).
     run_dir = tmp_path / "run"
-    run_cli("train", "job=digits_mlp_cpu", "strategy=ddp", "launcher=local", "launcher.num_workers=1",
-            "trainer.max_steps=3", "trainer.eval_every=0", "logger.progress=false", f"hydra.run.dir={run_dir}",
-            cwd=tmp_path, check=True)
+    run_cli(
+        "train",
+        "job=digits_mlp_cpu",
+        "strategy=ddp",
+        "launcher=local",
+        "launcher.num_workers=1",
+        "trainer.max_steps=3",
+        "trainer.eval_every=0",
+        "logger.progress=false",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+    )
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 3

@@ -54,10 +54,14 @@ POISONS = {
     "ddp model.pt": ("ddp", lambda d, m: _poison_torch_file(d / "model.pt", m)),
     "fsdp2 dcp/.metadata": ("fsdp2", _poison_dcp_metadata),
     "fsdp2 dcp item": ("fsdp2", _poison_dcp_item),
-    "zero3 model states": ("zero3", lambda d, m: _poison_torch_file(
-        next((d / "ds").glob("*rank_0_mp_rank_00_model_states.pt")), m)),
-    "zero3 optimizer states": ("zero3", lambda d, m: _poison_torch_file(
-        next((d / "ds").glob("*rank_1_mp_rank_00_optim_states.pt")), m)),
+    "zero3 model states": (
+        "zero3",
+        lambda d, m: _poison_torch_file(next((d / "ds").glob("*rank_0_mp_rank_00_model_states.pt")), m),
+    ),
+    "zero3 optimizer states": (
+        "zero3",
+        lambda d, m: _poison_torch_file(next((d / "ds").glob("*rank_1_mp_rank_00_optim_states.pt")), m),
+    ),
 }
 
 
@@ -68,10 +72,18 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[s
     found = {}
     for strategy in STRATEGIES:
         run_dir = root / strategy
-        run_cli("train", *tiny_job(cache_dir), f"strategy={strategy}", "trainer.max_steps=2",
-                "trainer.checkpoint.every=2", "trainer.eval_every=0", "scheduler.warmup_steps=0",
-                f"hydra.run.dir={run_dir}",
-                cwd=root, check=True)
+        run_cli(
+            "train",
+            *tiny_job(cache_dir),
+            f"strategy={strategy}",
+            "trainer.max_steps=2",
+            "trainer.checkpoint.every=2",
+            "trainer.eval_every=0",
+            "scheduler.warmup_steps=0",
+            f"hydra.run.dir={run_dir}",
+            cwd=root,
+            check=True,
+        )
         found[strategy] = run_dir / "checkpoints" / manifest.step_dir_name(2)
     return found
 
@@ -84,11 +96,20 @@ def _poisoned(trained: dict[str, Path], case: str, into: Path) -> tuple[Path, Pa
     shutil.copytree(trained[strategy], directory)
     marker = into / "pwned"
     poison(directory, marker)
-    files = {str(p.relative_to(directory)): manifest.file_entry(p) for p in sorted(directory.rglob("*"))
-             if p.is_file() and p.name != manifest.MANIFEST}
+    files = {
+        str(p.relative_to(directory)): manifest.file_entry(p)
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and p.name != manifest.MANIFEST
+    }
     saved = manifest.read_manifest(directory)
-    manifest.write_manifest(directory, files=files, step=2, world_size=saved.world_size, strategy=saved.strategy,
-                            model_shapes=saved.model_shapes)
+    manifest.write_manifest(
+        directory,
+        files=files,
+        step=2,
+        world_size=saved.world_size,
+        strategy=saved.strategy,
+        model_shapes=saved.model_shapes,
+    )
     return directory, marker, strategy
 
 
@@ -114,8 +135,8 @@ def test_every_weights_reader_refuses_a_poisoned_file(case: str, trained: dict[s
 @pytest.mark.parametrize("entry", ["trainer.init_from", "trainer.resume", "run dir"])
 @pytest.mark.parametrize("case", POISONS)
 def test_the_driver_refuses_a_poisoned_checkpoint_in_one_line(
-        case: str, entry: str, trained: dict[str, Path], tmp_path: Path, cache_dir: Path,
-        capfd: pytest.CaptureFixture) -> None:
+    case: str, entry: str, trained: dict[str, Path], tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture
+) -> None:
     run_dir = tmp_path / "run"
     into = run_dir / "checkpoints" if entry == "run dir" else tmp_path / "given"
     directory, marker, strategy = _poisoned(trained, case, into)
@@ -131,14 +152,23 @@ def test_the_driver_refuses_a_poisoned_checkpoint_in_one_line(
 
 @pytest.mark.parametrize("case", ["fsdp2 dcp/.metadata", "fsdp2 dcp item", "zero3 optimizer states"])
 def test_workers_refuse_a_poisoned_checkpoint_fetched_from_storage(
-        case: str, trained: dict[str, Path], tmp_path: Path, cache_dir: Path) -> None:
+    case: str, trained: dict[str, Path], tmp_path: Path, cache_dir: Path
+) -> None:
     """trainer.storage's newest checkpoint is fetched and loaded by the workers (as after a restart on a
     new machine), past the driver's check: the strategies' own loads refuse it."""
     store = tmp_path / "store"
     directory, marker, strategy = _poisoned(trained, case, store / "checkpoints")
     run_dir = tmp_path / "run"
-    result = run_cli("train", *tiny_job(cache_dir), f"strategy={strategy}", "trainer.max_steps=4",
-                     "scheduler.warmup_steps=0", f"trainer.storage=file://{store}", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    result = run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        f"strategy={strategy}",
+        "trainer.max_steps=4",
+        "scheduler.warmup_steps=0",
+        f"trainer.storage=file://{store}",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+    )
     assert result.returncode == 1, result.stderr
     assert "refused: loading it would call posix.system" in result.stderr
     assert not marker.exists()

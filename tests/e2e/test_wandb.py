@@ -21,9 +21,18 @@ def _records(run_dir: Path) -> list[list[dict]]:
     runs = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert runs, f"no offline W&B run under {run_dir / 'wandb'}"
     wandb = CLI.with_name("wandb")
-    return [[json.loads(line) for line in subprocess.run(
-        [str(wandb), "leet", "inspect", "--json", str(run)], capture_output=True, text=True, check=True,
-    ).stdout.splitlines()] for run in runs]
+    return [
+        [
+            json.loads(line)
+            for line in subprocess.run(
+                [str(wandb), "leet", "inspect", "--json", str(run)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.splitlines()
+        ]
+        for run in runs
+    ]
 
 
 def _history(records: list[dict]) -> dict[int, dict[str, float]]:
@@ -40,9 +49,17 @@ def _history(records: list[dict]) -> dict[int, dict[str, float]]:
 def offline_run(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[Path, subprocess.CompletedProcess]:
     """A 2-worker run with W&B offline and a (sentinel) W&B key in its environment, steps 3-4 profiled."""
     root = tmp_path_factory.mktemp("wandb")
-    result = run_cli("train", *tiny_job(cache_dir), "logger.resources_every=5", "trainer.profile.start_step=2",
-                     "trainer.profile.steps=2", f"hydra.run.dir={root / 'run'}",
-                     cwd=root, env=OFFLINE, check=True)
+    result = run_cli(
+        "train",
+        *tiny_job(cache_dir),
+        "logger.resources_every=5",
+        "trainer.profile.start_step=2",
+        "trainer.profile.steps=2",
+        f"hydra.run.dir={root / 'run'}",
+        cwd=root,
+        env=OFFLINE,
+        check=True,
+    )
     return root / "run", result
 
 
@@ -54,8 +71,16 @@ def test_the_offline_wandb_run_holds_the_same_losses_and_every_ranks_resources(o
     assert logged == train_losses(run_dir)  # every step, bit for bit
     evals = {r["step"]: r["eval_loss"] for r in read_jsonl(run_dir / "metrics.jsonl") if "eval_loss" in r}
     assert {step: row["eval/loss"] for step, row in history.items() if "eval/loss" in row} == evals
-    for key in ("train/lr", "train/grad_norm", "perf/tokens_per_s", "perf/tokens_per_s_per_worker",
-                "perf/samples_per_s", "perf/step_time_s", "perf/data_time_s", "memory/peak_bytes"):
+    for key in (
+        "train/lr",
+        "train/grad_norm",
+        "perf/tokens_per_s",
+        "perf/tokens_per_s_per_worker",
+        "perf/samples_per_s",
+        "perf/step_time_s",
+        "perf/data_time_s",
+        "memory/peak_bytes",
+    ):
         assert all(key in row for step, row in history.items() if step in logged), key
     # Every rank's resource use, at the steps resources.jsonl has it.
     resources = read_jsonl(run_dir / "resources.jsonl")
@@ -93,15 +118,30 @@ def test_a_wandb_key_is_written_nowhere(offline_run) -> None:
             assert SENTINEL.encode() not in path.read_bytes(), path
 
 
-@pytest.mark.parametrize("env", [
-    {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": SENTINEL},  # unreachable
-    {"WANDB_MODE": "sometimes", "WANDB_API_KEY": SENTINEL},  # misconfigured
-], ids=["unreachable", "misconfigured"])
-def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path: Path, tiny_overrides: list[str],
-                                                         env: dict[str, str]) -> None:
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"WANDB_MODE": "online", "WANDB_BASE_URL": "http://127.0.0.1:9", "WANDB_API_KEY": SENTINEL},  # unreachable
+        {"WANDB_MODE": "sometimes", "WANDB_API_KEY": SENTINEL},  # misconfigured
+    ],
+    ids=["unreachable", "misconfigured"],
+)
+def test_a_failing_wandb_warns_once_and_training_goes_on(
+    tmp_path: Path, tiny_overrides: list[str], env: dict[str, str]
+) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("train", *tiny_overrides, "trainer.max_steps=4", "trainer.eval_every=2", "scheduler.warmup_steps=0",
-                     "logger.wandb.init_timeout_s=3", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True, env=env)
+    result = run_cli(
+        "train",
+        *tiny_overrides,
+        "trainer.max_steps=4",
+        "trainer.eval_every=2",
+        "scheduler.warmup_steps=0",
+        "logger.wandb.init_timeout_s=3",
+        f"hydra.run.dir={run_dir}",
+        cwd=tmp_path,
+        check=True,
+        env=env,
+    )
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: W&B:")]
     assert len(warnings) == 1 and "going on without it" in warnings[0]
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -112,8 +152,7 @@ def test_a_failing_wandb_warns_once_and_training_goes_on(tmp_path: Path, tiny_ov
 
 def test_a_resumed_run_continues_its_wandb_run(tmp_path: Path, tiny_overrides: list[str]) -> None:
     run_dir = tmp_path / "run"
-    args = ["train", *tiny_overrides, "trainer.eval_every=0", "scheduler.warmup_steps=0",
-            f"hydra.run.dir={run_dir}"]
+    args = ["train", *tiny_overrides, "trainer.eval_every=0", "scheduler.warmup_steps=0", f"hydra.run.dir={run_dir}"]
     run_cli(*args, "trainer.max_steps=10", cwd=tmp_path, env=OFFLINE, check=True)
     run_cli(*args, "trainer.max_steps=16", cwd=tmp_path, env=OFFLINE, check=True)  # resumes from step 10
     first, second = _records(run_dir)

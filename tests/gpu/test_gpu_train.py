@@ -22,19 +22,39 @@ pytestmark = pytest.mark.gpu
 def run_cli(*args: str, cwd: Path, check: bool) -> subprocess.CompletedProcess:
     """``python -m orchestrator ARGS`` with this checkout first on ``PYTHONPATH``."""
     path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-    result = subprocess.run([sys.executable, "-m", "orchestrator", *args], cwd=cwd, capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "PYTHONPATH": path})
+    result = subprocess.run(
+        [sys.executable, "-m", "orchestrator", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": path},
+    )
     if check and result.returncode != 0:
-        raise AssertionError(f"orchestrator {' '.join(args)} exited {result.returncode}\n"
-                             f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}")
+        raise AssertionError(
+            f"orchestrator {' '.join(args)} exited {result.returncode}\n"
+            f"stdout:\n{result.stdout}\nstderr:\n{result.stderr}"
+        )
     return result
 
 
 def _job(run_dir: Path, cache_dir: Path, *extra: str) -> list[str]:
-    return ["train", "job=gpt_tiny_cpu", "launcher=local", "logger=jsonl", "trainer.device=cuda",
-            "trainer.precision=bf16", "trainer.max_steps=20", "trainer.eval_every=10", "scheduler.warmup_steps=0",
-            f"data.cache_dir={cache_dir}",
-            "data.max_bytes=400000", f"hydra.run.dir={run_dir}", "logger.progress=false", *extra]
+    return [
+        "train",
+        "job=gpt_tiny_cpu",
+        "launcher=local",
+        "logger=jsonl",
+        "trainer.device=cuda",
+        "trainer.precision=bf16",
+        "trainer.max_steps=20",
+        "trainer.eval_every=10",
+        "scheduler.warmup_steps=0",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        f"hydra.run.dir={run_dir}",
+        "logger.progress=false",
+        *extra,
+    ]
 
 
 def test_one_gpu_bf16_run_reports_gpu_memory_and_mfu(tmp_path: Path, cache_dir: Path) -> None:

@@ -37,8 +37,24 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
     saved = {key: os.environ.get(key) for key in env}
     os.environ.update(env)  # this process's clients find the cluster's state and token there too
     port, dashboard = _free_port(), _free_port()
-    up = run_cli("cluster", "up", "--name", NAME, "--nodes", "3", "--cpus-per-node", "1", "--port", str(port),
-                 "--dashboard-port", str(dashboard), "--storage", str(root / "runs"), cwd=root, timeout=240)
+    up = run_cli(
+        "cluster",
+        "up",
+        "--name",
+        NAME,
+        "--nodes",
+        "3",
+        "--cpus-per-node",
+        "1",
+        "--port",
+        str(port),
+        "--dashboard-port",
+        str(dashboard),
+        "--storage",
+        str(root / "runs"),
+        cwd=root,
+        timeout=240,
+    )
     try:
         assert up.returncode == 0, up.stdout + up.stderr
         yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "storage": root / "runs"}
@@ -50,8 +66,15 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _submit(cluster: dict, *overrides: str, env: dict | None = None) -> tuple[str, Path]:
-    result = run_cli("submit", f"cluster={NAME}", *overrides, cwd=cluster["root"], env={**cluster["env"], **(env or {})},
-                     timeout=120, check=True)
+    result = run_cli(
+        "submit",
+        f"cluster={NAME}",
+        *overrides,
+        cwd=cluster["root"],
+        env={**cluster["env"], **(env or {})},
+        timeout=120,
+        check=True,
+    )
     line = next(line for line in result.stdout.splitlines() if line.startswith("submitted "))
     _, job_id, _, _, run_dir = line.split()
     return job_id, Path(run_dir)
@@ -69,8 +92,10 @@ def _train_workers() -> list[psutil.Process]:
     found = []
     for process in psutil.process_iter(["cmdline", "ppid"]):
         try:
-            if " ".join(process.info["cmdline"] or []).startswith("ray::RayTrainWorker") and \
-                    os.getpgid(process.info["ppid"]) in groups:
+            if (
+                " ".join(process.info["cmdline"] or []).startswith("ray::RayTrainWorker")
+                and os.getpgid(process.info["ppid"]) in groups
+            ):
                 found.append(process)
         except (ProcessLookupError, psutil.Error):
             continue
@@ -124,15 +149,18 @@ def test_the_job_api_refuses_requests_without_the_token(cluster: dict, tmp_path:
 
 def test_a_submitted_job_survives_a_killed_worker(cluster: dict, cache_dir: Path, uninterrupted: dict) -> None:
     sentinel = "wandb-sentinel-0123456789abcdef"
-    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1"),
-                              env={"WANDB_API_KEY": sentinel})
+    job_id, run_dir = _submit(
+        cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1"), env={"WANDB_API_KEY": sentinel}
+    )
     assert run_dir.is_relative_to(cluster["storage"])
     killed, *others = _freeze_at_step(run_dir, 12)
     killed.kill()
     for process in others:
         process.resume()
 
-    assert _status(job_id) == "SUCCEEDED", run_cli("jobs", "logs", job_id, "--cluster", NAME, cwd=cluster["root"]).stdout
+    assert _status(job_id) == "SUCCEEDED", run_cli(
+        "jobs", "logs", job_id, "--cluster", NAME, cwd=cluster["root"]
+    ).stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS and summary["restarts"] == 1
     # Resumed from the step-10 or step-20 checkpoint (at most one interval recomputed), and every step's
@@ -143,9 +171,13 @@ def test_a_submitted_job_survives_a_killed_worker(cluster: dict, cache_dir: Path
     # Ray's own CLI sees the job (with the token); the W&B key of the submitting shell went nowhere.
     ray = Path(os.sys.executable).with_name("ray")
     token_file = cluster["root"] / "config" / "clusters" / NAME / "token"
-    listed = subprocess.run([str(ray), "job", "list", "--address", cluster["dashboard"]], capture_output=True,
-                            text=True, timeout=60, env={**os.environ, "RAY_AUTH_MODE": "token",
-                                                        "RAY_AUTH_TOKEN_PATH": str(token_file)})
+    listed = subprocess.run(
+        [str(ray), "job", "list", "--address", cluster["dashboard"]],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_file)},
+    )
     assert job_id in listed.stdout, listed.stderr
     status = run_cli("jobs", "status", job_id, "--cluster", NAME, "--json", cwd=cluster["root"], check=True).stdout
     assert json.loads(status)["status"] == "SUCCEEDED"
@@ -155,8 +187,9 @@ def test_a_submitted_job_survives_a_killed_worker(cluster: dict, cache_dir: Path
 
 
 def test_training_waits_for_a_lost_node_to_come_back(cluster: dict, cache_dir: Path, uninterrupted: dict) -> None:
-    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1",
-                                                    "launcher.capacity_timeout_s=120"))
+    job_id, run_dir = _submit(
+        cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1", "launcher.capacity_timeout_s=120")
+    )
     frozen = _freeze_at_step(run_dir, 12)
     # Both worker nodes lost: the head's one CPU cannot hold two workers, so the run waits ...
     for pid in local.worker_pids(NAME):
@@ -190,8 +223,9 @@ def test_more_failures_than_allowed_fail_the_run_and_leave_nothing_behind(cluste
 
 
 def test_more_workers_than_the_cluster_has_fail_after_the_timeout(cluster: dict, cache_dir: Path) -> None:
-    job_id, run_dir = _submit(cluster, *_on_cluster(cache_dir, "launcher.cpus_per_worker=2",
-                                                    "launcher.capacity_timeout_s=5"))
+    job_id, run_dir = _submit(
+        cluster, *_on_cluster(cache_dir, "launcher.cpus_per_worker=2", "launcher.capacity_timeout_s=5")
+    )
     assert _status(job_id) == "FAILED"
     error = json.loads((run_dir / "summary.json").read_text())["error"]
     assert "no room for 2 worker(s) x {CPU: 2} within launcher.capacity_timeout_s=5" in error
@@ -200,18 +234,40 @@ def test_more_workers_than_the_cluster_has_fail_after_the_timeout(cluster: dict,
 
 
 def test_a_sweep_is_one_job_per_point_in_one_group(cluster: dict, cache_dir: Path) -> None:
-    tiny = ["job=gpt_tiny_cpu", "strategy=none", "launcher.num_workers=1", "trainer.max_steps=4",
-            "trainer.global_batch_size=4", "trainer.micro_batch_size=4", "trainer.eval_every=0",
-            "scheduler.warmup_steps=0", f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "logger.progress=false"]
-    result = run_cli("submit", f"cluster={NAME}", "-m", *tiny, "optim.lr=1e-3,3e-4", cwd=cluster["root"],
-                     env=cluster["env"], timeout=120, check=True)
+    tiny = [
+        "job=gpt_tiny_cpu",
+        "strategy=none",
+        "launcher.num_workers=1",
+        "trainer.max_steps=4",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=4",
+        "trainer.eval_every=0",
+        "scheduler.warmup_steps=0",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "logger.progress=false",
+    ]
+    result = run_cli(
+        "submit",
+        f"cluster={NAME}",
+        "-m",
+        *tiny,
+        "optim.lr=1e-3,3e-4",
+        cwd=cluster["root"],
+        env=cluster["env"],
+        timeout=120,
+        check=True,
+    )
     submitted = [line.split() for line in result.stdout.splitlines() if line.startswith("submitted ")]
     assert len(submitted) == 2
     group = next(line.split()[1] for line in result.stdout.splitlines() if line.startswith("group "))
     for _, job_id, _, _, run_dir in submitted:
         status = _status(job_id)
         info = jobs.job_info(jobs.resolve_cluster(NAME), job_id)
-        assert status == "SUCCEEDED", (info.message, jobs.client(jobs.resolve_cluster(NAME)).get_job_logs(job_id)[-3000:])
+        assert status == "SUCCEEDED", (
+            info.message,
+            jobs.client(jobs.resolve_cluster(NAME)).get_job_logs(job_id)[-3000:],
+        )
         assert info.metadata["orchestrator.group"] == group
         assert f"group: {group}" in (Path(run_dir) / "config.yaml").read_text()
     lrs = {float(_config_value(Path(run_dir), "lr")) for *_, run_dir in submitted}
@@ -219,11 +275,25 @@ def test_a_sweep_is_one_job_per_point_in_one_group(cluster: dict, cache_dir: Pat
 
 
 def test_scale_on_the_cluster_is_one_job_whose_points_are_ray_train_runs(cluster: dict, cache_dir: Path) -> None:
-    result = run_cli("scale", f"cluster={NAME}", "--follow", "job=gpt_tiny_cpu", "logger=jsonl",
-                     f"data.cache_dir={cache_dir}", "data.max_bytes=400000", "data.seq_len=32",
-                     "trainer.global_batch_size=4", "trainer.micro_batch_size=2", "scale.workers=[1,2]",
-                     "scale.strategies=[ddp]", "scale.steps=2", "scale.warmup_steps=1", cwd=cluster["root"],
-                     env=cluster["env"], timeout=300)
+    result = run_cli(
+        "scale",
+        f"cluster={NAME}",
+        "--follow",
+        "job=gpt_tiny_cpu",
+        "logger=jsonl",
+        f"data.cache_dir={cache_dir}",
+        "data.max_bytes=400000",
+        "data.seq_len=32",
+        "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2",
+        "scale.workers=[1,2]",
+        "scale.strategies=[ddp]",
+        "scale.steps=2",
+        "scale.warmup_steps=1",
+        cwd=cluster["root"],
+        env=cluster["env"],
+        timeout=300,
+    )
     out_dir = cluster["storage"] / "scale" / "gpt_tiny_cpu-weak"
     job_id = result.stdout.split()[1]
     assert result.returncode == 0 and f"submitted {job_id}  experiment dir {out_dir}" in result.stdout, result.stdout
@@ -237,7 +307,9 @@ def test_scale_on_the_cluster_is_one_job_whose_points_are_ray_train_runs(cluster
 
 
 def _config_value(run_dir: Path, key: str) -> str:
-    line = next(line for line in (run_dir / "config.yaml").read_text().splitlines() if line.strip().startswith(f"{key}:"))
+    line = next(
+        line for line in (run_dir / "config.yaml").read_text().splitlines() if line.strip().startswith(f"{key}:")
+    )
     return line.split(":", 1)[1].strip()
 
 
@@ -249,7 +321,10 @@ def test_a_cluster_that_does_not_answer_fails_in_one_line() -> None:
 def test_unknown_job_id(cluster: dict) -> None:
     result = run_cli("jobs", "status", "no-such-job", "--cluster", NAME, cwd=cluster["root"], env=cluster["env"])
     assert result.returncode == 2
-    assert result.stderr.strip() == f"error: no job 'no-such-job' on cluster={NAME}; `orchestrator jobs list` shows its jobs"
+    assert (
+        result.stderr.strip()
+        == f"error: no job 'no-such-job' on cluster={NAME}; `orchestrator jobs list` shows its jobs"
+    )
 
 
 def _assert_no_train_actors_or_placement_groups(cluster: dict) -> None:
@@ -257,8 +332,9 @@ def _assert_no_train_actors_or_placement_groups(cluster: dict) -> None:
     token = (cluster["root"] / "config" / "clusters" / NAME / "token").read_text().strip()
 
     def listed(kind: str) -> list[dict]:
-        request = urllib.request.Request(f"{cluster['dashboard']}/api/v0/{kind}?limit=1000",
-                                         headers={"Authorization": f"Bearer {token}"})
+        request = urllib.request.Request(
+            f"{cluster['dashboard']}/api/v0/{kind}?limit=1000", headers={"Authorization": f"Bearer {token}"}
+        )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)["data"]["result"]["result"]
 

@@ -41,8 +41,11 @@ def _listening(processes: set[psutil.Process]) -> list[tuple[str, str, int]]:
     found = []
     for process in processes:
         try:
-            found += [(process.name(), c.laddr.ip, c.laddr.port) for c in process.net_connections(kind="inet")
-                      if c.status == psutil.CONN_LISTEN]
+            found += [
+                (process.name(), c.laddr.ip, c.laddr.port)
+                for c in process.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except psutil.NoSuchProcess:
             continue
     return found
@@ -61,11 +64,19 @@ def _exited(process: psutil.Process) -> bool:
         return True
 
 
-def test_a_cluster_listens_on_loopback_only_and_down_leaves_no_process(tmp_path: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cluster_listens_on_loopback_only_and_down_leaves_no_process(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("ORCHESTRATOR_CONFIG_DIR", str(tmp_path / "config"))
-    state = local.up(name="loopback", nodes=2, cpus_per_node=1, host="127.0.0.1", port=_free_port(),
-                     dashboard_port=_free_port(), auth=False)
+    state = local.up(
+        name="loopback",
+        nodes=2,
+        cpus_per_node=1,
+        host="127.0.0.1",
+        port=_free_port(),
+        dashboard_port=_free_port(),
+        auth=False,
+    )
     try:
         # A driver here joins it (launcher.address=127.0.0.1:PORT), though Ray would try the routable IP.
         with ray_session(RayLauncherConfig(address=state.gcs_address)):
@@ -84,6 +95,7 @@ def test_a_cluster_listens_on_loopback_only_and_down_leaves_no_process(tmp_path:
 
 def test_embedded_ray_listens_on_loopback_only() -> None:
     with ray_session(RayLauncherConfig()):
+
         @ray.remote
         def node_ip() -> str:
             return ray.util.get_node_ip_address()

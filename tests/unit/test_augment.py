@@ -57,8 +57,12 @@ def test_crop_padding_shifts_each_image_filling_with_its_edge_pixels():
     padded = F.pad(x, (1, 1, 1, 1), mode="replicate")
     shifts = set()
     for b in range(32):
-        matches = [(dy, dx) for dy in range(3) for dx in range(3)
-                   if torch.equal(out[b], padded[b, :, dy:dy + 8, dx:dx + 8])]
+        matches = [
+            (dy, dx)
+            for dy in range(3)
+            for dx in range(3)
+            if torch.equal(out[b], padded[b, :, dy : dy + 8, dx : dx + 8])
+        ]
         assert matches, f"image {b} is not a shift of its input"
         shifts.add(matches[0])
     assert len(shifts) > 3  # the shifts vary
@@ -111,9 +115,11 @@ def test_feature_vectors_take_noise_only():
 
 def test_the_schema_checks_the_settings():
     assert not AugmentConfig().enabled and AugmentConfig(noise_std=0.1).enabled
-    for bad, message in ((dict(crop_padding=-1), "data.augment.crop_padding must be >= 0"),
-                         (dict(rotate_degrees=200), r"data.augment.rotate_degrees must be in \[0, 180\]"),
-                         (dict(noise_std=float("inf")), "data.augment.noise_std must be >= 0 and finite")):
+    for bad, message in (
+        (dict(crop_padding=-1), "data.augment.crop_padding must be >= 0"),
+        (dict(rotate_degrees=200), r"data.augment.rotate_degrees must be in \[0, 180\]"),
+        (dict(noise_std=float("inf")), "data.augment.noise_std must be >= 0 and finite"),
+    ):
         with pytest.raises(ValueError, match=message):
             AugmentConfig(**bad)
     with pytest.raises(ValueError, match="data.augment applies to images and feature vectors; data.kind=tokens"):
@@ -134,8 +140,9 @@ def test_only_training_batches_are_augmented():
 
 
 def test_synthetic_images_are_augmented_and_npz_vectors_refuse_spatial_changes(tmp_path):
-    cfg = SyntheticDataConfig(kind=SampleKind.images, num_samples=8, image_shape=[3, 6, 6],
-                              augment=AugmentConfig(flip=True))
+    cfg = SyntheticDataConfig(
+        kind=SampleKind.images, num_samples=8, image_shape=[3, 6, 6], augment=AugmentConfig(flip=True)
+    )
     bundle = load_data(cfg)
     assert bundle.augment is not None and bundle.train_batch(draw(range(8)))[0].shape == (8, 3, 6, 6)
     np.savez(tmp_path / "v.npz", x=np.zeros((10, 4), dtype=np.float32), y=np.arange(10) % 2)

@@ -24,9 +24,15 @@ def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 def _record(name: str, pid: int, create_time: float) -> None:
     local.state_dir(name).mkdir(parents=True)
-    local.ClusterState(name=name, gcs_address="127.0.0.1:1", dashboard_url="http://127.0.0.1:1", token_file="",
-                       cpus_per_node=1, host="127.0.0.1",
-                       nodes=[local.Node(pid=pid, create_time=create_time, role="head", log="")]).save()
+    local.ClusterState(
+        name=name,
+        gcs_address="127.0.0.1:1",
+        dashboard_url="http://127.0.0.1:1",
+        token_file="",
+        cpus_per_node=1,
+        host="127.0.0.1",
+        nodes=[local.Node(pid=pid, create_time=create_time, role="head", log="")],
+    ).save()
 
 
 def _exited(pid: int) -> bool:

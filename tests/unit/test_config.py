@@ -42,8 +42,9 @@ def test_every_job_composes_to_the_typed_schema(job: str) -> None:
 
 
 def test_overrides_reach_the_typed_objects() -> None:
-    config = load("optim=sgd_momentum", "trainer.precision=bf16", "model.n_layer=3", "strategy=none",
-                  "launcher.num_workers=1")
+    config = load(
+        "optim=sgd_momentum", "trainer.precision=bf16", "model.n_layer=3", "strategy=none", "launcher.num_workers=1"
+    )
     assert config.optim.name is OptimName.sgd and config.optim.momentum == 0.9
     assert config.trainer.precision is Precision.bf16
     assert config.model.n_layer == 3
@@ -56,7 +57,10 @@ def test_overrides_reach_the_typed_objects() -> None:
         (["+trainer.extra=1"], "trainer.extra: unknown key"),
         (["trainer.max_steps=ten"], "trainer.max_steps: Value 'ten'"),
         (["model=nope"], "model=nope: no such option; choose one of: cnn, gpt, gpt2_124m"),
-        (["job=nope"], "job=nope: no such option; choose one of: diabetes_mlp_cpu, digits_cnn_augment_cpu, digits_cnn_cpu"),
+        (
+            ["job=nope"],
+            "job=nope: no such option; choose one of: diabetes_mlp_cpu, digits_cnn_augment_cpu, digits_cnn_cpu",
+        ),
         (["optim.name=lion"], "optim.name: Invalid value 'lion', expected one of [sgd, adam, adamw]"),
         (["data=memmap"], "data.path: missing required value"),
         (["trainer.global_batch_size=15"], "trainer.global_batch_size=15 is not divisible by launcher.num_workers=2"),
@@ -118,14 +122,17 @@ def test_ray_launcher_timeouts_and_cpus_refuse_inf_and_nan(override: str) -> Non
         load("launcher=ray", override)
 
 
-@pytest.mark.parametrize("uri", [
-    "s3://AKIAEXAMPLE:s3cr3t-value@bucket/runs",
-    "s3://AKIAEXAMPLE@bucket/runs",
-    "s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value",
-    "s3://bucket/runs?region=us-east-1&session_token=s3cr3t-value",
-    "abfs://account:s3cr3t-value@container/runs",
-    "abfs://container@account.dfs.core.windows.net/runs?sv=2024&sig=s3cr3t-value",
-])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://AKIAEXAMPLE:s3cr3t-value@bucket/runs",
+        "s3://AKIAEXAMPLE@bucket/runs",
+        "s3://bucket/runs?access_key=AKIAEXAMPLE&secret_key=s3cr3t-value",
+        "s3://bucket/runs?region=us-east-1&session_token=s3cr3t-value",
+        "abfs://account:s3cr3t-value@container/runs",
+        "abfs://container@account.dfs.core.windows.net/runs?sv=2024&sig=s3cr3t-value",
+    ],
+)
 def test_storage_with_credentials_in_the_uri_is_refused_without_echoing_them(uri: str) -> None:
     with pytest.raises(UserError) as info:
         load(f"trainer.storage='{uri}'")
@@ -134,7 +141,14 @@ def test_storage_with_credentials_in_the_uri_is_refused_without_echoing_them(uri
     assert "s3cr3t" not in message and "AKIAEXAMPLE" not in message and "\n" not in message
 
 
-@pytest.mark.parametrize("uri", ["s3://bucket/runs?region=us-east-1&endpoint_override=localhost:9000",
-                                 "gs://bucket/runs", "hdfs://user@namenode:8020/runs", "file:///tmp/runs"])
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "s3://bucket/runs?region=us-east-1&endpoint_override=localhost:9000",
+        "gs://bucket/runs",
+        "hdfs://user@namenode:8020/runs",
+        "file:///tmp/runs",
+    ],
+)
 def test_storage_uris_without_secrets_pass_the_schema(uri: str) -> None:
     assert load(f"trainer.storage='{uri}'").trainer.storage == uri

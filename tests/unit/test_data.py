@@ -80,8 +80,9 @@ def test_corpus_discovery_walks_folders_filters_suffixes_and_skips_packages(tmp_
 
 
 @pytest.mark.timeout(120)  # opening the FIFO used to block prepare forever
-def test_fifos_sockets_and_broken_links_in_a_corpus_folder_are_skipped_with_a_warning(tmp_path, corpus, monkeypatch,
-                                                                                      capfd):
+def test_fifos_sockets_and_broken_links_in_a_corpus_folder_are_skipped_with_a_warning(
+    tmp_path, corpus, monkeypatch, capfd
+):
     root, files = corpus
     os.mkfifo(root / "notes" / "pipe.txt")
     (root / "gone.md").symlink_to(root / "nowhere.md")
@@ -184,16 +185,19 @@ def test_bpe_on_every_core_builds_the_cache_of_one_core_and_whole_files(tmp_path
         cfg = text_config(tmp_path, root, cache_dir=str(tmp_path / f"{parallelism}-{piece_chars}"))
         prepare_data(cfg)
         directory = cache_dir_for(cfg, find_corpus_files(cfg))
-        caches[parallelism, piece_chars] = {name: (directory / name).read_bytes()
-                                            for name in ("train.bin", "val.bin", "tokenizer.json")}
+        caches[parallelism, piece_chars] = {
+            name: (directory / name).read_bytes() for name in ("train.bin", "val.bin", "tokenizer.json")
+        }
     parallel = caches["true", 50]
     assert caches["false", 50] == parallel and caches["true", 10**9] == parallel
 
     from tokenizers import Tokenizer
 
     tokenizer = Tokenizer.from_str(parallel["tokenizer.json"].decode())
-    whole = [tokenizer.encode(path.read_bytes().decode("utf-8")).ids + [tokenizer.token_to_id(END_OF_TEXT)]
-             for path in find_corpus_files(cfg)]
+    whole = [
+        tokenizer.encode(path.read_bytes().decode("utf-8")).ids + [tokenizer.token_to_id(END_OF_TEXT)]
+        for path in find_corpus_files(cfg)
+    ]
     assert parallel["train.bin"] + parallel["val.bin"] == np.concatenate(whole).astype(np.uint16).tobytes()
 
 
@@ -371,8 +375,11 @@ def test_memmap_errors_name_the_key(tmp_path):
     with pytest.raises(UserError, match=r"data\.seq_len=16 needs at least 17 tokens"):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=16))
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 50}))
-    with pytest.raises(UserError, match=r"data\.path: .*train\.bin holds token id 50 at position 50 \(counting "
-                                        r"tokens from 0\), not below vocab_size=50 from meta\.json"):
+    with pytest.raises(
+        UserError,
+        match=r"data\.path: .*train\.bin holds token id 50 at position 50 \(counting "
+        r"tokens from 0\), not below vocab_size=50 from meta\.json",
+    ):
         prepare_data(MemmapDataConfig(path=str(tmp_path), seq_len=4))
     (tmp_path / "meta.json").write_text(json.dumps({"vocab_size": 2**32 + 1, "dtype": "uint32"}))
     with pytest.raises(UserError, match=r"vocab_size in \[1, 4294967296\]"):
@@ -441,12 +448,21 @@ def test_memmap_dtype_comes_from_meta_json_and_defaults_to_uint16(tmp_path):
     meta = tmp_path / "meta.json"
     named = rf"^data\.path: {re.escape(str(meta))}"
     for content, error in [
-        ({"vocab_size": 50, "dtype": "int64"}, rf"{named} has dtype 'int64'; allowed: uint16, uint32 \(none means "
-                                               rf"uint16\)$"),
-        ({"vocab_size": 128_256}, rf"{named} has vocab_size=128256 and no dtype, which means uint16, too narrow for "
-                                  rf"ids past 65535: add \"dtype\": \"uint32\" if"),
-        ({"vocab_size": 50, "dtype": "uint32"}, r"^data\.path: .*train\.bin has 42 bytes, not a whole number of "
-                                                r"uint32 tokens"),
+        (
+            {"vocab_size": 50, "dtype": "int64"},
+            rf"{named} has dtype 'int64'; allowed: uint16, uint32 \(none means "
+            rf"uint16\)$",
+        ),
+        (
+            {"vocab_size": 128_256},
+            rf"{named} has vocab_size=128256 and no dtype, which means uint16, too narrow for "
+            rf"ids past 65535: add \"dtype\": \"uint32\" if",
+        ),
+        (
+            {"vocab_size": 50, "dtype": "uint32"},
+            r"^data\.path: .*train\.bin has 42 bytes, not a whole number of "
+            r"uint32 tokens",
+        ),
     ]:
         meta.write_text(json.dumps(content))
         (tmp_path / "train.bin").write_bytes(b"\0" * (42 if content.get("dtype") == "uint32" else 40))
@@ -521,8 +537,11 @@ def test_npz_float_targets_for_regression_and_labels(tmp_path):
 
 def test_npz_targets_must_be_what_data_targets_says(tmp_path):
     np.savez(tmp_path / "f.npz", x=np.zeros((10, 2)), y=np.linspace(-2, 2, 10), bad=np.array([np.nan] * 10))
-    with pytest.raises(UserError, match=r"data\.y_key='y': .* must be integers .* got float64 \(10,\); float targets "
-                                        r"need data\.targets=values"):
+    with pytest.raises(
+        UserError,
+        match=r"data\.y_key='y': .* must be integers .* got float64 \(10,\); float targets "
+        r"need data\.targets=values",
+    ):
         prepare_data(NpzDataConfig(path=str(tmp_path / "f.npz")))
     with pytest.raises(UserError, match=r"data\.targets=probabilities needs targets in \[0, 1\], .* \[-2, 2\]"):
         prepare_data(NpzDataConfig(path=str(tmp_path / "f.npz"), targets=TargetKind.probabilities))

@@ -278,8 +278,19 @@ def test_the_docs_show_commands_of_every_kind() -> None:
     """The extraction itself works: a doc change that hid every command from this test would fail here."""
     argvs = [argv for shown in SHOWN if not shown.skip for argv in _commands(shown)]
     programs = {(_orchestrator_args(argv) or [argv[0]])[0] for argv in argvs}
-    assert {"train", "verify", "scale", "estimate", "search", "submit", "export", "report", "cluster", "jobs",
-            "make"} <= programs
+    assert {
+        "train",
+        "verify",
+        "scale",
+        "estimate",
+        "search",
+        "submit",
+        "export",
+        "report",
+        "cluster",
+        "jobs",
+        "make",
+    } <= programs
     assert any(shown.error for shown in SHOWN), "no shown error line was found"
     assert all(shown.skip for shown in SHOWN if shown.skip is not None), "a docs-test: skip mark without a reason"
 

@@ -15,10 +15,15 @@ from orchestrator.experiments.estimate import ModelShape, activation_bytes, desc
 from tests.helpers import run_cli
 
 SHAPES = [
-    ModelShape(num_params=124_000_000, largest_layer_params=38_000_000, largest_block_params=7_000_000,
-               root_params=39_000_000),
-    ModelShape(num_params=70_553_706_496, largest_layer_params=1_050_673_152, largest_block_params=855_654_400,
-               root_params=2_101_354_496),
+    ModelShape(
+        num_params=124_000_000, largest_layer_params=38_000_000, largest_block_params=7_000_000, root_params=39_000_000
+    ),
+    ModelShape(
+        num_params=70_553_706_496,
+        largest_layer_params=1_050_673_152,
+        largest_block_params=855_654_400,
+        root_params=2_101_354_496,
+    ),
 ]
 
 
@@ -34,14 +39,22 @@ def deepspeed_estimators():
 @pytest.mark.parametrize("shape", SHAPES, ids=["124M", "70B"])
 @pytest.mark.parametrize("gpus", [1, 2, 4])
 @pytest.mark.parametrize("nodes", [1, 8])
-def test_zero2_and_zero3_agree_with_deepspeeds_estimators(deepspeed_estimators, shape: ModelShape, gpus: int,
-                                                          nodes: int) -> None:
+def test_zero2_and_zero3_agree_with_deepspeeds_estimators(
+    deepspeed_estimators, shape: ModelShape, gpus: int, nodes: int
+) -> None:
     zero2, zero3 = deepspeed_estimators
     n = gpus * nodes
     psi, layer = shape.num_params, shape.largest_layer_params
-    ours = {plan: model_states(*plan, Precision.bf16, shape, n) for plan in
-            [("zero2", "none"), ("zero2", "optimizer"), ("zero3", "none"), ("zero3", "optimizer"),
-             ("zero3", "params+optimizer")]}
+    ours = {
+        plan: model_states(*plan, Precision.bf16, shape, n)
+        for plan in [
+            ("zero2", "none"),
+            ("zero2", "optimizer"),
+            ("zero3", "none"),
+            ("zero3", "optimizer"),
+            ("zero3", "params+optimizer"),
+        ]
+    }
     # DeepSpeed returns (host bytes per node, device bytes per GPU); additional_buffer_factor=1 asks
     # for the tensors alone. Its host figure for ZeRO-1/2 offload is max(4 x GPUs, 16) bytes per
     # parameter per node whatever the number of nodes, ours 16/N per rank (each node holds its ranks'
@@ -53,9 +66,16 @@ def test_zero2_and_zero3_agree_with_deepspeeds_estimators(deepspeed_estimators, 
     if nodes == 1:
         assert ours["zero2", "optimizer"].host * gpus == pytest.approx(host)
     for offload, params in (("none", False), ("optimizer", False), ("params+optimizer", True)):
-        host, device, _ = zero3(psi, layer, num_gpus_per_node=gpus, num_nodes=nodes,
-                                cpu_offload=offload != "none",
-                             cpu_offload_params=params, zero_init=True, additional_buffer_factor=1)
+        host, device, _ = zero3(
+            psi,
+            layer,
+            num_gpus_per_node=gpus,
+            num_nodes=nodes,
+            cpu_offload=offload != "none",
+            cpu_offload_params=params,
+            zero_init=True,
+            additional_buffer_factor=1,
+        )
         assert ours["zero3", offload].device == pytest.approx(device, abs=1), offload
         if offload != "none":
             assert ours["zero3", offload].host * gpus == pytest.approx(host), offload
@@ -74,8 +94,16 @@ def test_more_ranks_never_need_more_memory_and_offload_moves_states_to_the_host(
 
 
 def test_activation_checkpointing_keeps_one_input_per_layer() -> None:
-    shape = ModelShape(num_params=0, largest_layer_params=0, largest_block_params=0, root_params=0, layers=12,
-                       hidden=768, heads=12, vocab=50304)
+    shape = ModelShape(
+        num_params=0,
+        largest_layer_params=0,
+        largest_block_params=0,
+        root_params=0,
+        layers=12,
+        hidden=768,
+        heads=12,
+        vocab=50304,
+    )
     full = activation_bytes(shape, micro_batch=8, seq_len=1024, precision=Precision.bf16, checkpointing=False)
     kept = activation_bytes(shape, micro_batch=8, seq_len=1024, precision=Precision.bf16, checkpointing=True)
     layer = 1024 * 8 * 768 * 34  # fused attention: no s x s scores kept
@@ -83,8 +111,10 @@ def test_activation_checkpointing_keeps_one_input_per_layer() -> None:
     assert full == int(12 * layer + logits)
     assert kept == int(12 * 2 * 1024 * 8 * 768 + layer + logits)
     no_transformer = ModelShape(num_params=10, largest_layer_params=10, largest_block_params=10, root_params=0)
-    assert activation_bytes(no_transformer, micro_batch=8, seq_len=1, precision=Precision.fp32,
-                            checkpointing=False) is None
+    assert (
+        activation_bytes(no_transformer, micro_batch=8, seq_len=1, precision=Precision.fp32, checkpointing=False)
+        is None
+    )
 
 
 def test_a_70b_model_is_counted_on_the_meta_device() -> None:
@@ -115,8 +145,9 @@ def test_a_70b_model_is_counted_on_the_meta_device() -> None:
 def test_estimate_command_prints_a_table_and_json(tmp_path: Path) -> None:
     table = run_cli("estimate", "estimate.world_sizes=[1,2]", cwd=tmp_path, check=True).stdout
     assert "| zero3 | params+optimizer | bf16 |" in table and "smallest N" in table
-    result = json.loads(run_cli("estimate", "--json", "estimate.device_memory_gb=0.01", cwd=tmp_path,
-                                check=True).stdout)
+    result = json.loads(
+        run_cli("estimate", "--json", "estimate.device_memory_gb=0.01", cwd=tmp_path, check=True).stdout
+    )
     assert result["job"] == "default" and result["shape"]["num_params"] > 1_000_000
     assert {row["strategy"] for row in result["rows"]} == {"ddp", "fsdp2", "zero1", "zero2", "zero3"}
     ddp = next(row for row in result["rows"] if row["strategy"] == "ddp" and row["precision"] == "fp32")

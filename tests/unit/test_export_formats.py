@@ -52,7 +52,7 @@ def test_the_comparison_sees_the_gelu_approximation() -> None:
     """OpenAI's tanh GELU (gelu_new) moves the logits past the tolerance: the exact GELU is a real choice."""
     gpt = _gpt(bias=True)
     with torch.no_grad():
-        difference = (gpt(INPUTS) - _gpt2(gpt, bias=True, activation_function="gelu_new")(input_ids=INPUTS).logits)
+        difference = gpt(INPUTS) - _gpt2(gpt, bias=True, activation_function="gelu_new")(input_ids=INPUTS).logits
     assert difference.abs().max() > 1e-5
 
 
@@ -87,18 +87,20 @@ def test_an_untied_head_is_refused() -> None:
 def test_the_config_comes_back() -> None:
     cfg = GPTConfig(n_layer=3, n_head=2, n_embd=48, dropout=0.1, bias=True)
     back = gpt_config(gpt2_config(cfg, vocab_size=VOCAB, block_size=BLOCK), source="config.json")
-    assert back == GPTConfig(n_layer=3, n_head=2, n_embd=48, dropout=0.1, bias=True, vocab_size=VOCAB,
-                             block_size=BLOCK)
+    assert back == GPTConfig(n_layer=3, n_head=2, n_embd=48, dropout=0.1, bias=True, vocab_size=VOCAB, block_size=BLOCK)
 
 
-@pytest.mark.parametrize(("field", "value", "message"), [
-    ("activation_function", "gelu_new", "activation_function='gelu_new' cannot be loaded as model=gpt"),
-    ("n_inner", 100, "n_inner=100 cannot be loaded as model=gpt"),
-    ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon=1e-06 cannot be loaded as model=gpt"),
-    ("tie_word_embeddings", False, "tie_word_embeddings=False cannot be loaded as model=gpt"),
-    ("attn_pdrop", 0.0, "differ; model=gpt has one model.dropout"),
-    ("model_type", "llama", "model_type='llama', not gpt2"),
-])
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("activation_function", "gelu_new", "activation_function='gelu_new' cannot be loaded as model=gpt"),
+        ("n_inner", 100, "n_inner=100 cannot be loaded as model=gpt"),
+        ("layer_norm_epsilon", 1e-6, "layer_norm_epsilon=1e-06 cannot be loaded as model=gpt"),
+        ("tie_word_embeddings", False, "tie_word_embeddings=False cannot be loaded as model=gpt"),
+        ("attn_pdrop", 0.0, "differ; model=gpt has one model.dropout"),
+        ("model_type", "llama", "model_type='llama', not gpt2"),
+    ],
+)
 def test_what_gpt_cannot_express_is_refused(field: str, value: object, message: str) -> None:
     config = gpt2_config(GPTConfig(dropout=0.1), vocab_size=VOCAB, block_size=BLOCK)
     with pytest.raises(UserError, match=f"^config.json: .*{message}"):
@@ -113,9 +115,14 @@ def test_openai_gpt2_defaults_are_refused_for_their_gelu() -> None:
 
 def test_safetensors_files_read_back(tmp_path) -> None:
     tensors = {
-        "f32": torch.randn(3, 5), "bf16": torch.randn(7).to(torch.bfloat16), "f16": torch.randn(2, 2, 2).half(),
-        "i64": torch.arange(6).reshape(2, 3), "bool": torch.tensor([True, False, True]), "scalar": torch.tensor(2.5),
-        "empty": torch.zeros(0, 4), "transposed": torch.randn(4, 6).t(),
+        "f32": torch.randn(3, 5),
+        "bf16": torch.randn(7).to(torch.bfloat16),
+        "f16": torch.randn(2, 2, 2).half(),
+        "i64": torch.arange(6).reshape(2, 3),
+        "bool": torch.tensor([True, False, True]),
+        "scalar": torch.tensor(2.5),
+        "empty": torch.zeros(0, 4),
+        "transposed": torch.randn(4, 6).t(),
     }
     out = [OutTensor(name=name, shape=tuple(t.shape), dtype=t.dtype, read=lambda t=t: t) for name, t in tensors.items()]
     write_safetensors(tmp_path / "model.safetensors", out)

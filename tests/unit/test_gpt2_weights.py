@@ -24,8 +24,9 @@ VOCAB, BLOCK = 300, 32
 TOKENS = DataSpec(kind=SampleKind.tokens, vocab_size=256, seq_len=16)
 
 
-def write_gpt2_dir(directory: Path, *, bias: bool = False, max_shard_bytes: int = 10**9, seed: int = 0,
-                   **config_changes: object) -> GPT:
+def write_gpt2_dir(
+    directory: Path, *, bias: bool = False, max_shard_bytes: int = 10**9, seed: int = 0, **config_changes: object
+) -> GPT:
     """A GPT written as ``orchestrator export`` writes it (GPT-2 names, Conv1D weights transposed, zero biases for a
     GPT without them), with random weights everywhere it has them; returns the GPT."""
     torch.manual_seed(seed)
@@ -34,8 +35,10 @@ def write_gpt2_dir(directory: Path, *, bias: bool = False, max_shard_bytes: int 
     with torch.no_grad():  # init_weights zeroes biases and sets LayerNorms to 1: make every tensor count
         for param in gpt.parameters():
             param.add_(torch.randn_like(param) * 0.1)
-    tensors = [OutTensor(name=name, shape=tuple(t.shape), dtype=t.dtype, read=lambda t=t: t)
-               for name, t in gpt_to_gpt2(gpt.state_dict()).items()]
+    tensors = [
+        OutTensor(name=name, shape=tuple(t.shape), dtype=t.dtype, read=lambda t=t: t)
+        for name, t in gpt_to_gpt2(gpt.state_dict()).items()
+    ]
     shards = plan_shards(tensors, max_shard_bytes=max_shard_bytes)
     directory.mkdir(parents=True, exist_ok=True)
     for name, shard in shards.items():
@@ -76,7 +79,7 @@ def test_the_weights_load_unchanged_and_a_ranks_rows_are_the_files_columns(bias:
     qkv = "blocks.1.attn.qkv.weight"  # a Conv1D weight: stored (in, out), read (out, in)
     assert source.shapes()[qkv] == [3 * 16, 16]
     for rows in [(0, 24), (24, 48), (5, 6)]:
-        assert torch.equal(source.read(qkv, rows=rows), expected[qkv][rows[0]:rows[1]])
+        assert torch.equal(source.read(qkv, rows=rows), expected[qkv][rows[0] : rows[1]])
 
 
 def test_zero_biases_load_into_a_gpt_without_biases_and_others_do_not(tmp_path: Path) -> None:
@@ -85,17 +88,23 @@ def test_zero_biases_load_into_a_gpt_without_biases_and_others_do_not(tmp_path: 
     check_weights_fit(state_shapes(_built(cfg)), pretrained_weights(cfg, _built(cfg)))
     write_gpt2_dir(tmp_path / "biased", bias=True)
     cfg = GPTConfig(**SIZES, pretrained=str(tmp_path / "biased"))
-    with pytest.raises(UserError, match=rf"^model.pretrained: {tmp_path / 'biased' / 'model.safetensors'}: "
-                                        r"transformer.h.0.ln_1.bias is not zero, and model.bias=false has no biases; "
-                                        r"use model.bias=true$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^model.pretrained: {tmp_path / 'biased' / 'model.safetensors'}: "
+        r"transformer.h.0.ln_1.bias is not zero, and model.bias=false has no biases; "
+        r"use model.bias=true$",
+    ):
         pretrained_weights(cfg, _built(cfg))
 
 
-@pytest.mark.parametrize(("setting", "message"), [
-    (dict(n_layer=3), r"model.n_layer=3 contradicts model.pretrained=.*config.json: n_layer=2\)"),
-    (dict(block_size=64), r"model.block_size=64 contradicts model.pretrained=.*config.json: n_positions=32\)"),
-    (dict(vocab_size=512), r"model.vocab_size=512 contradicts model.pretrained=.*config.json: vocab_size=300\)"),
-])
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        (dict(n_layer=3), r"model.n_layer=3 contradicts model.pretrained=.*config.json: n_layer=2\)"),
+        (dict(block_size=64), r"model.block_size=64 contradicts model.pretrained=.*config.json: n_positions=32\)"),
+        (dict(vocab_size=512), r"model.vocab_size=512 contradicts model.pretrained=.*config.json: vocab_size=300\)"),
+    ],
+)
 def test_a_size_that_contradicts_config_json_is_refused(setting: dict, message: str, tmp_path: Path) -> None:
     write_gpt2_dir(tmp_path / "gpt2")
     with pytest.raises(UserError, match=message):
@@ -104,8 +113,11 @@ def test_a_size_that_contradicts_config_json_is_refused(setting: dict, message: 
 
 def test_what_the_directory_cannot_give_is_refused(tmp_path: Path) -> None:
     write_gpt2_dir(tmp_path / "llama", model_type="llama")
-    with pytest.raises(UserError, match=rf"^model.pretrained: {tmp_path / 'llama' / 'config.json'}: "
-                                        r"model_type='llama', not gpt2$"):
+    with pytest.raises(
+        UserError,
+        match=rf"^model.pretrained: {tmp_path / 'llama' / 'config.json'}: "
+        r"model_type='llama', not gpt2$",
+    ):
         build_model(GPTConfig(**SIZES, pretrained=str(tmp_path / "llama")), TOKENS)
     write_gpt2_dir(tmp_path / "short", n_positions=8)
     with pytest.raises(UserError, match=r"config.json's n_positions=8 is shorter than data.seq_len=16"):

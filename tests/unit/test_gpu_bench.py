@@ -14,14 +14,22 @@ SCRIPT = REPO / "bench" / "gpu.py"
 
 
 def _bench(*args: str, out: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(SCRIPT), "--smoke", "--models", "tiny", "--out", str(out), *args],
-                          capture_output=True, text=True, timeout=300, cwd=out.parent)
+    return subprocess.run(
+        [sys.executable, str(SCRIPT), "--smoke", "--models", "tiny", "--out", str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=out.parent,
+    )
 
 
 def _rows(stdout: str) -> dict[str, list[str]]:
     """mode -> the cells of its table row."""
-    rows = [[cell.strip() for cell in line.strip("|").split("|")] for line in stdout.splitlines()
-            if line.startswith("| tiny |")]
+    rows = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in stdout.splitlines()
+        if line.startswith("| tiny |")
+    ]
     return {cells[1]: cells for cells in rows}
 
 
@@ -70,8 +78,10 @@ def test_the_slowest_variants_run_last() -> None:
 def test_a_failed_run_reports_summary_error_else_the_log_error_line(tmp_path: Path) -> None:
     gpu = _gpu_module()
     log = tmp_path / "run.log"
-    log.write_text("starting\nTraceback (most recent call last):\n  File \"x.py\", line 1, in <module>\n"
-                   "RuntimeError: CUDA out of memory | tried 2 GiB\nrun dir: /tmp/x\n")
+    log.write_text(
+        'starting\nTraceback (most recent call last):\n  File "x.py", line 1, in <module>\n'
+        "RuntimeError: CUDA out of memory | tried 2 GiB\nrun dir: /tmp/x\n"
+    )
     assert gpu.failure_reason({"error": "non-finite loss (nan) at step 3"}, log) == "non-finite loss (nan) at step 3"
     assert gpu.failure_reason({}, log) == "RuntimeError: CUDA out of memory / tried 2 GiB"
     assert gpu.failure_reason({}, tmp_path / "missing.log") == ""

@@ -55,7 +55,7 @@ def _scan() -> tuple[dict[str, set[str]], list[Import]]:
         for node, local in _import_nodes(ast.parse(path.read_text()), local=False):
             for target in _targets(node, name, paths):
                 if target.startswith("orchestrator"):
-                    text = "\n".join(lines[node.lineno - 2:node.end_lineno])
+                    text = "\n".join(lines[node.lineno - 2 : node.end_lineno])
                     imports.append(Import(name, target, local, node.lineno, text))
                 elif not local:
                     third_party[name].add(target.split(".")[0])
@@ -122,7 +122,7 @@ def test_the_import_graph_has_no_cycle() -> None:
         state[node] = 1
         for nxt in sorted(graph.get(node, ())):
             if state.get(nxt) == 1:
-                cycles.append(" -> ".join(path[path.index(nxt):] + [node, nxt]) if nxt in path else f"{node} -> {nxt}")
+                cycles.append(" -> ".join(path[path.index(nxt) :] + [node, nxt]) if nxt in path else f"{node} -> {nxt}")
             elif nxt not in state:
                 walk(nxt, path + [node])
         state[node] = 2
@@ -146,7 +146,8 @@ def test_package_modules_are_imported_inside_functions_only_for_a_heavy_dependen
         seen.add(module)
         parents = [".".join(module.split(".")[:n]) for n in range(2, module.count(".") + 1)]
         return bool(third_party.get(module, set()) & HEAVY) or any(
-            heavy(other, seen) for other in [*parents, *top_level.get(module, ())])
+            heavy(other, seen) for other in [*parents, *top_level.get(module, ())]
+        )
 
     problems = []
     for i in imports:

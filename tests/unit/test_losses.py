@@ -50,8 +50,9 @@ def test_regression_losses_score_float_targets_without_accuracy(name, reference)
 
 def test_huber_delta_is_the_switch_from_quadratic_to_linear():
     outputs, targets = torch.zeros(1, 3), torch.tensor([[0.5, 2.0, 5.0]])
-    assert torch.allclose(loss_for("huber", VALUES, huber_delta=2.0)(outputs, targets),
-                          F.huber_loss(outputs, targets, delta=2.0))
+    assert torch.allclose(
+        loss_for("huber", VALUES, huber_delta=2.0)(outputs, targets), F.huber_loss(outputs, targets, delta=2.0)
+    )
     assert not torch.allclose(loss_for("huber", VALUES)(outputs, targets), F.huber_loss(outputs, targets, delta=2.0))
 
 
@@ -76,17 +77,28 @@ def test_which_loss_fits_which_targets():
             loss_for(refused, spec)
 
 
-@pytest.mark.parametrize(("overrides", "message"), [
-    (["trainer.loss=mse"],
-     "trainer.loss=mse does not fit data=text, which yields token ids; allowed: cross_entropy"),
-    (["job=digits_cnn_cpu", "trainer.loss=bce"],
-     "trainer.loss=bce does not fit data=digits, which yields class ids; allowed: cross_entropy (bce needs float "
-     "targets in [0, 1], one column per label)"),
-    (["job=diabetes_mlp_cpu", "trainer.loss=cross_entropy"],
-     "trainer.loss=cross_entropy does not fit data=diabetes, which yields float targets; allowed: mse, l1, huber"),
-    (["model=mlp", "data=npz", "data.path=x.npz", "data.targets=values", "trainer.loss=cross_entropy"],
-     "trainer.loss=cross_entropy does not fit data=npz, which yields float targets; allowed: mse, l1, huber"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["trainer.loss=mse"],
+            "trainer.loss=mse does not fit data=text, which yields token ids; allowed: cross_entropy",
+        ),
+        (
+            ["job=digits_cnn_cpu", "trainer.loss=bce"],
+            "trainer.loss=bce does not fit data=digits, which yields class ids; allowed: cross_entropy (bce needs float "
+            "targets in [0, 1], one column per label)",
+        ),
+        (
+            ["job=diabetes_mlp_cpu", "trainer.loss=cross_entropy"],
+            "trainer.loss=cross_entropy does not fit data=diabetes, which yields float targets; allowed: mse, l1, huber",
+        ),
+        (
+            ["model=mlp", "data=npz", "data.path=x.npz", "data.targets=values", "trainer.loss=cross_entropy"],
+            "trainer.loss=cross_entropy does not fit data=npz, which yields float targets; allowed: mse, l1, huber",
+        ),
+    ],
+)
 def test_the_schema_refuses_a_loss_that_does_not_fit_the_data(overrides, message):
     with pytest.raises(UserError) as caught:
         to_config(compose(overrides))
@@ -94,9 +106,11 @@ def test_the_schema_refuses_a_loss_that_does_not_fit_the_data(overrides, message
 
 
 def test_the_schema_accepts_each_loss_where_it_fits():
-    for overrides in (["job=diabetes_mlp_cpu", "trainer.loss=huber", "trainer.huber_delta=0.5"],
-                      ["model=mlp", "data=npz", "data.path=x.npz", "data.targets=probabilities", "trainer.loss=bce"],
-                      ["job=digits_mlp_cpu"]):
+    for overrides in (
+        ["job=diabetes_mlp_cpu", "trainer.loss=huber", "trainer.huber_delta=0.5"],
+        ["model=mlp", "data=npz", "data.path=x.npz", "data.targets=probabilities", "trainer.loss=bce"],
+        ["job=digits_mlp_cpu"],
+    ):
         to_config(compose(overrides))
     with pytest.raises(UserError, match="trainer.huber_delta must be > 0"):
         to_config(compose(["job=diabetes_mlp_cpu", "trainer.loss=huber", "trainer.huber_delta=0"]))

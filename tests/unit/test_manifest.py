@@ -12,15 +12,17 @@ from orchestrator.checkpoints import manifest
 from orchestrator.errors import UserError
 
 
-def make_checkpoint(root: Path, step: int, payload: bytes = b"weights", *, strategy: str = "ddp",
-                    world_size: int = 2) -> Path:
+def make_checkpoint(
+    root: Path, step: int, payload: bytes = b"weights", *, strategy: str = "ddp", world_size: int = 2
+) -> Path:
     directory = root / manifest.step_dir_name(step)
     (directory / "rng").mkdir(parents=True)
     (directory / "model.pt").write_bytes(payload)
     (directory / "rng" / "rank-00000.pt").write_bytes(b"rng")
     files = {name: manifest.file_entry(directory / name) for name in ("model.pt", "rng/rank-00000.pt")}
-    manifest.write_manifest(directory, files=files, step=step, world_size=world_size, strategy=strategy,
-                            model_shapes={"weight": [2, 2]})
+    manifest.write_manifest(
+        directory, files=files, step=step, world_size=world_size, strategy=strategy, model_shapes={"weight": [2, 2]}
+    )
     return directory
 
 
@@ -93,8 +95,9 @@ def test_run_dir_resolves_to_its_newest_valid_checkpoint(tmp_path: Path) -> None
 
 def _relist(directory: Path, files: dict[str, dict]) -> None:
     """Rewrites the manifest with ``files`` (what someone handing over a checkpoint controls)."""
-    manifest.write_manifest(directory, files=files, step=10, world_size=2, strategy="ddp",
-                            model_shapes={"weight": [2, 2]})
+    manifest.write_manifest(
+        directory, files=files, step=10, world_size=2, strategy="ddp", model_shapes={"weight": [2, 2]}
+    )
 
 
 def _listed(directory: Path) -> dict[str, dict]:
@@ -106,14 +109,25 @@ def _listed(directory: Path) -> dict[str, dict]:
     [
         (lambda d, outside: (d / "extra.pt").write_bytes(b"unhashed"), "extra.pt is not in the manifest"),
         (lambda d, outside: _relist(d, {}), "the manifest lists no files"),
-        (lambda d, outside: _relist(d, {**_listed(d), "../secret": {"size": 1, "sha256": "0"}}),
-         "'../secret', a path outside the checkpoint"),
-        (lambda d, outside: _relist(d, {**_listed(d), str(outside): {"size": 1, "sha256": "0"}}),
-         "a path outside the checkpoint"),
-        (lambda d, outside: ((d / "model.pt").unlink(), (d / "model.pt").symlink_to(outside)),
-         "model.pt is a symbolic link"),
-        (lambda d, outside: ((d / "rng").rename(outside.with_name("rng")), (d / "rng").symlink_to(outside.with_name("rng"))),
-         "rng is a symbolic link"),
+        (
+            lambda d, outside: _relist(d, {**_listed(d), "../secret": {"size": 1, "sha256": "0"}}),
+            "'../secret', a path outside the checkpoint",
+        ),
+        (
+            lambda d, outside: _relist(d, {**_listed(d), str(outside): {"size": 1, "sha256": "0"}}),
+            "a path outside the checkpoint",
+        ),
+        (
+            lambda d, outside: ((d / "model.pt").unlink(), (d / "model.pt").symlink_to(outside)),
+            "model.pt is a symbolic link",
+        ),
+        (
+            lambda d, outside: (
+                (d / "rng").rename(outside.with_name("rng")),
+                (d / "rng").symlink_to(outside.with_name("rng")),
+            ),
+            "rng is a symbolic link",
+        ),
         (lambda d, outside: os.mkfifo(d / "pipe"), "pipe is not a regular file"),
     ],
     ids=["unlisted file", "empty list", "dot-dot", "absolute path", "symlinked file", "symlinked dir", "fifo"],

@@ -34,7 +34,11 @@ needs_transformers = pytest.mark.skipif(
     importlib.util.find_spec("transformers") is None, reason="needs the hf extra: pip install 'orchestrator[hf]'"
 )
 TINY_LLAMA = dict(
-    model_type="llama", hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+    model_type="llama",
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
     intermediate_size=128,
 )
 # gpt2's default special tokens (50256) lie outside a 64-token vocabulary; transformers warns about them.
@@ -140,8 +144,9 @@ def test_meta_build_skips_random_fills_and_imports_no_compiler() -> None:
         "assert all(p.is_meta for p in model.parameters())\n"
         "print(sorted(name for name in sys.modules if name.startswith('torch._dynamo'))[:1])\n"
     )
-    result = subprocess.run([sys.executable, "-c", code.replace("x.normal_()\n", "")], capture_output=True,
-                            text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", code.replace("x.normal_()\n", "")], capture_output=True, text=True, check=True
+    )
     assert result.stdout.strip() == "[]"
     contrast = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert contrast.stdout.strip() == "['torch._dynamo']"
@@ -364,10 +369,16 @@ def test_hf_flops_per_token_follow_the_formula() -> None:
 
 @needs_transformers
 def test_hf_llama_70b_counted_on_meta() -> None:
-    cfg = HFConfig(config=dict(
-        model_type="llama", hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8,
-        intermediate_size=28672,
-    ))
+    cfg = HFConfig(
+        config=dict(
+            model_type="llama",
+            hidden_size=8192,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            intermediate_size=28672,
+        )
+    )
     data = DataSpec(kind=SampleKind.tokens, vocab_size=128256, seq_len=8192)
     with torch.device("meta"):
         model = build_model(cfg, data)

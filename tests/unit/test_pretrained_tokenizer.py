@@ -20,8 +20,10 @@ from orchestrator.export.tokenizer import find_tokenizer
 from tests.unit.test_data import write_corpus
 
 # Llama 3's pre-tokenizer: tiktoken's regex, then bytes. It keeps punctuation and the line breaks after it together.
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
-                  r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_PATTERN = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+    r"\s*[\r\n]+|\s+(?!\S)|\s+"
+)
 
 
 def _trained(pre_tokenizer, *, texts: list[str], normalizer=None) -> Tokenizer:
@@ -29,8 +31,12 @@ def _trained(pre_tokenizer, *, texts: list[str], normalizer=None) -> Tokenizer:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.normalizer = normalizer
     tokenizer.pre_tokenizer = pre_tokenizer
-    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(texts, trainer=trainer)
     tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return tokenizer
@@ -38,12 +44,14 @@ def _trained(pre_tokenizer, *, texts: list[str], normalizer=None) -> Tokenizer:
 
 def llama3_like(texts: list[str]) -> Tokenizer:
     split = pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated")
-    return _trained(pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False,
-                                                                              use_regex=False)]), texts=texts)
+    return _trained(
+        pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]), texts=texts
+    )
 
 
-def save_pretrained(directory: Path, tokenizer: Tokenizer, *, eos_token: str | None = "</s>",
-                    model: dict | None = None) -> Path:
+def save_pretrained(
+    directory: Path, tokenizer: Tokenizer, *, eos_token: str | None = "</s>", model: dict | None = None
+) -> Path:
     """``tokenizer`` as save_pretrained leaves it: tokenizer.json, tokenizer_config.json, special_tokens_map.json,
     and the model's config.json when ``model`` is given."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -74,8 +82,13 @@ def _stream(cfg: TextDataConfig) -> list[int]:
 
 
 def _config(tmp_path: Path, corpus: Path, directory: Path) -> TextDataConfig:
-    return TextDataConfig(paths=[str(corpus)], cache_dir=str(tmp_path / "cache"), seq_len=16,
-                          tokenizer=TokenizerKind.pretrained, tokenizer_dir=str(directory))
+    return TextDataConfig(
+        paths=[str(corpus)],
+        cache_dir=str(tmp_path / "cache"),
+        seq_len=16,
+        tokenizer=TokenizerKind.pretrained,
+        tokenizer_dir=str(directory),
+    )
 
 
 def test_data_text_takes_model_pretrained_tokenizer_unless_told_otherwise(tmp_path: Path, corpus: Path) -> None:
@@ -87,8 +100,9 @@ def test_data_text_takes_model_pretrained_tokenizer_unless_told_otherwise(tmp_pa
     data = to_config(compose([*common, f"model.pretrained={with_tokenizer}"])).data
     assert (data.tokenizer, data.tokenizer_dir) == (TokenizerKind.pretrained, str(with_tokenizer))
     for kind in ("bytes", "bpe"):  # the user's choice stands
-        assert to_config(compose([*common, f"model.pretrained={with_tokenizer}", f"data.tokenizer={kind}"])
-                         ).data.tokenizer is TokenizerKind(kind)
+        assert to_config(
+            compose([*common, f"model.pretrained={with_tokenizer}", f"data.tokenizer={kind}"])
+        ).data.tokenizer is TokenizerKind(kind)
     assert to_config(compose([*common, f"model.pretrained={without}"])).data.tokenizer is TokenizerKind.bpe
     assert to_config(compose(["model=gpt", "data=text", f"data.paths=[{corpus}]"])).data.tokenizer is TokenizerKind.bpe
     # Any model can train on another directory's tokenizer.
@@ -97,8 +111,9 @@ def test_data_text_takes_model_pretrained_tokenizer_unless_told_otherwise(tmp_pa
     assert (data.tokenizer, data.tokenizer_dir) == (TokenizerKind.pretrained, str(with_tokenizer))
 
 
-def test_the_corpus_is_each_text_encoded_whole_and_ended_by_eos(tmp_path: Path, corpus: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_corpus_is_each_text_encoded_whole_and_ended_by_eos(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = _config(tmp_path, corpus, tmp_path / "model")
     tokenizer = llama3_like(_texts(cfg))
     save_pretrained(tmp_path / "model", tokenizer, model={"vocab_size": 1000})
@@ -118,11 +133,13 @@ def test_the_corpus_is_each_text_encoded_whole_and_ended_by_eos(tmp_path: Path, 
     # BPE's cuts would not do here: this pre-tokenizer keeps "):\n" together, which a cut before "\n" splits.
     pieces = ["def f(x):", "\n    return x\n"]
     assert tokenizer.encode("".join(pieces), add_special_tokens=False).ids != sum(
-        (tokenizer.encode(piece, add_special_tokens=False).ids for piece in pieces), [])
+        (tokenizer.encode(piece, add_special_tokens=False).ids for piece in pieces), []
+    )
 
 
-def test_a_tokenizer_that_marks_where_its_input_starts_gets_whole_texts(tmp_path: Path, corpus: Path,
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_tokenizer_that_marks_where_its_input_starts_gets_whole_texts(
+    tmp_path: Path, corpus: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Llama 2's normalizer puts "▁" before every input: a text cut before a space would get two."""
     cfg = _config(tmp_path, corpus, tmp_path / "model")
     llama2 = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
@@ -130,12 +147,14 @@ def test_a_tokenizer_that_marks_where_its_input_starts_gets_whole_texts(tmp_path
     save_pretrained(tmp_path / "model", tokenizer)
     monkeypatch.setattr(bpe, "PIECE_CHARS", 40)
     prepare_data(cfg)
-    whole = [tokenizer.encode(text, add_special_tokens=False).ids + [tokenizer.token_to_id("</s>")]
-             for text in _texts(cfg)]
+    whole = [
+        tokenizer.encode(text, add_special_tokens=False).ids + [tokenizer.token_to_id("</s>")] for text in _texts(cfg)
+    ]
     assert _stream(cfg) == sum(whole, [])
     pieces = [piece for text in _texts(cfg) for piece, _ in bpe._pieces(text, cut=bpe._PRETRAINED_CUT)]
-    assert len(pieces) > 100 and sum((tokenizer.encode(p, add_special_tokens=False).ids for p in pieces), []) != \
-        sum((ids[:-1] for ids in whole), [])
+    assert len(pieces) > 100 and sum((tokenizer.encode(p, add_special_tokens=False).ids for p in pieces), []) != sum(
+        (ids[:-1] for ids in whole), []
+    )
 
 
 def test_a_128k_vocabulary_is_stored_as_uint32(tmp_path: Path, corpus: Path) -> None:
@@ -189,20 +208,32 @@ def test_the_export_ships_the_pretrained_tokenizers_own_files(tmp_path: Path, co
     found = find_tokenizer(cfg)
     assert found.warning is None and found.end_of_text_id == 1 and found.note.startswith("pretrained, 1000 ids")
     texts = found.texts(model_max_length=16)
-    assert texts == {name: (tmp_path / "model" / name).read_text()
-                     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")}
+    assert texts == {
+        name: (tmp_path / "model" / name).read_text()
+        for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+    }
 
 
-@pytest.mark.parametrize(("case", "message"), [
-    ("no tokenizer.json", r"^data.tokenizer_dir=.*/model: no tokenizer.json there"),
-    ("not a tokenizer", r"^data.tokenizer_dir=.*/model: .*/model/tokenizer.json is not a tokenizer tokenizers "
-                        r"can read"),
-    ("past the vocabulary", r"^data.tokenizer_dir=.*/model: .*/model/tokenizer.json has ids up to 599, past the "
-                            r"model's vocab_size=512 \(.*/model/config.json\): not this model's tokenizer$"),
-    ("bad config.json", r"^data.tokenizer_dir=.*/model: .*/model/config.json is not readable JSON"),
-])
-def test_bad_pretrained_tokenizers_are_one_line_naming_the_file(case: str, message: str, tmp_path: Path,
-                                                                corpus: Path) -> None:
+@pytest.mark.parametrize(
+    ("case", "message"),
+    [
+        ("no tokenizer.json", r"^data.tokenizer_dir=.*/model: no tokenizer.json there"),
+        (
+            "not a tokenizer",
+            r"^data.tokenizer_dir=.*/model: .*/model/tokenizer.json is not a tokenizer tokenizers "
+            r"can read",
+        ),
+        (
+            "past the vocabulary",
+            r"^data.tokenizer_dir=.*/model: .*/model/tokenizer.json has ids up to 599, past the "
+            r"model's vocab_size=512 \(.*/model/config.json\): not this model's tokenizer$",
+        ),
+        ("bad config.json", r"^data.tokenizer_dir=.*/model: .*/model/config.json is not readable JSON"),
+    ],
+)
+def test_bad_pretrained_tokenizers_are_one_line_naming_the_file(
+    case: str, message: str, tmp_path: Path, corpus: Path
+) -> None:
     cfg = _config(tmp_path, corpus, tmp_path / "model")
     save_pretrained(tmp_path / "model", llama3_like(_texts(cfg)), model={"vocab_size": 512})
     if case == "no tokenizer.json":

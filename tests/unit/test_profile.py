@@ -21,8 +21,10 @@ from orchestrator.train.profile import StepProfiler
     [
         (["trainer.profile.start_step=-1"], "trainer.profile.start_step must be >= 0, got -1"),
         (["trainer.profile.steps=-2"], "trainer.profile.steps must be >= 0 (0 = off), got -2"),
-        (["trainer.max_steps=30", "trainer.profile.start_step=25", "trainer.profile.steps=10"],
-         "trainer.profile.start_step=25 + trainer.profile.steps=10 exceeds trainer.max_steps=30"),
+        (
+            ["trainer.max_steps=30", "trainer.profile.start_step=25", "trainer.profile.steps=10"],
+            "trainer.profile.start_step=25 + trainer.profile.steps=10 exceeds trainer.max_steps=30",
+        ),
     ],
 )
 def test_bad_profile_window_is_one_line_naming_the_key(overrides: list[str], expected: str) -> None:
@@ -54,8 +56,9 @@ def _train(profiler: StepProfiler, steps: range) -> None:
 
 
 def test_the_window_is_traced_with_one_named_range_per_step(tmp_path: Path) -> None:
-    profiler = StepProfiler.create(ProfileConfig(start_step=1, steps=2), run_dir=tmp_path, rank=3,
-                                   device=torch.device("cpu"), next_step=1)
+    profiler = StepProfiler.create(
+        ProfileConfig(start_step=1, steps=2), run_dir=tmp_path, rank=3, device=torch.device("cpu"), next_step=1
+    )
     _train(profiler, range(1, 6))
     profiler.close()  # the run's end: nothing left to write
 
@@ -71,8 +74,9 @@ def test_the_window_is_traced_with_one_named_range_per_step(tmp_path: Path) -> N
 
 
 def test_a_window_the_run_cuts_short_keeps_the_steps_that_ran(tmp_path: Path) -> None:
-    profiler = StepProfiler.create(ProfileConfig(start_step=0, steps=10), run_dir=tmp_path, rank=0,
-                                   device=torch.device("cpu"), next_step=1)
+    profiler = StepProfiler.create(
+        ProfileConfig(start_step=0, steps=10), run_dir=tmp_path, rank=0, device=torch.device("cpu"), next_step=1
+    )
     _train(profiler, range(1, 4))  # early stopping after step 3
     profiler.close()
     assert profile.read_top_ops(tmp_path)["steps"] == [1, 2, 3]

@@ -149,5 +149,7 @@ def test_eval_indices_are_fixed_sharded_and_wrap():
     per_rank = [eval_indices(10, batches=2, micro_batch_size=3, rank=r, world_size=2) for r in range(2)]
     assert [b.tolist() for b in per_rank[0]] == [[0, 1, 2], [6, 7, 8]]
     assert [b.tolist() for b in per_rank[1]] == [[3, 4, 5], [9, 0, 1]]
-    assert all(np.array_equal(a, b) for a, b in zip(per_rank[0], eval_indices(
-        10, batches=2, micro_batch_size=3, rank=0, world_size=2)))
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(per_rank[0], eval_indices(10, batches=2, micro_batch_size=3, rank=0, world_size=2))
+    )

@@ -44,9 +44,16 @@ def test_onecycle_rises_then_falls_like_torch_onecycle() -> None:
     values = lrs(cfg)
     param = nn.Parameter(torch.zeros(1))
     optimizer = torch.optim.SGD([param], lr=1.0)
-    reference = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1.0, total_steps=100, pct_start=0.3,
-                                                    div_factor=25.0, final_div_factor=1e4,
-                                                    cycle_momentum=False, three_phase=False)
+    reference = torch.optim.lr_scheduler.OneCycleLR(
+        optimizer,
+        max_lr=1.0,
+        total_steps=100,
+        pct_start=0.3,
+        div_factor=25.0,
+        final_div_factor=1e4,
+        cycle_momentum=False,
+        three_phase=False,
+    )
     expected = []
     for _ in range(100):
         expected.append(optimizer.param_groups[0]["lr"])

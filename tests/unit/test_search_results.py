@@ -15,9 +15,17 @@ from orchestrator.search.results import search_section, write_best_job
 
 
 def _plan(tmp_path: Path, *extra: str) -> SearchPlan:
-    return plan_search(["job=gpt_tiny_cpu", "launcher.num_workers=1", "search.num_samples=5",
-                        f"search.output_dir={tmp_path / 'search'}", "optim.lr=tag(log,interval(1e-4,1e-2))", *extra],
-                       check_machine=False)
+    return plan_search(
+        [
+            "job=gpt_tiny_cpu",
+            "launcher.num_workers=1",
+            "search.num_samples=5",
+            f"search.output_dir={tmp_path / 'search'}",
+            "optim.lr=tag(log,interval(1e-4,1e-2))",
+            *extra,
+        ],
+        check_machine=False,
+    )
 
 
 def _record(plan: SearchPlan) -> SearchRecord:
@@ -66,8 +74,9 @@ def test_the_report_draws_every_trial_and_marks_the_best(tmp_path: Path) -> None
     for trial, losses in zip(record.trials, ([5.5, 4.1, 3.5], [5.5, 5.2], [5.5])):
         run_dir = plan.search_dir / trial.name
         run_dir.mkdir(parents=True)
-        (run_dir / "metrics.jsonl").write_text("".join(json.dumps({"step": 5 * i, "eval_loss": loss}) + "\n"
-                                                       for i, loss in enumerate(losses)))
+        (run_dir / "metrics.jsonl").write_text(
+            "".join(json.dumps({"step": 5 * i, "eval_loss": loss}) + "\n" for i, loss in enumerate(losses))
+        )
     html = search_section(plan.search_dir, record)
     assert 'data-chart="search_eval_loss"' in html
     assert 'data-series="trial-000 (best)"' in html and 'data-series="trial-001"' in html

@@ -74,8 +74,15 @@ class FakeJobAPI:
                 if self.path == "/api/version":
                     self._reply(200, {"version": "4", "ray_version": ray.__version__, "ray_commit": "test"})
                 elif self.path.startswith("/api/jobs/") and self.path.count("/") == 3:
-                    self._reply(200, {"type": "SUBMISSION", "status": "RUNNING", "entrypoint": "python",
-                                      "submission_id": self.path.rsplit("/", 1)[1]})
+                    self._reply(
+                        200,
+                        {
+                            "type": "SUBMISSION",
+                            "status": "RUNNING",
+                            "entrypoint": "python",
+                            "submission_id": self.path.rsplit("/", 1)[1],
+                        },
+                    )
                 else:
                     self._reply(404)
 
@@ -146,15 +153,36 @@ def _carried(upload: bytes) -> set[str]:
         return {name for name in archive.namelist() if not name.endswith("/")}
 
 
-SECRETS = [".env", ".env.production", "sub/.env.local", ".netrc", "server.pem", "certs/tls.key", "id_rsa",
-           ".aws/credentials", ".ssh/id_ed25519", ".config/orchestrator/clusters/local/token", "auth_token",
-           "hf_token.txt", "sub/github-token", "credentials.json", "client_secret.json"]
-PROJECT = ["train.py", "orchestrator/data/tokens.py", "conf/data/synthetic_tokens.yaml", "tokenizer.json",
-           ".gitignore", "sub/notes.md"]
+SECRETS = [
+    ".env",
+    ".env.production",
+    "sub/.env.local",
+    ".netrc",
+    "server.pem",
+    "certs/tls.key",
+    "id_rsa",
+    ".aws/credentials",
+    ".ssh/id_ed25519",
+    ".config/orchestrator/clusters/local/token",
+    "auth_token",
+    "hf_token.txt",
+    "sub/github-token",
+    "credentials.json",
+    "client_secret.json",
+]
+PROJECT = [
+    "train.py",
+    "orchestrator/data/tokens.py",
+    "conf/data/synthetic_tokens.yaml",
+    "tokenizer.json",
+    ".gitignore",
+    "sub/notes.md",
+]
 
 
-def test_submit_never_carries_secrets_whatever_gitignore_says(api: FakeJobAPI, tmp_path: Path,
-                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_submit_never_carries_secrets_whatever_gitignore_says(
+    api: FakeJobAPI, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     project = tmp_path / "project"
     for name in SECRETS + PROJECT:
         (project / name).parent.mkdir(parents=True, exist_ok=True)
@@ -175,9 +203,12 @@ def test_submit_carries_every_file_of_the_project_a_job_runs(api: FakeJobAPI, tm
     jobs.submit(cluster, [["job=gpt_tiny_cpu"]], group=None)
 
     carried = _carried(api.uploads[0])
-    needed = {str(path.relative_to(jobs.PROJECT_DIR))
-              for pattern in ("orchestrator/**/*.py", "conf/**/*.yaml", "jobs/**/*.py", "pyproject.toml")
-              for path in jobs.PROJECT_DIR.glob(pattern) if "__pycache__" not in path.parts}
+    needed = {
+        str(path.relative_to(jobs.PROJECT_DIR))
+        for pattern in ("orchestrator/**/*.py", "conf/**/*.yaml", "jobs/**/*.py", "pyproject.toml")
+        for path in jobs.PROJECT_DIR.glob(pattern)
+        if "__pycache__" not in path.parts
+    }
     assert "orchestrator/data/tokens.py" in needed and needed <= carried, sorted(needed - carried)
 
 
@@ -187,15 +218,31 @@ def test_the_entrypoint_quotes_every_argument(api: FakeJobAPI, tmp_path: Path) -
     cluster = Cluster(name="fake", address=api.url, token_file=None, storage=storage)
 
     [submission] = jobs.submit(cluster, [["job=gpt_tiny_cpu"]], group=None)
-    jobs.submit_experiment(cluster, "scale", ["job=gpt_tiny_cpu", f"logger.group=a b; touch {pwned} #"],
-                           job="gpt_tiny_cpu", metadata={})
+    jobs.submit_experiment(
+        cluster, "scale", ["job=gpt_tiny_cpu", f"logger.group=a b; touch {pwned} #"], job="gpt_tiny_cpu", metadata={}
+    )
 
     submitted, experiment = (body["entrypoint"] for body in api.submissions)
     assert submission.run_dir.startswith(storage)
-    assert shlex.split(submitted) == ["python", "-m", "orchestrator", "run-submitted", "--run-dir", submission.run_dir,
-                                      "--job", "gpt_tiny_cpu"]
-    assert shlex.split(experiment) == ["python", "-m", "orchestrator", "scale", "job=gpt_tiny_cpu",
-                                       f"logger.group=a b; touch {pwned} #", "launcher.address=auto"]
+    assert shlex.split(submitted) == [
+        "python",
+        "-m",
+        "orchestrator",
+        "run-submitted",
+        "--run-dir",
+        submission.run_dir,
+        "--job",
+        "gpt_tiny_cpu",
+    ]
+    assert shlex.split(experiment) == [
+        "python",
+        "-m",
+        "orchestrator",
+        "scale",
+        "job=gpt_tiny_cpu",
+        f"logger.group=a b; touch {pwned} #",
+        "launcher.address=auto",
+    ]
     for entrypoint in (submitted, experiment):  # as Ray runs it: in a shell
         subprocess.run(["sh", "-c", entrypoint.replace("python", "true", 1)], check=True, cwd=tmp_path)
     assert not pwned.exists()
@@ -205,8 +252,12 @@ def test_a_search_is_checked_here_and_submitted_as_one_job(api: FakeJobAPI, tmp_
     from orchestrator.search.command import submit_search
 
     cluster = Cluster(name="fake", address=api.url, token_file=None, storage=str(tmp_path / "shared"))
-    search = ["job=gpt_tiny_cpu", "launcher.num_workers=1", "search.num_samples=8",
-              "optim.lr=tag(log,interval(1e-4,1e-2))"]
+    search = [
+        "job=gpt_tiny_cpu",
+        "launcher.num_workers=1",
+        "search.num_samples=8",
+        "optim.lr=tag(log,interval(1e-4,1e-2))",
+    ]
     with pytest.raises(UserError, match="model.n_layer=range"):  # refused before anything is sent
         submit_search(cluster, [*search, "model.n_layer=range(3,3)"])
     assert not api.submissions
@@ -214,21 +265,38 @@ def test_a_search_is_checked_here_and_submitted_as_one_job(api: FakeJobAPI, tmp_
     job_id, search_dir = submit_search(cluster, search)
     [body] = api.submissions
     assert body["submission_id"] == job_id and search_dir == f"{tmp_path}/shared/search/gpt_tiny_cpu"
-    assert shlex.split(body["entrypoint"]) == ["python", "-m", "orchestrator", "search", *search,
-                                               f"search.output_dir={search_dir}", "launcher.address=auto"]
+    assert shlex.split(body["entrypoint"]) == [
+        "python",
+        "-m",
+        "orchestrator",
+        "search",
+        *search,
+        f"search.output_dir={search_dir}",
+        "launcher.address=auto",
+    ]
 
 
-@pytest.mark.parametrize("call", [jobs.client, jobs.list_jobs, lambda cluster: jobs.job_info(cluster, "some-job"),
-                                  lambda cluster: jobs.job_logs(cluster, "some-job", follow=True)],
-                         ids=["client", "list", "status", "logs-follow"])
-def test_a_head_that_never_answers_is_an_error_not_a_hang(silent_head: str, call: Callable[[Cluster], Any],
-                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "call",
+    [
+        jobs.client,
+        jobs.list_jobs,
+        lambda cluster: jobs.job_info(cluster, "some-job"),
+        lambda cluster: jobs.job_logs(cluster, "some-job", follow=True),
+    ],
+    ids=["client", "list", "status", "logs-follow"],
+)
+def test_a_head_that_never_answers_is_an_error_not_a_hang(
+    silent_head: str, call: Callable[[Cluster], Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(jobs, "RESPONSE_TIMEOUT_S", 1.0)
     cluster = Cluster(name="silent", address=silent_head, token_file=None)
     with pytest.raises(UserError) as error:
         _within_guard(lambda: call(cluster))
-    assert str(error.value) == (f"cluster=silent: {silent_head} accepted the connection but did not answer within "
-                                f"1 s; is it a Ray dashboard, and is the head overloaded?")
+    assert str(error.value) == (
+        f"cluster=silent: {silent_head} accepted the connection but did not answer within "
+        f"1 s; is it a Ray dashboard, and is the head overloaded?"
+    )
 
 
 def test_following_logs_ends_with_an_error_when_the_head_stops_answering(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -83,12 +83,6 @@ class Offload(str, Enum):
     cpu = "cpu"
 
 
-class InitDevice(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    meta = "meta"
-
-
 class SampleKind(str, Enum):
     """What a dataset yields and a model consumes."""
 
@@ -96,20 +90,20 @@ class SampleKind(str, Enum):
     images = "images"
 
 
-def _require(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
     if not condition:
         raise ValueError(message)
 
 
-def _positive(prefix: str, **values: float) -> None:
+def positive(prefix: str, **values: float) -> None:
     # inf passes `> 0` and nan fails every comparison with a misleading message: say finite.
     for key, value in values.items():
-        _require(math.isfinite(value) and value > 0, f"{prefix}.{key} must be > 0 and finite, got {value}")
+        require(math.isfinite(value) and value > 0, f"{prefix}.{key} must be > 0 and finite, got {value}")
 
 
-def _non_negative(prefix: str, *, note: str = "", **values: float) -> None:
+def non_negative(prefix: str, *, note: str = "", **values: float) -> None:
     for key, value in values.items():
-        _require(math.isfinite(value) and value >= 0, f"{prefix}.{key} must be >= 0 and finite{note}, got {value}")
+        require(math.isfinite(value) and value >= 0, f"{prefix}.{key} must be >= 0 and finite{note}, got {value}")
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -134,12 +128,12 @@ class LoRAConfig:
     base_dtype: Precision = Precision.fp32
 
     def __post_init__(self) -> None:
-        _require(self.rank >= 0, f"model.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
-        _positive("model.lora", alpha=self.alpha)
-        _require(0.0 <= self.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {self.dropout}")
-        _require(self.base_dtype is not Precision.fp16, "model.lora.base_dtype must be fp32 or bf16, got fp16")
+        require(self.rank >= 0, f"model.lora.rank must be >= 0 (0 = no LoRA), got {self.rank}")
+        positive("model.lora", alpha=self.alpha)
+        require(0.0 <= self.dropout < 1.0, f"model.lora.dropout must be in [0, 1), got {self.dropout}")
+        require(self.base_dtype is not Precision.fp16, "model.lora.base_dtype must be fp32 or bf16, got fp16")
         if self.rank == 0:
-            _require(
+            require(
                 not self.target_modules and self.base_dtype is Precision.fp32,
                 "model.lora.target_modules and model.lora.base_dtype need model.lora.rank > 0",
             )
@@ -178,16 +172,16 @@ class GPTConfig(ModelConfig):
     input_kind: ClassVar[SampleKind] = SampleKind.tokens
 
     def __post_init__(self) -> None:
-        _positive("model", n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
-        _require(
+        positive("model", n_layer=self.n_layer, n_head=self.n_head, n_embd=self.n_embd)
+        require(
             self.n_embd % self.n_head == 0,
             f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}",
         )
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
         if self.vocab_size is not None:
-            _positive("model", vocab_size=self.vocab_size)
+            positive("model", vocab_size=self.vocab_size)
         if self.block_size is not None:
-            _positive("model", block_size=self.block_size)
+            positive("model", block_size=self.block_size)
 
 
 @dataclass(kw_only=True)
@@ -200,10 +194,10 @@ class MLPConfig(ModelConfig):
     input_kind: ClassVar[SampleKind] = SampleKind.images
 
     def __post_init__(self) -> None:
-        _require(len(self.hidden_sizes) > 0, "model.hidden_sizes must list at least one layer width")
+        require(len(self.hidden_sizes) > 0, "model.hidden_sizes must list at least one layer width")
         for width in self.hidden_sizes:
-            _require(width > 0, f"model.hidden_sizes must be positive, got {self.hidden_sizes}")
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+            require(width > 0, f"model.hidden_sizes must be positive, got {self.hidden_sizes}")
+        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(kw_only=True)
@@ -216,10 +210,10 @@ class CNNConfig(ModelConfig):
     input_kind: ClassVar[SampleKind] = SampleKind.images
 
     def __post_init__(self) -> None:
-        _require(len(self.widths) > 0, "model.widths must list at least one stage width")
+        require(len(self.widths) > 0, "model.widths must list at least one stage width")
         for width in self.widths:
-            _require(width > 0, f"model.widths must be positive, got {self.widths}")
-        _positive("model", blocks_per_stage=self.blocks_per_stage)
+            require(width > 0, f"model.widths must be positive, got {self.widths}")
+        positive("model", blocks_per_stage=self.blocks_per_stage)
 
 
 @dataclass(kw_only=True)
@@ -235,8 +229,8 @@ class LSTMConfig(ModelConfig):
     input_kind: ClassVar[SampleKind] = SampleKind.tokens
 
     def __post_init__(self) -> None:
-        _positive("model", n_embd=self.n_embd, hidden_size=self.hidden_size, n_layer=self.n_layer)
-        _require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
+        positive("model", n_embd=self.n_embd, hidden_size=self.hidden_size, n_layer=self.n_layer)
+        require(0.0 <= self.dropout < 1.0, f"model.dropout must be in [0, 1), got {self.dropout}")
 
 
 @dataclass(kw_only=True)
@@ -257,11 +251,11 @@ class HFConfig(ModelConfig):
     input_kind: ClassVar[SampleKind] = SampleKind.tokens
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             self.pretrained is not None or isinstance(self.config.get("model_type"), str),
             "model.config.model_type is required (e.g. llama, gpt2, qwen2, mistral), or model.pretrained=DIR",
         )
-        _require(
+        require(
             self.attn_implementation in ("sdpa", "eager"),
             f"model.attn_implementation must be sdpa or eager, got {self.attn_implementation!r}",
         )
@@ -303,16 +297,16 @@ class TextDataConfig(DataConfig):
     cache_dir: str = "~/.cache/orchestrator"
 
     def __post_init__(self) -> None:
-        _positive("data", seq_len=self.seq_len)
-        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
-        _require(self.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {self.max_bytes}")
-        _require(
+        positive("data", seq_len=self.seq_len)
+        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        require(self.max_bytes >= 0, f"data.max_bytes must be >= 0 (0 = no limit), got {self.max_bytes}")
+        require(
             self.tokenizer is not TokenizerKind.pretrained or bool(self.tokenizer_dir),
             "data.tokenizer=pretrained needs data.tokenizer_dir=DIR, a directory with a tokenizer.json "
             "(data=text sets it to model.pretrained)",
         )
         if self.tokenizer is TokenizerKind.bpe:
-            _require(
+            require(
                 512 <= self.vocab_size <= 262144,
                 f"data.vocab_size must be in [512, 262144] for the bpe tokenizer, got {self.vocab_size}",
             )
@@ -333,7 +327,7 @@ class MemmapDataConfig(DataConfig):
     seq_len: int = 256
 
     def __post_init__(self) -> None:
-        _positive("data", seq_len=self.seq_len)
+        positive("data", seq_len=self.seq_len)
 
     @property
     def seq_len_or_none(self) -> Optional[int]:
@@ -367,12 +361,12 @@ class AugmentConfig:
     noise_std: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.crop_padding >= 0, f"data.augment.crop_padding must be >= 0 (0 = off), got {self.crop_padding}")
-        _require(
+        require(self.crop_padding >= 0, f"data.augment.crop_padding must be >= 0 (0 = off), got {self.crop_padding}")
+        require(
             0.0 <= self.rotate_degrees <= 180.0,
             f"data.augment.rotate_degrees must be in [0, 180] (0 = off), got {self.rotate_degrees}",
         )
-        _non_negative("data.augment", note=" (0 = off)", noise_std=self.noise_std)
+        non_negative("data.augment", note=" (0 = off)", noise_std=self.noise_std)
 
     @property
     def enabled(self) -> bool:
@@ -395,7 +389,7 @@ class DigitsDataConfig(DataConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
 @dataclass(kw_only=True)
@@ -411,7 +405,7 @@ class DiabetesDataConfig(DataConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)  # feature vectors: noise_std only
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
 @dataclass(kw_only=True)
@@ -432,7 +426,7 @@ class NpzDataConfig(DataConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
+        require(0.0 < self.val_fraction < 0.5, f"data.val_fraction must be in (0, 0.5), got {self.val_fraction}")
 
 
 @dataclass(kw_only=True)
@@ -450,18 +444,18 @@ class SyntheticDataConfig(DataConfig):
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def __post_init__(self) -> None:
-        _positive(
+        positive(
             "data",
             num_samples=self.num_samples,
             seq_len=self.seq_len,
             vocab_size=self.vocab_size,
             num_classes=self.num_classes,
         )
-        _require(
+        require(
             len(self.image_shape) == 3 and all(d > 0 for d in self.image_shape),
             f"data.image_shape must be [channels, height, width], got {self.image_shape}",
         )
-        _require(
+        require(
             self.kind is SampleKind.images or not self.augment.enabled,
             "data.augment applies to images and feature vectors; data.kind=tokens yields token ids",
         )
@@ -481,89 +475,13 @@ class SyntheticDataConfig(DataConfig):
 @dataclass(kw_only=True)
 class StrategyConfig:
     """Options every strategy takes: activation checkpointing and ``torch.compile`` per repeated block,
-    applied in that order before the strategy wraps or shards the model."""
+    applied in that order before the strategy wraps or shards the model. Each strategy's own options
+    are a subclass in its package (``orchestrator/strategies/<package>/__init__.py``)."""
 
     name: str = MISSING
     activation_checkpointing: bool = False
     compile: bool = False
     max_world_size: ClassVar[Optional[int]] = None
-
-
-@dataclass(kw_only=True)
-class SingleStrategyConfig(StrategyConfig):
-    """One process, no data parallelism."""
-
-    name: str = "none"
-    max_world_size: ClassVar[Optional[int]] = 1
-
-
-@dataclass(kw_only=True)
-class DDPConfig(StrategyConfig):
-    """torch DistributedDataParallel: every rank holds the whole model; gradients are all-reduced."""
-
-    name: str = "ddp"
-    bucket_cap_mb: int = 25
-    find_unused_parameters: bool = False
-    static_graph: bool = False
-    gradient_as_bucket_view: bool = True
-
-    def __post_init__(self) -> None:
-        _positive("strategy", bucket_cap_mb=self.bucket_cap_mb)
-
-
-@dataclass(kw_only=True)
-class FSDP2Config(StrategyConfig):
-    """torch FSDP2 (``fully_shard``): parameters, gradients and optimizer state sharded over ranks.
-
-    ``fully_shard`` is applied to each repeated block, then the root. ``init_device=cpu`` builds the
-    whole model on every rank and shards it (the same initial weights as every other strategy);
-    ``meta`` builds it on the meta device and initializes only the local shards (no full copy
-    anywhere, for models that do not fit in host memory). ``auto`` (the default) is ``meta`` when
-    the weights come from a file (``trainer.init_from``) or the model has ``META_INIT_MIN_PARAMS``
-    parameters or more, ``cpu`` otherwise. ``offload_params=cpu`` keeps parameters, gradients and
-    optimizer state in host memory (``CPUOffloadPolicy``), stepping on the CPU.
-    """
-
-    name: str = "fsdp2"
-    reshard_after_forward: bool = True
-    offload_params: Offload = Offload.none
-    init_device: InitDevice = InitDevice.auto
-
-
-ZERO_STAGES = {"zero0": 0, "zero1": 1, "zero2": 2, "zero3": 3}
-
-
-@dataclass(kw_only=True)
-class ZeroConfig(StrategyConfig):
-    """DeepSpeed ZeRO stage 0-3, named ``zero0`` ... ``zero3``.
-
-    The DeepSpeed JSON is generated from the job's own settings (batch sizes, accumulation, clipping,
-    precision); ``deepspeed_overrides`` is merged into it, and may set what the job does not (for
-    example ``zero_optimization.overlap_comm``) but not contradict it.
-    """
-
-    name: str = MISSING
-    offload_optimizer: Offload = Offload.none
-    offload_params: Offload = Offload.none
-    deepspeed_overrides: dict[str, Any] = field(default_factory=dict)
-
-    def __post_init__(self) -> None:
-        _require(
-            self.name in ZERO_STAGES,
-            f"strategy.name={self.name!r} is not a ZeRO stage; choose one of: {', '.join(ZERO_STAGES)}",
-        )
-        if self.offload_optimizer is Offload.cpu:
-            _require(self.stage >= 1, "strategy.offload_optimizer=cpu needs ZeRO stage 1, 2 or 3 (strategy=zero1|2|3)")
-        if self.offload_params is Offload.cpu:
-            _require(
-                self.stage == 3,
-                "strategy.offload_params=cpu needs strategy=zero3 "
-                "(ZeRO-1 and ZeRO-2 keep the full parameters on every rank)",
-            )
-
-    @property
-    def stage(self) -> int:
-        return ZERO_STAGES[self.name]
 
 
 # ------------------------------------------------------------------------------ optimizer and schedule
@@ -582,19 +500,19 @@ class OptimConfig:
     nesterov: bool = False
 
     def __post_init__(self) -> None:
-        _positive("optim", lr=self.lr, eps=self.eps)
-        _non_negative("optim", weight_decay=self.weight_decay)
-        _require(
+        positive("optim", lr=self.lr, eps=self.eps)
+        non_negative("optim", weight_decay=self.weight_decay)
+        require(
             len(self.betas) == 2 and all(0.0 <= b < 1.0 for b in self.betas),
             f"optim.betas must be two numbers in [0, 1), got {self.betas}",
         )
-        _require(0.0 <= self.momentum < 1.0, f"optim.momentum must be in [0, 1), got {self.momentum}")
+        require(0.0 <= self.momentum < 1.0, f"optim.momentum must be in [0, 1), got {self.momentum}")
         if self.name is not OptimName.sgd:
-            _require(
+            require(
                 self.momentum == 0.0 and not self.nesterov,
                 f"optim.momentum and optim.nesterov apply to optim.name=sgd only, not {self.name.value}",
             )
-        _require(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
+        require(not self.nesterov or self.momentum > 0, "optim.nesterov needs optim.momentum > 0")
 
 
 @dataclass(kw_only=True)
@@ -616,13 +534,13 @@ class SchedulerConfig:
     final_div_factor: float = 1e4
 
     def __post_init__(self) -> None:
-        _require(self.warmup_steps >= 0, f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
-        _require(0.0 <= self.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
-        _require(0.0 < self.gamma <= 1.0, f"scheduler.gamma must be in (0, 1], got {self.gamma}")
-        _require(0.0 < self.pct_start < 1.0, f"scheduler.pct_start must be in (0, 1), got {self.pct_start}")
-        _positive("scheduler", div_factor=self.div_factor, final_div_factor=self.final_div_factor)
+        require(self.warmup_steps >= 0, f"scheduler.warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(0.0 <= self.min_lr_ratio <= 1.0, f"scheduler.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        require(0.0 < self.gamma <= 1.0, f"scheduler.gamma must be in (0, 1], got {self.gamma}")
+        require(0.0 < self.pct_start < 1.0, f"scheduler.pct_start must be in (0, 1), got {self.pct_start}")
+        positive("scheduler", div_factor=self.div_factor, final_div_factor=self.final_div_factor)
         if self.name is ScheduleName.onecycle:
-            _require(
+            require(
                 self.warmup_steps == 0,
                 "scheduler.warmup_steps does not apply to onecycle: its rise is scheduler.pct_start",
             )
@@ -641,8 +559,8 @@ class CheckpointConfig:
     async_save: bool = True
 
     def __post_init__(self) -> None:
-        _require(self.every >= 0, f"trainer.checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
-        _require(
+        require(self.every >= 0, f"trainer.checkpoint.every must be >= 0 (0 = only at the end), got {self.every}")
+        require(
             self.keep >= 2,
             f"trainer.checkpoint.keep must be >= 2 (one to fall back on if the newest is damaged), got {self.keep}",
         )
@@ -656,8 +574,8 @@ class EarlyStoppingConfig:
     min_delta: float = 0.0
 
     def __post_init__(self) -> None:
-        _require(self.patience >= 0, f"trainer.early_stopping.patience must be >= 0, got {self.patience}")
-        _non_negative("trainer.early_stopping", min_delta=self.min_delta)
+        require(self.patience >= 0, f"trainer.early_stopping.patience must be >= 0, got {self.patience}")
+        non_negative("trainer.early_stopping", min_delta=self.min_delta)
 
 
 @dataclass(kw_only=True)
@@ -670,8 +588,8 @@ class ProfileConfig:
     record_shapes: bool = False
 
     def __post_init__(self) -> None:
-        _require(self.start_step >= 0, f"trainer.profile.start_step must be >= 0, got {self.start_step}")
-        _require(self.steps >= 0, f"trainer.profile.steps must be >= 0 (0 = off), got {self.steps}")
+        require(self.start_step >= 0, f"trainer.profile.start_step must be >= 0, got {self.start_step}")
+        require(self.steps >= 0, f"trainer.profile.steps must be >= 0 (0 = off), got {self.steps}")
 
 
 class LossName(str, Enum):
@@ -757,7 +675,7 @@ class TrainerConfig:
         return Resume(self.resume)
 
     def __post_init__(self) -> None:
-        _positive(
+        positive(
             "trainer",
             max_steps=self.max_steps,
             global_batch_size=self.global_batch_size,
@@ -765,39 +683,39 @@ class TrainerConfig:
             log_every=self.log_every,
             huber_delta=self.huber_delta,
         )
-        _non_negative("trainer", grad_clip=self.grad_clip, note=" (0 = off)")
-        _require(self.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = never), got {self.eval_every}")
-        _positive("trainer", eval_batches=self.eval_batches)
-        _require(self.max_restarts >= 0, f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
-        _positive("trainer", max_consecutive_skips=self.max_consecutive_skips, storage_timeout_s=self.storage_timeout_s)
-        _require(
+        non_negative("trainer", grad_clip=self.grad_clip, note=" (0 = off)")
+        require(self.eval_every >= 0, f"trainer.eval_every must be >= 0 (0 = never), got {self.eval_every}")
+        positive("trainer", eval_batches=self.eval_batches)
+        require(self.max_restarts >= 0, f"trainer.max_restarts must be >= 0, got {self.max_restarts}")
+        positive("trainer", max_consecutive_skips=self.max_consecutive_skips, storage_timeout_s=self.storage_timeout_s)
+        require(
             self.threads_per_worker >= 0,
             f"trainer.threads_per_worker must be >= 0 (0 = cores / workers), got {self.threads_per_worker}",
         )
-        _require(self.resume.strip() != "", "trainer.resume must be auto, never, or a checkpoint or run dir path")
+        require(self.resume.strip() != "", "trainer.resume must be auto, never, or a checkpoint or run dir path")
         if self.peak_tflops is not None:
-            _positive("trainer", peak_tflops=self.peak_tflops)
+            positive("trainer", peak_tflops=self.peak_tflops)
         if self.freeze:
-            _require(
+            require(
                 self.init_from is not None,
                 "trainer.freeze needs trainer.init_from (freezing untrained modules is almost surely a mistake)",
             )
         if self.early_stopping.patience:
-            _require(self.eval_every > 0, "trainer.early_stopping.patience needs trainer.eval_every > 0")
+            require(self.eval_every > 0, "trainer.early_stopping.patience needs trainer.eval_every > 0")
         if self.profile.steps:
             end = self.profile.start_step + self.profile.steps
-            _require(
+            require(
                 end <= self.max_steps,
                 f"trainer.profile.start_step={self.profile.start_step} + trainer.profile."
                 f"steps={self.profile.steps} exceeds trainer.max_steps={self.max_steps}",
             )
         if self.storage is not None:
-            _require(
+            require(
                 "://" in self.storage,
                 f"trainer.storage must be a URI (s3://bucket/path, gs://..., file:///path), got {self.storage!r}",
             )
             # Not echoed: the message must not carry the secret into logs.
-            _require(
+            require(
                 not _has_credentials(self.storage),
                 "trainer.storage must not hold credentials (user:password@, or a key, secret or token in its "
                 "query): config.yaml and the logs would keep them. Give them the store's usual way: environment "
@@ -832,7 +750,7 @@ class LauncherConfig:
     num_workers: int = 1
 
     def __post_init__(self) -> None:
-        _positive("launcher", num_workers=self.num_workers)
+        positive("launcher", num_workers=self.num_workers)
 
 
 @dataclass(kw_only=True)
@@ -872,7 +790,7 @@ class RayLauncherConfig(LauncherConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive("launcher", cpus_per_worker=self.cpus_per_worker, capacity_timeout_s=self.capacity_timeout_s)
+        positive("launcher", cpus_per_worker=self.cpus_per_worker, capacity_timeout_s=self.capacity_timeout_s)
 
 
 class WandbMode(str, Enum):
@@ -893,7 +811,7 @@ class WandbConfig:
     init_timeout_s: float = 30.0
 
     def __post_init__(self) -> None:
-        _positive("logger.wandb", init_timeout_s=self.init_timeout_s)
+        positive("logger.wandb", init_timeout_s=self.init_timeout_s)
 
 
 @dataclass(kw_only=True)
@@ -909,8 +827,8 @@ class LoggerConfig:
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _positive("logger", resources_every=self.resources_every)
-        _require(self.name in ("jsonl", "wandb"), f"logger.name must be jsonl or wandb, got {self.name!r}")
+        positive("logger", resources_every=self.resources_every)
+        require(self.name in ("jsonl", "wandb"), f"logger.name must be jsonl or wandb, got {self.name!r}")
 
 
 # ---------------------------------------------------------------------------------------- experiments
@@ -926,12 +844,12 @@ class VerifyConfig:
     output_dir: Optional[str] = None
 
     def __post_init__(self) -> None:
-        _require(len(self.strategies) >= 2, f"verify.strategies needs at least two strategies, got {self.strategies}")
-        _require(
+        require(len(self.strategies) >= 2, f"verify.strategies needs at least two strategies, got {self.strategies}")
+        require(
             len(set(self.strategies)) == len(self.strategies),
             f"verify.strategies lists a strategy twice: {self.strategies}",
         )
-        _positive("verify", steps=self.steps, tolerance=self.tolerance)
+        positive("verify", steps=self.steps, tolerance=self.tolerance)
 
 
 class ScaleMode(str, Enum):
@@ -951,18 +869,18 @@ class ScaleConfig:
     output_dir: Optional[str] = None  # default outputs/scale/<job>-<mode>
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             len(self.workers) > 0 and all(n > 0 for n in self.workers),
             f"scale.workers must be positive worker counts, got {self.workers}",
         )
-        _require(len(set(self.workers)) == len(self.workers), f"scale.workers lists a count twice: {self.workers}")
-        _require(len(self.strategies) > 0, "scale.strategies needs at least one strategy")
-        _require(
+        require(len(set(self.workers)) == len(self.workers), f"scale.workers lists a count twice: {self.workers}")
+        require(len(self.strategies) > 0, "scale.strategies needs at least one strategy")
+        require(
             len(set(self.strategies)) == len(self.strategies),
             f"scale.strategies lists a strategy twice: {self.strategies}",
         )
-        _positive("scale", steps=self.steps)
-        _require(
+        positive("scale", steps=self.steps)
+        require(
             0 <= self.warmup_steps < self.steps,
             f"scale.warmup_steps={self.warmup_steps} must be >= 0 and below scale.steps={self.steps}",
         )
@@ -1014,20 +932,20 @@ class SearchConfig:
 
     def __post_init__(self) -> None:
         if self.num_samples is not None:
-            _require(self.num_samples >= 1, f"search.num_samples must be >= 1, got {self.num_samples}")
-        _require(
+            require(self.num_samples >= 1, f"search.num_samples must be >= 1, got {self.num_samples}")
+        require(
             self.max_concurrent >= 0,
             f"search.max_concurrent must be >= 0 (0 = as many as the cluster fits), got {self.max_concurrent}",
         )
-        _require(
+        require(
             self.metric in SEARCH_METRICS,
             f"search.metric={self.metric}: the training loop reports "
             f"{' and '.join(SEARCH_METRICS)} at each eval; choose one",
         )
-        _require(
+        require(
             self.grace_steps >= 0, f"search.grace_steps must be >= 0 (0 = trainer.eval_every), got {self.grace_steps}"
         )
-        _require(self.reduction_factor >= 2, f"search.reduction_factor must be >= 2, got {self.reduction_factor}")
+        require(self.reduction_factor >= 2, f"search.reduction_factor must be >= 2, got {self.reduction_factor}")
 
 
 @dataclass(kw_only=True)
@@ -1039,13 +957,13 @@ class EstimateConfig:
     host_memory_gb: Optional[float] = None  # host memory per rank for offloaded states; None: not checked
 
     def __post_init__(self) -> None:
-        _require(
+        require(
             len(self.world_sizes) > 0 and all(n > 0 for n in self.world_sizes),
             f"estimate.world_sizes must be positive numbers of ranks, got {self.world_sizes}",
         )
-        _positive("estimate", device_memory_gb=self.device_memory_gb)
+        positive("estimate", device_memory_gb=self.device_memory_gb)
         if self.host_memory_gb is not None:
-            _positive("estimate", host_memory_gb=self.host_memory_gb)
+            positive("estimate", host_memory_gb=self.host_memory_gb)
 
 
 # -------------------------------------------------------------------------------------- what runs
@@ -1084,18 +1002,18 @@ class JobConfig:
 
     def __post_init__(self) -> None:
         if self.kind is JobKind.train:
-            _require(
+            require(
                 self.script is None and not self.args and not self.env,
                 "job.script, job.args and job.env apply to script jobs only: add job.kind=script",
             )
             return
-        _require(
+        require(
             bool(self.script and self.script.strip()),
             "job.kind=script needs job.script=PATH, the Python file every worker runs",
         )
-        _require(self.script.endswith(".py"), f"job.script={self.script} is not a Python file (.py)")
+        require(self.script.endswith(".py"), f"job.script={self.script} is not a Python file (.py)")
         for key in self.env:
-            _require(
+            require(
                 key not in SCRIPT_ENV_VARS,
                 f"job.env.{key}: set by the launcher for each worker; it cannot be overridden",
             )
@@ -1126,7 +1044,7 @@ class Config:
             return  # the script brings its own model, data and batches: the rules below are the loop's
         model, data, trainer = self.model, self.data, self.trainer
         world = self.launcher.num_workers
-        _require(
+        require(
             model.input_kind is data.output_kind,
             f"model={model.name} trains on {model.input_kind.value} but data={data.name} yields "
             f"{data.output_kind.value}",
@@ -1140,32 +1058,32 @@ class Config:
         seq_len = data.seq_len_or_none
         block_size = getattr(model, "block_size", None)
         if seq_len is not None and block_size is not None:
-            _require(block_size >= seq_len, f"model.block_size={block_size} is shorter than data.seq_len={seq_len}")
+            require(block_size >= seq_len, f"model.block_size={block_size} is shorter than data.seq_len={seq_len}")
         limit = self.strategy.max_world_size
         if limit is not None:
-            _require(
+            require(
                 world <= limit,
                 f"strategy={self.strategy.name} runs at most {limit} worker(s); launcher.num_workers={world} "
                 f"needs strategy=ddp",
             )
-        _require(
+        require(
             trainer.global_batch_size % world == 0,
             f"trainer.global_batch_size={trainer.global_batch_size} is not divisible by launcher.num_workers={world}",
         )
         per_micro_step = trainer.micro_batch_size * world
-        _require(
+        require(
             trainer.global_batch_size % per_micro_step == 0,
             f"trainer.global_batch_size={trainer.global_batch_size} must be a multiple of "
             f"trainer.micro_batch_size x launcher.num_workers = {trainer.micro_batch_size} x {world}",
         )
         if model.lora.enabled:
-            _require(
+            require(
                 model.lora.base_dtype is Precision.fp32 or trainer.precision is Precision.bf16,
                 f"model.lora.base_dtype=bf16 needs trainer.precision=bf16 (got {trainer.precision.value}): "
                 f"the frozen bf16 weights compute in bf16",
             )
-            _require(not trainer.freeze, "trainer.freeze and model.lora: with LoRA only the adapters train already")
-        _require(
+            require(not trainer.freeze, "trainer.freeze and model.lora: with LoRA only the adapters train already")
+        require(
             self.scheduler.warmup_steps <= trainer.max_steps,
             f"scheduler.warmup_steps={self.scheduler.warmup_steps} exceeds trainer.max_steps={trainer.max_steps}",
         )

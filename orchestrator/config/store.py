@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.config import schema
 from orchestrator.errors import UserError
+from orchestrator.strategies import strategy_names, strategy_spec, strategy_specs
 
 SCHEMAS: dict[str, dict[str, type]] = {
     "model": {
@@ -30,12 +31,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
         "diabetes": schema.DiabetesDataConfig,
         "synthetic": schema.SyntheticDataConfig,
     },
-    "strategy": {
-        "none": schema.SingleStrategyConfig,
-        "ddp": schema.DDPConfig,
-        "fsdp2": schema.FSDP2Config,
-        "zero": schema.ZeroConfig,
-    },
+    # Each strategy's package names its own (orchestrator/strategies/<package>/__init__.py).
+    "strategy": {spec.schema: spec.config for spec in strategy_specs()},
     "optim": {"optim": schema.OptimConfig},
     "scheduler": {"scheduler": schema.SchedulerConfig},
     "trainer": {"trainer": schema.TrainerConfig},
@@ -49,8 +46,8 @@ def schema_for(group: str, name: str | None) -> type:
     options = SCHEMAS[group]
     if len(options) == 1:
         return next(iter(options.values()))
-    if group == "strategy" and name and name.startswith("zero"):
-        name = "zero"
+    if group == "strategy" and name in strategy_names():
+        return strategy_spec(name).config
     if name not in options:
         raise UserError(f"{group}.name={name}: no such {group}; choose one of: {', '.join(options)}")
     return options[name]

@@ -19,7 +19,8 @@ The paper's ZeRO-1/2/3 figures (4Ψ + 12Ψ/N, 2Ψ + 14Ψ/N, 16Ψ/N in mixed prec
 tensors DeepSpeed keeps on the device: an fp32 partition of the gradients (+4Ψ/N, mixed precision)
 and an fp32 master copy of the parameter partition even in fp32 training (+4Ψ/N); ZeRO-1 in bf16
 runs DeepSpeed's BF16_Optimizer, which accumulates gradients in an unpartitioned fp32 buffer
-(+4Ψ, beside the bf16 gradients, +2Ψ). Offloading moves
+(+4Ψ, beside the bf16 gradients, +2Ψ). Each strategy's package holds its numbers (its spec's
+``memory``, ``orchestrator/strategies/<package>/__init__.py``). Offloading moves
 the sharded terms to host memory. Transformers add activations per micro-batch (Korthikanti et al.
 2022: 34·s·b·h bytes per layer in 16-bit, twice that in fp32; their 5·a·s²·b term for the attention
 scores drops because the models use fused SDPA attention, which never stores the s×s matrix; with
@@ -37,102 +38,21 @@ from typing import Any, Callable
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import Config, GPTConfig, HFConfig, Precision
 from orchestrator.data import describe_data
+from orchestrator.strategies import strategy_names, strategy_spec
+from orchestrator.strategies.spec import ModelShape, ModelStates
 
 GIB = 2**30
 SEARCH_WORLD_SIZES = [2**k for k in range(17)]  # up to 65,536 ranks
 
-# Bytes per parameter: (on every rank, sharded over N ranks, on the host sharded over N ranks).
-_MIXED = {
-    ("ddp", "none"): (16, 0, 0),
-    ("fsdp2", "none"): (0, 16, 0),
-    ("fsdp2", "params"): (0, 0, 16),
-    ("zero1", "none"): (4, 16, 0),
-    ("zero1", "optimizer"): (4, 0, 16),
-    ("zero2", "none"): (2, 18, 0),
-    ("zero2", "optimizer"): (2, 0, 16),
-    ("zero3", "none"): (0, 18, 0),
-    ("zero3", "optimizer"): (0, 2, 16),
-    ("zero3", "params+optimizer"): (0, 0, 18),
-}
-_FP32 = {
-    ("ddp", "none"): (16, 0, 0),
-    ("fsdp2", "none"): (0, 16, 0),
-    ("fsdp2", "params"): (0, 0, 16),
-    ("zero1", "none"): (8, 12, 0),
-    ("zero1", "optimizer"): (8, 0, 12),
-    ("zero2", "none"): (4, 16, 0),
-    ("zero2", "optimizer"): (4, 0, 16),
-    ("zero3", "none"): (0, 20, 0),
-    ("zero3", "optimizer"): (0, 4, 16),
-    ("zero3", "params+optimizer"): (0, 0, 20),
-}
-# ZeRO-1 in bf16 (without offload) is DeepSpeed's BF16_Optimizer: bf16 parameters and gradients,
-# and an unpartitioned fp32 gradient accumulation buffer.
-_BF16 = {("zero1", "none"): (8, 12, 0)}
-PLANS = list(_MIXED)
 
-
-@dataclass(frozen=True, kw_only=True)
-class ModelShape:
-    num_params: int
-    largest_layer_params: int  # the module with the most parameters of its own (ZeRO-3's gather buffer)
-    largest_block_params: int  # the largest repeated block (an FSDP2 unit)
-    root_params: int  # everything outside the blocks (FSDP2's root unit: embeddings, head, final norm)
-    trainable_params: int | None = None  # those with gradients and optimizer state (LoRA's adapters); None: all
-    frozen_param_bytes: int = 4  # bytes of each frozen parameter (``model.lora.base_dtype``)
-    layers: int | None = None  # transformer shape, for activations
-    hidden: int | None = None
-    heads: int | None = None
-    vocab: int | None = None
-
-
-@dataclass(frozen=True, kw_only=True)
-class ModelStates:
-    """Per-rank bytes of parameters, gradients and optimizer state under one plan."""
-
-    sharded: int  # on the device: what each rank keeps between steps (the part memory reports measure)
-    working: int  # on the device: buffers gathered for the computation (ZeRO-3's, FSDP2's unsharded units)
-    host: int  # offloaded to host memory
-    startup_host: int = 0  # host memory while the model is built (a whole fp32 model, unless the build is sharded)
-
-    @property
-    def device(self) -> int:
-        return self.sharded + self.working
+def plans() -> list[tuple[str, str]]:
+    """Every (strategy, offload) the estimate compares, as each strategy's spec lists them."""
+    return [(name, offload) for name in strategy_names() for offload in strategy_spec(name).plans(name)]
 
 
 def model_states(strategy: str, offload: str, precision: Precision, shape: ModelShape, world_size: int) -> ModelStates:
-    mixed = precision is not Precision.fp32
-    table = _BF16 if precision is Precision.bf16 else _MIXED if mixed else _FP32
-    replicated, sharded, host = table.get((strategy, offload)) or _MIXED[(strategy, offload)]
-    psi = shape.num_params if shape.trainable_params is None else shape.trainable_params
-    frozen = shape.num_params - psi
-    # Frozen parameters hold their weights only: in their dtype, or DeepSpeed's compute dtype (it casts the
-    # whole module); sharded where the strategy shards parameters, on the host where it offloads them.
-    frozen_bytes = frozen * min(shape.frozen_param_bytes, 2 if mixed and strategy.startswith("zero") else 4)
-    frozen_host = frozen_bytes / world_size if "params" in offload else 0
-    frozen_device = 0 if frozen_host else frozen_bytes / world_size if strategy in ("fsdp2", "zero3") else frozen_bytes
-    working = 0
-    if strategy == "zero3":
-        working = 4 * shape.largest_layer_params
-    elif strategy == "fsdp2":
-        # Unsharded parameters and gradients in the compute dtype: the root unit (kept between forward
-        # and backward), the block being computed and the one prefetched.
-        working = 2 * (2 if mixed else 4) * (shape.root_params + 2 * shape.largest_block_params)
-    return ModelStates(
-        sharded=int(replicated * psi + sharded * psi / world_size + frozen_device),
-        working=working,
-        host=int(host * psi / world_size + frozen_host),
-        startup_host=0 if _builds_sharded(strategy, shape.num_params) else 4 * shape.num_params,
-    )
-
-
-def _builds_sharded(strategy: str, num_params: int) -> bool:
-    """Whether a rank builds only its shards (on the device): ZeRO-3 under ``deepspeed.zero.Init``, FSDP2
-    on the meta device (``strategy.init_device=auto`` from ``META_INIT_MIN_PARAMS`` parameters). Every
-    other plan builds the whole fp32 model in each rank's host memory first."""
-    from orchestrator.strategies.fsdp import META_INIT_MIN_PARAMS  # lazy: imports torch
-
-    return strategy == "zero3" or (strategy == "fsdp2" and num_params >= META_INIT_MIN_PARAMS)
+    """Per-rank bytes of one plan: the strategy's own memory model (its spec's ``memory``)."""
+    return strategy_spec(strategy).memory(strategy, offload, precision, shape, world_size)
 
 
 def activation_bytes(
@@ -223,7 +143,7 @@ def estimate(config: Config) -> dict[str, Any]:
     )
     rows = []
     for precision in precisions:
-        for strategy, offload in PLANS:
+        for strategy, offload in plans():
 
             def per_rank(n: int, ac: bool, plan=(strategy, offload, precision)) -> tuple[int, int]:
                 states = model_states(*plan, shape, n)

@@ -34,8 +34,7 @@ from orchestrator.models.pretrained import CONFIG_FILE as MODEL_CONFIG_FILE
 from orchestrator.models.pretrained import INDEX_FILE, SINGLE_FILE
 from orchestrator.models.recipe import WeightSource
 from orchestrator.rundir import CONFIG_FILE
-from orchestrator.strategies import check_checkpoint
-from orchestrator.strategies.formats import weights_problem
+from orchestrator.strategies import check_checkpoint, weights_problem
 from orchestrator.strategies.weights import CheckpointWeights
 
 log = logging.getLogger(__name__)

@@ -2,21 +2,24 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 from orchestrator.checkpoints import manifest
 from orchestrator.config.checks import uses_gpu
-from orchestrator.config.schema import Config, JobKind, Precision, ZeroConfig
+from orchestrator.config.schema import Config, JobKind
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
 from orchestrator.models import build_model, meta_device, model_blocks, pretrained_weights
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes
 from orchestrator.rundir import RunDir
-from orchestrator.strategies import check_checkpoint
-from orchestrator.strategies.deepspeed_config import deepspeed_config, unknown_keys
-from orchestrator.strategies.formats import resume_problem, weights_problem
+from orchestrator.strategies import (
+    TrainingSettings,
+    check_checkpoint,
+    resume_problem,
+    strategy_spec,
+    weights_problem,
+)
 from orchestrator.train.storage import RunStorage
 
 
@@ -40,8 +43,7 @@ def preflight(config: Config) -> dict[str, list[int]] | None:
         return None
     if config.trainer.storage:
         RunStorage(config.trainer.storage).check()
-    if isinstance(config.strategy, ZeroConfig):
-        _check_deepspeed(config)
+    strategy_spec(config.strategy.name).check(config.strategy, TrainingSettings.of(config), on_gpu=uses_gpu(config))
     shapes, base_shapes = _model_shapes(config)
     trainer = config.trainer
     if (resume := trainer.resume_from.path) is not None:
@@ -134,27 +136,6 @@ def _resume_problem(config: Config, saved: manifest.Manifest) -> str | None:
         resuming_with=config.strategy.name,
         num_workers=config.launcher.num_workers,
     )
-
-
-def _check_deepspeed(config: Config) -> None:
-    """The generated DeepSpeed config with the overrides, as DeepSpeed itself parses it."""
-    on_gpu = uses_gpu(config)
-    os.environ["DS_ACCELERATOR"] = "cuda" if on_gpu else "cpu"
-    unknown = unknown_keys(deepspeed_config(config, on_gpu=on_gpu))
-    if unknown:
-        raise UserError(
-            f"strategy.deepspeed_overrides: {', '.join(unknown)} "
-            f"{'is not a DeepSpeed setting' if len(unknown) == 1 else 'are not DeepSpeed settings'} "
-            f"(https://www.deepspeed.ai/docs/config-json/)"
-        )
-    if config.trainer.precision is Precision.fp16 and not on_gpu:
-        from deepspeed.accelerator import get_accelerator
-
-        if not get_accelerator().is_fp16_supported():
-            raise UserError(
-                f"trainer.precision=fp16: DeepSpeed does not support fp16 on this CPU with "
-                f"strategy={config.strategy.name}; use trainer.precision=bf16 or fp32"
-            )
 
 
 def _model_shapes(config: Config) -> tuple[dict[str, list[int]], dict[str, list[int]]]:

@@ -33,9 +33,10 @@ from torch import nn
 
 from orchestrator.checkpoints.hashing import FileDigest
 from orchestrator.checkpoints.staging import HostStaging
-from orchestrator.config.schema import Config, Precision
+from orchestrator.config.schema import Precision, StrategyConfig
 from orchestrator.distributed import DistContext
 from orchestrator.models.recipe import ModelRecipe
+from orchestrator.strategies.spec import TrainingSettings
 
 OptimizerFactory = Callable[[nn.Module], torch.optim.Optimizer]
 # Writes a snapshot's files (in a background thread, while training goes on); returns them with their digests.
@@ -112,8 +113,9 @@ class Strategy(ABC):
     """Builds the model for N ranks and owns everything between a loss and an optimizer update.
 
     Args:
-        config: the job; a strategy reads its own node (``config.strategy``) and what it must agree
-            with (precision, micro-batch size, accumulation, clipping, the optimizer).
+        cfg: the job's ``strategy`` node (the strategy's own config class).
+        settings: what it must agree with the loop on (precision, batch sizes, accumulation, clipping,
+            the optimizer).
         dist: ranks and device.
 
     ``precision`` means the same under every strategy: fp32 master weights and optimizer state,
@@ -122,12 +124,12 @@ class Strategy(ABC):
 
     model: nn.Module  # what the loop calls forward on
 
-    def __init__(self, config: Config, *, dist: DistContext) -> None:
-        self.config = config
-        self.cfg = config.strategy
+    def __init__(self, cfg: StrategyConfig, *, settings: TrainingSettings, dist: DistContext) -> None:
+        self.cfg = cfg
+        self.settings = settings
         self.dist = dist
-        self.precision = config.trainer.precision
-        self.accum_steps = config.grad_accum_steps
+        self.precision = settings.precision
+        self.accum_steps = settings.grad_accum_steps
         self.staging = HostStaging()  # asynchronous checkpoints' host copy, reused from save to save
 
     @abstractmethod
@@ -181,8 +183,8 @@ class TorchStrategy(Strategy):
 
     optimizer: torch.optim.Optimizer
 
-    def __init__(self, config: Config, *, dist: DistContext) -> None:
-        super().__init__(config, dist=dist)
+    def __init__(self, cfg: StrategyConfig, *, settings: TrainingSettings, dist: DistContext) -> None:
+        super().__init__(cfg, settings=settings, dist=dist)
         # Dynamic loss scaling keeps small fp16 gradients from flushing to zero; bf16 has fp32's range.
         self.scaler = self._make_scaler(enabled=self.precision is Precision.fp16)
         self._peak_memory: MemoryReport | None = None

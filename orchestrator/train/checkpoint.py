@@ -34,8 +34,7 @@ from orchestrator.distributed import DistContext
 from orchestrator.errors import TrainingError, UserError
 from orchestrator.fsutil import fsync_path, write_atomic
 from orchestrator.models.recipe import shape_mismatch
-from orchestrator.strategies import Strategy
-from orchestrator.strategies.base import PendingWrite
+from orchestrator.strategies.base import PendingWrite, Strategy
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from orchestrator.models import build_model, describe_model, meta_device, model_
 from orchestrator.models.lora import lora_for
 from orchestrator.models.recipe import InMemoryWeights, ModelRecipe, WeightSource, state_shapes
 from orchestrator.rundir import STOPPED_BY_SEARCH, RunDir
-from orchestrator.strategies import StepOutcome, build_strategy, read_model_weights
-from orchestrator.strategies.base import FP16_OVERFLOW
+from orchestrator.strategies import build_strategy, read_model_weights
+from orchestrator.strategies.base import FP16_OVERFLOW, StepOutcome
 from orchestrator.tracking.resources import ResourceSampler, peak_memory_bytes
 from orchestrator.tracking.tracker import Tracker
 from orchestrator.tracking.wandb_run import WandbRun, run_metadata

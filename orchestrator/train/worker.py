@@ -15,6 +15,7 @@ from orchestrator.config.schema import Config
 from orchestrator.distributed import DistContext
 from orchestrator.errors import TrainingError, UserError
 from orchestrator.logs import configure_logging
+from orchestrator.strategies import strategy_spec
 from orchestrator.train.loop import Trainer
 
 
@@ -54,8 +55,7 @@ def run_worker(
 
 
 def _setup_process(config: Config, dist: DistContext) -> None:
-    # DeepSpeed picks its accelerator when first imported: make it the worker's device, not a guess.
-    os.environ["DS_ACCELERATOR"] = "cuda" if dist.device.type == "cuda" else "cpu"
+    os.environ.update(strategy_spec(config.strategy.name).worker_env(on_gpu=dist.device.type == "cuda"))
     # torch.distributed warns about deprecated collectives DeepSpeed calls, once per call.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     threads = config.trainer.threads_per_worker or max(1, (os.cpu_count() or 1) // dist.local_world_size)

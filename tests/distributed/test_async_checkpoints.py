@@ -21,7 +21,7 @@ from orchestrator.distributed import DistContext
 from orchestrator.models import build_model, model_blocks
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies import build_strategy
-from orchestrator.strategies.fsdp import read_dcp_metadata
+from orchestrator.strategies.fsdp2.engine import read_dcp_metadata
 from orchestrator.train.checkpoint import HOLD_ENV, Checkpointer
 from orchestrator.train.optim import build_optimizer
 from tests.distributed.ranks import run_ranks

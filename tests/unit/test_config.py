@@ -9,13 +9,13 @@ import pytest
 from orchestrator.config.compose import compose, to_config
 from orchestrator.config.schema import (
     Config,
-    DDPConfig,
     GPTConfig,
     OptimName,
     Precision,
     TextDataConfig,
 )
 from orchestrator.errors import UserError
+from orchestrator.strategies.ddp import DDPConfig
 
 JOBS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "jobs").glob("*.yaml"))
 

@@ -9,10 +9,14 @@ and may add settings but not contradict the generated ones; unknown keys are an 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from orchestrator.config.schema import Config, Offload, Precision, ZeroConfig
+from orchestrator.config.schema import Offload, Precision
 from orchestrator.errors import UserError
+
+if TYPE_CHECKING:
+    from orchestrator.strategies.spec import TrainingSettings
+    from orchestrator.strategies.zero import ZeroConfig
 
 # Generated DeepSpeed keys and the orchestrator setting that decides each one.
 _OWNED = {
@@ -30,29 +34,27 @@ _OWNED = {
 }
 
 
-def deepspeed_config(config: Config, *, on_gpu: bool) -> dict[str, Any]:
-    """The DeepSpeed config for ``config`` (a job with a ZeRO strategy), overrides merged and checked.
+def deepspeed_config(strategy: ZeroConfig, settings: TrainingSettings, *, on_gpu: bool) -> dict[str, Any]:
+    """The DeepSpeed config of a job with a ZeRO strategy, overrides merged and checked.
 
     Args:
-        config: the job.
+        strategy: the job's ``strategy`` node.
+        settings: the job's batch sizes, accumulation, clipping and precision.
         on_gpu: whether workers run on CUDA devices (pinned host memory for offloaded tensors).
 
     Raises:
         UserError: an override contradicts a generated value, naming the setting to change instead.
     """
-    strategy = config.strategy
-    assert isinstance(strategy, ZeroConfig)
-    trainer = config.trainer
     zero: dict[str, Any] = {"stage": strategy.stage}
     if strategy.offload_optimizer is Offload.cpu:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": on_gpu}
     if strategy.offload_params is Offload.cpu:
         zero["offload_param"] = {"device": "cpu", "pin_memory": on_gpu}
     generated: dict[str, Any] = {
-        "train_batch_size": trainer.global_batch_size,
-        "train_micro_batch_size_per_gpu": trainer.micro_batch_size,
-        "gradient_accumulation_steps": config.grad_accum_steps,
-        "gradient_clipping": trainer.grad_clip,
+        "train_batch_size": settings.global_batch_size,
+        "train_micro_batch_size_per_gpu": settings.micro_batch_size,
+        "gradient_accumulation_steps": settings.grad_accum_steps,
+        "gradient_clipping": settings.grad_clip,
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the client optimizer is a plain torch optimizer
         # DeepSpeed's CPU Adam is faster than torch's on a GPU host; on a CPU-only run torch's is used.
@@ -60,12 +62,12 @@ def deepspeed_config(config: Config, *, on_gpu: bool) -> dict[str, Any]:
         "steps_per_print": 2**31 - 1,  # orchestrator logs progress itself
         "wall_clock_breakdown": False,
     }
-    if trainer.precision is Precision.bf16:
+    if settings.precision is Precision.bf16:
         # bf16 compute, fp32 master weights (ZeRO's optimizer copy), fp32 gradient accumulation and reduction.
         generated["bf16"] = {"enabled": True}
         generated["data_types"] = {"grad_accum_dtype": "fp32"}
         generated["communication_data_type"] = "fp32"
-    elif trainer.precision is Precision.fp16:
+    elif settings.precision is Precision.fp16:
         generated["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16}
         generated["communication_data_type"] = "fp32"
     return merge_overrides(generated, strategy.deepspeed_overrides)

@@ -14,6 +14,8 @@ import contextlib
 import copy
 import io
 import os
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
 
@@ -22,7 +24,7 @@ import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.filesystem import FileSystem
-from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta
+from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata, StorageMeta, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import ReadItem
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.checkpoint.state_dict import (
@@ -42,19 +44,16 @@ from torch.distributed.tensor import DTensor
 from orchestrator.checkpoints import unpickle
 from orchestrator.checkpoints.hashing import FileDigest, HashingFile, save_hashed
 from orchestrator.checkpoints.staging import HostStaging
-from orchestrator.config.schema import FSDP2Config, InitDevice, Offload, Precision
+from orchestrator.config.schema import Offload, Precision
 from orchestrator.models.meta import meta_device
 from orchestrator.models.recipe import ModelRecipe, WeightSource, check_weights_fit
 from orchestrator.strategies.base import LOW_PRECISION, OptimizerFactory, PendingWrite, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
+from orchestrator.strategies.fsdp2 import META_INIT_MIN_PARAMS, FSDP2Config, InitDevice
+from orchestrator.strategies.weights import StoredTensor
 
 DCP_DIR = "dcp"
 SCALER_FILE = "scaler.pt"
-
-
-# init_device=auto builds models this large on the meta device: a full fp32 copy per rank (4 GB at
-# 1B parameters) is no longer cheap, and sharded initialization draws different (equally good) weights.
-META_INIT_MIN_PARAMS = 250_000_000
 
 
 def _builds_on_meta(init_device: InitDevice, recipe: ModelRecipe) -> bool:
@@ -252,7 +251,7 @@ def load_shards(model: nn.Module, source: WeightSource, *, rank: int, world_size
             tensor.copy_(source.read(name))
 
 
-def read_dcp_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The full model state dict of an FSDP2 checkpoint, read in one process (no process group)."""
     reader = SafeReader(directory / DCP_DIR)
     metadata = reader.read_metadata()
@@ -309,6 +308,36 @@ def read_dcp_metadata(dcp_dir: Path) -> Metadata:
     return metadata
 
 
+def stored_weights(directory: Path) -> dict[str, StoredTensor]:
+    """The ``.metadata`` index lists every tensor; each is loaded alone when read, ``dcp.load`` on a one-key
+    state dict, through the same allow-listed ``SafeReader``/``SafePlanner`` as every other DCP read."""
+    prefix = "model."
+    metadata = read_dcp_metadata(directory / DCP_DIR)
+    return {
+        key[len(prefix) :]: StoredTensor(
+            shape=tuple(entry.size),
+            dtype=entry.properties.dtype,
+            read=partial(_read_dcp_tensor, directory / DCP_DIR, key, entry),
+        )
+        for key, entry in metadata.state_dict_metadata.items()
+        if key.startswith(prefix) and isinstance(entry, TensorStorageMetadata)
+    }
+
+
+def _read_dcp_tensor(dcp_dir: Path, key: str, entry: TensorStorageMetadata) -> torch.Tensor:
+    tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
+    with warnings.catch_warnings():  # "no process group: loading in one process", which is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load({key: tensor}, storage_reader=SafeReader(dcp_dir), planner=SafePlanner(), no_dist=True)
+    return tensor
+
+
+def check_files(directory: Path) -> None:
+    """``check_dcp`` for every DCP index under ``directory``."""
+    for index in sorted(directory.rglob(".metadata")):
+        check_dcp(index.parent)
+
+
 def check_dcp(dcp_dir: Path) -> None:
     """Reads what DCP would unpickle from ``dcp_dir`` (the index and every non-tensor item) through the
     allow-lists, in one process: ``UnsafeCheckpoint`` for a file that would run code when loaded."""
@@ -321,3 +350,6 @@ def check_dcp(dcp_dir: Path) -> None:
             stream.seek(info.offset)
             data = stream.read(info.length)
         unpickle.check_bytes(data, allowed=unpickle.TORCH_TENSORS, source=f"{item} (item {index.fqn})")
+
+
+STRATEGIES = {"fsdp2": FSDP2Strategy}

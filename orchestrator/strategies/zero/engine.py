@@ -1,7 +1,7 @@
 """DeepSpeed ZeRO stages 0-3 (``strategy=zero0|zero1|zero2|zero3``), with CPU offload.
 
 ``deepspeed.initialize`` gets the model, the same torch optimizer every strategy builds, and a
-config generated from the job (``deepspeed_config.py``). Gradient accumulation is the loop's: the
+config generated from the job (``ds_config.py``). Gradient accumulation is the loop's: the
 strategy marks the last micro-batch as DeepSpeed's accumulation boundary and steps the engine once.
 Checkpoints are DeepSpeed's own files, written with ``save_latest=False`` inside orchestrator's
 atomic protocol (DeepSpeed's ``latest`` file is never written or read). DeepSpeed loads them with
@@ -12,6 +12,7 @@ opens it: a file naming anything but tensors and DeepSpeed's plain records is re
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 from pathlib import Path
 from typing import Any, Iterator
@@ -23,7 +24,7 @@ from torch.overrides import TorchFunctionMode
 from orchestrator.checkpoints import unpickle
 from orchestrator.checkpoints.hashing import FileDigest, read_back, save_hashed
 from orchestrator.checkpoints.staging import HostStaging
-from orchestrator.config.schema import Offload, OptimName, Precision, ZeroConfig
+from orchestrator.config.schema import Offload, OptimName, Precision
 from orchestrator.models.meta import INIT_FILLS
 from orchestrator.models.recipe import ModelRecipe, check_weights_fit
 from orchestrator.strategies.base import (
@@ -39,7 +40,9 @@ from orchestrator.strategies.base import (
     tensor_bytes,
 )
 from orchestrator.strategies.blocks import prepare_blocks
-from orchestrator.strategies.deepspeed_config import deepspeed_config
+from orchestrator.strategies.weights import StoredTensor
+from orchestrator.strategies.zero import ZERO_STAGES, ZeroConfig
+from orchestrator.strategies.zero.ds_config import deepspeed_config
 
 TAG = "ds"
 
@@ -64,7 +67,7 @@ class ZeroStrategy(Strategy):
         self.engine, *_ = deepspeed.initialize(
             model=model,
             optimizer=self._client_optimizer(model, build_optimizer, on_gpu=on_gpu),
-            config=deepspeed_config(self.config, on_gpu=on_gpu),
+            config=deepspeed_config(self.cfg, self.settings, on_gpu=on_gpu),
         )
         self.model = _CastInputs(self.engine, LOW_PRECISION.get(self.precision))
         self._peak = MemoryReport(param_bytes=0, grad_bytes=0, optimizer_bytes=0, master_bytes=0)
@@ -76,7 +79,7 @@ class ZeroStrategy(Strategy):
         if not on_gpu:
             _skip_shared_memory_all_reduce()
         if self.cfg.stage == 3:
-            config = deepspeed_config(self.config, on_gpu=on_gpu)
+            config = deepspeed_config(self.cfg, self.settings, on_gpu=on_gpu)
             model = _build_partitioned(recipe, config, is_main=self.dist.is_main)
         else:
             model = recipe.build_complete(cast_frozen=False)  # DeepSpeed casts the whole model to bf16 itself
@@ -92,7 +95,7 @@ class ZeroStrategy(Strategy):
         self, model: nn.Module, build_optimizer: OptimizerFactory, *, on_gpu: bool
     ) -> torch.optim.Optimizer:
         optimizer = build_optimizer(model)
-        optim = self.config.optim
+        optim = self.settings.optim
         if on_gpu and self.cfg.offload_optimizer is Offload.cpu and optim.name is not OptimName.sgd:
             # Offloaded Adam steps on the host, where DeepSpeed's vectorized CPU Adam is several times
             # faster than torch's; same update, same parameter groups.
@@ -337,7 +340,7 @@ class _CastInputs(nn.Module):
         return self.engine.module.parameters(recurse)
 
 
-def read_zero_weights(directory: Path) -> dict[str, torch.Tensor]:
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The full fp32 model state dict of a DeepSpeed checkpoint, consolidated in one process."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -345,7 +348,33 @@ def read_zero_weights(directory: Path) -> dict[str, torch.Tensor]:
     return get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG)
 
 
+def stored_weights(directory: Path) -> dict[str, StoredTensor]:
+    """DeepSpeed's ``zero_to_fp32`` in its lazy mode: the ranks' fp32 partitions are memory-mapped and a tensor
+    is gathered from them when it is read (ZeRO-0/1/2 concatenate each parameter group's partitions into one
+    fp32 vector when the source is opened)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    check_zero(directory)
+    # zero_to_fp32 prints its progress and draws progress bars: not the command's output.
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        state = get_fp32_state_dict_from_zero_checkpoint(str(directory), tag=TAG, lazy_mode=True)
+    # A gathered tensor's contiguous() assembles it from the ranks' partitions; a buffer is a tensor already.
+    return {
+        name: StoredTensor(shape=tuple(tensor.shape), dtype=tensor.dtype, read=tensor.contiguous)
+        for name, tensor in state.items()
+    }
+
+
+def check_files(directory: Path) -> None:
+    """``check_zero`` where DeepSpeed's files are (a checkpoint of another format has none)."""
+    if (directory / TAG).is_dir():
+        check_zero(directory)
+
+
 def check_zero(directory: Path) -> None:
     """Walks every file DeepSpeed would ``torch.load`` from the checkpoint ``directory`` through the
     allow-list: ``UnsafeCheckpoint`` naming the file and the global for one that would run code."""
     unpickle.check_torch_files(sorted((directory / TAG).rglob("*.pt")), allowed=unpickle.DEEPSPEED, root=directory)
+
+
+STRATEGIES = {name: ZeroStrategy for name in ZERO_STAGES}

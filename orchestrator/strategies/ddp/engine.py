@@ -14,11 +14,13 @@ from typing import Any, ContextManager
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from orchestrator.checkpoints import unpickle
 from orchestrator.checkpoints.hashing import FileDigest, save_hashed
-from orchestrator.config.schema import DDPConfig
 from orchestrator.models.recipe import ModelRecipe
 from orchestrator.strategies.base import OptimizerFactory, PendingWrite, TorchStrategy
 from orchestrator.strategies.blocks import prepare_blocks
+from orchestrator.strategies.ddp import DDPConfig
+from orchestrator.strategies.weights import StoredTensor, itself
 
 MODEL_FILE = "model.pt"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -98,6 +100,28 @@ def _load(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def read_replicated_weights(directory: Path) -> dict[str, torch.Tensor]:
+STRATEGIES = {"none": SingleStrategy, "ddp": DDPStrategy}
+
+
+def read_weights(directory: Path) -> dict[str, torch.Tensor]:
     """The plain model state dict of a checkpoint written by a replicated strategy."""
     return _load(directory / MODEL_FILE)
+
+
+def stored_weights(directory: Path) -> dict[str, StoredTensor]:
+    """``model.pt`` memory-mapped: a tensor's pages are read from disk when it is used."""
+    state = torch.load(directory / MODEL_FILE, map_location="cpu", mmap=True, weights_only=True)
+    return {
+        name: StoredTensor(shape=tuple(tensor.shape), dtype=tensor.dtype, read=partial(itself, tensor))
+        for name, tensor in state.items()
+    }
+
+
+def check_files(directory: Path) -> None:
+    """The state dicts are loaded with ``weights_only=True``; checked through the tensors' allow-list too."""
+    names = (MODEL_FILE, OPTIMIZER_FILE, SCALER_FILE)
+    unpickle.check_torch_files(
+        [directory / name for name in names if (directory / name).is_file()],
+        allowed=unpickle.TORCH_TENSORS,
+        root=directory,
+    )

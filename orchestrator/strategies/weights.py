@@ -23,11 +23,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from orchestrator.models.recipe import WeightSource
 from orchestrator.strategies.formats import checkpoint_format
+
+if TYPE_CHECKING:
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,12 +107,12 @@ def _dcp(directory: Path) -> dict[str, _Stored]:
     }
 
 
-def _read_dcp_tensor(dcp_dir: Path, key: str, entry: object) -> torch.Tensor:
+def _read_dcp_tensor(dcp_dir: Path, key: str, entry: TensorStorageMetadata) -> torch.Tensor:
     import torch.distributed.checkpoint as dcp
 
     from orchestrator.strategies.fsdp import SafePlanner, SafeReader  # lazy: imports torch.distributed's FSDP and DCP
 
-    tensor = torch.empty(entry.size, dtype=entry.properties.dtype)  # type: ignore[attr-defined]
+    tensor = torch.empty(entry.size, dtype=entry.properties.dtype)
     with warnings.catch_warnings():  # "no process group: loading in one process", which is the intent
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
         dcp.load({key: tensor}, storage_reader=SafeReader(dcp_dir), planner=SafePlanner(), no_dist=True)

@@ -33,10 +33,11 @@ run: setup
 test: setup
 	$(BIN)/ruff check orchestrator tests bench
 	$(BIN)/ruff format --check orchestrator tests bench
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); \
 		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS); \
 		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 
 clean:
-	rm -rf $(VENV) outputs multirun .pytest_cache
+	rm -rf $(VENV) outputs multirun .pytest_cache .mypy_cache

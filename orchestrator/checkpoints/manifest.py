@@ -65,6 +65,14 @@ def step_of(directory: Path) -> int | None:
     return int(match.group(1)) if match else None
 
 
+def checkpoint_step(directory: Path) -> int:
+    """The step of ``directory``, a ``step-N`` checkpoint directory (as ``checkpoint_dirs`` lists them)."""
+    step = step_of(directory)
+    if step is None:
+        raise ValueError(f"{directory} is not a checkpoint directory (step-N)")
+    return step
+
+
 def sha256_of(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -178,7 +186,7 @@ def checkpoint_dirs(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and step_of(p) is not None]
-    return sorted(found, key=lambda p: step_of(p), reverse=True)
+    return sorted(found, key=checkpoint_step, reverse=True)
 
 
 def recover_replaced(root: Path) -> None:

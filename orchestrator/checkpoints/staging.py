@@ -63,6 +63,7 @@ class _Copier:
             # A container met twice is one container in the copy too (optimizer param groups share their
             # betas tuple): pickle writes it once, so the copy serializes to the original's bytes.
             return self.memo[id(value)]
+        staged: dict[Any, Any] | list[Any] | tuple[Any, ...]
         if isinstance(value, dict):
             staged = copy.copy(value)  # the same type, with its attributes (a state dict's _metadata)
             staged.clear()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import NoReturn
 
 from orchestrator.cluster import jobs, local
 from orchestrator.cluster.jobs import run_submitted
@@ -14,7 +15,7 @@ from orchestrator.errors import UserError
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: one line, exit 2, like every other bad input."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message}")
 
 

@@ -124,7 +124,7 @@ def _gpt2_config_field(directory: str | None, name: str, default: Any) -> Any:
 
 def _pretrained_tokenizer_or(directory: str | None, default: str) -> str:
     """``pretrained`` when ``directory`` holds a tokenizer.json, else ``default``."""
-    found = bool(directory) and (Path(directory).expanduser() / PRETRAINED_TOKENIZER_FILE).is_file()
+    found = bool(directory and (Path(directory).expanduser() / PRETRAINED_TOKENIZER_FILE).is_file())
     return "pretrained" if found else default
 
 
@@ -134,8 +134,9 @@ def describe_error(exc: BaseException) -> str:
     while cause.__cause__ is not None and isinstance(cause.__cause__, Exception):
         cause = cause.__cause__
     options = getattr(exc, "options", None)
-    if options is not None and getattr(exc, "missing_cfg_file", None):
-        group, _, name = str(exc.missing_cfg_file).rpartition("/")
+    missing_cfg_file = getattr(exc, "missing_cfg_file", None)
+    if options is not None and missing_cfg_file:
+        group, _, name = str(missing_cfg_file).rpartition("/")
         allowed = ", ".join(sorted(options)) or "(none)"
         return f"{group}={name}: no such option; choose one of: {allowed}"
     if isinstance(cause, OmegaConfBaseException):

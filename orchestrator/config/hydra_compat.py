@@ -58,7 +58,7 @@ def run_single(cfg: Any, task: Callable[[Any], Any]) -> Any:
     callbacks = Callbacks(cfg)
     callbacks.on_run_start(config=cfg, config_name="config")
     result = run_job(
-        hydra_context=HydraContext(config_loader=None, callbacks=callbacks),  # type: ignore[arg-type]
+        hydra_context=HydraContext(config_loader=None, callbacks=callbacks),
         task_function=task,
         config=cfg,
         job_dir_key="hydra.run.dir",

@@ -267,7 +267,16 @@ class HFConfig(ModelConfig):
 @dataclass(kw_only=True)
 class DataConfig:
     name: str = MISSING
-    output_kind: ClassVar[SampleKind]
+
+    @property
+    def output_kind(self) -> SampleKind:
+        """What the data yields; each data config sets it (a class attribute, or a property of its fields)."""
+        raise NotImplementedError(f"{type(self).__name__} does not say what it yields (output_kind)")
+
+    @property
+    def targets(self) -> TargetKind:
+        """What the targets are: class ids (the next token, for token data) unless the data config says otherwise."""
+        return TargetKind.classes
 
     @property
     def seq_len_or_none(self) -> Optional[int]:
@@ -1011,6 +1020,7 @@ class JobConfig:
             bool(self.script and self.script.strip()),
             "job.kind=script needs job.script=PATH, the Python file every worker runs",
         )
+        assert self.script is not None  # required just above
         require(self.script.endswith(".py"), f"job.script={self.script} is not a Python file (.py)")
         for key in self.env:
             require(

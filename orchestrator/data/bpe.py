@@ -106,6 +106,7 @@ def encode_corpus(
     """
     if end_of_text_id is None:
         end_of_text_id = tokenizer.token_to_id(END_OF_TEXT)
+        assert end_of_text_id is not None, f"the tokenizer has no {END_OF_TEXT}: pass end_of_text_id"
     end_of_text = np.array([end_of_text_id] if end_of_text_id >= 0 else [], dtype=dtype)
     batches = _batches(texts, cut=cut)
     stream: list[np.ndarray] = [np.array([], dtype=dtype)]
@@ -185,6 +186,7 @@ class PretrainedTokenizer:
             end_of_text_id=-1 if end_of_text_id is None else end_of_text_id,
         )
         separator = blank_line if end_of_text_id is None else tokenizer.id_to_token(end_of_text_id)
+        assert separator is not None  # _end_of_text_id returns only ids the tokenizer has
         return stream, vocab_size, end_of_text_id, separator
 
     def _open(self) -> tuple[Tokenizer, int, int | None, re.Pattern[str] | None]:

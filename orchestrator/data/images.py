@@ -66,6 +66,7 @@ def prepare(cfg: ArrayDataConfig) -> DataSpec:
     """
     inputs, targets = _arrays(cfg)
     spec = _spec(cfg, inputs, targets)
+    assert spec.input_shape is not None  # _spec sets it
     check_augment(cfg.augment, spec.input_shape)
     return spec
 
@@ -86,6 +87,7 @@ def load(cfg: ArrayDataConfig) -> DataBundle:
     elif isinstance(cfg, DiabetesDataConfig):
         inputs, targets = _standardize(inputs, train_ids), _standardize(targets, train_ids)
     spec = _spec(cfg, inputs, targets)
+    assert spec.input_shape is not None  # _spec sets it
     check_augment(cfg.augment, spec.input_shape)
     return DataBundle(
         spec=spec,

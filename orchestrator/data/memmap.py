@@ -101,7 +101,7 @@ def _first_id_out_of_range(
     """The first id ``>= vocab_size`` in a token file of ``dtype`` ids and its position, or None;
     remembered for an unchanged file (size and mtime), as a sweep's points each prepare the same data."""
     del size_bytes, mtime_ns  # only part of the cache key
-    tokens = np.memmap(path, dtype=dtype, mode="r")
+    tokens: np.memmap = np.memmap(path, dtype=dtype, mode="r")
     for start in range(0, len(tokens), _CHUNK_TOKENS):
         chunk = tokens[start : start + _CHUNK_TOKENS]
         if chunk.max() >= vocab_size:

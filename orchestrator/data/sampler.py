@@ -103,7 +103,8 @@ class StreamSampler:
 
     def _take(self, start: int, count: int) -> tuple[np.ndarray, np.ndarray]:
         """The sample ids at ``count`` stream positions from ``start``, and the epoch of each."""
-        pieces, epochs = [], []
+        pieces: list[np.ndarray] = []
+        epochs: list[np.ndarray] = []
         while count:
             epoch, offset = divmod(start, self.num_samples)
             taken = min(count, self.num_samples - offset)

@@ -59,13 +59,18 @@ class DataSpec:
     @property
     def tokens_per_sample(self) -> int:
         """Targets per sample, the unit of throughput: ``seq_len`` for tokens, 1 for images."""
-        return self.seq_len if self.kind is SampleKind.tokens else 1
+        if self.kind is not SampleKind.tokens:
+            return 1
+        assert self.seq_len is not None  # token data has one (__post_init__)
+        return self.seq_len
 
     @property
     def num_outputs(self) -> int:
         """What an image or vector model outputs per sample: a logit per class, or one value per float target."""
         assert self.kind is SampleKind.images, "token models output a logit per vocabulary entry"
-        return self.num_classes if self.targets is TargetKind.classes else self.target_dim
+        outputs = self.num_classes if self.targets is TargetKind.classes else self.target_dim
+        assert outputs is not None  # the one of the two these targets need (__post_init__)
+        return outputs
 
     def model_vocab_size(self, requested: int | None, *, key: str) -> int:
         """The vocabulary a token model is built with: ``requested`` if set (never smaller than the data's).

@@ -111,7 +111,7 @@ class TokenDataset:
     """
 
     def __init__(self, path: str | Path, *, seq_len: int, dtype: np.dtype) -> None:
-        self.tokens = np.memmap(path, dtype=dtype, mode="r")
+        self.tokens: np.memmap = np.memmap(path, dtype=dtype, mode="r")
         self.seq_len = seq_len
         self._offsets = np.arange(seq_len + 1)
 

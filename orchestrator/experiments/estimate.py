@@ -61,6 +61,7 @@ def activation_bytes(
     """Activation memory of one micro-batch on one rank (transformers only; None for other models)."""
     if shape.layers is None:
         return None
+    assert shape.hidden is not None and shape.vocab is not None  # describe() sets the transformer shape whole
     s, b, h = seq_len, micro_batch, shape.hidden
     width = 1 if precision is not Precision.fp32 else 2  # the formula counts 16-bit tensors
     one_layer = s * b * h * 34 * width
@@ -88,16 +89,13 @@ def describe(config: Config) -> ModelShape:
     outside = sum(p.numel() for p in model.parameters() if id(p) not in in_blocks)
     largest_block = max((sum(p.numel() for p in block.parameters()) for block in blocks), default=0)
     largest_layer = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
-    transformer: dict[str, int | None] = {}
+    layers = hidden = heads = vocab = None
     if isinstance(config.model, GPTConfig):
-        transformer = dict(
-            layers=config.model.n_layer, hidden=config.model.n_embd, heads=config.model.n_head, vocab=spec.vocab_size
-        )
+        layers, hidden, heads = config.model.n_layer, config.model.n_embd, config.model.n_head
+        vocab = spec.vocab_size
     elif isinstance(config.model, HFConfig):
         hf = model.model.config
-        transformer = dict(
-            layers=hf.num_hidden_layers, hidden=hf.hidden_size, heads=hf.num_attention_heads, vocab=hf.vocab_size
-        )
+        layers, hidden, heads, vocab = hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.vocab_size
     lora_shape = (
         {}
         if lora is None
@@ -112,7 +110,10 @@ def describe(config: Config) -> ModelShape:
         largest_block_params=largest_block,
         root_params=outside,
         **lora_shape,
-        **transformer,
+        layers=layers,
+        hidden=hidden,
+        heads=heads,
+        vocab=vocab,
     )
 
 
@@ -145,7 +146,9 @@ def estimate(config: Config) -> dict[str, Any]:
     for precision in precisions:
         for strategy, offload in plans():
 
-            def per_rank(n: int, ac: bool, plan=(strategy, offload, precision)) -> tuple[int, int]:
+            def per_rank(
+                n: int, ac: bool, plan: tuple[str, str, Precision] = (strategy, offload, precision)
+            ) -> tuple[int, int]:
                 states = model_states(*plan, shape, n)
                 return states.device + (activations[plan[2]][ac] or 0), max(states.host, states.startup_host)
 

@@ -132,7 +132,7 @@ def export_checkpoint(path: Path, *, output: Path, dtype: str, max_shard_bytes: 
     texts = {RECORD_FILE: json.dumps(record, indent=1) + "\n"}
     tensors = [_cast(tensor, target) for tensor in model.tensors]
     adapters = None
-    if isinstance(weights, MergedWeights) and not merge_lora:
+    if lora is not None and isinstance(weights, MergedWeights) and not merge_lora:
         # The adapters in PEFT's format, over the pretrained directory they were trained on, or over the base
         # weights written here when the run had none.
         pretrained = getattr(config.model, "pretrained", None)
@@ -210,7 +210,8 @@ def _adapters(lora: LoRA, weights: MergedWeights, model: ModelExport, *, base: s
 def _lora_note(lora: LoRA | None, weights: WeightSource, adapters: AdapterFiles | None) -> str | None:
     if lora is None:
         return None
-    count = len(weights.adapters())  # type: ignore[attr-defined]
+    assert isinstance(weights, MergedWeights)  # export_checkpoint wraps a LoRA run's weights
+    count = len(weights.adapters())
     if adapters is None:
         return f"rank {lora.cfg.rank} on {count} modules, merged into the weights"
     return f"rank {lora.cfg.rank} on {count} modules, {ADAPTER_FILE} over {adapters.base}"

@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 from pathlib import Path
+from typing import NoReturn
 
 from orchestrator.errors import UserError
 from orchestrator.export.build import DTYPES, ExportResult, export_checkpoint
@@ -32,7 +33,7 @@ _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([a-z]*)")
 class _Parser(argparse.ArgumentParser):
     """argparse whose errors are UserErrors: one line, exit 2, like every other bad input."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UserError(f"{self.prog}: {message}")
 
 

@@ -19,7 +19,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from orchestrator.config.schema import Config, SampleKind
+from orchestrator.config.schema import Config, GPTConfig, HFConfig, SampleKind
 from orchestrator.data.spec import DataSpec
 from orchestrator.errors import UserError
 from orchestrator.export.safetensors_files import OutTensor
@@ -42,6 +42,7 @@ class ModelExport:
 
 def gpt_export(config: Config, weights: WeightSource, *, source: str) -> ModelExport:
     """``model=gpt`` as ``GPT2LMHeadModel``."""
+    assert isinstance(config.model, GPTConfig)  # EXPORTS["gpt"]
     rows = _shape(weights, "tok_emb.weight", source=source)[0]
     model = _built(config, vocab_size=rows)
     shapes = _in_model_order(model, weights, source=source)
@@ -73,6 +74,7 @@ def gpt_export(config: Config, weights: WeightSource, *, source: str) -> ModelEx
 
 def hf_export(config: Config, weights: WeightSource, *, source: str) -> ModelExport:
     """``model=hf`` as the transformers model it wraps."""
+    assert isinstance(config.model, HFConfig)  # EXPORTS["hf"]
     with _quiet_transformers():  # a stand-in vocabulary of 1 makes configs warn about their token ids
         stand_in = _built(config, vocab_size=1)
     embedding = stand_in.model.get_input_embeddings().weight
@@ -97,6 +99,7 @@ def hf_export(config: Config, weights: WeightSource, *, source: str) -> ModelExp
         if key not in config.model.config and not config.model.pretrained:
             hf_config[key] = None
     max_length = getattr(hf_model.config, "max_position_embeddings", None) or config.data.seq_len_or_none
+    assert max_length is not None  # model=hf trains on token data, which has a seq_len
     modules = {name: name[len(prefix) :] for name, _ in model.named_modules() if name.startswith(prefix)}
     return ModelExport(
         architecture=architecture, config=hf_config, tensors=tensors, max_length=max_length, module_names=modules

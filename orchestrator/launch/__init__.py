@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from orchestrator.config.schema import Config, JobKind
+from orchestrator.config.schema import Config, GPTConfig, HFConfig, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ownership import own_run_dir
@@ -75,8 +75,8 @@ def _absolute_inputs(config: Config) -> None:
         trainer.init_from = absolute(trainer.init_from)
     if (resume := trainer.resume_from.path) is not None:
         trainer.resume = absolute(resume)
-    if getattr(config.model, "pretrained", None):
-        config.model.pretrained = absolute(config.model.pretrained)  # type: ignore[attr-defined]
+    if isinstance(config.model, (GPTConfig, HFConfig)) and config.model.pretrained:
+        config.model.pretrained = absolute(config.model.pretrained)
 
 
 def _run_owned(job: PreparedJob, *, run_dir: Path, print_summary: bool) -> RunSummary:
@@ -174,7 +174,9 @@ def _model_state_row(summary: RunSummary) -> str | None:
     ]
     if parts[0][1] is None:
         return None
-    return ", ".join(f"{label} {format_bytes(value)}" for label, value in parts if value or label != "master")
+    return ", ".join(
+        f"{label} {format_bytes(value)}" for label, value in parts if value is not None and (value or label != "master")
+    )
 
 
 def _print_summary(summary: RunSummary, *, report: str | None) -> None:

@@ -120,7 +120,7 @@ def _check_no_newer(config: Config, run_dir: Path, existing: list[Path]) -> None
             break
         except manifest.CheckpointError:
             continue
-    newer = [d for d in existing if step is not None and manifest.step_of(d) > step]
+    newer = [d for d in existing if step is not None and manifest.checkpoint_step(d) > step]
     if newer and not config.trainer.discard_newer_checkpoints:
         raise UserError(
             f"trainer.resume={resume} continues from step {step}, but hydra.run.dir={run_dir} holds newer "
@@ -147,8 +147,9 @@ def _model_shapes(config: Config) -> tuple[dict[str, list[int]], dict[str, list[
     with meta_device():
         model = build_model(config.model, spec)
         base = state_shapes(model)
-        if getattr(config.model, "pretrained", None):
-            check_weights_fit(base, pretrained_weights(config.model, model))
+        weights = pretrained_weights(config.model, model)  # None without model.pretrained
+        if weights is not None:
+            check_weights_fit(base, weights)
         lora = lora_for(config.model)
         if lora is not None:
             lora.add(model, blocks=model_blocks(config.model, model))

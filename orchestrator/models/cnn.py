@@ -86,12 +86,14 @@ def build_cnn(cfg: CNNConfig, data: DataSpec) -> CNN:
         cfg: the model settings.
         data: the image data it trains on; its samples must be (C, H, W).
     """
-    if len(data.input_shape) != 3:
+    shape = data.input_shape
+    assert shape is not None  # image data has one (DataSpec)
+    if len(shape) != 3:
         raise UserError(
             f"model=cnn needs images shaped (channels, height, width), but the data's samples are shaped "
-            f"{data.input_shape}; use model=mlp for feature vectors"
+            f"{shape}; use model=mlp for feature vectors"
         )
-    return CNN(cfg, input_shape=data.input_shape, num_outputs=data.num_outputs)
+    return CNN(cfg, input_shape=shape, num_outputs=data.num_outputs)
 
 
 def cnn_blocks(model: CNN) -> list[nn.Module]:
@@ -113,6 +115,7 @@ def cnn_flops_per_token(cfg: CNNConfig, data: DataSpec, model: CNN, *, non_embed
         model: the built model (unused: see above).
         non_embedding_params: unused; convolutions are counted directly.
     """
+    assert data.input_shape is not None  # image data has one (DataSpec)
     with meta_device():
         probe = build_cnn(cfg, data).eval()  # eval: BatchNorm in training mode rejects one 1x1 sample
         sample = torch.zeros(1, *data.input_shape)

@@ -134,6 +134,7 @@ def build_gpt(cfg: GPTConfig, data: DataSpec) -> GPT:
         cfg = gpt_pretrained_config(cfg)
         vocab_key = f"model.pretrained={cfg.pretrained}: config.json's vocab_size"
         block_key = f"model.pretrained={cfg.pretrained}: config.json's n_positions"
+    assert data.seq_len is not None  # token data has one (DataSpec)
     vocab_size = data.model_vocab_size(cfg.vocab_size, key=vocab_key)
     block_size = cfg.block_size or data.seq_len
     if data.seq_len > block_size:
@@ -164,6 +165,7 @@ def gpt_flops_per_token(cfg: GPTConfig, data: DataSpec, model: GPT, *, non_embed
         model: the built model.
         non_embedding_params: parameters less token and position embeddings.
     """
+    assert data.seq_len is not None  # token data has one (DataSpec)
     head_params = model.lm_head.weight.numel()
     head_dim = cfg.n_embd // cfg.n_head
     return 6 * (non_embedding_params + head_params) + 12 * cfg.n_layer * cfg.n_head * head_dim * data.seq_len

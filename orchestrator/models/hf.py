@@ -54,7 +54,7 @@ def build_hf(cfg: HFConfig, data: DataSpec) -> HFCausalLM:
     except ImportError as error:
         raise UserError("model=hf needs transformers: pip install 'orchestrator[hf]'") from error
 
-    settings = _pretrained_settings(cfg) if cfg.pretrained else dict(cfg.config)
+    settings = _pretrained_settings(cfg, cfg.pretrained) if cfg.pretrained else dict(cfg.config)
     model_type = settings.pop("model_type", None)
     if model_type not in transformers.CONFIG_MAPPING:
         key = "model.pretrained's config.json: model_type" if cfg.pretrained else "model.config.model_type"
@@ -88,9 +88,9 @@ def build_hf(cfg: HFConfig, data: DataSpec) -> HFCausalLM:
 _FILE_FIELDS = ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path")
 
 
-def _pretrained_settings(cfg: HFConfig) -> dict[str, Any]:
+def _pretrained_settings(cfg: HFConfig, pretrained: str) -> dict[str, Any]:
     """The architecture of ``model.pretrained``: its config.json, which ``model.config`` may repeat, not change."""
-    directory = pretrained_dir(cfg.pretrained)
+    directory = pretrained_dir(pretrained)
     settings = {k: v for k, v in read_config(directory).items() if k not in _FILE_FIELDS}
     for name, value in cfg.config.items():
         if settings.get(name, value) != value or name not in settings:
@@ -130,7 +130,8 @@ def hf_blocks(model: HFCausalLM) -> list[nn.Module]:
     ]
     if not candidates:
         raise UserError(f"model=hf: found no list of repeated layers in {type(model.model).__name__}")
-    return list(max(candidates, key=lambda layers: sum(p.numel() for p in layers.parameters())))
+    largest = max(candidates, key=lambda layers: sum(p.numel() for p in layers.parameters()))
+    return list(largest)
 
 
 def hf_flops_per_token(cfg: HFConfig, data: DataSpec, model: HFCausalLM, *, non_embedding_params: int) -> float:

@@ -44,6 +44,7 @@ def build_mlp(cfg: MLPConfig, data: DataSpec) -> MLP:
         cfg: the model settings.
         data: the image or feature-vector data it trains on; its targets set the outputs.
     """
+    assert data.input_shape is not None  # image and feature-vector data have one (DataSpec)
     return MLP(cfg, in_features=math.prod(data.input_shape), num_outputs=data.num_outputs)
 
 

@@ -117,7 +117,7 @@ class RecordedSearch(Searcher):
         return {TRIAL_KEY: trial.name, PARAMS_KEY: trial.params}
 
     def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-        if trial_id in self.asked:
+        if self.optuna is not None and trial_id in self.asked:
             self.optuna.on_trial_result(trial_id, result)
 
     def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None, error: bool = False) -> None:
@@ -130,7 +130,7 @@ class RecordedSearch(Searcher):
         )
         trial.finish(summary, metric=self.metric)
         self._write()
-        if trial_id in self.asked:
+        if self.optuna is not None and trial_id in self.asked:
             self.optuna.on_trial_complete(trial_id, result, error)
         elif self.optuna is not None and trial.status != FAILED and trial.value is not None:
             self.optuna.add_evaluated_point(trial.params, trial.value)  # a trial rerun after a restart

@@ -89,11 +89,11 @@ class SearchRecord:
 
     def best(self) -> TrialRecord | None:
         """The finished trial with the best value (the lowest under mode min)."""
-        scored = [trial for trial in self.trials if trial.status != FAILED and trial.value is not None]
+        scored = [(trial.value, trial) for trial in self.trials if trial.status != FAILED and trial.value is not None]
         if not scored:
             return None
         sign = 1 if self.mode == "min" else -1
-        return min(scored, key=lambda trial: sign * trial.value)
+        return min(scored, key=lambda scored_trial: sign * scored_trial[0])[1]
 
     def write(self, path: Path) -> None:
         write_atomic(path, json.dumps(asdict(self), indent=1) + "\n")

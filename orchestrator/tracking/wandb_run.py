@@ -118,7 +118,7 @@ class WandbRun:
                 resume="allow",
                 dir=str(run_dir),
                 config=config,
-                mode=self.mode,
+                mode=self.mode,  # type: ignore[arg-type]  # WANDB_MODE passes through as set: wandb refuses a bad one
                 settings=wandb.Settings(
                     console="off", init_timeout=wandb_settings.init_timeout_s, silent=True, x_disable_stats=True
                 ),
@@ -249,7 +249,7 @@ def log_experiment(
             name=name,
             dir=str(out_dir),
             config={**meta, "git_commit": git_commit()},
-            mode=mode,
+            mode=mode,  # type: ignore[arg-type]  # WANDB_MODE passes through as set: wandb refuses a bad one
             tags=list(settings.wandb.tags) or None,
             settings=wandb.Settings(
                 console="off", init_timeout=settings.wandb.init_timeout_s, silent=True, x_disable_stats=True

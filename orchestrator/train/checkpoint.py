@@ -119,7 +119,7 @@ class Checkpointer:
                 log.warning("removing an unfinished checkpoint save: %s", leftover)
                 shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
             for directory in manifest.checkpoint_dirs(self.root):
-                if manifest.step_of(directory) > start_step:
+                if manifest.checkpoint_step(directory) > start_step:
                     log.warning("removing %s: training continues from step %d", directory, start_step)
                     shutil.rmtree(directory)
         self.dist.barrier()
@@ -234,7 +234,7 @@ class Checkpointer:
             _replace_dir(tmp, final)
             fsync_path(self.root)
             write_atomic(self.root / manifest.LATEST, final.name + "\n")
-            older = [d for d in manifest.checkpoint_dirs(self.root) if manifest.step_of(d) < step]
+            older = [d for d in manifest.checkpoint_dirs(self.root) if manifest.checkpoint_step(d) < step]
             for old in older[self.keep - 1 :]:
                 shutil.rmtree(old)
         self.dist.barrier()

@@ -169,7 +169,7 @@ class Trainer:
         if self.uploads is not None:
             self.uploads.submit(directory, keep=[d.name for d in manifest.checkpoint_dirs(self.checkpointer.root)])
         if self.on_checkpoint is not None:
-            self.on_checkpoint(directory, manifest.step_of(directory))
+            self.on_checkpoint(directory, manifest.checkpoint_step(directory))
 
     def fit(self) -> dict[str, Any]:
         """Trains to the end; returns the run summary (``failed`` with the reason for a training error)."""
@@ -245,7 +245,7 @@ class Trainer:
                 log.warning(
                     "trainer.storage=%s: copies not done within trainer.storage_timeout_s=%g s were "
                     "stopped; the storage may lack the newest checkpoint (the run dir has everything)",
-                    self.storage.uri,
+                    self.uploads.uri,
                     trainer.storage_timeout_s,
                 )
         return summary
@@ -468,7 +468,7 @@ class Trainer:
     def _resume(self) -> None:
         resume = self.config.trainer.resume_from
         if self.storage is not None and (not resume.never or self.restarts > 0):
-            self._fetch_from_storage()
+            self._fetch_from_storage(self.storage)
         directory = self.checkpointer.find_resume(resume, restarted=self.restarts > 0)
         if directory is not None:
             self.state = TrainState(**self.checkpointer.restore(directory))
@@ -481,22 +481,22 @@ class Trainer:
                 print(f"resumed from {directory} (step {self.state.step})", flush=True)
         self.checkpointer.prepare(start_step=self.state.step)
 
-    def _fetch_from_storage(self) -> None:
+    def _fetch_from_storage(self, storage: RunStorage) -> None:
         """Rank 0 fetches trainer.storage's newest checkpoint where the run dir has none as new."""
         outcome: tuple[str | None, str | None] = (None, None)
         if self.dist.is_main:
             try:
-                outcome = (self.storage.fetch_newer(self.run_dir), None)
+                outcome = (storage.fetch_newer(self.run_dir), None)
             except Exception as exc:  # every rank raises it below, none is left waiting
                 outcome = (
                     None,
-                    f"trainer.storage={self.storage.uri}: cannot fetch its checkpoints ({first_line(exc)})",
+                    f"trainer.storage={storage.uri}: cannot fetch its checkpoints ({first_line(exc)})",
                 )
         fetched, error = self.dist.broadcast_object(outcome)
         if error is not None:
             raise UserError(error)
         if fetched is not None and self.dist.is_main:
-            print(f"fetched {fetched} from {self.storage.uri}", flush=True)
+            print(f"fetched {fetched} from {storage.uri}", flush=True)
 
     def _summary(self, *, wall_s: float, error: str | None = None) -> dict[str, Any]:
         # The first step of a process pays for warm-up (allocator, kernel selection): leave it out.

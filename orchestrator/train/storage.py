@@ -123,8 +123,12 @@ class RunStorage:
         names = self.checkpoint_names()
         if not names:
             return None
-        local = [manifest.step_of(d) for d in manifest.checkpoint_dirs(checkpoints) if (d / manifest.MANIFEST).exists()]
-        if local and max(local) >= manifest.step_of(Path(names[0])):
+        local = [
+            manifest.checkpoint_step(d)
+            for d in manifest.checkpoint_dirs(checkpoints)
+            if (d / manifest.MANIFEST).exists()
+        ]
+        if local and max(local) >= manifest.checkpoint_step(Path(names[0])):
             return None
         tmp = checkpoints / f"{names[0]}.fetch-{uuid.uuid4().hex[:8]}.tmp"  # removed by prepare() if cut short
         self._copy(f"{self.root}/{CHECKPOINTS_DIR}/{names[0]}", str(tmp), upload=False)
@@ -212,6 +216,7 @@ class Uploads:
                 text=True,
                 env={**os.environ, "PYTHONPATH": path},
             )
+        assert self._process.stdin is not None  # opened with stdin=PIPE
         job = {"checkpoint": str(checkpoint) if checkpoint else None, "keep": keep or [], "records": list(records)}
         try:
             self._process.stdin.write(json.dumps(job) + "\n")
@@ -229,6 +234,7 @@ class Uploads:
         """
         if self._process is None:
             return True
+        assert self._process.stdin is not None  # opened with stdin=PIPE
         with contextlib.suppress(OSError):  # a child that already died has no pipe to close
             self._process.stdin.close()  # the child finishes what it holds, then exits
         try:

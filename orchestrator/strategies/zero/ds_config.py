@@ -112,7 +112,7 @@ class _ReadRecorder(dict):
 
     def __init__(self, *args: Any) -> None:
         super().__init__(*args)
-        self.read: set[str] = set()
+        self.read: set[object] = set()
 
     def get(self, key: Any, default: Any = None) -> Any:
         self.read.add(key)

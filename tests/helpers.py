@@ -61,6 +61,30 @@ def tiny_job(cache_dir: Path) -> list[str]:
     ]
 
 
+# A tiny Llama (transformers) job: the model is the saved config's (`save_tiny_llama`) or model.config.*.
+TINY_HF_JOB = [
+    "job=llama_tiny_cpu",
+    "model=hf",
+    "launcher=local",
+    "data.max_bytes=400000",
+    "data.seq_len=32",
+    "trainer.global_batch_size=4",
+    "trainer.micro_batch_size=2",
+    "trainer.eval_every=0",
+    "scheduler.warmup_steps=0",
+    "logger.progress=false",
+]
+
+# Overrides that make one step keep the weights it starts from (a learning rate too small to move an fp32
+# weight) and save them: the step-1 checkpoint holds the weights the run loaded.
+KEEP_LOADED_WEIGHTS = [
+    "optim.lr=1e-30",
+    "optim.weight_decay=0",
+    "trainer.max_steps=1",
+    "trainer.checkpoint.every=1",
+]
+
+
 def resume_job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     """A 2-rank DDP GPT with dropout (so RNG state matters), a checkpoint every 10 steps: the resume tests' job."""
     return [

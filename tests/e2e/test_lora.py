@@ -17,26 +17,13 @@ from orchestrator.experiments.estimate import describe, model_states
 from orchestrator.models import build_model, model_blocks
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.strategies import read_model_weights
-from tests.helpers import run_cli, save_tiny_llama, tiny_job, train_losses
+from tests.helpers import TINY_HF_JOB, run_cli, save_tiny_llama, tiny_job, train_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 RANK = 4
-JOB = [
-    "job=llama_tiny_cpu",
-    "model=hf",
-    "launcher=local",
-    "data.max_bytes=400000",
-    "data.seq_len=32",
-    "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2",
-    "trainer.eval_every=0",
-    "scheduler.warmup_steps=0",
-    "logger.progress=false",
-    f"model.lora.rank={RANK}",
-    "optim.lr=1e-2",
-]
+JOB = [*TINY_HF_JOB, f"model.lora.rank={RANK}", "optim.lr=1e-2"]
 BATCH = torch.tensor([[3, 17, 200, 5, 99, 42, 7, 128, 64, 1, 250, 33], [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]])
 
 

@@ -12,20 +12,9 @@ import torch
 
 from orchestrator.checkpoints import manifest
 from orchestrator.strategies import read_model_weights
-from tests.helpers import run_cli, save_tiny_llama, train_in_process
+from tests.helpers import KEEP_LOADED_WEIGHTS, TINY_HF_JOB, run_cli, save_tiny_llama, train_in_process
 
-JOB = [
-    "job=llama_tiny_cpu",
-    "model=hf",
-    "launcher=local",
-    "data.max_bytes=400000",
-    "data.seq_len=32",
-    "trainer.global_batch_size=4",
-    "trainer.micro_batch_size=2",
-    "trainer.eval_every=0",
-    "scheduler.warmup_steps=0",
-    "logger.progress=false",
-]
+JOB = TINY_HF_JOB
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +38,6 @@ def _file_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_unchanged(
     strategy: str, pretrained: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
-    # One step at a learning rate too small to move an fp32 weight: the checkpoint holds the loaded weights.
     run_dir = tmp_path / "run"
     run_cli(
         "train",
@@ -57,10 +45,7 @@ def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_un
         f"data.cache_dir={cache_dir}",
         f"strategy={strategy}",
         f"model.pretrained={pretrained}",
-        "optim.lr=1e-30",
-        "optim.weight_decay=0",
-        "trainer.max_steps=1",
-        "trainer.checkpoint.every=1",
+        *KEEP_LOADED_WEIGHTS,
         f"hydra.run.dir={run_dir}",
         cwd=tmp_path,
         check=True,

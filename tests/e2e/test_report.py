@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.report.build import build_report
+from orchestrator.report.scale import COLUMNS
 from tests.helpers import read_jsonl, run_cli, tiny_job
 
 CHROMIUM_FLAGS = [
@@ -163,24 +164,8 @@ def test_run_provided_strings_are_escaped(tmp_path: Path) -> None:
     experiment = tmp_path / "experiment"
     run_dir = experiment / "<img src=x onerror=alert(2)>"
     run_dir.mkdir(parents=True)
-    columns = (
-        "strategy",
-        "workers",
-        "status",
-        "global_batch_size",
-        "grad_accum_steps",
-        "step_time_s",
-        "tokens_per_s",
-        "tokens_per_s_per_worker",
-        "efficiency",
-        "mfu",
-        "peak_mem_bytes",
-        "model_state_bytes",
-        "run_dir",
-        "error",
-    )
     point = {
-        **dict.fromkeys(columns),
+        **dict.fromkeys(COLUMNS),
         "strategy": PAYLOAD,
         "workers": 2,
         "status": PAYLOAD,

@@ -35,7 +35,7 @@ import psutil
 from orchestrator.cluster.named import Cluster, default_token_file, state_dir, write_token
 from orchestrator.errors import UserError
 from orchestrator.fsutil import write_atomic
-from orchestrator.launch import ray_compat
+from orchestrator.launchers import ray_compat
 
 STATE_FILE = "cluster.json"
 START_TIMEOUT_S = 120.0

@@ -762,46 +762,6 @@ class LauncherConfig:
         positive("launcher", num_workers=self.num_workers)
 
 
-@dataclass(kw_only=True)
-class LocalLauncherConfig(LauncherConfig):
-    """N worker processes on this machine through torch's elastic launch API."""
-
-    name: str = "local"
-    num_workers: int = 2
-
-
-class Placement(str, Enum):
-    """How Ray places the workers' bundles on nodes (a placement group strategy)."""
-
-    PACK = "PACK"
-    SPREAD = "SPREAD"
-    STRICT_PACK = "STRICT_PACK"
-    STRICT_SPREAD = "STRICT_SPREAD"
-
-
-@dataclass(kw_only=True)
-class RayLauncherConfig(LauncherConfig):
-    """Ray Train's ``TorchTrainer`` running the same worker function as ``launcher=local``.
-
-    ``address`` null starts an embedded Ray sized to this machine for the run; ``auto`` or
-    ``host:port`` joins a running cluster. Each worker asks Ray for ``cpus_per_worker`` CPUs (and one
-    GPU when the job trains on CUDA), placed by ``placement``. When the cluster cannot place the
-    workers (at the start, or after a node is lost) the run waits ``capacity_timeout_s`` for capacity
-    to come back, then fails naming what is missing.
-    """
-
-    name: str = "ray"
-    num_workers: int = 2
-    address: Optional[str] = None
-    cpus_per_worker: float = 1.0
-    placement: Placement = Placement.PACK
-    capacity_timeout_s: float = 120.0
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        positive("launcher", cpus_per_worker=self.cpus_per_worker, capacity_timeout_s=self.capacity_timeout_s)
-
-
 class WandbMode(str, Enum):
     auto = "auto"  # online with a configured W&B key, else offline
     online = "online"

@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from orchestrator.config import schema
 from orchestrator.errors import UserError
+from orchestrator.launchers import launcher_specs
 from orchestrator.strategies import strategy_names, strategy_spec, strategy_specs
 
 SCHEMAS: dict[str, dict[str, type]] = {
@@ -36,7 +37,8 @@ SCHEMAS: dict[str, dict[str, type]] = {
     "optim": {"optim": schema.OptimConfig},
     "scheduler": {"scheduler": schema.SchedulerConfig},
     "trainer": {"trainer": schema.TrainerConfig},
-    "launcher": {"local": schema.LocalLauncherConfig, "ray": schema.RayLauncherConfig},
+    # Each launcher's module names its own (orchestrator/launchers/<module>.py).
+    "launcher": {spec.name: spec.config for spec in launcher_specs()},
     "logger": {"logger": schema.LoggerConfig},
 }
 

@@ -34,11 +34,12 @@ from omegaconf import OmegaConf
 
 from orchestrator.cluster import jobs
 from orchestrator.config.compose import CONF_DIR, compose, override_value, to_config
-from orchestrator.config.schema import Config, JobKind, RayLauncherConfig, ScaleMode
+from orchestrator.config.schema import Config, JobKind, ScaleMode
 from orchestrator.errors import UserError, first_line
 from orchestrator.launch import run_job
 from orchestrator.launch.prepared import PreparedJob, prepare
 from orchestrator.launch.ray import ray_session
+from orchestrator.launchers.ray import RayLauncherConfig
 from orchestrator.report import write_report
 from orchestrator.report.scale import COLUMNS, markdown_table, write_outputs
 from orchestrator.rundir import REPLACED_DIR, REPORT_FILE, RunDir, RunSummary

@@ -8,38 +8,20 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from orchestrator.config.schema import Config, GPTConfig, HFConfig, JobKind
 from orchestrator.errors import LaunchError, first_line
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ownership import own_run_dir
 from orchestrator.launch.prepared import PreparedJob
-from orchestrator.launch.ray import launch_ray
 from orchestrator.launch.script import run_script_job
+from orchestrator.launchers import launcher_spec
 from orchestrator.report import write_report
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_bytes, format_duration, format_summary
 from orchestrator.tracking.jsonl import read_jsonl
 from orchestrator.train.storage import put_driver_records
-
-
-def _launch_local(config: Config, run_dir: Path) -> dict[str, Any]:
-    # lazy: imports torch (launcher=ray runs need none in the driver)
-    from orchestrator.launch.local import launch_local
-
-    return launch_local(config, run_dir)
-
-
-def _launch_ray(config: Config, run_dir: Path) -> dict[str, Any]:
-    return launch_ray(config, run_dir)
-
-
-# Each launcher runs the job's workers to completion and returns rank 0's summary.
-LAUNCHERS: dict[str, Callable[[Config, Path], dict[str, Any]]] = {
-    "local": _launch_local,
-    "ray": _launch_ray,
-}
 
 
 def run_job(job: PreparedJob, *, run_dir: Path, print_summary: bool = True) -> RunSummary:
@@ -95,7 +77,7 @@ def _run_owned(job: PreparedJob, *, run_dir: Path, print_summary: bool) -> RunSu
     write_atomic(files.config, job.resolved_yaml)
     _mirror(config, run_dir)
     try:
-        outcome = LAUNCHERS[config.launcher.name](config, run_dir)
+        outcome = launcher_spec(config.launcher.name).train(config, run_dir)
     except LaunchError as exc:
         outcome = _crash_summary(files, error=str(exc), restarts=config.trainer.max_restarts)
     if outcome.get("already_complete") and files.summary.exists():

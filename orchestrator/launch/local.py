@@ -31,9 +31,9 @@ from torch.distributed.elastic.rendezvous import (
     rendezvous_handler_registry,
 )
 
-from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError
+from orchestrator.launchers.spec import uses_gpu
 from orchestrator.train.worker import run_worker
 
 if TYPE_CHECKING:

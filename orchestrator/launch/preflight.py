@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from orchestrator.checkpoints import manifest
-from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config, JobKind
 from orchestrator.data import prepare_data
 from orchestrator.errors import UserError
+from orchestrator.launchers.spec import uses_gpu
 from orchestrator.models import build_model, meta_device, model_blocks, pretrained_weights
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.models.recipe import check_weights_fit, freeze_modules, shape_mismatch, state_shapes

@@ -22,18 +22,19 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from orchestrator.config.checks import uses_gpu
-from orchestrator.config.schema import Config, RayLauncherConfig
+from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError, UserError, first_line
 from orchestrator.fsutil import write_atomic
-from orchestrator.launch.ray_compat import (
+from orchestrator.launch.trial_channel import eval_reporter
+from orchestrator.launchers.ray import RayLauncherConfig
+from orchestrator.launchers.ray_compat import (
     LOOPBACK_IP,
     init_on_loopback,
     is_capacity_timeout,
     keep_loopback,
     quiet_token_setup_warning,
 )
-from orchestrator.launch.trial_channel import eval_reporter
+from orchestrator.launchers.spec import uses_gpu
 
 # Ray Train reads it in its controller: how long a worker group may wait to be placed.
 WORKER_GROUP_START_TIMEOUT_S_ENV_VAR = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"

@@ -28,13 +28,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, Callable, Iterator, TextIO
+from typing import IO, Any, Iterator, TextIO
 
-from orchestrator.config.checks import uses_gpu
 from orchestrator.config.schema import Config
 from orchestrator.errors import LaunchError
 from orchestrator.fsutil import write_atomic
 from orchestrator.launch.ray import run_on_ray
+from orchestrator.launchers import launcher_spec
+from orchestrator.launchers.spec import uses_gpu
 from orchestrator.rundir import RunDir, RunSummary
 from orchestrator.tracking.console import format_duration, format_summary
 
@@ -104,7 +105,7 @@ def run_script_job(
     write_atomic(files.config, resolved_yaml)
     command = ScriptCommand.from_config(config, run_dir=run_dir)
     try:
-        LAUNCHERS[config.launcher.name](config, run_dir, command)
+        launcher_spec(config.launcher.name).run_script(config, run_dir, command)
         status, error = "completed", None
     except LaunchError as exc:
         status, error = "failed", str(exc)
@@ -144,7 +145,8 @@ def _print_summary(summary: RunSummary) -> None:
 # ------------------------------------------------------------------------------------ launcher=local
 
 
-def _launch_local(config: Config, run_dir: Path, command: ScriptCommand) -> None:
+def run_local(config: Config, run_dir: Path, command: ScriptCommand) -> None:
+    """``launcher=local``'s script runner: the script on N processes through torch elastic."""
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import elastic_launch
 
@@ -181,7 +183,8 @@ def _environment(extra: dict[str, str]) -> Iterator[None]:
 # -------------------------------------------------------------------------------------- launcher=ray
 
 
-def _launch_ray(config: Config, run_dir: Path, command: ScriptCommand) -> None:
+def run_ray(config: Config, run_dir: Path, command: ScriptCommand) -> None:
+    """``launcher=ray``'s script runner: the script as a child of each Ray Train worker."""
     run_on_ray(config, run_dir, worker=_ray_worker, loop_config={"command": command})
 
 
@@ -270,9 +273,3 @@ def _copy_lines(source: IO[bytes], sink: TextIO, prefix: str) -> None:
     for line in iter(source.readline, b""):
         sink.write(prefix + line.decode(errors="replace"))
         sink.flush()
-
-
-LAUNCHERS: dict[str, Callable[[Config, Path, ScriptCommand], None]] = {
-    "local": _launch_local,
-    "ray": _launch_ray,
-}

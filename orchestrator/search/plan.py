@@ -17,19 +17,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config.checks import check_environment, uses_gpu, visible_gpu_count
+from orchestrator.config.checks import check_environment
 from orchestrator.config.compose import compose, override_value, to_config
 from orchestrator.config.hydra_compat import parse_overrides
 from orchestrator.config.schema import (
     Config,
     JobKind,
     LossName,
-    RayLauncherConfig,
     SampleKind,
     SearchAlgorithm,
     SearchConfig,
 )
 from orchestrator.errors import UserError
+from orchestrator.launchers.ray import RayLauncherConfig
+from orchestrator.launchers.spec import uses_gpu, visible_gpu_count
 from orchestrator.search.record import SearchRecord
 from orchestrator.search.space import Dimension, check_points, split_command
 

@@ -13,8 +13,8 @@ import pytest
 import ray
 
 from orchestrator.cluster import local
-from orchestrator.config.schema import RayLauncherConfig
 from orchestrator.launch.ray import ray_session
+from orchestrator.launchers.ray import RayLauncherConfig
 
 pytestmark = [pytest.mark.slow, pytest.mark.serial]
 

@@ -8,7 +8,7 @@ import pytest
 
 from orchestrator.config import hydra_compat
 from orchestrator.errors import UserError
-from orchestrator.launch import ray_compat
+from orchestrator.launchers import ray_compat
 
 
 @pytest.mark.parametrize(

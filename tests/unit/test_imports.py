@@ -22,7 +22,8 @@ LAYERS = (
     ("orchestrator", "errors", "fsutil", "logs", "rundir"),  # the standard library only
     ("checkpoints",),  # manifest, digests, allow-listed unpickling: knows no config, strategy or model
     ("config.schema",),  # the typed Config's dataclasses: knows nothing of the package above it
-    ("strategies",),  # each strategy's spec: its config class, checkpoint format, memory model, checks
+    # Each strategy's and each launcher's spec: its config class, checkpoint format, memory model, checks.
+    ("strategies", "launchers"),
     ("config",),  # composition and the machine checks: knows no data, model or strategy engine
     ("distributed", "data", "models", "tracking"),
     ("strategies.base", "strategies.blocks", "strategies.weights", "strategies.*.engine"),  # torch engines
@@ -172,17 +173,21 @@ def test_package_modules_are_imported_inside_functions_only_for_a_heavy_dependen
     assert not problems, "\n".join(problems)
 
 
-def test_composing_a_config_and_reading_strategy_specs_import_no_torch() -> None:
-    """The driver's light path (compose, estimate's tables, checkpoint formats) stays light: a strategy's
-    engine, and torch with it, is imported only when a strategy is built or a checkpoint read."""
+def test_composing_checking_and_reading_specs_import_no_torch_or_ray() -> None:
+    """The driver's light path (compose, the machine checks, estimate's tables, checkpoint formats) stays
+    light: a strategy's engine, and torch with it, is imported only when a strategy is built or a checkpoint
+    read; a launcher's, and Ray with it, only when workers start."""
     code = (
         "import sys\n"
+        "from orchestrator.config.checks import check_environment\n"
         "from orchestrator.config.compose import compose, to_config\n"
         "from orchestrator.strategies import strategy_specs, checkpoint_format\n"
-        "config = to_config(compose(['strategy=zero3']))\n"
+        "for launcher in ('local', 'ray'):\n"
+        "    config = to_config(compose(['strategy=zero3', f'launcher={launcher}', 'launcher.num_workers=1']))\n"
+        "    check_environment(config)\n"
         "specs = strategy_specs()\n"
         "assert checkpoint_format('fsdp2') == 'dcp'\n"
-        "print(sorted(m for m in ('torch', 'deepspeed') if m in sys.modules))\n"
+        "print(sorted(m for m in ('torch', 'deepspeed', 'ray') if m in sys.modules))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

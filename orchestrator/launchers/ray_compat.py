@@ -57,6 +57,27 @@ def is_capacity_timeout(error: BaseException) -> bool:
     return isinstance(error, ControllerError) and isinstance(error.controller_failure, WorkerGroupStartupTimeoutError)
 
 
+def gcs_error(address: str) -> str | None:
+    """Why the Ray GCS at ``address`` does not answer, or None when it does; Ray's C++ log line is muted.
+
+    A GCS answers its cluster id at once; anything else fails the same call, where ``ray.init`` would
+    retry for a minute."""
+    import ray._raylet
+
+    stderr = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 2)
+    try:
+        ray._raylet.GcsClient(address=address)
+    except Exception as exc:  # RpcError, AuthenticationError: whatever it is, it is not a usable GCS
+        return str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    finally:
+        os.dup2(stderr, 2)
+        os.close(stderr)
+        os.close(devnull)
+    return None
+
+
 def ray_start(args: list[str]) -> None:
     """``ray start ARGS`` for a node on loopback: Ray keeps 127.0.0.1, and so do the processes it starts."""
     from ray.scripts.scripts import cli
@@ -67,5 +88,7 @@ def ray_start(args: list[str]) -> None:
     cli.main(args=["start", *args], prog_name="ray")
 
 
-if __name__ == "__main__":  # `python -m orchestrator.launch.ray_compat ARGS`: how `cluster up` starts a loopback node
+if (
+    __name__ == "__main__"
+):  # `python -m orchestrator.launchers.ray_compat ARGS`: how `cluster up` starts a loopback node
     ray_start(sys.argv[1:])

@@ -1,5 +1,5 @@
-"""`orchestrator verify` on the default job: every strategy trains the same model, and holds the
-bytes the ZeRO paper's memory model says (which `orchestrator estimate` predicts)."""
+"""`orchestrator verify` on the default job at half its depth and width: every strategy trains the same
+model, and holds the bytes the ZeRO paper's memory model says (which `orchestrator estimate` predicts)."""
 
 from __future__ import annotations
 
@@ -17,6 +17,11 @@ from tests.helpers import run_cli
 
 STRATEGIES = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
 WORLD_SIZE = 2
+# The default job's GPT at 2 layers of width 128 (0.93M parameters): the strategies' agreement is an identity
+# of their arithmetic, whatever the width, and the formulas count bytes per parameter. ZeRO-2 alone holds some
+# unpartitioned gradients beside its partitions (DeepSpeed reduces in buckets): 2.7% above its formula at this
+# size (byte counts, deterministic), inside the 5% the tests allow.
+SMALLER = ["model.n_layer=2", "model.n_embd=128", "data.seq_len=64"]
 
 # The ZeRO paper's model, fp32 Adam: parameters + gradients + optimizer state per rank, in bytes per parameter.
 DESIGN_FP32 = {
@@ -38,6 +43,7 @@ def verified(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple
         "verify.steps=20",
         f"verify.output_dir={root / 'out'}",
         f"data.cache_dir={cache_dir}",
+        *SMALLER,
         cwd=root,
         timeout=600,
     )
@@ -72,7 +78,7 @@ def test_memory_reports_match_the_fp32_formulas_within_5_percent(verified) -> No
 @pytest.mark.slow
 def test_estimate_predicts_the_measured_model_states_within_5_percent(verified) -> None:
     _, report = verified
-    shape = describe(to_config(compose([])))
+    shape = describe(to_config(compose(SMALLER)))
     for name, memory in report["memory"].items():
         assert shape.num_params == memory["num_params"]
         predicted = model_states(name, "none", Precision.fp32, shape, memory["world_size"]).sharded

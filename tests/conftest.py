@@ -18,16 +18,19 @@ os.environ["WANDB_MODE"] = "disabled"
 # parallel part ends; one of these started last would run alone.
 LONGEST_FIRST = (
     "tests/ray/test_cluster.py",
-    "tests/configs/test_jobs.py",
-    "tests/e2e/test_sharding.py",
-    "tests/e2e/test_resume.py",
+    "tests/e2e/test_lora.py",
     "tests/distributed/test_strategies.py",
+    "tests/e2e/test_resume.py",
+    "tests/e2e/test_sharding.py",
+    "tests/e2e/test_export.py",
+    "tests/configs/test_jobs.py",
     "tests/e2e/test_train.py",
-    "tests/e2e/test_wandb.py",
-    "tests/e2e/test_scale.py",
     "tests/e2e/test_storage.py",
     "tests/e2e/test_untrusted_checkpoints.py",
-    "tests/e2e/test_export.py",
+    "tests/e2e/test_async_checkpoints.py",
+    "tests/e2e/test_pretrained.py",
+    "tests/e2e/test_scale.py",
+    "tests/e2e/test_wandb.py",
     "tests/e2e/test_bad_input.py",
 )
 

@@ -228,7 +228,6 @@ BAD_INPUT = {
 }
 
 
-@pytest.mark.serial
 @pytest.mark.parametrize("overrides, message", BAD_INPUT.values(), ids=BAD_INPUT.keys())
 def test_bad_script_input_fails_in_one_line_before_any_worker(
     tmp_path: Path, overrides: list[str], message: str

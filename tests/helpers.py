@@ -7,7 +7,9 @@ import logging
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
+from typing import IO
 
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("orchestrator")
@@ -108,24 +110,52 @@ def resume_job(cache_dir: Path, run_dir: Path, *extra: str) -> list[str]:
     ]
 
 
-def train_in_process(args: list[str], cwd: Path, capfd) -> tuple[int, str]:
-    """``orchestrator train ARGS`` through the CLI's own ``main`` in this process: (exit status, stderr)."""
+def cli_in_process(*args: str, cwd: Path, check: bool = False) -> subprocess.CompletedProcess:
+    """``orchestrator ARGS`` through the CLI's own ``main`` in this process, which has torch and the package
+    imported already (a console script spends seconds on that): the same completed process ``run_cli``
+    returns, its stdout and stderr read from this process's file descriptors 1 and 2, which the run's
+    forked workers write to as well. For runs that are not killed or timed: those stay subprocesses."""
     from orchestrator.cli import main
 
-    saved = os.getcwd()
-    # A run that reaches Hydra's run_job configures the root logger with handlers on this test's captured
-    # streams, which close when the test ends: later tests' log records would fail on them.
+    saved_cwd, saved_streams = os.getcwd(), (sys.stdout, sys.stderr)
+    # A run that reaches Hydra's run_job gives the root logger handlers on this run's streams.
     root_handlers, root_level = logging.root.handlers[:], logging.root.level
+    outputs = [tempfile.TemporaryFile(), tempfile.TemporaryFile()]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved_fds = [os.dup(1), os.dup(2)]
     os.chdir(cwd)
     try:
-        code = main(["train", *args])
-    except SystemExit as exc:
-        code = exc.code
+        for output, fd in zip(outputs, (1, 2)):
+            os.dup2(output.fileno(), fd)
+        sys.stdout, sys.stderr = (open(fd, "w", buffering=1, closefd=False) for fd in (1, 2))
+        try:
+            code = main(list(args))
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        sys.stdout.flush()
+        sys.stderr.flush()
     finally:
-        os.chdir(saved)
+        sys.stdout, sys.stderr = saved_streams
+        for saved, fd in zip(saved_fds, (1, 2)):
+            os.dup2(saved, fd)
+            os.close(saved)
+        os.chdir(saved_cwd)
         logging.root.handlers[:] = root_handlers
         logging.root.setLevel(root_level)
-    return code, capfd.readouterr().err
+    stdout, stderr = (_read(output) for output in outputs)
+    result = subprocess.CompletedProcess(["orchestrator", *args], code or 0, stdout, stderr)
+    if check and result.returncode != 0:
+        raise AssertionError(
+            f"orchestrator {' '.join(args)} exited {result.returncode}\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        )
+    return result
+
+
+def _read(output: IO[bytes]) -> str:
+    with output:
+        output.seek(0)
+        return output.read().decode(errors="replace")
 
 
 class Payload:

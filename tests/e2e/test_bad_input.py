@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.helpers import run_cli, train_in_process
+from tests.helpers import cli_in_process, run_cli
 
 
 def _corrupt_checkpoint(tmp_path: Path) -> Path:
@@ -246,15 +246,14 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_input_is_one_line_naming_the_key(
-    case: str, tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture
-) -> None:
+def test_bad_input_is_one_line_naming_the_key(case: str, tmp_path: Path, cache_dir: Path) -> None:
     # In this process (the catalogue is long; a CLI process costs seconds of imports each); the cases
     # below run the installed console script, exit status and timing included.
     overrides, expected = CASES[case]
     args = [o(tmp_path) if callable(o) else o.replace("CACHE", str(cache_dir)) for o in overrides]
     run_dir = tmp_path / "run"
-    code, stderr = train_in_process([*args, f"hydra.run.dir={run_dir}"], tmp_path, capfd)
+    result = cli_in_process("train", *args, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    code, stderr = result.returncode, result.stderr
 
     assert code == 2, stderr
     lines = stderr.strip().splitlines()

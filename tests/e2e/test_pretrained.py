@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.checkpoints import manifest
 from orchestrator.strategies import read_model_weights
-from tests.helpers import KEEP_LOADED_WEIGHTS, TINY_HF_JOB, run_cli, save_tiny_llama, train_in_process
+from tests.helpers import KEEP_LOADED_WEIGHTS, TINY_HF_JOB, cli_in_process, run_cli, save_tiny_llama
 
 JOB = TINY_HF_JOB
 
@@ -112,15 +112,11 @@ BAD = {
 
 
 @pytest.mark.parametrize("case", BAD)
-def test_bad_pretrained_input_is_one_line(
-    case: str, pretrained: Path, tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture
-) -> None:
+def test_bad_pretrained_input_is_one_line(case: str, pretrained: Path, tmp_path: Path, cache_dir: Path) -> None:
     overrides, expected = BAD[case]
-    code, stderr = train_in_process(
-        [*JOB, f"data.cache_dir={cache_dir}", *overrides(pretrained, tmp_path), f"hydra.run.dir={tmp_path / 'run'}"],
-        tmp_path,
-        capfd,
-    )
+    args = [*JOB, f"data.cache_dir={cache_dir}", *overrides(pretrained, tmp_path), f"hydra.run.dir={tmp_path / 'run'}"]
+    result = cli_in_process("train", *args, cwd=tmp_path)
+    code, stderr = result.returncode, result.stderr
     assert code == 2, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith("error: ") and expected in line, line

@@ -3,13 +3,12 @@ search dir left behind (the pattern of test_bad_input.py)."""
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process, run_cli
 
 SPACE = "optim.lr=tag(log,interval(1e-4,1e-2))"
 CASES = {
@@ -48,24 +47,8 @@ CASES = {
 }
 
 
-def search_in_process(args: list[str], cwd: Path, capfd: pytest.CaptureFixture) -> tuple[int, str]:
-    """``orchestrator search ARGS`` through the CLI's own ``main`` in this process: (exit status, stderr)."""
-    from orchestrator.cli import main
-
-    saved, root_handlers = os.getcwd(), logging.root.handlers[:]
-    os.chdir(cwd)
-    try:
-        code = main(["search", *args])
-    finally:
-        os.chdir(saved)
-        logging.root.handlers[:] = root_handlers
-    return code, capfd.readouterr().err
-
-
 @pytest.mark.parametrize("case", list(CASES))
-def test_bad_search_input_is_one_line_naming_the_key(
-    case: str, tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture
-) -> None:
+def test_bad_search_input_is_one_line_naming_the_key(case: str, tmp_path: Path, cache_dir: Path) -> None:
     overrides, expected = CASES[case]
     search_dir = tmp_path / "search"
     job = [
@@ -77,7 +60,8 @@ def test_bad_search_input_is_one_line_naming_the_key(
         "strategy=none",
         f"search.output_dir={search_dir}",
     ]
-    code, stderr = search_in_process([*job, *overrides], tmp_path, capfd)
+    result = cli_in_process("search", *job, *overrides, cwd=tmp_path)
+    code, stderr = result.returncode, result.stderr
 
     assert code == 2, stderr
     lines = stderr.strip().splitlines()

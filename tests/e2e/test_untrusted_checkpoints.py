@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.checkpoints import manifest, unpickle
 from orchestrator.strategies import check_checkpoint, read_model_weights
-from tests.helpers import Payload, run_cli, tiny_job, train_in_process
+from tests.helpers import Payload, cli_in_process, run_cli, tiny_job
 
 STRATEGIES = ("ddp", "fsdp2", "zero3")
 
@@ -135,7 +135,7 @@ def test_every_weights_reader_refuses_a_poisoned_file(case: str, trained: dict[s
 @pytest.mark.parametrize("entry", ["trainer.init_from", "trainer.resume", "run dir"])
 @pytest.mark.parametrize("case", POISONS)
 def test_the_driver_refuses_a_poisoned_checkpoint_in_one_line(
-    case: str, entry: str, trained: dict[str, Path], tmp_path: Path, cache_dir: Path, capfd: pytest.CaptureFixture
+    case: str, entry: str, trained: dict[str, Path], tmp_path: Path, cache_dir: Path
 ) -> None:
     run_dir = tmp_path / "run"
     into = run_dir / "checkpoints" if entry == "run dir" else tmp_path / "given"
@@ -143,7 +143,8 @@ def test_the_driver_refuses_a_poisoned_checkpoint_in_one_line(
     args = [*tiny_job(cache_dir), f"strategy={strategy}", f"hydra.run.dir={run_dir}"]
     if entry != "run dir":
         args.append(f"{entry}={directory}")
-    code, stderr = train_in_process(args, tmp_path, capfd)
+    result = cli_in_process("train", *args, cwd=tmp_path)
+    code, stderr = result.returncode, result.stderr
     assert code == 2, stderr
     (line,) = stderr.strip().splitlines()
     assert line.startswith("error: ") and "refused: loading it would call posix.system" in line, line

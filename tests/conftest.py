@@ -7,10 +7,16 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 
 # Runs in tests that are not about W&B log no W&B run (the default logger=wandb would start W&B's service
 # in every run); the W&B tests set WANDB_MODE themselves. Subprocesses and Ray nodes inherit it.
 os.environ["WANDB_MODE"] = "disabled"
+
+# One intra-op thread in the test processes themselves (two of them share two cores): and since GNU OpenMP
+# then never starts a thread pool here, the CPU workers of a run started in-process (``cli_in_process``,
+# which forks them from this process) do not inherit a pool that no longer exists and wait on it forever.
+torch.set_num_threads(1)
 
 
 # The longest test files, longest first (measured): under `make test`'s `--dist loadfile
@@ -36,8 +42,6 @@ LONGEST_FIRST = (
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    import torch
-
     def rank(item: pytest.Item) -> int:
         path = item.nodeid.split("::")[0]
         return LONGEST_FIRST.index(path) if path in LONGEST_FIRST else len(LONGEST_FIRST)

@@ -20,7 +20,7 @@ from orchestrator.export import export_checkpoint
 from orchestrator.models import build_model
 from orchestrator.strategies import read_model_weights
 from tests.e2e.test_untrusted_checkpoints import POISONS
-from tests.helpers import run_cli, tiny_job
+from tests.helpers import cli_in_process, tiny_job
 
 transformers = pytest.importorskip("transformers")
 
@@ -36,7 +36,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
     found = {}
     for strategy in GPT_STRATEGIES:
         found[strategy] = root / strategy
-        run_cli(
+        cli_in_process(
             "train",
             *tiny_job(cache_dir),
             f"strategy={strategy}",
@@ -46,7 +46,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[str,
             check=True,
         )
     found["llama"] = root / "llama"
-    run_cli(
+    cli_in_process(
         "train",
         "job=llama_tiny_cpu",
         "launcher=local",
@@ -70,7 +70,7 @@ def exports(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> 
     """name -> the export of that run (its run dir given: the newest checkpoint)."""
     root = tmp_path_factory.mktemp("exports")
     for name, run_dir in runs.items():
-        result = run_cli("export", str(run_dir), "-o", str(root / name), cwd=root, check=True)
+        result = cli_in_process("export", str(run_dir), "-o", str(root / name), cwd=root, check=True)
         assert f"exported {run_dir}/checkpoints/step-00000002 (step 2" in result.stdout, result.stdout
         assert result.stderr == "", result.stderr
     return {name: root / name for name in runs}
@@ -139,7 +139,7 @@ def test_an_hf_model_exports_as_itself_with_its_tokenizer(
 
 def test_small_shards_with_an_index(runs: dict[str, Path], exports: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "sharded"
-    run_cli("export", str(runs["ddp"]), "-o", str(out), "--max-shard-size", "100KB", cwd=tmp_path, check=True)
+    cli_in_process("export", str(runs["ddp"]), "-o", str(out), "--max-shard-size", "100KB", cwd=tmp_path, check=True)
     index = json.loads((out / "model.safetensors.index.json").read_text())
     shards = sorted(p.name for p in out.glob("*.safetensors"))
     assert len(shards) > 2 and shards[0] == f"model-00001-of-{len(shards):05d}.safetensors"
@@ -162,7 +162,7 @@ def test_small_shards_with_an_index(runs: dict[str, Path], exports: dict[str, Pa
 def test_bf16_is_the_fp32_weights_cast(runs: dict[str, Path], exports: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "bf16"
     checkpoint = runs["zero3"] / "checkpoints" / manifest.step_dir_name(2)  # a checkpoint named directly
-    result = run_cli("export", str(checkpoint), "-o", str(out), "--dtype", "bf16", cwd=tmp_path, check=True)
+    result = cli_in_process("export", str(checkpoint), "-o", str(out), "--dtype", "bf16", cwd=tmp_path, check=True)
     assert "bf16, 1 file" in result.stdout
     fp32 = _tensors(exports["zero3"] / "model.safetensors")
     bf16 = _tensors(out / "model.safetensors")
@@ -175,12 +175,12 @@ def test_bf16_is_the_fp32_weights_cast(runs: dict[str, Path], exports: dict[str,
 
 def test_an_earlier_export_is_replaced_and_nothing_else_is(runs: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "model"
-    run_cli("export", str(runs["ddp"]), "-o", str(out), "--max-shard-size", "100KB", cwd=tmp_path, check=True)
-    run_cli("export", str(runs["fsdp2"]), "-o", str(out), cwd=tmp_path, check=True)
+    cli_in_process("export", str(runs["ddp"]), "-o", str(out), "--max-shard-size", "100KB", cwd=tmp_path, check=True)
+    cli_in_process("export", str(runs["fsdp2"]), "-o", str(out), cwd=tmp_path, check=True)
     assert not (out / "model.safetensors.index.json").exists() and not list(out.glob("model-*"))
     assert json.loads((out / "orchestrator_export.json").read_text())["strategy"] == "fsdp2"
     (out / "notes.txt").write_text("mine")
-    result = run_cli("export", str(runs["ddp"]), "-o", str(out), cwd=tmp_path)
+    result = cli_in_process("export", str(runs["ddp"]), "-o", str(out), cwd=tmp_path)
     assert result.returncode == 2 and "holds notes.txt, which export does not write" in result.stderr
     assert (out / "notes.txt").exists() and list(tmp_path.iterdir()) == [out]
 
@@ -238,7 +238,7 @@ def test_a_poisoned_checkpoint_is_refused_and_nothing_runs(case: str, runs: dict
         strategy=saved.strategy,
         model_shapes=saved.model_shapes,
     )
-    result = run_cli("export", str(run_dir), "-o", str(tmp_path / "out"), cwd=tmp_path)
+    result = cli_in_process("export", str(run_dir), "-o", str(tmp_path / "out"), cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert "refused: loading it would call posix.system" in line, line
@@ -298,7 +298,7 @@ def test_bad_input_is_one_line_and_exit_2(
     taken = _not_empty(tmp_path)
     extra = [arg.format(taken=taken) for arg in extra]
     out = [] if "-o" in extra else ["-o", str(tmp_path / "out")]
-    result = run_cli("export", str(path), *out, *extra, cwd=tmp_path)
+    result = cli_in_process("export", str(path), *out, *extra, cwd=tmp_path)
     assert result.returncode == 2, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("error: ") and expected.format(path, taken=taken) in line, line

@@ -17,7 +17,7 @@ from orchestrator.experiments.estimate import describe, model_states
 from orchestrator.models import build_model, model_blocks
 from orchestrator.models.lora import is_adapter, lora_for
 from orchestrator.strategies import read_model_weights
-from tests.helpers import TINY_HF_JOB, run_cli, save_tiny_llama, tiny_job, train_losses
+from tests.helpers import TINY_HF_JOB, cli_in_process, save_tiny_llama, tiny_job, train_losses
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
@@ -68,9 +68,11 @@ def test_only_the_adapters_train_and_resume_is_bit_exact(
         "trainer.checkpoint.every=2",
     ]
     first, second = tmp_path / "first", tmp_path / "second"
-    run_cli("train", *job, f"hydra.run.dir={first}", cwd=tmp_path, check=True)
+    cli_in_process("train", *job, f"hydra.run.dir={first}", cwd=tmp_path, check=True)
     step_2 = first / "checkpoints" / manifest.step_dir_name(2)
-    result = run_cli("train", *job, f"trainer.resume={step_2}", f"hydra.run.dir={second}", cwd=tmp_path, check=True)
+    result = cli_in_process(
+        "train", *job, f"trainer.resume={step_2}", f"hydra.run.dir={second}", cwd=tmp_path, check=True
+    )
     assert "resumed from" in result.stdout
     resumed = train_losses(second)
     assert sorted(resumed) == [3, 4]
@@ -108,7 +110,7 @@ def test_a_bf16_base_holds_the_frozen_weights_in_half_the_bytes(
     strategy: str, pretrained: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         *JOB,
         f"data.cache_dir={cache_dir}",
@@ -135,7 +137,7 @@ def lora_runs(pretrained: Path, tmp_path_factory: pytest.TempPathFactory, cache_
     """A LoRA run of the pretrained Llama (model=hf) and of the tiny GPT (model=gpt, no pretrained base)."""
     root = tmp_path_factory.mktemp("lora_runs")
     runs = {"llama": root / "llama", "gpt": root / "gpt"}
-    run_cli(
+    cli_in_process(
         "train",
         *JOB,
         f"data.cache_dir={cache_dir}",
@@ -145,7 +147,7 @@ def lora_runs(pretrained: Path, tmp_path_factory: pytest.TempPathFactory, cache_
         cwd=root,
         check=True,
     )
-    run_cli(
+    cli_in_process(
         "train",
         *tiny_job(cache_dir),
         f"model.lora.rank={RANK}",
@@ -185,9 +187,9 @@ def test_adapters_export_for_peft_and_merged_with_the_projects_logits(
 ) -> None:
     run_dir = lora_runs[model]
     adapters, merged = tmp_path / "adapters", tmp_path / "merged"
-    result = run_cli("export", str(run_dir), "-o", str(adapters), cwd=tmp_path, check=True)
+    result = cli_in_process("export", str(run_dir), "-o", str(adapters), cwd=tmp_path, check=True)
     assert "adapter_model.safetensors over" in result.stdout, result.stdout
-    run_cli("export", str(run_dir), "-o", str(merged), "--merge-lora", cwd=tmp_path, check=True)
+    cli_in_process("export", str(run_dir), "-o", str(merged), "--merge-lora", cwd=tmp_path, check=True)
     config = json.loads((adapters / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == RANK
     # Over the pretrained directory when the run had one; else the base weights are written beside the adapters.
@@ -231,7 +233,7 @@ def test_bad_lora_settings_are_one_line_and_exit_2(
         ],
     }
     for expected, extra in cases.items():
-        result = run_cli("train", *common, *extra, cwd=tmp_path)
+        result = cli_in_process("train", *common, *extra, cwd=tmp_path)
         assert result.returncode == 2, (expected, result.stderr)
         (line,) = result.stderr.strip().splitlines()
         assert line.startswith("error: ") and expected in line, line

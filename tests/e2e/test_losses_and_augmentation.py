@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from tests.e2e.test_resume import kill_group, last_step, start, wait_for
-from tests.helpers import read_jsonl, run_cli, train_losses
+from tests.helpers import cli_in_process, read_jsonl, train_losses
 
 AUGMENTED_STEPS = 40
 
@@ -34,7 +34,7 @@ def augmented_job(run_dir: Path, *extra: str) -> list[str]:
 
 def test_the_regression_job_learns_with_mse(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         "job=diabetes_mlp_cpu",
         "launcher=local",
@@ -59,7 +59,7 @@ def test_the_regression_job_learns_with_mse(tmp_path: Path) -> None:
 
 def test_a_classifier_reports_eval_accuracy(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = cli_in_process(
         "train",
         "job=digits_mlp_cpu",
         "launcher=local",
@@ -77,12 +77,12 @@ def test_a_classifier_reports_eval_accuracy(tmp_path: Path) -> None:
 
 def test_augmented_training_is_deterministic_and_resumes_bit_exact(tmp_path: Path) -> None:
     uninterrupted = tmp_path / "uninterrupted"
-    run_cli(*augmented_job(uninterrupted), cwd=tmp_path, check=True)
+    cli_in_process(*augmented_job(uninterrupted), cwd=tmp_path, check=True)
     expected = train_losses(uninterrupted)
     assert len(expected) == AUGMENTED_STEPS
 
     plain = tmp_path / "plain"
-    run_cli(
+    cli_in_process(
         *augmented_job(
             plain, "data.augment.crop_padding=0", "data.augment.rotate_degrees=0", "data.augment.noise_std=0"
         ),
@@ -98,7 +98,7 @@ def test_augmented_training_is_deterministic_and_resumes_bit_exact(tmp_path: Pat
     killed_at = last_step(run_dir)
     assert 15 <= killed_at < AUGMENTED_STEPS
 
-    result = run_cli(*augmented_job(run_dir), cwd=tmp_path, check=True)
+    result = cli_in_process(*augmented_job(run_dir), cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == killed_at // 10 * 10 and "resumed from" in result.stdout
     # Every step's loss, before the kill and after the resume, is the uninterrupted run's, bit for bit:

@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.config.compose import load_resolved
 from tests.e2e.test_pretrained import _file_tensors
-from tests.helpers import KEEP_LOADED_WEIGHTS, run_cli, tiny_job
+from tests.helpers import KEEP_LOADED_WEIGHTS, cli_in_process, tiny_job
 
 SHORT_RUN = ["trainer.eval_every=0", "scheduler.warmup_steps=0"]
 
@@ -21,7 +21,7 @@ SHORT_RUN = ["trainer.eval_every=0", "scheduler.warmup_steps=0"]
 def exported(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
     """A tiny GPT (model=gpt_tiny, no biases) trained 2 steps under ddp, exported as GPT-2."""
     root = tmp_path_factory.mktemp("gpt")
-    run_cli(
+    cli_in_process(
         "train",
         *tiny_job(cache_dir),
         *SHORT_RUN,
@@ -31,7 +31,7 @@ def exported(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> Path:
         cwd=root,
         check=True,
     )
-    run_cli("export", str(root / "run"), "-o", str(root / "export"), cwd=root, check=True)
+    cli_in_process("export", str(root / "run"), "-o", str(root / "export"), cwd=root, check=True)
     return root / "export"
 
 
@@ -40,7 +40,7 @@ def test_an_exported_gpt_trains_again_from_exactly_its_weights(
     strategy: str, exported: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         *tiny_job(cache_dir),
         *SHORT_RUN,
@@ -60,7 +60,7 @@ def test_an_exported_gpt_trains_again_from_exactly_its_weights(
     assert (model.n_layer, model.n_head, model.n_embd, model.vocab_size, model.block_size) == sizes
 
     again = tmp_path / "again"
-    run_cli("export", str(run_dir), "-o", str(again), cwd=tmp_path, check=True)
+    cli_in_process("export", str(run_dir), "-o", str(again), cwd=tmp_path, check=True)
     first, second = _file_tensors(exported), _file_tensors(again)
     assert first.keys() == second.keys()
     assert all(torch.equal(first[name], second[name]) for name in first)  # the zero biases included

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from orchestrator.checkpoints import manifest
-from tests.helpers import CLI, MAX_STEPS, run_cli, train_losses
+from tests.helpers import CLI, MAX_STEPS, cli_in_process, train_losses
 from tests.helpers import resume_job as job
 
 
@@ -62,7 +62,7 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(
     killed_at = last_step(run_dir)
     assert 15 <= killed_at < MAX_STEPS
 
-    result = run_cli(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
+    result = cli_in_process(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS
     assert summary["resumed_from_step"] == killed_at // 10 * 10 and "resumed from" in result.stdout
@@ -99,7 +99,7 @@ def test_sigkill_during_a_checkpoint_save_never_leaves_a_loadable_partial(tmp_pa
     # Whatever the kill interrupted, every finished-looking checkpoint verifies, and resume picks one.
     for directory in manifest.checkpoint_dirs(run_dir / "checkpoints"):
         manifest.verify(directory)
-    result = run_cli(*job(cache_dir, run_dir, *big), cwd=tmp_path, check=True)
+    result = cli_in_process(*job(cache_dir, run_dir, *big), cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 5
     assert summary["resumed_from_step"] in (2, 4)
@@ -112,18 +112,18 @@ def test_damaged_newest_checkpoint_is_skipped_on_auto_resume_and_refused_when_na
     tmp_path: Path, cache_dir: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    run_cli(*job(cache_dir, run_dir, "trainer.max_steps=20"), cwd=tmp_path, check=True)
+    cli_in_process(*job(cache_dir, run_dir, "trainer.max_steps=20"), cwd=tmp_path, check=True)
     newest = run_dir / "checkpoints" / "step-00000020"
     with open(newest / "model.pt", "r+b") as f:
         f.seek(100)
         f.write(b"\x00\x01\x02\x03")
 
-    named = run_cli(*job(cache_dir, tmp_path / "other", f"trainer.resume={newest}"), cwd=tmp_path)
+    named = cli_in_process(*job(cache_dir, tmp_path / "other", f"trainer.resume={newest}"), cwd=tmp_path)
     assert named.returncode == 2
     assert named.stderr.strip().startswith("error: trainer.resume=") and "sha256" in named.stderr
     assert len(named.stderr.strip().splitlines()) == 1 and not (tmp_path / "other").exists()
 
-    resumed = run_cli(*job(cache_dir, run_dir, "trainer.max_steps=30"), cwd=tmp_path, check=True)
+    resumed = cli_in_process(*job(cache_dir, run_dir, "trainer.max_steps=30"), cwd=tmp_path, check=True)
     assert "skipping a damaged checkpoint" in resumed.stderr
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from_step"] == 10 and summary["steps"] == 30
@@ -159,7 +159,7 @@ def test_a_finished_run_run_again_has_nothing_to_do(tmp_path: Path, cache_dir: P
     shutil.copytree(uninterrupted_run, run_dir)
     before = (run_dir / "summary.json").read_text()
     metrics_before = (run_dir / "metrics.jsonl").read_text()
-    again = run_cli(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
+    again = cli_in_process(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
     assert f"already complete at step {MAX_STEPS}" in again.stdout
     assert (run_dir / "summary.json").read_text() == before
     assert (run_dir / "metrics.jsonl").read_text() == metrics_before
@@ -167,9 +167,9 @@ def test_a_finished_run_run_again_has_nothing_to_do(tmp_path: Path, cache_dir: P
 
 def test_run_dir_checkpoints_are_never_overwritten_or_misused(tmp_path: Path, cache_dir: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
+    cli_in_process(*job(cache_dir, run_dir, "trainer.max_steps=10"), cwd=tmp_path, check=True)
 
-    fresh = run_cli(*job(cache_dir, run_dir, "trainer.resume=never"), cwd=tmp_path)
+    fresh = cli_in_process(*job(cache_dir, run_dir, "trainer.resume=never"), cwd=tmp_path)
     assert fresh.returncode == 2
     assert fresh.stderr.strip() == (
         f"error: trainer.resume=never but hydra.run.dir={run_dir} already holds "
@@ -177,11 +177,11 @@ def test_run_dir_checkpoints_are_never_overwritten_or_misused(tmp_path: Path, ca
         f"or use another hydra.run.dir"
     )
 
-    other_model = run_cli(*job(cache_dir, run_dir, "model.n_embd=96"), cwd=tmp_path)
+    other_model = cli_in_process(*job(cache_dir, run_dir, "model.n_embd=96"), cwd=tmp_path)
     assert other_model.returncode == 2
     assert "cannot use checkpoint step-00000010: it was written for another model" in other_model.stderr
 
-    tuned = run_cli(
+    tuned = cli_in_process(
         *job(cache_dir, tmp_path / "tuned", f"trainer.init_from={run_dir}", "model.n_layer=3"), cwd=tmp_path
     )
     assert tuned.returncode == 2 and not (tmp_path / "tuned").exists()
@@ -192,7 +192,7 @@ def test_a_restart_before_the_first_save_resumes_from_the_named_checkpoint_again
     tmp_path: Path, cache_dir: Path
 ) -> None:
     source = tmp_path / "source"
-    run_cli(*job(cache_dir, source, "trainer.max_steps=20"), cwd=tmp_path, check=True)
+    cli_in_process(*job(cache_dir, source, "trainer.max_steps=20"), cwd=tmp_path, check=True)
     run_dir = tmp_path / "run"
     process = start(
         job(cache_dir, run_dir, f"trainer.resume={source}", "trainer.max_restarts=1", "trainer.checkpoint.every=1000"),

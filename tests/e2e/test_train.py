@@ -12,12 +12,12 @@ import pytest
 import torch
 import yaml
 
-from tests.helpers import read_jsonl, run_cli, train_losses
+from tests.helpers import cli_in_process, read_jsonl, run_cli, train_losses
 
 
 def test_run_dir_holds_config_metrics_resources_summary_and_checkpoints(tmp_path: Path, tiny_overrides) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli("train", *tiny_overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    result = cli_in_process("train", *tiny_overrides, f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
 
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["model"]["name"] == "gpt" and config["trainer"]["max_steps"] == 20
@@ -52,10 +52,10 @@ def test_run_dir_holds_config_metrics_resources_summary_and_checkpoints(tmp_path
 
 
 def test_help_lists_groups_and_jobs_and_cfg_prints_the_composed_job(tmp_path: Path) -> None:
-    help_text = run_cli("train", "--help", cwd=tmp_path, check=True).stdout
+    help_text = cli_in_process("train", "--help", cwd=tmp_path, check=True).stdout
     assert "model:" in help_text and "gpt_small" in help_text
     assert "job:" in help_text and "gpt_tiny_cpu" in help_text and "digits_cnn_cpu" in help_text
-    printed = run_cli("train", "job=digits_cnn_cpu", "--cfg", "job", cwd=tmp_path, check=True).stdout
+    printed = cli_in_process("train", "job=digits_cnn_cpu", "--cfg", "job", cwd=tmp_path, check=True).stdout
     composed = yaml.safe_load(printed)
     assert composed["model"]["name"] == "cnn" and composed["data"]["name"] == "digits"
     assert not (tmp_path / "outputs").exists()
@@ -91,7 +91,7 @@ def test_multirun_sweep_makes_one_run_per_point(tmp_path: Path) -> None:
 
 def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         "job=digits_mlp_cpu",
         "launcher=local",
@@ -111,7 +111,7 @@ def test_early_stopping_stops_when_eval_loss_stops_improving(tmp_path: Path) -> 
 
 def test_fine_tuning_starts_from_another_runs_weights_with_frozen_modules(tmp_path: Path) -> None:
     base = tmp_path / "base"
-    run_cli(
+    cli_in_process(
         "train",
         "job=digits_mlp_cpu",
         "launcher=local",
@@ -123,7 +123,7 @@ def test_fine_tuning_starts_from_another_runs_weights_with_frozen_modules(tmp_pa
         check=True,
     )
     tuned = tmp_path / "tuned"
-    run_cli(
+    cli_in_process(
         "train",
         "job=digits_mlp_cpu",
         "launcher=local",
@@ -179,7 +179,7 @@ def _nan_job(tmp_path: Path, *extra: str) -> list[str]:
 
 def test_non_finite_loss_stops_before_the_optimizer_step_naming_the_step(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*_nan_job(tmp_path, f"hydra.run.dir={run_dir}"), cwd=tmp_path)
+    result = cli_in_process(*_nan_job(tmp_path, f"hydra.run.dir={run_dir}"), cwd=tmp_path)
     assert result.returncode == 1
     error = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and re.search(r"non-finite (loss|gradient norm) \((nan|inf)\) at step \d+", error[0])
@@ -191,7 +191,9 @@ def test_non_finite_loss_stops_before_the_optimizer_step_naming_the_step(tmp_pat
 
 def test_non_finite_steps_are_skipped_and_recorded_when_asked(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    run_cli(*_nan_job(tmp_path, "trainer.on_nonfinite=skip", f"hydra.run.dir={run_dir}"), cwd=tmp_path, check=True)
+    cli_in_process(
+        *_nan_job(tmp_path, "trainer.on_nonfinite=skip", f"hydra.run.dir={run_dir}"), cwd=tmp_path, check=True
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     skipped = [m for m in read_jsonl(run_dir / "metrics.jsonl") if m.get("skipped")]
     assert summary["status"] == "completed" and summary["steps"] == 30
@@ -217,7 +219,7 @@ def _diverging_job(run_dir: Path, *extra: str) -> list[str]:
 
 def test_skipping_stops_a_run_that_diverged_after_max_consecutive_skips(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*_diverging_job(run_dir, "trainer.max_steps=30"), cwd=tmp_path)
+    result = cli_in_process(*_diverging_job(run_dir, "trainer.max_steps=30"), cwd=tmp_path)
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1, result.stderr
@@ -237,7 +239,9 @@ def test_skipping_stops_a_run_that_diverged_after_max_consecutive_skips(tmp_path
 
 def test_a_run_whose_final_loss_is_not_finite_is_failed_not_completed(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
-    result = run_cli(*_diverging_job(run_dir, "trainer.max_steps=4", "trainer.max_consecutive_skips=100"), cwd=tmp_path)
+    result = cli_in_process(
+        *_diverging_job(run_dir, "trainer.max_steps=4", "trainer.max_consecutive_skips=100"), cwd=tmp_path
+    )
     assert result.returncode == 1
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.fullmatch(
@@ -252,7 +256,7 @@ def test_a_run_whose_final_loss_is_not_finite_is_failed_not_completed(tmp_path: 
 def test_ddp_with_one_local_worker_trains_as_one_replica(tmp_path: Path) -> None:
     # torch elastic with one worker sets up no process group; DDP then wraps nothing (it used to fail).
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         "job=digits_mlp_cpu",
         "strategy=ddp",

@@ -22,7 +22,7 @@ import pytest
 
 from orchestrator.checkpoints import manifest
 from orchestrator.train.checkpoint import HOLD_ENV
-from tests.helpers import CLI, MAX_STEPS, run_cli, train_losses
+from tests.helpers import CLI, MAX_STEPS, cli_in_process, train_losses
 from tests.helpers import resume_job as job
 
 HELD = manifest.step_dir_name(20)
@@ -89,7 +89,7 @@ def test_sigkill_while_a_background_save_is_written_keeps_the_previous_one_and_r
     before = train_losses(run_dir)
     assert len(before) >= 23
 
-    result = run_cli(*args, cwd=tmp_path, check=True)
+    result = cli_in_process(*args, cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS and summary["resumed_from_step"] == 10
     assert "removing an unfinished checkpoint save" in result.stderr and not partial.exists()

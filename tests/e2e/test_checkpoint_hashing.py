@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from orchestrator.checkpoints import manifest
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process
 
 # A name of each kind of file a strategy's checkpoint holds (beside the trainer state and one RNG file per rank).
 KINDS = {
@@ -29,7 +29,9 @@ def test_every_file_hashed_while_written_matches_its_bytes_on_disk(
     strategy: str, tmp_path: Path, tiny_overrides: list[str]
 ) -> None:
     run_dir = tmp_path / "run"
-    run_cli("train", *tiny_overrides, f"strategy={strategy}", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True)
+    cli_in_process(
+        "train", *tiny_overrides, f"strategy={strategy}", f"hydra.run.dir={run_dir}", cwd=tmp_path, check=True
+    )
     checkpoints = manifest.checkpoint_dirs(run_dir / "checkpoints")
     assert [manifest.step_of(c) for c in checkpoints] == [20, 10]
     for checkpoint in checkpoints:

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from orchestrator.data.tokens import write_token_files
-from tests.helpers import run_cli, train_losses
+from tests.helpers import cli_in_process, run_cli, train_losses
 
 
 def test_a_fifo_in_a_corpus_folder_is_skipped_with_a_warning(tmp_path: Path, cache_dir: Path) -> None:
@@ -74,7 +74,7 @@ def test_a_vocabulary_past_65535_ids_trains_from_uint32_token_files(tmp_path: Pa
     write_token_files(tmp_path / "tokens", train=ids, val=ids[:1024], vocab_size=vocab_size)
     assert json.loads((tmp_path / "tokens" / "meta.json").read_text())["dtype"] == "uint32"
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         "data=memmap",
         f"data.path={tmp_path / 'tokens'}",

@@ -12,7 +12,7 @@ import torch
 
 from orchestrator.checkpoints import manifest
 from orchestrator.strategies import read_model_weights
-from tests.helpers import KEEP_LOADED_WEIGHTS, TINY_HF_JOB, cli_in_process, run_cli, save_tiny_llama
+from tests.helpers import KEEP_LOADED_WEIGHTS, TINY_HF_JOB, cli_in_process, save_tiny_llama
 
 JOB = TINY_HF_JOB
 
@@ -39,7 +39,7 @@ def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_un
     strategy: str, pretrained: Path, tmp_path: Path, cache_dir: Path
 ) -> None:
     run_dir = tmp_path / "run"
-    run_cli(
+    cli_in_process(
         "train",
         *JOB,
         f"data.cache_dir={cache_dir}",
@@ -60,7 +60,7 @@ def test_training_starts_from_exactly_the_pretrained_weights_and_exports_them_un
 
     # Round trip: exported, the weights are the input's, tensor for tensor, and transformers loads them.
     exported = tmp_path / "exported"
-    run_cli("export", str(run_dir), "-o", str(exported), cwd=tmp_path, check=True)
+    cli_in_process("export", str(run_dir), "-o", str(exported), cwd=tmp_path, check=True)
     out = _file_tensors(exported)
     assert set(out) == set(expected) and all(torch.equal(out[name], expected[name]) for name in expected)
 

@@ -13,7 +13,7 @@ import pytest
 from orchestrator.config.compose import load_resolved
 from orchestrator.data.text import cache_dir_for, find_corpus_files
 from tests.e2e.test_pretrained import JOB
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process
 
 transformers = pytest.importorskip("transformers")
 
@@ -61,7 +61,7 @@ def run_dir(pretrained: Path, tmp_path_factory: pytest.TempPathFactory, cache_di
         lines = (" ".join(f"w{words.randrange(VOCAB_SIZE - 2)}" for _ in range(20)) for _ in range(100))
         (root / "corpus" / f"{index}.txt").parent.mkdir(exist_ok=True)
         (root / "corpus" / f"{index}.txt").write_text("\n".join(lines) + "\n")
-    run_cli(
+    cli_in_process(
         "train",
         *JOB,
         f"data.cache_dir={cache_dir}",
@@ -88,7 +88,7 @@ def test_a_128k_tokenizer_from_model_pretrained_trains_end_to_end(run_dir: Path)
 
 def test_the_export_ships_the_pretrained_tokenizer(pretrained: Path, run_dir: Path, tmp_path: Path) -> None:
     exported = tmp_path / "exported"
-    result = run_cli("export", str(run_dir), "-o", str(exported), cwd=tmp_path, check=True)
+    result = cli_in_process("export", str(run_dir), "-o", str(exported), cwd=tmp_path, check=True)
     assert f"tokenizer  pretrained, {VOCAB_SIZE} ids: {pretrained / 'tokenizer.json'}" in result.stdout
     for name in ("tokenizer.json", "tokenizer_config.json"):
         assert (exported / name).read_text() == (pretrained / name).read_text()

@@ -15,7 +15,7 @@ import pytest
 
 from orchestrator.report.build import build_report
 from orchestrator.report.scale import COLUMNS
-from tests.helpers import read_jsonl, run_cli, tiny_job
+from tests.helpers import cli_in_process, read_jsonl, tiny_job
 
 CHROMIUM_FLAGS = [
     "--headless",
@@ -53,7 +53,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> list[Path
     root = tmp_path_factory.mktemp("report")
     dirs = []
     for name, lr in (("a", "3e-3"), ("b", "1e-3")):
-        run_cli(
+        cli_in_process(
             "train",
             *tiny_job(cache_dir),
             f"optim.lr={lr}",
@@ -82,7 +82,7 @@ def test_every_run_writes_its_report(runs: list[Path]) -> None:
 def test_the_report_in_chromium_draws_every_series(runs: list[Path], tmp_path: Path) -> None:
     browser = chromium()
     output = tmp_path / "report.html"
-    result = run_cli("report", *map(str, runs), "-o", str(output), cwd=tmp_path, check=True)
+    result = cli_in_process("report", *map(str, runs), "-o", str(output), cwd=tmp_path, check=True)
     assert result.stdout.strip() == f"report: {output}"
 
     dom = subprocess.run(
@@ -138,13 +138,13 @@ def test_the_report_in_chromium_draws_every_series(runs: list[Path], tmp_path: P
 def test_report_of_a_sweep_dir_and_bad_paths(runs: list[Path], tmp_path: Path) -> None:
     page = build_report([runs[0].parent])  # a dir of run dirs: every run in it
     assert all(f"{name} train" in page for name in ("a", "b", "c"))
-    result = run_cli("report", str(tmp_path / "nope"), cwd=tmp_path)
+    result = cli_in_process("report", str(tmp_path / "nope"), cwd=tmp_path)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         f"error: {tmp_path / 'nope'}: no such directory (give run dirs, or a sweep's dir of run dirs)"
     )
     (tmp_path / "empty").mkdir()
-    result = run_cli("report", str(tmp_path / "empty"), cwd=tmp_path)
+    result = cli_in_process("report", str(tmp_path / "empty"), cwd=tmp_path)
     assert result.returncode == 2 and "not a run dir" in result.stderr
     assert not (tmp_path / "report.html").exists()
 

@@ -18,7 +18,7 @@ import pytest
 
 from orchestrator.checkpoints import manifest
 from tests.e2e.test_resume import kill_group, last_step, start, wait_for
-from tests.helpers import MAX_STEPS, resume_job, run_cli, tiny_job, train_losses
+from tests.helpers import MAX_STEPS, cli_in_process, resume_job, run_cli, tiny_job, train_losses
 
 BUCKET = "runs"
 
@@ -104,7 +104,7 @@ def test_a_run_resumes_from_its_bucket_after_its_run_dir_is_lost(
     assert manifest.step_of(Path(saved)) < MAX_STEPS
     shutil.rmtree(run_dir)  # the machine is gone: only the bucket has the run
 
-    result = run_cli(*args, cwd=tmp_path, check=True)
+    result = cli_in_process(*args, cwd=tmp_path, check=True)
     assert f"fetched {saved} from s3://{BUCKET}/exp/run1" in result.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["resumed_from_step"] == manifest.step_of(Path(saved))
@@ -121,7 +121,7 @@ def test_a_run_resumes_from_its_bucket_after_its_run_dir_is_lost(
     assert _read(s3, "exp/run1/config.yaml") == (run_dir / "config.yaml").read_text()
 
     # A new run must not train over the bucket's checkpoints unasked.
-    again = run_cli(
+    again = cli_in_process(
         *resume_job(cache_dir, tmp_path / "other", f"trainer.storage=s3://{BUCKET}/exp/run1", "trainer.resume=never"),
         cwd=tmp_path,
     )

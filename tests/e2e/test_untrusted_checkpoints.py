@@ -15,7 +15,7 @@ import torch
 
 from orchestrator.checkpoints import manifest, unpickle
 from orchestrator.strategies import check_checkpoint, read_model_weights
-from tests.helpers import Payload, cli_in_process, run_cli, tiny_job
+from tests.helpers import Payload, cli_in_process, tiny_job
 
 STRATEGIES = ("ddp", "fsdp2", "zero3")
 
@@ -72,7 +72,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> dict[s
     found = {}
     for strategy in STRATEGIES:
         run_dir = root / strategy
-        run_cli(
+        cli_in_process(
             "train",
             *tiny_job(cache_dir),
             f"strategy={strategy}",
@@ -160,7 +160,7 @@ def test_workers_refuse_a_poisoned_checkpoint_fetched_from_storage(
     store = tmp_path / "store"
     directory, marker, strategy = _poisoned(trained, case, store / "checkpoints")
     run_dir = tmp_path / "run"
-    result = run_cli(
+    result = cli_in_process(
         "train",
         *tiny_job(cache_dir),
         f"strategy={strategy}",

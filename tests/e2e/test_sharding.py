@@ -13,7 +13,7 @@ from orchestrator.config.schema import Precision
 from orchestrator.experiments.estimate import describe, model_states
 from orchestrator.experiments.verify import Deviation, format_report, largest_deviation
 from orchestrator.rundir import RunSummary
-from tests.helpers import run_cli
+from tests.helpers import cli_in_process, train_losses
 
 STRATEGIES = ["ddp", "fsdp2", "zero1", "zero2", "zero3"]
 WORLD_SIZE = 2
@@ -36,7 +36,7 @@ DESIGN_FP32 = {
 @pytest.fixture(scope="module")
 def verified(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple[object, dict]:
     root = tmp_path_factory.mktemp("verify")
-    result = run_cli(
+    result = cli_in_process(
         "verify",
         "launcher=local",
         f"verify.strategies=[{','.join(STRATEGIES)}]",
@@ -45,7 +45,6 @@ def verified(tmp_path_factory: pytest.TempPathFactory, cache_dir: Path) -> tuple
         f"data.cache_dir={cache_dir}",
         *SMALLER,
         cwd=root,
-        timeout=600,
     )
     return result, json.loads((root / "out" / "verify.json").read_text())
 
@@ -110,7 +109,7 @@ def test_a_deviation_above_the_tolerance_fails_and_a_missing_step_counts_as_infi
 
 def test_verify_exits_non_zero_when_strategies_disagree(tmp_path: Path, cache_dir: Path) -> None:
     """In bf16, DDP (autocast over fp32 weights) and FSDP2 (bf16 parameter copies) round differently."""
-    result = run_cli(
+    result = cli_in_process(
         "verify",
         "job=gpt_tiny_cpu",
         "launcher=local",
@@ -125,7 +124,6 @@ def test_verify_exits_non_zero_when_strategies_disagree(tmp_path: Path, cache_di
         "trainer.micro_batch_size=4",
         f"verify.output_dir={tmp_path / 'out'}",
         cwd=tmp_path,
-        timeout=300,
     )
     assert result.returncode == 1, result.stdout[-2000:] + result.stderr[-2000:]
     assert "FAIL" in result.stdout
@@ -134,15 +132,14 @@ def test_verify_exits_non_zero_when_strategies_disagree(tmp_path: Path, cache_di
 
 @pytest.mark.slow
 def test_a_zero3_run_resumed_from_its_checkpoint_repeats_the_same_losses(tmp_path: Path, tiny_overrides) -> None:
-    from tests.helpers import train_losses
 
     first = tmp_path / "first"
-    run_cli("train", *tiny_overrides, "strategy=zero3", f"hydra.run.dir={first}", cwd=tmp_path, check=True)
+    cli_in_process("train", *tiny_overrides, "strategy=zero3", f"hydra.run.dir={first}", cwd=tmp_path, check=True)
     step_10 = first / "checkpoints" / "step-00000010"
     # DeepSpeed's own `latest` pointer is never written: only ours says which checkpoint is current.
     assert not any(path.name == "latest" for path in step_10.rglob("*"))
     second = tmp_path / "second"
-    result = run_cli(
+    result = cli_in_process(
         "train",
         *tiny_overrides,
         "strategy=zero3",

@@ -27,22 +27,17 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/orchestrator train $(ARGS)
 
-# The tests on TEST_WORKERS processes (a file at a time, in tests/conftest.py's order) and, beside them,
-# those marked serial (each starts an embedded Ray or a cluster and waits on it) one at a time in a
-# third process, whose output is printed after the rest's. Stopping make stops both.
+# The tests on TEST_WORKERS processes (a file at a time, in tests/conftest.py's order), then those
+# marked serial (starting an embedded Ray or a cluster) alone.
 # Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
 test: setup
 	$(BIN)/ruff check orchestrator tests bench
 	$(BIN)/ruff format --check orchestrator tests bench
 	$(BIN)/mypy
-	@log=$$(mktemp -t orchestrator-serial-tests.XXXXXX); \
-	$(BIN)/python -m pytest -m serial -p no:cacheprovider $(PYTEST_ARGS) >$$log 2>&1 & serial=$$!; \
-	trap 'kill $$serial 2>/dev/null; rm -f $$log' EXIT; \
-	echo "the serial tests run beside these: their output follows"; \
 	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); \
-	parallel=$$?; wait $$serial; serial_status=$$?; \
-	echo "== the serial tests =="; cat $$log; \
-	for status in $$parallel $$serial_status; do [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status; done
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
+	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS); \
+		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .mypy_cache

@@ -28,7 +28,7 @@ run: setup
 	$(BIN)/orchestrator train $(ARGS)
 
 # The tests on TEST_WORKERS processes (a file at a time, in tests/conftest.py's order), then those
-# marked serial (starting an embedded Ray or a cluster) alone.
+# marked serial (Ray runs that keep both cores busy, and the loopback checks) alone.
 # Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
 test: setup
 	$(BIN)/ruff check orchestrator tests bench

@@ -24,6 +24,7 @@ torch.set_num_threads(1)
 # parallel part ends; one of these started last would run alone.
 LONGEST_FIRST = (
     "tests/ray/test_cluster.py",
+    "tests/e2e/test_script_jobs.py",  # most of it waits a minute for an orphaned Ray to give up: early, beside work
     "tests/e2e/test_lora.py",
     "tests/distributed/test_strategies.py",
     "tests/e2e/test_resume.py",

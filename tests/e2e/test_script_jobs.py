@@ -174,7 +174,7 @@ def _alive(process: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=[pytest.mark.slow, pytest.mark.serial])])
+@pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=pytest.mark.slow)])
 def test_script_workers_die_with_a_killed_driver(tmp_path: Path, launcher: str) -> None:
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     run_dir = (tmp_path / "run").resolve()

@@ -1,4 +1,4 @@
-"""``orchestrator search`` on the embedded Ray, through the console script: 8 trials, 2 at a time, ASHA stops
+"""``orchestrator search`` on the embedded Ray, through the console script: 4 trials, 2 at a time, ASHA stops
 the worse early with their checkpoints intact and their run dirs saying so; the best trial's job file
 trains; a driver killed mid-search and started again continues without redoing finished trials."""
 
@@ -21,9 +21,10 @@ from tests.helpers import CLI, read_jsonl, run_cli
 pytestmark = pytest.mark.serial
 
 MAX_STEPS = 20
-# Eight learning rates, best first: every later trial is worse than the first at step 5, where ASHA's
-# first rung is, so it stops some of them there.
-LRS = "3e-3,1e-3,3e-4,1e-4,3e-5,1e-5,3e-6,1e-6"
+# Four learning rates, best first: every later trial is worse than the first at step 5, where ASHA's
+# first rung is. The first two start together; the last two reach the rung after both have reported and
+# are worse than both, so ASHA stops at least those two there, whichever of the first two reports first.
+LRS = "3e-3,1e-3,3e-4,1e-4"
 
 
 def tiny_search(cache_dir: Path, search_dir: Path, *extra: str) -> list[str]:
@@ -75,7 +76,9 @@ def test_asha_stops_trials_early_two_at_a_time_and_the_best_job_trains(tmp_path:
     trials = record(search_dir)["trials"]
     assert [t["params"]["optim.lr"] for t in trials] == [float(lr) for lr in LRS.split(",")]
     stopped = [t for t in trials if t["status"] == STOPPED_BY_SEARCH]
-    assert stopped, [(t["name"], t["status"], t["steps"]) for t in trials]
+    assert {"trial-002", "trial-003"} <= {t["name"] for t in stopped}, [
+        (t["name"], t["status"], t["steps"]) for t in trials
+    ]
     assert all(t["status"] in ("completed", STOPPED_BY_SEARCH) for t in trials)
     for trial in stopped:  # it ended at an eval, cleanly: its summary says why, its last checkpoint verifies
         run_dir = search_dir / trial["name"]

@@ -27,17 +27,12 @@ $(STAMP): pyproject.toml
 run: setup
 	$(BIN)/orchestrator train $(ARGS)
 
-# The tests on TEST_WORKERS processes (a file at a time, in tests/conftest.py's order), then those
-# marked serial (Ray runs that keep both cores busy, and the loopback checks) alone.
-# Exit status 5 is pytest's "no test selected": a PYTEST_ARGS subset may have none of one kind.
+# The tests on TEST_WORKERS processes, a file at a time, in tests/conftest.py's order (longest first).
 test: setup
 	$(BIN)/ruff check orchestrator tests bench
 	$(BIN)/ruff format --check orchestrator tests bench
 	$(BIN)/mypy
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder -m "not serial" $(PYTEST_ARGS); \
-		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
-	$(BIN)/python -m pytest -m serial $(PYTEST_ARGS); \
-		status=$$?; [ $$status -eq 0 ] || [ $$status -eq 5 ] || exit $$status
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) outputs multirun .pytest_cache .mypy_cache

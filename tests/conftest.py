@@ -21,14 +21,16 @@ torch.set_num_threads(1)
 
 # The longest test files, longest first (measured): under `make test`'s `--dist loadfile
 # --no-loadscope-reorder` files start in this order, and the last file to start decides when the
-# parallel part ends; one of these started last would run alone.
+# run ends; one of these started last would run alone.
 LONGEST_FIRST = (
     "tests/ray/test_cluster.py",
-    "tests/e2e/test_script_jobs.py",  # most of it waits a minute for an orphaned Ray to give up: early, beside work
-    "tests/e2e/test_lora.py",
-    "tests/distributed/test_strategies.py",
-    "tests/e2e/test_resume.py",
+    "tests/e2e/test_search.py",
+    "tests/e2e/test_script_jobs.py",  # a minute of it waits for an orphaned Ray to give up: early, beside work
     "tests/e2e/test_sharding.py",
+    "tests/distributed/test_strategies.py",
+    "tests/e2e/test_default_job.py",
+    "tests/e2e/test_lora.py",
+    "tests/e2e/test_resume.py",
     "tests/e2e/test_export.py",
     "tests/configs/test_jobs.py",
     "tests/e2e/test_train.py",

@@ -13,7 +13,6 @@ from tests.helpers import run_cli
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 def test_default_job_learns_from_a_cold_cache(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     # A fresh cache dir: the tokenizer is trained and the corpus encoded inside the timed run.

@@ -39,7 +39,6 @@ def _records(run_dir: Path) -> dict[int, dict]:
 
 
 @pytest.mark.slow
-@pytest.mark.serial
 def test_an_accelerate_script_trains_on_two_ray_workers(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     result = run_cli(

@@ -11,14 +11,11 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
 import yaml
 
 from orchestrator.checkpoints import manifest
 from orchestrator.rundir import STOPPED_BY_SEARCH
 from tests.helpers import CLI, read_jsonl, run_cli
-
-pytestmark = pytest.mark.serial
 
 MAX_STEPS = 20
 # Four learning rates, best first: every later trial is worse than the first at step 5, where ASHA's

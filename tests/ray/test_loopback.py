@@ -16,7 +16,7 @@ from orchestrator.cluster import local
 from orchestrator.launch.ray import ray_session
 from orchestrator.launchers.ray import RayLauncherConfig
 
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.e2e.test_resume import kill_group, last_step, start, wait_for
+from tests.e2e.test_resume import committed_step, kill_group, last_step, start, wait_for
 from tests.helpers import cli_in_process, read_jsonl, train_losses
 
 AUGMENTED_STEPS = 40
@@ -93,14 +93,14 @@ def test_augmented_training_is_deterministic_and_resumes_bit_exact(tmp_path: Pat
 
     run_dir = tmp_path / "run"
     process = start(augmented_job(run_dir), tmp_path)
-    wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
+    wait_for(process, lambda: last_step(run_dir) >= 15 and committed_step(run_dir) >= 10, what="step 15")
     kill_group(process)
-    killed_at = last_step(run_dir)
-    assert 15 <= killed_at < AUGMENTED_STEPS
+    killed_at, committed = last_step(run_dir), committed_step(run_dir)
+    assert 15 <= killed_at < AUGMENTED_STEPS and committed in range(10, killed_at + 1, 10)
 
     result = cli_in_process(*augmented_job(run_dir), cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["resumed_from_step"] == killed_at // 10 * 10 and "resumed from" in result.stdout
+    assert summary["resumed_from_step"] == committed and "resumed from" in result.stdout
     # Every step's loss, before the kill and after the resume, is the uninterrupted run's, bit for bit:
     # the sampler's position comes back from the checkpoint, and each sample's augmentation is a
     # function of (seed, epoch, sample id), so there is no generator state to lose.

@@ -37,6 +37,15 @@ def last_step(run_dir: Path) -> int:
     return max(losses, default=0)
 
 
+def committed_step(run_dir: Path) -> int:
+    """The step of the run's newest committed checkpoint, the one ``checkpoints/latest`` names (0: none yet).
+    Saves are asynchronous: a step's checkpoint is committed some steps after the step, once every rank
+    has written its part, and a run killed before that resumes from the one before."""
+    latest = run_dir / "checkpoints" / "latest"
+    name = latest.read_text().strip() if latest.exists() else ""
+    return (manifest.step_of(run_dir / "checkpoints" / name) or 0) if name else 0
+
+
 def workers_of(process: subprocess.Popen) -> list[psutil.Process]:
     """The run's worker processes (the launcher names them ``orch-rank<N>``), not the launcher."""
     return [p for p in psutil.Process(process.pid).children(recursive=True) if p.name().startswith("orch-rank")]
@@ -57,15 +66,15 @@ def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(
 ) -> None:
     run_dir = tmp_path / "run"
     process = start(job(cache_dir, run_dir), tmp_path)
-    wait_for(process, lambda: last_step(run_dir) >= 15, what="step 15")
+    wait_for(process, lambda: last_step(run_dir) >= 15 and committed_step(run_dir) >= 10, what="step 15")
     kill_group(process)
-    killed_at = last_step(run_dir)
-    assert 15 <= killed_at < MAX_STEPS
+    killed_at, committed = last_step(run_dir), committed_step(run_dir)
+    assert 15 <= killed_at < MAX_STEPS and committed in range(10, killed_at + 1, 10)
 
     result = cli_in_process(*job(cache_dir, run_dir), cwd=tmp_path, check=True)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS
-    assert summary["resumed_from_step"] == killed_at // 10 * 10 and "resumed from" in result.stdout
+    assert summary["resumed_from_step"] == committed and "resumed from" in result.stdout
     # Every step's loss, before and after the kill, equals the uninterrupted run's bit for bit,
     # and metrics.jsonl holds each step once.
     assert train_losses(run_dir) == uninterrupted

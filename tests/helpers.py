@@ -11,6 +11,8 @@ import tempfile
 from pathlib import Path
 from typing import IO
 
+from orchestrator.checkpoints import manifest
+
 REPO = Path(__file__).resolve().parents[1]
 CLI = Path(sys.executable).with_name("orchestrator")
 
@@ -35,6 +37,15 @@ def read_jsonl(path: Path) -> list[dict]:
     text = path.read_text()
     whole = text[: text.rfind("\n") + 1]
     return [json.loads(line) for line in whole.splitlines() if line.strip()]
+
+
+def committed_step(run_dir: Path) -> int:
+    """The step of the run's newest committed checkpoint, the one ``checkpoints/latest`` names (0: none yet).
+    Saves are asynchronous: a step's checkpoint is committed some steps after the step, once every rank
+    has written its part, and a run killed before that resumes from the one before."""
+    latest = run_dir / "checkpoints" / "latest"
+    name = latest.read_text().strip() if latest.exists() else ""
+    return (manifest.step_of(run_dir / "checkpoints" / name) or 0) if name else 0
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

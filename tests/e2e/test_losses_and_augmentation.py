@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tests.e2e.test_resume import committed_step, kill_group, last_step, start, wait_for
-from tests.helpers import cli_in_process, read_jsonl, train_losses
+from tests.e2e.test_resume import kill_group, last_step, start, wait_for
+from tests.helpers import cli_in_process, committed_step, read_jsonl, train_losses
 
 AUGMENTED_STEPS = 40
 

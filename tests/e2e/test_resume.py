@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 
 from orchestrator.checkpoints import manifest
-from tests.helpers import CLI, MAX_STEPS, cli_in_process, train_losses
+from tests.helpers import CLI, MAX_STEPS, cli_in_process, committed_step, train_losses
 from tests.helpers import resume_job as job
 
 
@@ -35,15 +35,6 @@ def wait_for(process: subprocess.Popen, predicate, *, what: str, timeout: float 
 def last_step(run_dir: Path) -> int:
     losses = train_losses(run_dir) if (run_dir / "metrics.jsonl").exists() else {}
     return max(losses, default=0)
-
-
-def committed_step(run_dir: Path) -> int:
-    """The step of the run's newest committed checkpoint, the one ``checkpoints/latest`` names (0: none yet).
-    Saves are asynchronous: a step's checkpoint is committed some steps after the step, once every rank
-    has written its part, and a run killed before that resumes from the one before."""
-    latest = run_dir / "checkpoints" / "latest"
-    name = latest.read_text().strip() if latest.exists() else ""
-    return (manifest.step_of(run_dir / "checkpoints" / name) or 0) if name else 0
 
 
 def workers_of(process: subprocess.Popen) -> list[psutil.Process]:

@@ -15,7 +15,7 @@ import yaml
 
 from orchestrator.checkpoints import manifest
 from orchestrator.rundir import STOPPED_BY_SEARCH
-from tests.helpers import CLI, read_jsonl, run_cli
+from tests.helpers import CLI, committed_step, read_jsonl, run_cli
 
 MAX_STEPS = 20
 # Four learning rates, best first: every later trial is worse than the first at step 5, where ASHA's
@@ -152,16 +152,9 @@ def _kill_mid_search(driver: subprocess.Popen, search_dir: Path) -> list[str]:
         running = [
             t["name"]
             for t in trials
-            if t["status"] == "running" and 0 < _checkpointed(search_dir / t["name"]) < MAX_STEPS
+            if t["status"] == "running" and 0 < committed_step(search_dir / t["name"]) < MAX_STEPS
         ]
         if any(t["status"] == "completed" for t in trials) and running:
             os.killpg(driver.pid, signal.SIGKILL)
             return running
     raise AssertionError(f"the search ended (exit {driver.returncode}) before it could be killed mid-trial")
-
-
-def _checkpointed(run_dir: Path) -> int:
-    """The step of the run's newest complete checkpoint (0: none)."""
-    latest = run_dir / "checkpoints" / "latest"
-    name = latest.read_text().strip() if latest.exists() else ""
-    return manifest.step_of(run_dir / "checkpoints" / name) or 0 if name else 0

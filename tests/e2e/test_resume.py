@@ -48,8 +48,12 @@ def kill_one_worker(process: subprocess.Popen) -> None:
 
 
 def kill_group(process: subprocess.Popen) -> None:
+    """SIGKILLs the run's process group and waits until every member is gone, not only the launcher: a
+    worker still exiting holds the run dir, and a run started at once would find it in use."""
+    members = psutil.Process(process.pid).children(recursive=True)
     os.killpg(process.pid, signal.SIGKILL)
     process.wait()
+    psutil.wait_procs(members, timeout=60)
 
 
 def test_sigkill_mid_run_then_resume_gives_bitwise_identical_losses(

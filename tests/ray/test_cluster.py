@@ -102,10 +102,13 @@ def _train_workers() -> list[psutil.Process]:
     return found
 
 
-def _freeze_at_step(run_dir: Path, step: int, workers: int = 2) -> list[psutil.Process]:
-    """SIGSTOPs the run's train workers once ``step`` is logged (a tiny job's steps take milliseconds)."""
+def _freeze_at_step(
+    run_dir: Path, step: int, workers: int = 2, exclude: list[psutil.Process] = ()
+) -> list[psutil.Process]:
+    """SIGSTOPs the run's train workers (not those in ``exclude``, an earlier group's) once ``step`` is
+    logged (a tiny job's steps take milliseconds)."""
     deadline = time.monotonic() + 180
-    while len(found := _train_workers()) < workers:
+    while len(found := [p for p in _train_workers() if p not in exclude]) < workers:
         assert time.monotonic() < deadline, "the train workers did not start"
         time.sleep(0.2)
     while not (run_dir / "metrics.jsonl").exists() or max(train_losses(run_dir), default=0) < step:
@@ -147,25 +150,45 @@ def test_the_job_api_refuses_requests_without_the_token(cluster: dict, tmp_path:
         jobs.client(Cluster(name=NAME, address=cluster["dashboard"], token_file=tmp_path / "missing"))
 
 
-def test_a_submitted_job_survives_a_killed_worker(cluster: dict, cache_dir: Path, uninterrupted: dict) -> None:
+def test_a_submitted_job_survives_a_killed_worker_then_waits_for_lost_nodes(
+    cluster: dict, cache_dir: Path, uninterrupted: dict
+) -> None:
+    """One job through both recoveries: a killed worker (restarted at once), then both worker nodes lost
+    (the run waits until capacity returns). Every step's loss equals the uninterrupted run's."""
     sentinel = "wandb-sentinel-0123456789abcdef"
     job_id, run_dir = _submit(
-        cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1"), env={"WANDB_API_KEY": sentinel}
+        cluster,
+        *_on_cluster(cache_dir, "trainer.max_restarts=2", "launcher.capacity_timeout_s=120"),
+        env={"WANDB_API_KEY": sentinel},
     )
     assert run_dir.is_relative_to(cluster["storage"])
-    killed, *others = _freeze_at_step(run_dir, 12)
+    first = _freeze_at_step(run_dir, 12)
+    killed, *others = first
     killed.kill()
     for process in others:
         process.resume()
+
+    # The restarted group resumed from the step-10 checkpoint; past the step-20 one, both worker nodes go:
+    # the head's one CPU cannot hold two workers, so the run waits ...
+    _freeze_at_step(run_dir, 22, exclude=first)
+    for pid in local.worker_pids(NAME):
+        local.kill_node(NAME, pid)
+    for process in _train_workers():
+        process.resume()
+    time.sleep(5)
+    assert jobs.wait(jobs.resolve_cluster(NAME), job_id, timeout_s=0) == "RUNNING"
+    # ... until capacity returns.
+    local.add_node(NAME)
+    local.add_node(NAME)
 
     assert _status(job_id) == "SUCCEEDED", run_cli(
         "jobs", "logs", job_id, "--cluster", NAME, cwd=cluster["root"]
     ).stdout
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS and summary["restarts"] == 1
-    # Resumed from the step-10 or step-20 checkpoint (at most one interval recomputed), and every step's
-    # loss equals the uninterrupted run's: metrics.jsonl keeps each step once.
-    assert summary["resumed_from_step"] in (10, 20)
+    assert summary["status"] == "completed" and summary["steps"] == MAX_STEPS and summary["restarts"] == 2
+    # The last resume was from the step-20 or step-30 checkpoint (at most one interval recomputed), and
+    # every step's loss equals the uninterrupted run's: metrics.jsonl keeps each step once.
+    assert summary["resumed_from_step"] in (20, 30)
     assert train_losses(run_dir) == uninterrupted
 
     # Ray's own CLI sees the job (with the token); the W&B key of the submitting shell went nowhere.
@@ -184,29 +207,6 @@ def test_a_submitted_job_survives_a_killed_worker(cluster: dict, cache_dir: Path
     info = jobs.job_info(jobs.resolve_cluster(NAME), job_id)
     assert sentinel not in json.dumps(info.runtime_env) + json.dumps(info.metadata) + info.entrypoint
     assert not any(sentinel in path.read_text(errors="ignore") for path in run_dir.rglob("*") if path.is_file())
-
-
-def test_training_waits_for_a_lost_node_to_come_back(cluster: dict, cache_dir: Path, uninterrupted: dict) -> None:
-    job_id, run_dir = _submit(
-        cluster, *_on_cluster(cache_dir, "trainer.max_restarts=1", "launcher.capacity_timeout_s=120")
-    )
-    frozen = _freeze_at_step(run_dir, 12)
-    # Both worker nodes lost: the head's one CPU cannot hold two workers, so the run waits ...
-    for pid in local.worker_pids(NAME):
-        local.kill_node(NAME, pid)
-    for process in frozen:
-        if process.is_running():
-            process.resume()
-    time.sleep(5)
-    assert jobs.wait(jobs.resolve_cluster(NAME), job_id, timeout_s=0) == "RUNNING"
-    # ... until capacity returns.
-    local.add_node(NAME)
-    local.add_node(NAME)
-
-    assert _status(job_id) == "SUCCEEDED"
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["steps"] == MAX_STEPS and summary["restarts"] == 1
-    assert train_losses(run_dir) == uninterrupted
 
 
 def test_more_failures_than_allowed_fail_the_run_and_leave_nothing_behind(cluster: dict, cache_dir: Path) -> None:

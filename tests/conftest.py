@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from pathlib import Path
+from typing import Iterator
 
+import psutil
 import pytest
 import torch
 
@@ -80,6 +83,22 @@ def tiny_overrides(cache_dir: Path) -> list[str]:
     from tests.helpers import tiny_job
 
     return tiny_job(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def exit_by_session_end() -> Iterator[list[psutil.Process]]:
+    """Processes that must exit on their own, though not at once: a test adds them, and the end of the
+    session (of this xdist worker) checks that they did, so no test idles waiting for them. Ray's agents
+    are such: after their node is killed with its driver, they give up on the dead GCS after a minute."""
+    from tests.helpers import wait_gone
+
+    expected: list[psutil.Process] = []
+    yield expected
+    left = wait_gone(expected, timeout_s=240)
+    for process in expected:  # nothing outlives the session
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    assert not left, f"still running at the end of the session (after up to 240 s more): {left}"
 
 
 @pytest.fixture(scope="session")

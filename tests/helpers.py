@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import logging
 import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
-from typing import IO
+from typing import IO, Iterable
+
+import psutil
 
 from orchestrator.checkpoints import manifest
 
@@ -46,6 +51,62 @@ def committed_step(run_dir: Path) -> int:
     latest = run_dir / "checkpoints" / "latest"
     name = latest.read_text().strip() if latest.exists() else ""
     return (manifest.step_of(run_dir / "checkpoints" / name) or 0) if name else 0
+
+
+def alive(process: psutil.Process) -> bool:
+    """Whether the process still runs (a killed orphan can stay a zombie where the container's init does
+    not reap it: it is gone)."""
+    try:
+        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def wait_gone(processes: Iterable[psutil.Process], timeout_s: float) -> list[str]:
+    """Waits up to ``timeout_s`` (a hang guard: it returns as soon as they are gone) for the processes to
+    exit; returns those still running, described."""
+    processes = list(processes)
+    deadline = time.monotonic() + timeout_s
+    while any(alive(p) for p in processes) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    left = []
+    for process in filter(alive, processes):
+        with contextlib.suppress(psutil.Error):
+            left.append(f"{process.pid} {' '.join(process.cmdline())[:80]}")
+    return left
+
+
+def process_group_tree(pid: int) -> set[psutil.Process]:
+    """A process, the members of its process group and all their descendants (a Ray node's processes)."""
+    roots = [psutil.Process(pid)]
+    for process in psutil.process_iter():
+        try:
+            if process.pid != pid and os.getpgid(process.pid) == pid:
+                roots.append(process)
+        except (OSError, psutil.Error):
+            continue
+    return {found for root in roots for found in [root, *root.children(recursive=True)]}
+
+
+def listening(processes: Iterable[psutil.Process]) -> list[tuple[str, str, int]]:
+    """(name, address, port) of every socket the processes listen on."""
+    found = []
+    for process in processes:
+        try:
+            found += [
+                (process.name(), c.laddr.ip, c.laddr.port)
+                for c in process.net_connections(kind="inet")
+                if c.status == psutil.CONN_LISTEN
+            ]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def is_loopback(ip: str) -> bool:
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, an IPv6 socket bound to 127.0.0.1
+    return (mapped or address).is_loopback
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

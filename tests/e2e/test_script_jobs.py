@@ -15,7 +15,7 @@ import psutil
 import pytest
 import yaml
 
-from tests.helpers import CLI, REPO, run_cli
+from tests.helpers import CLI, REPO, run_cli, wait_gone
 
 # Writes what a worker sees into the run dir, one file per rank and attempt; on the first attempt
 # rank 1 exits with status 3 unless FAIL_ONCE is "no", and always when it is "always".
@@ -165,16 +165,10 @@ def _workers_of(run_dir: Path) -> list[psutil.Process]:
     return found
 
 
-def _alive(process: psutil.Process) -> bool:
-    try:
-        # A killed orphan can stay a zombie where the container's init does not reap it: it is gone.
-        return process.is_running() and process.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
 @pytest.mark.parametrize("launcher", ["local", pytest.param("ray", marks=pytest.mark.slow)])
-def test_script_workers_die_with_a_killed_driver(tmp_path: Path, launcher: str) -> None:
+def test_script_workers_die_with_a_killed_driver(
+    tmp_path: Path, launcher: str, exit_by_session_end: list[psutil.Process]
+) -> None:
     (tmp_path / "sleeper.py").write_text(SLEEPER)
     run_dir = (tmp_path / "run").resolve()
     driver = subprocess.Popen(
@@ -193,26 +187,27 @@ def test_script_workers_die_with_a_killed_driver(tmp_path: Path, launcher: str) 
     )
     processes: set[psutil.Process] = set()
     try:
-        deadline = time.monotonic() + 300  # hang guards, not timings: each loop ends as soon as it can
+        deadline = time.monotonic() + 300  # a hang guard, not a timing: the loop ends as soon as it can
         while len(_workers_of(run_dir)) < 2 and driver.poll() is None and time.monotonic() < deadline:
             time.sleep(0.5)
-        assert len(_workers_of(run_dir)) == 2, f"the script's workers did not start (driver exit {driver.poll()})"
+        workers = _workers_of(run_dir)
+        assert len(workers) == 2, f"the script's workers did not start (driver exit {driver.poll()})"
         # Everything the driver started: torch elastic's workers, or the embedded Ray and its workers.
-        processes = {*psutil.Process(driver.pid).children(recursive=True), *_workers_of(run_dir)}
+        processes = {*psutil.Process(driver.pid).children(recursive=True), *workers}
         driver.kill()
         driver.wait()
 
-        # Ray's own agents give up on the dead GCS after about a minute; the script's processes go at once.
-        deadline = time.monotonic() + 240
-        while [p for p in processes if _alive(p)] and time.monotonic() < deadline:
-            time.sleep(0.5)
-        left = [f"{p.pid} {' '.join(p.cmdline())[:80]}" for p in processes if _alive(p)]
+        # The script's processes go at once, and so does all of torch elastic. Ray's own agents give up on
+        # the dead GCS only after about a minute: the end of the session checks that they are gone too.
+        left = wait_gone(processes if launcher == "local" else workers, timeout_s=240)
         assert not left and not _workers_of(run_dir), left
-    finally:  # nothing outlives a failed test
+        exit_by_session_end.extend(processes)
+    except BaseException:  # nothing outlives a failed test
         driver.kill()
         for process in processes:
             with contextlib.suppress(psutil.Error):
                 process.kill()
+        raise
 
 
 BAD_INPUT = {

@@ -1,5 +1,6 @@
-"""A 3-node token-authenticated Ray cluster on this machine (``orchestrator cluster up``), jobs submitted
-to it (``orchestrator submit``), and training that survives a killed worker or a lost node."""
+"""A 3-node token-authenticated Ray cluster on this machine (``orchestrator cluster up``), shared by every
+test here: jobs submitted to it (``orchestrator submit``), training that survives a killed worker and
+lost nodes, every server of it on loopback, and ``cluster down`` leaving none of its processes."""
 
 from __future__ import annotations
 
@@ -18,7 +19,16 @@ import pytest
 from orchestrator.cluster import jobs, local
 from orchestrator.cluster.named import Cluster
 from orchestrator.errors import UserError
-from tests.helpers import MAX_STEPS, resume_job, run_cli, train_losses
+from tests.helpers import (
+    MAX_STEPS,
+    alive,
+    is_loopback,
+    listening,
+    process_group_tree,
+    resume_job,
+    run_cli,
+    train_losses,
+)
 
 pytestmark = pytest.mark.slow
 NAME = "test"
@@ -59,10 +69,17 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         assert up.returncode == 0, up.stdout + up.stderr
         yield {"root": root, "env": env, "dashboard": f"http://127.0.0.1:{dashboard}", "storage": root / "runs"}
     finally:
+        processes = _cluster_processes()
         down = run_cli("cluster", "down", "--name", NAME, cwd=root, timeout=60)
         for key, value in saved.items():
             os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         assert down.returncode == 0 and "node(s) stopped" in down.stdout, down.stdout + down.stderr
+        assert [process for process in processes if alive(process)] == []  # `down` leaves none of them
+
+
+def _cluster_processes() -> set[psutil.Process]:
+    """Every process of every node of the cluster (each node leads its own process group)."""
+    return {process for pid in local.node_pids(NAME) for process in process_group_tree(pid)}
 
 
 def _submit(cluster: dict, *overrides: str, env: dict | None = None) -> tuple[str, Path]:
@@ -207,6 +224,33 @@ def test_a_submitted_job_survives_a_killed_worker_then_waits_for_lost_nodes(
     info = jobs.job_info(jobs.resolve_cluster(NAME), job_id)
     assert sentinel not in json.dumps(info.runtime_env) + json.dumps(info.metadata) + info.entrypoint
     assert not any(sentinel in path.read_text(errors="ignore") for path in run_dir.rglob("*") if path.is_file())
+
+
+def test_every_server_of_the_cluster_listens_on_loopback_and_a_driver_joins_it_there(cluster: dict) -> None:
+    # After the test above, two of the three nodes are the ones added when capacity came back.
+    servers = listening(_cluster_processes())
+    assert sum(name == "raylet" for name, _, _ in servers) >= 3 * 2, servers  # each node's raylet listens
+    assert "gcs_server" in {name for name, _, _ in servers}, servers
+    assert [entry for entry in servers if not is_loopback(entry[1])] == []
+    # A driver here joins it at launcher.address=127.0.0.1:PORT, though Ray would try the routable IP.
+    state = local.load_state(NAME)
+    joined = subprocess.run(
+        [os.sys.executable, "-c", JOIN, state.gcs_address],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": state.token_file},
+    )
+    assert joined.returncode == 0 and joined.stdout.split() == ["3.0"], joined.stdout + joined.stderr[-2000:]
+
+
+JOIN = """
+import sys, ray
+from orchestrator.launch.ray import ray_session
+from orchestrator.launchers.ray import RayLauncherConfig
+with ray_session(RayLauncherConfig(address=sys.argv[1])):
+    print(ray.cluster_resources()["CPU"])
+"""
 
 
 def test_more_failures_than_allowed_fail_the_run_and_leave_nothing_behind(cluster: dict, cache_dir: Path) -> None:

@@ -12,6 +12,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Collection
 
 import psutil
 import pytest
@@ -120,7 +121,7 @@ def _train_workers() -> list[psutil.Process]:
 
 
 def _freeze_at_step(
-    run_dir: Path, step: int, workers: int = 2, exclude: list[psutil.Process] = ()
+    run_dir: Path, step: int, workers: int = 2, exclude: Collection[psutil.Process] = ()
 ) -> list[psutil.Process]:
     """SIGSTOPs the run's train workers (not those in ``exclude``, an earlier group's) once ``step`` is
     logged (a tiny job's steps take milliseconds)."""
@@ -185,7 +186,7 @@ def test_a_submitted_job_survives_a_killed_worker_then_waits_for_lost_nodes(
     for process in others:
         process.resume()
 
-    # The restarted group resumed from the step-10 checkpoint; past the step-20 one, both worker nodes go:
+    # The restarted group resumed from a checkpoint; past step 22, both worker nodes go:
     # the head's one CPU cannot hold two workers, so the run waits ...
     _freeze_at_step(run_dir, 22, exclude=first)
     for pid in local.worker_pids(NAME):

@@ -1,6 +1,7 @@
 """``orchestrator search`` on the embedded Ray, through the console script: 4 trials, 2 at a time, ASHA stops
 the worse early with their checkpoints intact and their run dirs saying so; the best trial's job file
-composes to the config that trial trained; a driver killed mid-search and started again continues without redoing finished trials."""
+composes to the config that trial trained; a driver killed mid-search and started again continues
+without redoing finished trials."""
 
 from __future__ import annotations
 

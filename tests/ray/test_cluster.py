@@ -175,7 +175,7 @@ def test_the_job_api_refuses_requests_without_the_token(cluster: dict, tmp_path:
         jobs.client(Cluster(name=NAME, address=cluster["dashboard"], token_file=tmp_path / "missing"))
 
 
-def test_a_submitted_job_survives_a_killed_worker_then_waits_for_lost_nodes(
+def test_a_submitted_job_survives_a_killed_worker_then_waits_for_a_lost_node(
     cluster: dict, cache_dir: Path, uninterrupted: dict
 ) -> None:
     """One job through both recoveries: a killed worker (restarted at once), then the worker node lost
